@@ -1,0 +1,57 @@
+"""The ``fastrobust`` command: one sub-command module per job, each a thin layer over the Python API.
+
+Each module in ``_COMMANDS`` defines ``register(subparsers)``, which adds its parser and
+sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import FastRobustError
+
+_COMMANDS = ("train", "eval", "data", "models", "methods", "sweep", "report", "analyze")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastrobust",
+        description="Efficient adversarial robust training and robustness evaluation of image classifiers.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastrobust {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}_cmd")
+        except ModuleNotFoundError as error:
+            if error.name == f"{__name__}.{name}_cmd":
+                continue  # that command is not part of this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FastRobustError as error:
+        print(f"fastrobust {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastrobust {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Strict parsing of numbers such as ``8/255`` without ever evaluating code."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import ConfigError
+
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_FRACTION = re.compile(rf"^\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?$")
+
+
+def parse_number(value: str | float | int, *, name: str = "value") -> float:
+    """Parse ``0.03``, ``8/255`` or ``2e-3`` into a float; anything else is an error.
+
+    Only a decimal number, optionally divided by another, is accepted: no expressions,
+    no names, nothing is evaluated.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a number")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    else:
+        match = _FRACTION.match(str(value))
+        if match is None:
+            raise ConfigError(
+                f"{name}={value!r} is not a number: write a decimal such as 0.031 or a fraction such as 8/255"
+            )
+        numerator = float(match.group(1))
+        if match.group(2) is None:
+            result = numerator
+        else:
+            denominator = float(match.group(2))
+            if denominator == 0:
+                raise ConfigError(f"{name}={value!r} divides by zero")
+            result = numerator / denominator
+    if not math.isfinite(result):
+        raise ConfigError(f"{name}={value!r} is not a finite number")
+    return result
+
+
+def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False) -> float:
+    """Reject perturbation sizes outside (0, 1]: every epsilon is in [0,1] pixel units."""
+    value = parse_number(value, name=name)
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not low_ok or value > 1:
+        hint = f"; did you mean {value:g}/255?" if value > 1 else ""
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"{name}={value:g} is out of range {interval}: pixel units are [0,1]{hint}")
+    return value
+
+
+def check_positive_int(value: int | str, *, name: str) -> int:
+    """Parse a strictly positive integer with a clear error."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a whole number") from None
+    if number <= 0:
+        raise ConfigError(f"{name}={number} must be positive")
+    return number
+
+
+def check_nonnegative_int(value: int | str, *, name: str) -> int:
+    """Parse an integer >= 0 with a clear error."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a whole number") from None
+    if number < 0:
+        raise ConfigError(f"{name}={number} must be zero or positive")
+    return number
