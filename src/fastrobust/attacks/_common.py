@@ -1,0 +1,114 @@
+"""Pieces every attack shares: mode handling, projections, losses and input gradients.
+
+Attacks differentiate with ``torch.autograd.grad`` with respect to the input only, so
+no gradient is ever accumulated on a parameter.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+NORMS = ("linf", "l2")
+
+
+@contextmanager
+def model_mode(model: nn.Module, *, training: bool = False) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in the given mode and restore each module's own flag afterwards.
+
+    Restoring per module (not ``model.train(was_training)``) keeps a mixed state intact, such as
+    frozen BatchNorm layers inside a model in train mode.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ConfigError(f"norm={norm!r} is not supported: choose one of {', '.join(NORMS)}")
+    return norm
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """Project onto the eps-ball around ``x`` (l_inf or l_2), then clamp to [0, 1]."""
+    if norm == "linf":
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
+    else:
+        delta = x_adv - x
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        delta = delta * torch.clamp(eps / norms, max=1.0)
+        x_adv = x + delta
+    return x_adv.clamp(0.0, 1.0)
+
+
+def ascent_direction(grad: Tensor, norm: str) -> Tensor:
+    """The steepest-ascent unit step for the norm: sign for l_inf, normalised gradient for l_2."""
+    if norm == "linf":
+        return grad.sign()
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+    return grad / norms
+
+
+def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
+    """A uniform point of the eps-ball around ``x`` (for l_2: uniform direction, uniform radius)."""
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        return project(x + eps * noise, x, eps, norm)
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    direction = ascent_direction(direction, "l2")
+    radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+    return project(x + eps * radius * direction, x, eps, norm)
+
+
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example CW margin ``max_{j != y} z_j - z_y``: positive exactly when the example is misclassified."""
+    true_logit = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.amax(dim=1) - true_logit
+
+
+def kl_to(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """Per-example ``KL(s(reference) || s(logits))`` (the TRADES robust term before reduction)."""
+    reference_log_probs = F.log_softmax(reference_logits.float(), dim=1)
+    return (reference_log_probs.exp() * (reference_log_probs - F.log_softmax(logits.float(), dim=1))).sum(dim=1)
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def per_example_loss(name: str, reference_logits: Tensor | None = None) -> LossFn:
+    """A per-example loss ``(logits, y) -> [B]`` that an attack maximises."""
+    if name == "ce":
+        return lambda logits, y: F.cross_entropy(logits.float(), y, reduction="none")
+    if name == "cw":
+        return lambda logits, y: cw_margin(logits.float(), y)
+    if name == "kl":
+        if reference_logits is None:
+            raise ConfigError("loss='kl' needs reference_logits (the clean logits the attack moves away from)")
+        reference = reference_logits.detach()
+        return lambda logits, y: kl_to(reference, logits)
+    raise ConfigError(f"loss={name!r} is not supported: choose one of ce, cw, kl")
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient of ``sum(loss_fn(model(x), y))`` with respect to ``x`` only.
+
+    Returns (gradient, per-example loss, logits), all detached.
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        losses = loss_fn(logits, y)
+        (grad,) = torch.autograd.grad(losses.sum(), x)
+    return grad.detach(), losses.detach(), logits.detach()

@@ -1,0 +1,119 @@
+"""Projected gradient descent (Madry et al.) for l_inf and l_2, with CE, CW-margin and KL losses.
+
+FGSM is its one-step case. With several restarts the per-example worst case is kept:
+an adversarial that fools the model wins, otherwise the one with the higher loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..numbers import check_eps
+from ._common import (
+    ascent_direction,
+    check_norm,
+    input_gradient,
+    model_mode,
+    per_example_loss,
+    project,
+    random_start,
+)
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    norm: str = "linf",
+    loss: str = "ce",
+    random_init: bool = True,
+    restarts: int = 1,
+    start: Tensor | None = None,
+    reference_logits: Tensor | None = None,
+    target: Tensor | None = None,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Return adversarial examples for ``(x, y)``: ``steps`` projected signed (l_inf) or normalised (l_2) ascent steps.
+
+    ``start`` gives an explicit starting point (e.g. TRADES' small Gaussian start); otherwise a uniform
+    point of the ball when ``random_init``, else ``x``. ``target`` turns the attack into a targeted one
+    (descent of the loss towards ``target``). ``reference_logits`` are the clean logits for ``loss="kl"``.
+    The model runs in eval mode (unless ``eval_mode=False``) and is restored to the mode it was in.
+    """
+    eps = check_eps(eps)
+    norm = check_norm(norm)
+    if steps < 0:
+        raise ConfigError(f"steps={steps} must be zero or positive")
+    if restarts < 1:
+        raise ConfigError(f"restarts={restarts} must be at least 1")
+    if step_size is None:
+        step_size = 2.5 * eps / max(steps, 1)
+    if step_size <= 0:
+        raise ConfigError(f"step_size={step_size} must be positive")
+    x = x.detach()
+    loss_fn = per_example_loss(loss, reference_logits)
+    labels = y if target is None else target
+    sign = 1.0 if target is None else -1.0
+
+    def objective(logits: Tensor, labels_: Tensor) -> Tensor:
+        return sign * loss_fn(logits, labels_)
+
+    best_adv = x.clone()
+    best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+    best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    with model_mode(model, training=not eval_mode):
+        for _ in range(restarts):
+            if start is not None:
+                x_adv = project(start.detach(), x, eps, norm)
+            elif random_init:
+                x_adv = random_start(x, eps, norm, generator)
+            else:
+                x_adv = x.clone()
+            for _ in range(steps):
+                grad, _, _ = input_gradient(model, x_adv, labels, objective)
+                x_adv = project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm)
+            if restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                logits = model(x_adv)
+                losses = objective(logits, labels).float()
+                fooled = logits.argmax(1) != y if target is None else logits.argmax(1) == target
+            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (losses > best_loss))
+            best_adv[better] = x_adv[better]
+            best_loss = torch.where(better, losses, best_loss)
+            best_fooled |= fooled
+    return best_adv
+
+
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    step_size: float | None = None,
+    norm: str = "linf",
+    random_init: bool = False,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One signed gradient step (Goodfellow et al.); with ``random_init`` it is FGSM-RS (Wong et al.)."""
+    return pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=1,
+        step_size=eps if step_size is None else step_size,
+        norm=norm,
+        random_init=random_init,
+        eval_mode=eval_mode,
+        generator=generator,
+    )
