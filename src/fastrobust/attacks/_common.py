@@ -18,6 +18,11 @@ from ..errors import ConfigError
 NORMS = ("linf", "l2")
 
 
+def upcast(tensor: Tensor) -> Tensor:
+    """Losses are computed in at least float32, also under bf16/fp16 autocast."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 @contextmanager
 def model_mode(model: nn.Module, *, training: bool = False) -> Iterator[nn.Module]:
     """Put every module of ``model`` in the given mode and restore each module's own flag afterwards.
@@ -80,8 +85,8 @@ def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
 
 def kl_to(reference_logits: Tensor, logits: Tensor) -> Tensor:
     """Per-example ``KL(s(reference) || s(logits))`` (the TRADES robust term before reduction)."""
-    reference_log_probs = F.log_softmax(reference_logits.float(), dim=1)
-    return (reference_log_probs.exp() * (reference_log_probs - F.log_softmax(logits.float(), dim=1))).sum(dim=1)
+    reference_log_probs = F.log_softmax(upcast(reference_logits), dim=1)
+    return (reference_log_probs.exp() * (reference_log_probs - F.log_softmax(upcast(logits), dim=1))).sum(dim=1)
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -90,9 +95,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def per_example_loss(name: str, reference_logits: Tensor | None = None) -> LossFn:
     """A per-example loss ``(logits, y) -> [B]`` that an attack maximises."""
     if name == "ce":
-        return lambda logits, y: F.cross_entropy(logits.float(), y, reduction="none")
+        return lambda logits, y: F.cross_entropy(upcast(logits), y, reduction="none")
     if name == "cw":
-        return lambda logits, y: cw_margin(logits.float(), y)
+        return lambda logits, y: cw_margin(upcast(logits), y)
     if name == "kl":
         if reference_logits is None:
             raise ConfigError("loss='kl' needs reference_logits (the clean logits the attack moves away from)")

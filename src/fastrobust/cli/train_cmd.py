@@ -1,0 +1,114 @@
+"""``fastrobust train``: a preset, then explicit flags, then ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..numbers import check_positive_int, parse_number
+
+# flag -> TrainConfig field, for flags that map one to one
+_FLAGS = {
+    "method": "method", "model": "model", "dataset": "dataset", "data_root": "data_root", "epochs": "epochs",
+    "batch_size": "batch_size", "lr": "lr", "schedule": "schedule", "eps": "eps", "train_subset": "train_subset",
+    "test_subset": "test_subset", "val_size": "val_size", "seed": "seed", "out": "out", "activation": "activation",
+    "device": "device", "amp": "amp", "on_nan": "on_nan", "on_collapse": "on_collapse",
+    "checkpoint_every": "checkpoint_every", "channels_last": "channels_last",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a robust model and evaluate it",
+        description="Train with any method; eps and step sizes accept fractions such as 8/255.",
+    )
+    parser.add_argument("--preset", help="a shipped preset name (see --list-presets) or a YAML file")
+    parser.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
+    parser.add_argument("--method", help="training method (fastrobust methods lists them)")
+    parser.add_argument("--model", help="model name (fastrobust models lists them)")
+    parser.add_argument("--activation", help="activation for every ReLU of the model (SAT: silu, gelu, ...)")
+    parser.add_argument("--dataset", help="cifar10, cifar100, svhn, mnist, tiny-imagenet or imagefolder")
+    parser.add_argument("--data-root", help="folder holding the dataset files (default: $FASTROBUST_DATA)")
+    parser.add_argument("--epochs", type=str)
+    parser.add_argument("--batch-size", type=str)
+    parser.add_argument("--lr", type=str)
+    parser.add_argument("--schedule", help="piecewise, cyclic, cosine or constant")
+    parser.add_argument("--eps", help="perturbation size in [0,1] pixel units, e.g. 8/255")
+    parser.add_argument("--train-subset", type=str, help="train on N images (class-balanced)")
+    parser.add_argument("--test-subset", type=str, help="evaluate on N test images (class-balanced)")
+    parser.add_argument("--val-size", type=str, help="validation images carved from the train split (default 1000)")
+    parser.add_argument("--seed", type=str)
+    parser.add_argument("--out", help="run folder (default runs/METHOD-MODEL-DATASET-TIME)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--amp", help="auto, off, bf16 or fp16")
+    parser.add_argument("--channels-last", help="auto, on or off")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--on-nan", help="stop or rollback when the loss becomes NaN/Inf")
+    parser.add_argument("--on-collapse", help="warn, stop or restore on catastrophic overfitting")
+    parser.add_argument("--checkpoint-every", type=str, help="also checkpoint every N steps inside an epoch")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting, or method.PARAM=VALUE / model.PARAM=VALUE (repeatable)")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--json", action="store_true", help="print the result record as JSON")
+    parser.set_defaults(func=run)
+
+
+def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from ..presets import load_preset, parse_assignments
+
+    settings: dict[str, Any] = load_preset(args.preset) if args.preset else {}
+    for flag, name in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            settings[name] = value
+    if args.compile:
+        settings["compile"] = True
+    extra = parse_assignments(args.set)
+    for key in ("method_params", "model_params"):
+        if key in extra:
+            settings[key] = {**settings.get(key, {}), **extra.pop(key)}
+    settings.update(extra)
+    if "method" in settings and args.preset and getattr(args, "method", None) and "method_params" in settings:
+        # a method chosen on the command line does not inherit the preset method's parameters
+        preset_method = load_preset(args.preset).get("method")
+        if preset_method != args.method:
+            settings["method_params"] = extra.get("method_params", {})
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..presets import available_presets, make_config
+    from ..train import Trainer, resume
+
+    if args.list_presets:
+        print("\n".join(available_presets()))
+        return 0
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    if args.resume:
+        overrides = {}
+        if args.epochs is not None:
+            overrides["epochs"] = check_positive_int(args.epochs, name="epochs")
+        if args.device is not None:
+            overrides["device"] = args.device
+        result = resume(args.resume, progress=not args.quiet, log=log, overrides=overrides)
+    else:
+        config = make_config(collect_settings(args))
+        if config.eps is not None:
+            config.eps = parse_number(config.eps, name="eps")
+        trainer = Trainer(config, progress=not args.quiet, log=log)
+        log(f"training {config.method} on {config.model} / {config.dataset} -> {trainer.out}")
+        result = trainer.fit()
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        test = result["test"]
+        robust_key = next(key for key in test if key.startswith("pgd"))
+        print(
+            f"{result['config']['method']}: test clean {test['clean_acc']:.4f}, {robust_key[:-4].upper()} "
+            f"{test[robust_key]:.4f} (n={test['n']}, eps={test['eps']:.4f}); best epoch {result['best_epoch']}; "
+            f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
+        )
+    return 0

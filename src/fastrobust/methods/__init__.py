@@ -1,0 +1,36 @@
+"""Training methods: ``loss, stats = method(model, x, y)``, usable in any training loop.
+
+>>> from fastrobust import methods
+>>> method = methods.create("backward_smoothing", beta=10)
+>>> method.cost.passes   # forward+backward passes per step (a forward alone counts 1/3)
+4.333333333333333
+"""
+
+from . import backward_smoothing, fast, standard  # noqa: F401  (registration)
+from .backward_smoothing import BackwardSmoothing, BackwardSmoothingAT, backward_smoothing_points
+from .base import Cost, Method, MethodConfig, available_methods, create, describe, method_class, register
+from .fast import FastAT, FastAT2Step, FastATPlus, FastTRADES
+from .standard import PGDAT, TRADES, Natural, adversarial_ce, trades_objective
+
+__all__ = [
+    "PGDAT",
+    "TRADES",
+    "BackwardSmoothing",
+    "BackwardSmoothingAT",
+    "Cost",
+    "FastAT",
+    "FastAT2Step",
+    "FastATPlus",
+    "FastTRADES",
+    "Method",
+    "MethodConfig",
+    "Natural",
+    "adversarial_ce",
+    "available_methods",
+    "backward_smoothing_points",
+    "create",
+    "describe",
+    "method_class",
+    "register",
+    "trades_objective",
+]

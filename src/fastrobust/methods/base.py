@@ -1,0 +1,184 @@
+"""The method interface: a training method is a loss ``(model, x, y) -> (loss, stats)``.
+
+A method is built from a frozen dataclass of hyper-parameters and declares its cost as the
+number of forward+backward passes and forward-only passes it makes per training step, so the
+cost in "natural steps" (a forward alone counts 1/3) can be compared with measured time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..numbers import check_eps, parse_number
+
+Stats = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Passes per training step, in units of one batch: a forward alone is a third of a full pass."""
+
+    forward_backward: int
+    forward_only: int = 0
+
+    @property
+    def passes(self) -> float:
+        return self.forward_backward + self.forward_only / 3
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's hyper-parameters; validates perturbation sizes on construction."""
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "eps" or field.name.endswith("_eps") or field.name.endswith("step_size"):
+                check_eps(value, name=field.name)
+            elif field.name in ("steps", "attack_steps") or field.name.endswith("_steps"):
+                if not isinstance(value, int) or value < 0:
+                    raise ConfigError(f"{field.name}={value!r} must be a whole number >= 0")
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``Config`` and implement ``__call__`` and ``cost``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None, /, **overrides: Any) -> None:
+        config = config if config is not None else self.Config()
+        if not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+        unknown = set(overrides) - {f.name for f in fields(self.Config)}
+        if unknown:
+            known = ", ".join(f.name for f in fields(self.Config))
+            raise ConfigError(f"{self.name} has no parameter {', '.join(sorted(unknown))}: its parameters are {known}")
+        self.config = replace(config, **overrides) if overrides else config
+
+    @property
+    def cost(self) -> Cost:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
+        raise NotImplementedError
+
+    # Optional hooks a trainer may use; the defaults make a method a plain loss.
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors the method learns itself (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ConfigError(f"{self.name} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        """Called before each epoch; returns what the method wants recorded for it."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    key = name.replace("-", "_").lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}: known methods are {', '.join(available_methods())}")
+    return _REGISTRY[key]
+
+
+def _convert(field: dataclasses.Field, value: Any, method: str) -> Any:
+    """Turn a CLI/YAML value into the type of the field's default (strictly, never evaluating code)."""
+    default = field.default
+    name = f"{method}.{field.name}"
+    if isinstance(value, str):
+        text = value.strip()
+        if isinstance(default, bool):
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+        if isinstance(default, int):
+            number = parse_number(text, name=name)
+            if number != int(number):
+                raise ConfigError(f"{name}={value!r} must be a whole number")
+            return int(number)
+        if isinstance(default, float):
+            return parse_number(text, name=name)
+        return text
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, float) and value == int(value):
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a whole number")
+    return value
+
+
+def create(name: str, /, **params: Any) -> Method:
+    """Build a registered method; string values such as ``"8/255"`` are parsed by the field's type."""
+    cls = method_class(name)
+    by_name = {field.name: field for field in fields(cls.Config)}
+    unknown = set(params) - set(by_name)
+    if unknown:
+        raise ConfigError(
+            f"{cls.name} has no parameter {', '.join(sorted(unknown))}: its parameters are {', '.join(by_name)}"
+        )
+    converted = {key: _convert(by_name[key], value, cls.name) for key, value in params.items()}
+    return cls(cls.Config(**converted))
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Name, description, declared cost and parameters with defaults: what `fastrobust methods` prints."""
+    cls = method_class(name)
+    method = cls()
+    hints = typing.get_type_hints(cls.Config)
+    return {
+        "name": cls.name,
+        "description": cls.description,
+        "cost_passes": round(method.cost.passes, 3),
+        "cost": {"forward_backward": method.cost.forward_backward, "forward_only": method.cost.forward_only},
+        "parameters": {
+            f.name: {"default": f.default, "type": getattr(hints[f.name], "__name__", str(hints[f.name]))}
+            for f in fields(cls.Config)
+        },
+    }
+
+
+def accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(1) == y).float().mean()
+
+
+def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits of the clean batch with the model in eval mode and no graph (the attacks' reference)."""
+    from ..attacks import model_mode
+
+    with model_mode(model, training=False), torch.no_grad():
+        return model(x).detach()

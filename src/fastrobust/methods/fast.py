@@ -1,0 +1,147 @@
+"""The single- and two-step baselines: Fast AT (FGSM-RS), its 2-step variant, Fast TRADES and Fast AT+.
+
+Fast AT+ (Li et al.) adds a PGD check on the validation split after each epoch: when validation
+robust accuracy collapses (catastrophic overfitting), the trainer restores the last good weights and
+the method trains the next epoch(s) with PGD-10. The trainer drives the check through
+``collapse_action`` and ``after_restore``; the method only switches its attack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..attacks import pgd
+from ..attacks._common import random_start
+from .base import Cost, Method, MethodConfig, Stats, clean_logits_eval, register
+from .standard import adversarial_ce, trades_objective
+
+
+@dataclass(frozen=True)
+class FastATConfig(MethodConfig):
+    eps: float = 8 / 255
+    step_size: float = 10 / 255
+    attack_eval_mode: bool = True
+
+
+@register
+class FastAT(Method):
+    name = "fast_at"
+    Config = FastATConfig
+    description = "Wong et al. FGSM with a uniform random start (FGSM-RS): one signed CE step, CE on the result."
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(2)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
+        c = self.config
+        x_adv = pgd(
+            model, x, y, eps=c.eps, steps=1, step_size=c.step_size, random_init=True, eval_mode=c.attack_eval_mode
+        )
+        return adversarial_ce(model, x_adv, y)
+
+
+@dataclass(frozen=True)
+class FastAT2StepConfig(MethodConfig):
+    eps: float = 8 / 255
+    step_size: float = 4 / 255
+    steps: int = 2
+
+
+@register
+class FastAT2Step(Method):
+    name = "fast_at_2step"
+    Config = FastAT2StepConfig
+    description = "PGD adversarial training with 2 steps from a uniform random start (step eps/2)."
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(self.config.steps + 1)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
+        c = self.config
+        x_adv = pgd(model, x, y, eps=c.eps, steps=c.steps, step_size=c.step_size, random_init=True)
+        return adversarial_ce(model, x_adv, y)
+
+
+@dataclass(frozen=True)
+class FastTRADESConfig(MethodConfig):
+    eps: float = 8 / 255
+    step_size: float = 6 / 255
+    steps: int = 1
+    beta: float = 6.0
+
+
+@register
+class FastTRADES(Method):
+    name = "fast_trades"
+    Config = FastTRADESConfig
+    description = "TRADES with a uniform random start and 1 (or 2) KL-ascent steps (step 6/255, the BS paper's best)."
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(self.config.steps + 2, forward_only=1)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
+        c = self.config
+        clean = clean_logits_eval(model, x)
+        x_adv = pgd(
+            model, x, y, eps=c.eps, steps=c.steps, step_size=c.step_size,
+            loss="kl", reference_logits=clean, start=random_start(x, c.eps, "linf"),
+        )
+        return trades_objective(model, x, x_adv, y, c.beta)
+
+
+@dataclass(frozen=True)
+class FastATPlusConfig(MethodConfig):
+    eps: float = 8 / 255
+    step_size: float = 10 / 255
+    collapse_margin: float = 0.1
+    fallback_steps: int = 10
+    fallback_step_size: float = 2 / 255
+    fallback_epochs: int = 1
+
+
+@register
+class FastATPlus(Method):
+    name = "fast_at_plus"
+    Config = FastATPlusConfig
+    description = (
+        "Li et al. Fast AT+: FGSM-RS with a PGD check on the validation split after every epoch; on a collapse "
+        "(drop > collapse_margin from the best) restore the last good weights and train with PGD-10."
+    )
+    collapse_action = "restore"
+
+    def __init__(self, config: FastATPlusConfig | None = None, /, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.fallback_epochs_left = 0
+        self._in_fallback = False
+
+    @property
+    def collapse_margin(self) -> float:
+        return self.config.collapse_margin
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(2)
+
+    def after_restore(self) -> None:
+        """The trainer restored the last good weights after a collapse: train the next epochs with PGD."""
+        self.fallback_epochs_left = self.config.fallback_epochs
+
+    def start_epoch(self, epoch: int) -> dict[str, Any]:
+        self._in_fallback = self.fallback_epochs_left > 0
+        if self._in_fallback:
+            self.fallback_epochs_left -= 1
+        return {"attack": f"pgd{self.config.fallback_steps}" if self._in_fallback else "fgsm_rs"}
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
+        c = self.config
+        if self._in_fallback:
+            x_adv = pgd(model, x, y, eps=c.eps, steps=c.fallback_steps, step_size=c.fallback_step_size, random_init=True)
+        else:
+            x_adv = pgd(model, x, y, eps=c.eps, steps=1, step_size=c.step_size, random_init=True)
+        return adversarial_ce(model, x_adv, y)

@@ -1,0 +1,112 @@
+"""Presets: YAML files of TrainConfig settings, parsed strictly (yaml.safe_load, no code evaluated).
+
+A value such as ``eps: 8/255`` is a string in YAML; it is turned into a number by the field's type
+with the same strict grammar as the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .numbers import parse_number
+from .train import TrainConfig
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def available_presets() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """Read a preset by name (shipped with fastrobust) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}: give a YAML file or one of {', '.join(available_presets())}"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"preset {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a mapping of settings, got {type(data).__name__}")
+    data.pop("description", None)
+    return data
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _convert(name: str, value: Any) -> Any:
+    hint = _HINTS[name]
+    args = set(typing.get_args(hint)) or {hint}
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    if dict in args or typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of key: value")
+        return dict(value)
+    if bool in args:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+    if int in args:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a whole number")
+        number = parse_number(value, name=name)
+        if number != int(number):
+            raise ConfigError(f"{name}={value!r} must be a whole number")
+        return int(number)
+    if float in args:
+        return parse_number(value, name=name)
+    return str(value)
+
+
+def make_config(settings: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a mapping (a preset merged with overrides), with typed values."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(settings) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}: known settings are {', '.join(sorted(known))}")
+    return TrainConfig(**{name: _convert(name, value) for name, value in settings.items()})
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``--set key=value``: top-level settings, or ``method.NAME=value`` / ``model.NAME=value``."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value (e.g. --set method.beta=6)")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if key.startswith("method."):
+            settings.setdefault("method_params", {})[key[len("method."):]] = value
+        elif key.startswith("model."):
+            settings.setdefault("model_params", {})[key[len("model."):]] = _yaml_scalar(value)
+        else:
+            settings[key.replace("-", "_")] = value
+    return settings
+
+
+def _yaml_scalar(text: str) -> Any:
+    """A model keyword from the command line: numbers and booleans typed, everything else a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, str)) else text

@@ -1,0 +1,500 @@
+"""The training loop. It knows no method by name: it asks a method for a loss and steps the optimiser.
+
+``train(TrainConfig(...))`` builds data, model and method, trains with per-step learning rates,
+validates clean and PGD accuracy after every epoch on a split carved from the training set (never
+the test split), keeps ``best`` (by validation robust accuracy) and ``last``, writes resumable
+checkpoints, and ends with the test clean and PGD-20 accuracy of ``best`` in ``result.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import methods as methods_lib
+from . import training_state
+from .checkpoint import atomic_write_json, save_model
+from .errors import ConfigError, FastRobustError
+from .evaluate import pgd_accuracy
+from .numbers import check_eps, check_nonnegative_int, check_positive_int
+from .records import append_jsonl, environment
+from .schedules import SCHEDULES, lr_schedule
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+NAN_ACTIONS = ("stop", "rollback")
+COLLAPSE_ACTIONS = ("warn", "stop", "restore")
+
+
+class TrainingStopped(FastRobustError):
+    """Training ended early on purpose (signal, NaN, collapse); the message says how to continue."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in every checkpoint and result record."""
+
+    method: str = "backward_smoothing"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    model: str = "preactresnet18"
+    model_params: dict[str, Any] = field(default_factory=dict)
+    activation: str = "relu"
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    val_size: int = 1000
+    train_subset: int | None = None
+    test_subset: int | None = None
+    eps: float | None = None  # overrides the method's eps and the evaluation eps when given
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    val_pgd_steps: int = 10
+    test_pgd_steps: int = 20
+    eval_step_size: float = 2 / 255
+    eval_batch_size: int = 512
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    nan_check_every: int = 50
+    on_nan: str = "stop"
+    on_collapse: str = "warn"
+    collapse_margin: float = 0.1
+    out: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        """Reject bad values before any work starts, each with the reason and the fix."""
+        methods_lib.method_class(self.method)
+        if self.eps is not None:
+            self.eps = check_eps(self.eps)
+        self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
+        for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every"):
+            setattr(self, name, check_positive_int(getattr(self, name), name=name))
+        for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed"):
+            setattr(self, name, check_nonnegative_int(getattr(self, name), name=name))
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_positive_int(getattr(self, name), name=name))
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a positive number")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be zero or positive")
+        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "on_nan": NAN_ACTIONS,
+                   "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0 < self.collapse_margin <= 1:
+            raise ConfigError(f"collapse_margin={self.collapse_margin} must be in (0, 1] (an accuracy drop)")
+        self.build_method()  # validates the method's own parameters
+        return self
+
+    def build_method(self) -> methods_lib.Method:
+        params = dict(self.method_params)
+        if self.eps is not None and "eps" in {f.name for f in dataclasses.fields(methods_lib.method_class(self.method).Config)}:
+            params["eps"] = self.eps
+        return methods_lib.create(self.method, **params)
+
+    @property
+    def attack_eps(self) -> float:
+        """The eps of validation and test attacks: the run's eps, else the method's, else 8/255."""
+        if self.eps is not None:
+            return self.eps
+        return float(getattr(self.build_method().config, "eps", 8 / 255))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} asked for CUDA but no GPU is visible: use --device cpu")
+    return device
+
+
+def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a grad scaler is needed)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if amp == "off":
+        return None, False
+    if amp == "fp16":
+        return torch.float16, device.type == "cuda"
+    return torch.bfloat16, False
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def default_out(config: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{config.method}-{config.model}-{config.dataset}-{stamp}")
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training when the output folder cannot be written or the disk is nearly full."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise FastRobustError(f"cannot write to output folder {folder}: {error.strerror or error}; choose another --out") from None
+    free = os_free_bytes(folder)
+    if free is not None and free < 50 * 2**20:
+        raise FastRobustError(f"only {free / 2**20:.0f} MiB free under {folder}: free some disk space or choose another --out")
+
+
+def os_free_bytes(folder: Path) -> int | None:
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+class Trainer:
+    """The state of one run; ``fit()`` trains to the end (or to a requested stop)."""
+
+    def __init__(self, config: TrainConfig, *, dataset: Any = None, progress: bool = True,
+                 log: Callable[[str], None] = print, resume: bool = False) -> None:
+        from .data import DeviceLoader, load_dataset
+        from .models import create as create_model
+
+        self.config = config.validate()
+        self.log = log
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.out = Path(config.out or default_out(config))
+        self.config.out = str(self.out)
+        check_writable(self.out)
+        self.autocast_dtype, needs_scaler = autocast_settings(config.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
+        self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
+
+        torch.manual_seed(config.seed)
+        self.data = dataset if dataset is not None else load_dataset(
+            config.dataset, config.data_root, val_size=config.val_size,
+            train_subset=config.train_subset, test_subset=config.test_subset,
+        )
+        channels, height, _ = self.data.image_shape
+        model_kwargs = dict(config.model_params)
+        model_kwargs.setdefault("activation", config.activation)
+        self.model = create_model(
+            config.model, num_classes=self.data.num_classes, in_channels=channels,
+            mean=list(self.data.mean), std=list(self.data.std), image_size=height, **model_kwargs,
+        ).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.method = config.build_method()
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay, nesterov=config.nesterov,
+            **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
+        )
+        self.loader = DeviceLoader(
+            self.data.train, config.batch_size, device=self.device, shuffle=True,
+            crop_padding=self.data.crop_padding, flip=self.data.flip,
+            drop_last=len(self.data.train.labels) % config.batch_size == 1, seed=config.seed,
+        )
+        if len(self.loader) == 0:
+            raise ConfigError(f"batch_size={config.batch_size} leaves no batch of {len(self.data.train.labels)} training images")
+        self.schedule = lr_schedule(config.schedule, config.lr, config.epochs)
+        self.lr_scale = 1.0
+        self.epoch = 0
+        self.batch = 0
+        self.global_step = 0
+        self.best: dict[str, Any] = {"epoch": None, "val_robust_acc": -1.0}
+        self.train_seconds = 0.0
+        self.last_good: training_state.Snapshot | None = None
+        if resume:
+            self._resume()
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def _info(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step, "best": self.best,
+            "lr_scale": self.lr_scale, "train_seconds": self.train_seconds, "config": asdict(self.config),
+        }
+
+    def _method_state(self) -> dict[str, torch.Tensor]:
+        return self.method.state_dict()
+
+    def save_checkpoint(self) -> Path:
+        snapshot = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+        return training_state.write(self.out, snapshot, self.model)
+
+    def _resume(self) -> None:
+        snapshot = training_state.load_latest(self.out, warn=self.log)
+        training_state.restore(snapshot, self.model, self.optimizer, self.device)
+        self.method.load_state_dict({k: v.to(self.device) for k, v in snapshot.method.items()})
+        info = snapshot.info
+        self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
+        self.best, self.lr_scale, self.train_seconds = info["best"], info["lr_scale"], info["train_seconds"]
+        self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, info)
+        self.log(f"resumed {self.out} at epoch {self.epoch + 1}, batch {self.batch} (from {snapshot.path.name})")
+
+    def _restore_last_good(self) -> None:
+        assert self.last_good is not None
+        training_state.restore(self.last_good, self.model, self.optimizer, self.device, rng=False)
+        self.method.load_state_dict({k: v.to(self.device) for k, v in self.last_good.method.items()})
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        progress = self.epoch + self.batch / len(self.loader)
+        lr = self.schedule(progress) * self.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        custom_step = getattr(self.method, "train_step", None)
+        if custom_step is not None:  # methods that own several updates per batch (SPROUT)
+            return custom_step(self.forward_model, x, y, self.optimizer, autocast=self._autocast, scaler=self.scaler)[1]
+        with self._autocast():
+            loss, stats = self.method(self.forward_model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return stats
+
+    def _train_epoch(self, stop: _StopFlag) -> dict[str, float]:
+        from tqdm import tqdm
+
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        batches = self.loader.epoch(self.epoch, start_batch=self.batch)
+        bar = tqdm(batches, total=len(self.loader), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+        start = time.perf_counter()
+        for x, y in bar:
+            stats = self._step(x, y)
+            size = y.shape[0]
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0) + value.detach().float() * size
+            nonfinite |= ~torch.isfinite(stats["loss"])
+            seen += size
+            self.batch += 1
+            self.global_step += 1
+            if self.global_step % self.config.nan_check_every == 0 and bool(nonfinite):
+                raise _NonFinite()
+            if self.progress and self.global_step % 20 == 0:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0 and self.batch < len(self.loader):
+                self.train_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save_checkpoint()
+            if stop.signal is not None:
+                break
+        bar.close()
+        if bool(nonfinite):
+            raise _NonFinite()
+        self.train_seconds += time.perf_counter() - start
+        return {f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()} | {"train_images": seen}
+
+    def validate(self) -> dict[str, float]:
+        if len(self.data.val.labels) == 0:
+            return {}
+        result = pgd_accuracy(
+            self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
+            steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,
+            batch_size=self.config.eval_batch_size, device=self.device,
+        )
+        return {"val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
+
+    def _handle_collapse(self, record: dict[str, Any]) -> None:
+        """Catastrophic overfitting: validation robust accuracy falling far below its best."""
+        margin = getattr(self.method, "collapse_margin", self.config.collapse_margin)
+        action = getattr(self.method, "collapse_action", None) or self.config.on_collapse
+        best = self.best["val_robust_acc"]
+        if "val_robust_acc" not in record or best < 0 or record["val_robust_acc"] >= best - margin:
+            return
+        record["collapse"] = {"best": best, "now": record["val_robust_acc"], "margin": margin, "action": action}
+        message = (f"epoch {self.epoch + 1}: validation robust accuracy collapsed from {best:.3f} to "
+                   f"{record['val_robust_acc']:.3f} (catastrophic overfitting)")
+        if action == "stop":
+            raise TrainingStopped(f"{message}; stopped. best model kept in {self.out}/best.safetensors")
+        if action == "restore" and self.last_good is not None:
+            self._restore_last_good()
+            after = getattr(self.method, "after_restore", None)
+            if after is not None:
+                after()
+            record["collapse"]["restored_to_epoch"] = self.last_good.info["epoch"]
+            self.log(f"{message}; restored the weights of epoch {self.last_good.info['epoch']}")
+        else:
+            self.log(f"{message}; continuing (use --on-collapse restore or stop)")
+
+    def fit(self) -> dict[str, Any]:
+        config = self.config
+        (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+        if self.last_good is None:
+            self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+        rollbacks = 0
+        with _StopFlag() as stop:
+            while self.epoch < config.epochs:
+                method_info = self.method.start_epoch(self.epoch)
+                epoch_start = time.perf_counter()
+                try:
+                    train_metrics = self._train_epoch(stop)
+                except _NonFinite:
+                    rollbacks = self._handle_nonfinite(rollbacks)
+                    continue
+                if stop.signal is not None and self.batch < len(self.loader):
+                    self.save_checkpoint()
+                    name = signal.Signals(stop.signal).name
+                    raise TrainingStopped(
+                        f"{name} received: stopped at epoch {self.epoch + 1}, batch {self.batch}; checkpoint saved. "
+                        f"Resume with: fastrobust train --resume {self.out}"
+                    )
+                epoch_seconds = time.perf_counter() - epoch_start
+                record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_metrics}
+                record.update(self.validate())
+                record.update(epoch_seconds=epoch_seconds, images_per_second=train_metrics["train_images"] / epoch_seconds)
+                if method_info:
+                    record["method"] = method_info
+                self._handle_collapse(record)
+                self.epoch += 1
+                self.batch = 0
+                improved = record.get("val_robust_acc", 0.0) > self.best["val_robust_acc"] or self.best["epoch"] is None
+                if "collapse" not in record and (improved or len(self.data.val.labels) == 0):
+                    self.best = {"epoch": self.epoch, "val_robust_acc": record.get("val_robust_acc", -1.0)}
+                    save_model(self.model, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out)})
+                if "collapse" not in record:
+                    self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+                save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
+                self.save_checkpoint()
+                append_jsonl(self.out / "metrics.jsonl", record)
+                if self.progress:
+                    self.log(_epoch_line(record))
+                if stop.signal is not None:
+                    raise TrainingStopped(f"stopped after epoch {self.epoch}; resume with: fastrobust train --resume {self.out}")
+        return self.finish()
+
+    def _handle_nonfinite(self, rollbacks: int) -> int:
+        where = f"epoch {self.epoch + 1}, batch {self.batch}"
+        if self.config.on_nan == "stop" or rollbacks >= 3:
+            raise TrainingStopped(
+                f"the loss became NaN or Inf at {where}; the last good checkpoint is intact in {self.out}. "
+                "Lower --lr, try --amp off, or use --on-nan rollback"
+            )
+        assert self.last_good is not None
+        self._restore_last_good()
+        self.epoch, self.batch = self.last_good.info["epoch"], self.last_good.info["batch"]
+        self.global_step = self.last_good.info["global_step"]
+        self.lr_scale *= 0.5
+        self.log(f"the loss became NaN or Inf at {where}: rolled back to epoch {self.epoch} with lr x{self.lr_scale:g}")
+        append_jsonl(self.out / "metrics.jsonl", {"event": "nan_rollback", "at": where, "lr_scale": self.lr_scale})
+        return rollbacks + 1
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate ``best`` on the test split (clean and PGD-20) and write ``result.json``."""
+        from .checkpoint import load_model
+
+        best_model, _ = load_model(self.out / "best.safetensors", device=self.device)
+        test = pgd_accuracy(
+            best_model, self.data.test.images, self.data.test.labels, eps=self.config.attack_eps,
+            steps=self.config.test_pgd_steps, step_size=self.config.eval_step_size,
+            batch_size=self.config.eval_batch_size, device=self.device,
+        )
+        result = {
+            "config": asdict(self.config),
+            "seed": self.config.seed,
+            "method_cost_passes": self.method.cost.passes,
+            "environment": environment(self.device),
+            "dataset": {"name": self.data.name, "source": self.data.source, "train": len(self.data.train.labels),
+                        "val": len(self.data.val.labels), "test": len(self.data.test.labels)},
+            "train_seconds": self.train_seconds,
+            "best_epoch": self.best["epoch"],
+            "best_val_robust_acc": self.best["val_robust_acc"],
+            "test": {"clean_acc": test["clean_acc"], f"pgd{self.config.test_pgd_steps}_acc": test["robust_acc"],
+                     "n": test["n"], "eps": self.config.attack_eps, "step_size": self.config.eval_step_size},
+        }
+        atomic_write_json(self.out / "result.json", result)
+        return result
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']}", f"lr {record['lr']:.4g}", f"loss {record.get('train_loss', float('nan')):.4f}"]
+    if "val_robust_acc" in record:
+        parts.append(f"val clean {record['val_clean_acc']:.3f} robust {record['val_robust_acc']:.3f}")
+    parts.append(f"{record['epoch_seconds']:.1f}s ({record['images_per_second']:.0f} img/s)")
+    return " | ".join(parts)
+
+
+def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a model as ``config`` says and return the result record (also in ``RUN/result.json``)."""
+    return Trainer(config, dataset=dataset, progress=progress, log=log).fit()
+
+
+def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
+           dataset: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue a run from its newest intact checkpoint (same data order and random streams)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FastRobustError(f"{run_dir} is not a fastrobust run folder (no config.json)")
+    saved = json.loads(config_file.read_text())
+    saved.update(overrides or {})
+    saved["out"] = str(run_dir)
+    config = TrainConfig(**saved)
+    return Trainer(config, dataset=dataset, progress=progress, log=log, resume=True).fit()

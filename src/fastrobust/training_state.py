@@ -1,0 +1,168 @@
+"""Resumable training state: weights, optimiser, RNG and method state, written so a crash loses nothing.
+
+Each checkpoint is a folder ``RUN/checkpoints/step-NNNNNNNN`` holding ``model.safetensors``,
+``train_state.safetensors`` and, written last, ``state.json`` with the sha256 of both. A folder
+without a verifiable ``state.json`` is ignored, and resume falls back to the newest good one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .checkpoint import atomic_write_bytes, atomic_write_json, model_config, sha256_file, tensors_to_bytes, unwrap
+from .errors import FastRobustError
+
+KEEP = 2
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint restores: positions, weights, optimiser, RNG and method tensors."""
+
+    info: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    method: dict[str, torch.Tensor]
+    path: Path | None = None
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state_dict into tensors (for safetensors) and a JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, entry in meta.get("plain_state", {}).items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"rng/cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng/cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    if "rng/cpu" in state:
+        torch.set_rng_state(state["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in state:
+        torch.cuda.set_rng_state(state["rng/cuda"], device)
+
+
+def capture(model: nn.Module, optimizer: torch.optim.Optimizer, method_state: dict[str, torch.Tensor],
+            device: torch.device, info: dict[str, Any]) -> Snapshot:
+    """A detached CPU copy of everything needed to continue from here (used in memory and on disk)."""
+    return Snapshot(
+        info=dict(info),
+        model={k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
+        optimizer=_copy_optimizer_state(optimizer.state_dict()),
+        rng=rng_state(device),
+        method={k: v.detach().to("cpu", copy=True) for k, v in method_state.items()},
+    )
+
+
+def _copy_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": {i: {k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in e.items()}
+                  for i, e in state["state"].items()},
+        "param_groups": [dict(group) for group in state["param_groups"]],
+    }
+
+
+def write(run_dir: Path, snapshot: Snapshot, model: nn.Module) -> Path:
+    """Write a checkpoint folder (state.json last, with hashes), then prune old ones."""
+    folder = run_dir / "checkpoints" / f"step-{snapshot.info['global_step']:09d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_bytes = tensors_to_bytes(snapshot.model, {"fastrobust_model": json.dumps(model_config(model))})
+    atomic_write_bytes(folder / "model.safetensors", model_bytes)
+    optim_tensors, optim_meta = _flatten_optimizer(snapshot.optimizer)
+    extra = {**optim_tensors, **snapshot.rng, **{f"method/{k}": v for k, v in snapshot.method.items()}}
+    atomic_write_bytes(folder / "train_state.safetensors", tensors_to_bytes(extra))
+    atomic_write_json(
+        folder / "state.json",
+        {
+            **snapshot.info,
+            "optimizer": optim_meta,
+            "sha256": {
+                "model.safetensors": sha256_file(folder / "model.safetensors"),
+                "train_state.safetensors": sha256_file(folder / "train_state.safetensors"),
+            },
+        },
+    )
+    folders = sorted((run_dir / "checkpoints").glob("step-*"))
+    for old in folders[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint folder is complete and its files match their hashes, else the reason."""
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        return "no state.json (the write was interrupted)"
+    try:
+        info = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return "state.json is not valid JSON"
+    for name, digest in info.get("sha256", {}).items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(folder / name) != digest:
+            return f"{name} does not match its recorded sha256 (truncated or altered)"
+    return None
+
+
+def load_latest(run_dir: Path, *, warn=print) -> Snapshot:
+    """The newest checkpoint of a run that verifies; damaged ones are reported and skipped."""
+    folders = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
+    if not folders:
+        raise FastRobustError(f"{run_dir} has no checkpoints to resume from (expected {run_dir}/checkpoints/step-*)")
+    for folder in folders:
+        problem = verify(folder)
+        if problem is not None:
+            warn(f"checkpoint {folder} is unusable: {problem}; trying the previous one")
+            continue
+        info = json.loads((folder / "state.json").read_text())
+        extra = load_file(str(folder / "train_state.safetensors"))
+        return Snapshot(
+            info=info,
+            model=load_file(str(folder / "model.safetensors")),
+            optimizer=_unflatten_optimizer(extra, info.pop("optimizer")),
+            rng={k: v for k, v in extra.items() if k.startswith("rng/")},
+            method={k[len("method/"):]: v for k, v in extra.items() if k.startswith("method/")},
+            path=folder,
+        )
+    raise FastRobustError(f"no checkpoint of {run_dir} verifies: every one is damaged; start a new run")
+
+
+def restore(snapshot: Snapshot, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+            *, rng: bool = True) -> None:
+    """Load weights and optimiser state (and, with ``rng``, the random streams) from a snapshot."""
+    unwrap(model).load_state_dict(snapshot.model)
+    optimizer.load_state_dict(snapshot.optimizer)
+    if rng:
+        set_rng_state(snapshot.rng, device)
