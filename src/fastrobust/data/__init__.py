@@ -1,0 +1,24 @@
+"""Datasets as uint8 tensors, decoded once and cached; DeviceLoader batches on the device.
+
+See docs/data.md for where files are looked for, the cache and the loader.
+"""
+
+from .datasets import (
+    Dataset,
+    ImageSet,
+    available_datasets,
+    load_dataset,
+    resolve_cache_dir,
+    resolve_root,
+)
+from .loader import DeviceLoader
+
+__all__ = [
+    "Dataset",
+    "DeviceLoader",
+    "ImageSet",
+    "available_datasets",
+    "load_dataset",
+    "resolve_cache_dir",
+    "resolve_root",
+]

@@ -1,0 +1,780 @@
+"""Datasets by name: where their files are looked for, how they are decoded, cached and split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from . import formats
+
+CACHE_FORMAT = 2
+VAL_SEED = 20240601  # fixed: the validation split never depends on the run seed
+
+
+# --------------------------------------------------------------------------- public dataclasses
+@dataclass(frozen=True)
+class ImageSet:
+    """One split: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"ImageSet.images must be uint8 [N, C, H, W], got {self.images.dtype} {list(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise DataError(f"ImageSet.labels must be int64 [N], got {self.labels.dtype} {list(self.labels.shape)}")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"mismatched counts: {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+    source: str
+    class_names: tuple[str, ...] | None
+
+    def summary(self) -> dict:
+        """A JSON-able description (what ``fastrobust data NAME --json`` prints)."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "counts": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            "source": self.source,
+            "mean": [round(v, 6) for v in self.mean],
+            "std": [round(v, 6) for v in self.std],
+            "crop_padding": self.crop_padding,
+            "flip": self.flip,
+        }
+
+
+# --------------------------------------------------------------------------- roots
+def resolve_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: ``root``, else ``$FASTROBUST_DATA``, else ``~/.cache/fastrobust/data``."""
+    if root is not None and str(root) != "":
+        return Path(root).expanduser()
+    env = os.environ.get("FASTROBUST_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fastrobust" / "data"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The decoded-array cache: ``cache_dir``, else ``$FASTROBUST_CACHE``, else ``~/.cache/fastrobust/decoded``."""
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("FASTROBUST_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fastrobust" / "decoded"
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class Candidate:
+    """One place a dataset may be: ``path`` must exist (plus ``requires``) for ``reader`` to read it."""
+
+    path: Path
+    reader: str
+    description: str
+    requires: tuple[Path, ...] = ()
+
+    def exists(self) -> bool:
+        return self.path.exists() and all(p.exists() for p in self.requires)
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    filename: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    num_classes: int | None
+    image_shape: tuple[int, int, int] | None
+    crop_padding: int
+    flip: bool
+    candidates: Callable[[Path], list[Candidate]]
+    downloads: tuple[Download, ...] = ()
+    class_names: tuple[str, ...] | None = None
+    homepage: str = ""
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+
+
+def _cifar10_candidates(root: Path) -> list[Candidate]:
+    out = []
+    for base in (root, root / "cifar10"):
+        out.append(Candidate(base / "cifar-10-batches-py", "cifar10-python", "official python batches (extracted)"))
+        out.append(Candidate(base / "cifar-10-python.tar.gz", "cifar10-python", "official python batches archive"))
+    for path in (root / "cifar10-jpeg" / "cifar10-jpeg.tar.gz", root / "cifar10-jpeg.tar.gz",
+                 root / "cifar10-jpeg" / "CIFAR-10-images", root / "CIFAR-10-images"):
+        out.append(Candidate(path, "cifar10-jpeg", "JPEG mirror CIFAR-10-images/{train,test}/<class>/*.jpg"))
+    return out
+
+
+def _cifar100_candidates(root: Path) -> list[Candidate]:
+    out = []
+    for base in (root, root / "cifar100"):
+        out.append(Candidate(base / "cifar-100-python", "cifar100-python", "official python batches (extracted)"))
+        out.append(Candidate(base / "cifar-100-python.tar.gz", "cifar100-python", "official python batches archive"))
+    return out
+
+
+def _svhn_candidates(root: Path) -> list[Candidate]:
+    return [
+        Candidate(base / "train_32x32.mat", "svhn-mat", "official cropped digits train_32x32.mat + test_32x32.mat",
+                  requires=(base / "test_32x32.mat",))
+        for base in (root, root / "svhn", root / "SVHN")
+    ]
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    raw = folder / stem
+    return raw if raw.exists() else folder / f"{stem}.gz"
+
+
+def _mnist_candidates(root: Path) -> list[Candidate]:
+    out = []
+    for base in (root, root / "mnist", root / "MNIST" / "raw"):
+        files = [_idx_file(base, stem) for stem in MNIST_FILES]
+        out.append(Candidate(files[0], "mnist-idx", "official IDX files (train/t10k images and labels, .gz or raw)",
+                             requires=tuple(files[1:])))
+    for path in (root / "mnist-png" / "mnist-png.tar.gz", root / "mnist-png.tar.gz", root / "mnist-png" / "mnist-pngs",
+                 root / "mnist-pngs"):
+        out.append(Candidate(path, "mnist-png", "PNG mirror mnist-pngs/{train,test}/<digit>/*.png"))
+    return out
+
+
+def _tiny_candidates(root: Path) -> list[Candidate]:
+    return [
+        Candidate(root / "tiny-imagenet-200", "tiny-imagenet", "official layout (extracted)"),
+        Candidate(root / "tiny-imagenet-200.zip", "tiny-imagenet", "official zip"),
+        Candidate(root / "tiny-imagenet-200-sub50" / "tiny-imagenet-200-sub50.tar.gz", "tiny-imagenet",
+                  "official layout, 50 train images per class"),
+        Candidate(root / "tiny-imagenet-200-sub50.tar.gz", "tiny-imagenet", "official layout, 50 train images per class"),
+    ]
+
+
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+SPECS: dict[str, Spec] = {
+    "cifar10": Spec(
+        "cifar10", 10, (3, 32, 32), 4, True, _cifar10_candidates,
+        (Download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+                  "c58f30108f718f92721af3b95e74349a"),),
+        CIFAR10_CLASSES, "https://www.cs.toronto.edu/~kriz/cifar.html",
+    ),
+    "cifar100": Spec(
+        "cifar100", 100, (3, 32, 32), 4, True, _cifar100_candidates,
+        (Download("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+                  "eb9058c3a382ffc7106e4002c42a8d85"),),
+        None, "https://www.cs.toronto.edu/~kriz/cifar.html",
+    ),
+    "svhn": Spec(
+        "svhn", 10, (3, 32, 32), 4, False, _svhn_candidates,
+        (Download("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "train_32x32.mat",
+                  "e26dedcc434d2e4c54c9b2d4a06d8373"),
+         Download("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "test_32x32.mat",
+                  "eb5a983be6a315427106f1b164d9cef3")),
+        MNIST_CLASSES, "http://ufldl.stanford.edu/housenumbers/",
+    ),
+    "mnist": Spec(
+        "mnist", 10, (1, 28, 28), 0, False, _mnist_candidates,
+        (Download(_MNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+         Download(_MNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+         Download(_MNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+         Download(_MNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")),
+        MNIST_CLASSES, "http://yann.lecun.com/exdb/mnist/",
+    ),
+    "tiny-imagenet": Spec(
+        "tiny-imagenet", None, (3, 64, 64), 4, True, _tiny_candidates,
+        (Download("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "tiny-imagenet-200.zip",
+                  "90528d7ca1a48142e341f4ef8d21d0de"),),
+        None, "http://cs231n.stanford.edu/",
+    ),
+    "imagefolder": Spec(
+        "imagefolder", None, None, -1, True, lambda root: [Candidate(root, "imagefolder", "image folder tree or archive")],
+    ),
+}
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return list(SPECS)
+
+
+# --------------------------------------------------------------------------- readers
+@dataclass
+class Raw:
+    """Decoded arrays before splitting (numpy, uint8 NCHW / int64)."""
+
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    class_names: list[str] | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+
+
+def _read_cifar(path: Path, *, hundred: bool) -> Raw:
+    if hundred:
+        folder, train_names, test_names, label_key = "cifar-100-python", ["train"], ["test"], "fine_labels"
+        meta_name, meta_key = "meta", "fine_label_names"
+    else:
+        folder, label_key = "cifar-10-batches-py", "labels"
+        train_names, test_names = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+        meta_name, meta_key = "batches.meta", "label_names"
+    needed = set(train_names + test_names + [meta_name])
+    if path.is_dir():
+        blobs = {n: _read_bytes(path / n) for n in needed if (path / n).exists()}
+        where = {n: str(path / n) for n in needed}
+    else:
+        members = formats.read_members(str(path), lambda rel: rel.rsplit("/", 1)[-1] in needed and folder in rel)
+        blobs = {rel.rsplit("/", 1)[-1]: data for rel, data in members.items()}
+        where = {n: f"{folder}/{n} in {path}" for n in needed}
+    missing = [n for n in train_names + test_names if n not in blobs]
+    if missing:
+        raise DataError(f"{path}: missing CIFAR batch file(s) {missing}; the download may be incomplete")
+    splits = {}
+    for split, names in (("train", train_names), ("test", test_names)):
+        parts = [formats.cifar_batch(blobs[n], what=where[n], label_key=label_key) for n in names]
+        splits[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    names = None
+    if meta_name in blobs:
+        names = formats.cifar_meta_names(blobs[meta_name], what=where[meta_name], key=meta_key)
+    return Raw(splits, names)
+
+
+def _read_svhn(path: Path) -> Raw:
+    splits = {}
+    for split, file in (("train", path), ("test", path.parent / "test_32x32.mat")):
+        variables = formats.read_mat(file, names=("X", "y"))
+        if "X" not in variables or "y" not in variables:
+            raise DataError(f"{file}: expected variables 'X' and 'y', found {sorted(variables)}")
+        x, y = variables["X"], variables["y"]
+        if x.ndim != 4 or x.shape[2] != 3:
+            raise DataError(f"{file}: 'X' must be [32, 32, 3, N], found {list(x.shape)}")
+        if x.dtype != np.uint8:
+            if x.size and (x.min() < 0 or x.max() > 255):
+                raise DataError(f"{file}: 'X' values outside 0..255")
+            x = x.astype(np.uint8)
+        y = np.asarray(y).reshape(-1).astype(np.int64)
+        if x.shape[3] != len(y):
+            raise DataError(f"{file}: mismatched counts: {x.shape[3]} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() > 10):
+            raise DataError(f"{file}: labels out of range: expected 1..10 (10 means digit 0), found {y.min()}..{y.max()}")
+        splits[split] = (np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y % 10)
+    return Raw(splits, list(MNIST_CLASSES))
+
+
+def _read_mnist_idx(path: Path) -> Raw:
+    folder = path.parent
+    arrays = {stem: formats.read_idx(_idx_file(folder, stem)) for stem in MNIST_FILES}
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x, y = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
+        if x.ndim != 3 or x.dtype != np.uint8:
+            raise DataError(f"{_idx_file(folder, prefix + '-images-idx3-ubyte')}: expected uint8 [N, H, W] images, "
+                            f"found {x.dtype} {list(x.shape)}")
+        if len(x) != len(y):
+            raise DataError(f"{folder}: mismatched counts in {prefix} IDX files: {len(x)} images but {len(y)} labels")
+        splits[split] = (np.ascontiguousarray(x[:, None]), y.reshape(-1).astype(np.int64))
+    return Raw(splits, list(MNIST_CLASSES))
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: str | None,
+                     by_name: bool = False) -> Raw:
+    """``<prefix>/<split>/<class>/<image>`` from a folder or archive; class ids by ``class_order`` or sorted names.
+
+    Images are ordered by class, then by file name (natural order); with ``by_name`` by file name only
+    (the MNIST PNG mirror names files by their index in the official files, so this restores that order).
+    """
+    members = formats.read_members(str(path), formats.is_image)
+    layout: dict[str, dict[str, list[str]]] = {}
+    prefixes = set()
+    for rel in members:
+        parts = rel.split("/")
+        if len(parts) >= 3 and parts[-3] in SPLIT_NAMES:
+            prefixes.add("/".join(parts[:-3]))
+            layout.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(rel)
+    if "train" not in layout or "test" not in layout:
+        raise DataError(
+            f"{path}: expected an image tree <split>/<class>/<image>.png|jpg with splits 'train' and 'test' "
+            f"(found splits {sorted(layout) or 'none'} among {len(members)} image files)"
+        )
+    if len(prefixes) > 1:
+        raise DataError(f"{path}: image trees under several folders {sorted(prefixes)}; keep one train/test tree")
+    train_classes = sorted(layout["train"], key=formats.natural_key)
+    if class_order is not None:
+        unknown = sorted(set(train_classes) - set(class_order))
+        if unknown:
+            raise DataError(f"{path}: unexpected class folder(s) {unknown}; expected {list(class_order)}")
+        names = list(class_order)
+    else:
+        names = train_classes
+    index = {name: i for i, name in enumerate(names)}
+    for name in names:
+        if not layout["train"].get(name):
+            raise DataError(f"{path}: empty class {name!r}: no training images in train/{name}/")
+    if mode is None:  # generic trees: grey if the first image is grey, else RGB
+        first = members[layout["train"][names[0]][0]]
+        from PIL import Image
+        import io
+
+        try:
+            with Image.open(io.BytesIO(first)) as image:
+                mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
+        except Exception as error:
+            raise DataError(f"corrupt or unreadable image {layout['train'][names[0]][0]} in {path}: {error}") from None
+    splits = {}
+    size = None
+    for split in SPLIT_NAMES:
+        if split not in layout:
+            continue
+        extra = sorted(set(layout[split]) - set(index))
+        if extra:
+            raise DataError(f"{path}: {split}/ has class folder(s) {extra} that train/ does not have")
+        files, labels = [], []
+        for name in names:
+            for rel in sorted(layout[split].get(name, []), key=lambda r: formats.natural_key(r.rsplit("/", 1)[-1])):
+                files.append(rel)
+                labels.append(index[name])
+        if by_name:
+            order = sorted(range(len(files)), key=lambda i: formats.natural_key(files[i].rsplit("/", 1)[-1]))
+            files, labels = [files[i] for i in order], [labels[i] for i in order]
+        blobs = [members.pop(rel) for rel in files]
+        images = formats.decode_many(blobs, files, mode=mode, size=size, source=str(path))
+        if len(images):
+            size = (images.shape[2], images.shape[3])
+        splits[split] = (images, np.asarray(labels, dtype=np.int64))
+    return Raw(splits, names)
+
+
+def _read_tiny(path: Path) -> Raw:
+    def keep(rel: str) -> bool:
+        return (rel.endswith(("wnids.txt", "val_annotations.txt")) or formats.is_image(rel)) and "/test/" not in rel
+
+    members = formats.read_members(str(path), keep)
+    wnid_files = [rel for rel in members if rel.rsplit("/", 1)[-1] == "wnids.txt"]
+    if not wnid_files:
+        raise DataError(f"{path}: no wnids.txt; expected the Tiny ImageNet layout tiny-imagenet-200/{{wnids.txt,train,val}}")
+    prefix = wnid_files[0][: -len("wnids.txt")]
+    wnids = [line.strip() for line in members[wnid_files[0]].decode("utf-8", "replace").splitlines() if line.strip()]
+    index = {w: i for i, w in enumerate(wnids)}
+    annotations = members.get(prefix + "val/val_annotations.txt")
+    if annotations is None:
+        raise DataError(f"{path}: missing {prefix}val/val_annotations.txt (labels of the val split)")
+    train_files, train_labels = [], []
+    by_class: dict[str, list[str]] = {}
+    for rel in members:
+        if rel.startswith(prefix + "train/") and formats.is_image(rel):
+            parts = rel[len(prefix):].split("/")
+            by_class.setdefault(parts[1], []).append(rel)
+    unknown = sorted(set(by_class) - set(index))
+    if unknown:
+        raise DataError(f"{path}: train folder(s) {unknown[:5]} are not listed in wnids.txt")
+    for wnid in wnids:
+        files = sorted(by_class.get(wnid, []), key=lambda r: formats.natural_key(r.rsplit("/", 1)[-1]))
+        if not files:
+            raise DataError(f"{path}: empty class {wnid!r}: no images in {prefix}train/{wnid}/images/")
+        train_files += files
+        train_labels += [index[wnid]] * len(files)
+    test_files, test_labels = [], []
+    for line in annotations.decode("utf-8", "replace").splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        rel = prefix + "val/images/" + fields[0]
+        if fields[1] not in index:
+            raise DataError(f"{path}: val_annotations.txt labels {fields[0]} with {fields[1]!r}, not in wnids.txt")
+        if rel not in members:
+            raise DataError(f"{path}: val_annotations.txt lists {fields[0]} but {rel} is missing")
+        test_files.append(rel)
+        test_labels.append(index[fields[1]])
+    order = sorted(range(len(test_files)), key=lambda i: formats.natural_key(test_files[i]))
+    test_files = [test_files[i] for i in order]
+    test_labels = [test_labels[i] for i in order]
+    splits = {}
+    for split, files, labels in (("train", train_files, train_labels), ("test", test_files, test_labels)):
+        blobs = [members[rel] for rel in files]
+        images = formats.decode_many(blobs, files, mode="RGB", size=(64, 64), source=str(path))
+        splits[split] = (images, np.asarray(labels, dtype=np.int64))
+    return Raw(splits, wnids)
+
+
+def _read(candidate: Candidate) -> Raw:
+    path = candidate.path
+    if candidate.reader == "cifar10-python":
+        return _read_cifar(path, hundred=False)
+    if candidate.reader == "cifar100-python":
+        return _read_cifar(path, hundred=True)
+    if candidate.reader == "svhn-mat":
+        return _read_svhn(path)
+    if candidate.reader == "mnist-idx":
+        return _read_mnist_idx(path)
+    if candidate.reader == "cifar10-jpeg":
+        return _read_image_tree(path, class_order=CIFAR10_CLASSES, mode="RGB")
+    if candidate.reader == "mnist-png":
+        return _read_image_tree(path, class_order=MNIST_CLASSES, mode="L", by_name=True)
+    if candidate.reader == "tiny-imagenet":
+        return _read_tiny(path)
+    if candidate.reader == "imagefolder":
+        return _read_image_tree(path, class_order=None, mode=None)
+    raise AssertionError(candidate.reader)  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- cache
+def _stat_files(candidate: Candidate) -> list[tuple[str, int, int]]:
+    paths = [candidate.path, *candidate.requires]
+    out = []
+    for path in paths:
+        if path.is_dir():
+            for folder, _, files in os.walk(path):
+                for name in sorted(files):
+                    full = os.path.join(folder, name)
+                    st = os.stat(full)
+                    out.append((full, st.st_size, st.st_mtime_ns))
+        else:
+            st = path.stat()
+            out.append((str(path.resolve()), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def _cache_key(name: str, candidate: Candidate) -> str:
+    payload = json.dumps([CACHE_FORMAT, name, candidate.reader, _stat_files(candidate)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean/std in [0,1] units from a 256-bin histogram per channel."""
+    means, stds = [], []
+    values = np.arange(256, dtype=np.float64) / 255.0
+    for c in range(images.shape[1]):
+        hist = np.bincount(images[:, c].reshape(-1), minlength=256).astype(np.float64)
+        total = hist.sum()
+        if total == 0:
+            means.append(0.0)
+            stds.append(1.0)
+            continue
+        mean = float((hist * values).sum() / total)
+        var = float((hist * (values - mean) ** 2).sum() / total)
+        means.append(mean)
+        stds.append(max(var, 0.0) ** 0.5 or 1.0)
+    return means, stds
+
+
+def _load_or_decode(name: str, candidate: Candidate, cache_root: Path) -> tuple[dict, dict]:
+    key = _cache_key(name, candidate)
+    folder = cache_root / f"{name}-{key}"
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            arrays = {}
+            for split in meta["splits"]:
+                x = np.load(folder / f"{split}_images.npy", allow_pickle=False)
+                y = np.load(folder / f"{split}_labels.npy", allow_pickle=False)
+                arrays[split] = (x, y)
+            return meta, arrays
+        except (OSError, ValueError, KeyError):
+            pass  # damaged cache entry: decode again and overwrite it
+    raw = _read(candidate)
+    _validate(raw, candidate, name)
+    means, stds = _channel_stats(raw.splits["train"][0])
+    meta = {
+        "format": CACHE_FORMAT, "name": name, "source": str(candidate.path), "reader": candidate.reader,
+        "splits": sorted(raw.splits), "class_names": raw.class_names, "mean": means, "std": stds,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, (x, y) in raw.splits.items():
+            _atomic_save(folder / f"{split}_images.npy", x)
+            _atomic_save(folder / f"{split}_labels.npy", y)
+        _atomic_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
+    except OSError as error:
+        import warnings
+
+        warnings.warn(f"could not write the decoded cache {folder}: {error}", stacklevel=3)
+    return meta, raw.splits
+
+
+def _validate(raw: Raw, candidate: Candidate, name: str) -> None:
+    spec = SPECS[name]
+    num_classes = spec.num_classes or len(raw.class_names or [])
+    for split, (x, y) in raw.splits.items():
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise DataError(f"{candidate.path}: {split} images must be uint8 [N, C, H, W], found {x.dtype} {list(x.shape)}")
+        if len(x) != len(y):
+            raise DataError(f"{candidate.path}: mismatched counts in {split}: {len(x)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{candidate.path}: {split} labels out of range: found {int(y.min())}..{int(y.max())}, "
+                            f"expected 0..{num_classes - 1}")
+        if spec.image_shape is not None and tuple(x.shape[1:]) != spec.image_shape:
+            raise DataError(f"{candidate.path}: {split} images have shape {list(x.shape[1:])}, "
+                            f"expected {list(spec.image_shape)} for {name}")
+    counts = np.bincount(raw.splits["train"][1], minlength=num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        label = raw.class_names[empty[0]] if raw.class_names and empty[0] < len(raw.class_names) else int(empty[0])
+        raise DataError(f"{candidate.path}: empty class {label!r} (id {int(empty[0])}): no training images")
+    shapes = {tuple(x.shape[1:]) for x, _ in raw.splits.values() if len(x)}
+    if len(shapes) > 1:
+        raise DataError(f"{candidate.path}: splits have different image shapes {sorted(shapes)}")
+
+
+# --------------------------------------------------------------------------- download
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_file(item: Download, folder: Path, *, timeout: float = 60.0) -> Path:
+    """Fetch ``item.url`` into ``folder/item.filename`` (via a temp file), verify its md5; DataError on failure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / item.filename
+    if target.exists() and _md5(target) == item.md5:
+        return target
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=item.filename, suffix=".part")
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(item.url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != item.md5:
+            raise DataError(f"download of {item.url} has md5 {digest.hexdigest()}, expected {item.md5}; "
+                            f"the file was discarded, try again or fetch it by hand into {folder}")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        raise DataError(f"cannot download {item.url}: {error}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+# --------------------------------------------------------------------------- splitting
+def _balanced_order(labels: np.ndarray, num_classes: int, rank: np.ndarray) -> np.ndarray:
+    """Indices sorted round-robin over classes by their ``rank`` within the class."""
+    return np.lexsort((labels, rank))  # primary: rank, secondary: class
+
+
+def _rank_within_class(labels: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """For each sample, its position within its class when the class is ordered by ``priority``."""
+    order = np.lexsort((priority, labels))
+    rank = np.empty(len(labels), dtype=np.int64)
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank[order] = np.arange(len(labels)) - starts
+    return rank
+
+
+def balanced_take(labels: np.ndarray, count: int, num_classes: int, *, seed: int | None) -> np.ndarray:
+    """``count`` indices balanced across classes (round-robin), sorted; random within class if ``seed``."""
+    n = len(labels)
+    if seed is None:
+        priority = np.arange(n)
+    else:
+        priority = np.random.default_rng(seed).permutation(n)
+    rank = _rank_within_class(labels, priority)
+    chosen = _balanced_order(labels, num_classes, rank)[:count]
+    return np.sort(chosen)
+
+
+def _check_count(value, *, name: str, allow_zero: bool) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        try:
+            value = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a whole number") from None
+    value = int(value)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'zero or ' if allow_zero else ''}positive")
+    return value
+
+
+# --------------------------------------------------------------------------- load_dataset
+def _how_to_provide(spec: Spec) -> str:
+    urls = ", ".join(d.url for d in spec.downloads)
+    return (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
+            f"--data-root DIR or FASTROBUST_DATA=DIR, or pass --download (download=True) to fetch them")
+
+
+def locate(name: str, root: Path) -> tuple[Candidate | None, list[Candidate]]:
+    """The first existing candidate for ``name`` under ``root``, and every candidate looked at."""
+    candidates = SPECS[name].candidates(root)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate, candidates
+    return None, candidates
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    val_size: int = 1000,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Load ``name`` as uint8 tensors, decoding once into ``cache_dir``; see docs/data.md."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = {"tinyimagenet": "tiny-imagenet", "tiny-imagenet-200": "tiny-imagenet", "cifar-10": "cifar10",
+           "cifar-100": "cifar100", "image-folder": "imagefolder"}.get(key, key)
+    if key not in SPECS:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(available_datasets())}")
+    spec = SPECS[key]
+    val_size = _check_count(val_size, name="val_size", allow_zero=True)
+    train_subset = _check_count(train_subset, name="train_subset", allow_zero=False)
+    test_subset = _check_count(test_subset, name="test_subset", allow_zero=False)
+
+    if key == "imagefolder":
+        if root is None or str(root) == "":
+            raise DataError("imagefolder needs root: the folder (or .tar/.tar.gz) holding <split>/<class>/<image> files")
+        root_path = Path(root).expanduser()
+        if not root_path.exists():
+            raise DataError(f"imagefolder root {root_path} does not exist; expected a folder or .tar/.tar.gz "
+                            f"with train/<class>/*.png|jpg and test/<class>/*.png|jpg")
+        candidate = Candidate(root_path, "imagefolder", "image folder tree or archive")
+    else:
+        explicit = root is not None and str(root) != "" or bool(os.environ.get("FASTROBUST_DATA"))
+        root_path = resolve_root(root)
+        if explicit and not root_path.exists() and not download:
+            raise DataError(f"data root {root_path} does not exist (given by "
+                            f"{'the root argument' if root is not None else 'FASTROBUST_DATA'}); "
+                            f"create it and put the {key} files there. {_how_to_provide(spec)}")
+        if root_path.exists() and not root_path.is_dir():
+            raise DataError(f"data root {root_path} is not a folder")
+        candidate, looked = locate(key, root_path)
+        failure = ""
+        if candidate is None and download:
+            try:
+                for item in spec.downloads:
+                    download_file(item, root_path)
+            except DataError as error:
+                failure = f" Download failed: {error}."
+            candidate, looked = locate(key, root_path)
+        if candidate is None:
+            places = "; ".join(f"{c.path}" + (f" (+ {', '.join(str(p.name) for p in c.requires)})" if c.requires else "")
+                               for c in looked)
+            raise DataError(f"{key} not found under data root {root_path}. Looked at: {places}.{failure} "
+                            f"{_how_to_provide(spec)}")
+
+    cache_root = resolve_cache_dir(cache_dir)
+    meta, arrays = _load_or_decode(key, candidate, cache_root)
+    class_names = meta.get("class_names")
+    num_classes = spec.num_classes or len(class_names)
+    if spec.class_names is not None:
+        class_names = list(spec.class_names)
+
+    train_x, train_y = arrays["train"]
+    test_x, test_y = arrays["test"]
+    if "val" in arrays:  # an image tree with its own val/ folder: use it as given
+        val_x, val_y = arrays["val"]
+    else:
+        if val_size >= len(train_y):
+            raise ConfigError(f"val_size={val_size} leaves no training images ({len(train_y)} in {key} train); "
+                              f"use a smaller val_size")
+        val_idx = balanced_take(train_y, val_size, num_classes, seed=VAL_SEED)
+        keep = np.ones(len(train_y), dtype=bool)
+        keep[val_idx] = False
+        val_x, val_y = train_x[val_idx], train_y[val_idx]
+        if val_size:
+            train_x, train_y = train_x[keep], train_y[keep]
+    if train_subset is not None:
+        if train_subset > len(train_y):
+            raise ConfigError(f"train_subset={train_subset} is larger than the {len(train_y)} training images "
+                              f"left after the validation split")
+        idx = balanced_take(train_y, train_subset, num_classes, seed=None)
+        train_x, train_y = train_x[idx], train_y[idx]
+    if test_subset is not None:
+        if test_subset > len(test_y):
+            raise ConfigError(f"test_subset={test_subset} is larger than the {len(test_y)} test images")
+        idx = balanced_take(test_y, test_subset, num_classes, seed=None)
+        test_x, test_y = test_x[idx], test_y[idx]
+
+    def to_set(x: np.ndarray, y: np.ndarray) -> ImageSet:
+        return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
+
+    image_shape = tuple(int(s) for s in arrays["train"][0].shape[1:])
+    crop = spec.crop_padding if spec.crop_padding >= 0 else max(image_shape[1] // 8, 0)
+    return Dataset(
+        name=key,
+        num_classes=int(num_classes),
+        image_shape=image_shape,
+        train=to_set(train_x, train_y),
+        val=to_set(val_x, val_y),
+        test=to_set(test_x, test_y),
+        mean=tuple(float(m) for m in meta["mean"]),
+        std=tuple(float(s) for s in meta["std"]),
+        crop_padding=int(crop),
+        flip=spec.flip,
+        source=f"{candidate.path} ({candidate.description})",
+        class_names=tuple(class_names) if class_names else None,
+    )
