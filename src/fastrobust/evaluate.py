@@ -1,17 +1,32 @@
 """Robust evaluation of any classifier on [0,1] images.
 
 A point counts as robust only if the model classifies the clean image correctly and no
-attack's adversarial changes that: robust accuracy never exceeds clean accuracy.
+attack's adversarial changes that: robust accuracy never exceeds clean accuracy. Every
+adversarial an attack returns is checked against the model here; an attack's own claim of
+success or failure is never trusted.
+
+``evaluate(model, data, attacks=[...], eps=...)`` runs the named attacks and returns one JSON-able
+record (see docs/evaluation.md); ``pgd_accuracy`` is the trainer's fast validation metric.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import hashlib
+import json
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .attacks import model_mode, pgd
+from .checkpoint import atomic_write_json
+from .errors import ConfigError, FastRobustError
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -71,3 +86,372 @@ def pgd_accuracy(
 
     clean, robust, total = clean_and_robust_counts(model, images, labels, attack, batch_size=batch_size, device=device)
     return {"clean_acc": clean / max(total, 1), "robust_acc": robust / max(total, 1), "n": total}
+
+
+# --------------------------------------------------------------------------------------------------
+# Full evaluation: named attacks, per-example worst case, resumable state, one record.
+# --------------------------------------------------------------------------------------------------
+
+ATTACKS = (
+    "clean", "fgsm", "pgd20", "pgd100", "cw20", "apgd-ce", "apgd-t", "fab-t", "square",
+    "autoattack", "autoattack-fast", "rays", "autoattack-official",
+)
+STATE_VERSION = 1
+
+
+def default_step(eps: float, steps: int, norm: str) -> float:
+    """PGD step size: the paper's 2/255 for l_inf (eps/4 below 2/255, and large enough to reach eps in
+    ``steps / 2.5`` steps for large eps); ``2.5 * eps / steps`` for l_2."""
+    if norm == "l2":
+        return 2.5 * eps / steps
+    return max(min(2 / 255, eps / 4), 2.5 * eps / steps)
+
+
+def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings an attack runs with in ``evaluate`` (defaults, updated by ``options``)."""
+    from .attacks.autoattack import DEFAULTS
+
+    if name not in ATTACKS:
+        raise ConfigError(f"attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
+    if name == "clean":
+        base: dict[str, Any] = {}
+    elif name == "fgsm":
+        base = {"step_size": eps, "random_init": False}
+    elif name in ("pgd20", "pgd100", "cw20"):
+        steps = 100 if name == "pgd100" else 20
+        base = {"steps": steps, "step_size": default_step(eps, steps, norm), "random_init": False,
+                "loss": "cw" if name == "cw20" else "ce", "restarts": 1}
+    elif name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+        base = dict(DEFAULTS[name])
+    elif name in ("autoattack", "autoattack-fast"):
+        from .attacks.autoattack import VERSIONS
+
+        version = "fast" if name == "autoattack-fast" else "standard"
+        base = {"version": version, "options": {k: dict(DEFAULTS[k]) for k in VERSIONS[version]}}
+    elif name == "rays":
+        base = {"n_queries": 10000, "tol": 1e-4, "early_stop": False}
+    else:  # autoattack-official
+        base = {"version": "standard"}
+    options = dict(options or {})
+    if name in ("autoattack", "autoattack-fast") and options:
+        merged = {k: dict(v) for k, v in base["options"].items()}
+        for key, value in options.pop("options", {}).items():
+            merged.setdefault(key, {}).update(value)
+        for key in list(options):  # component options given directly: {"square": {...}}
+            if isinstance(options[key], dict):
+                merged.setdefault(key, {}).update(options.pop(key))
+        base["options"] = merged
+    unknown = set(options) - set(base) - ({"n_queries", "tol", "early_stop"} if name == "rays" else set())
+    if unknown and name != "clean":
+        raise ConfigError(f"attack {name!r} has no setting(s) {sorted(unknown)}: its settings are {sorted(base)}")
+    base.update(options)
+    return base
+
+
+def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
+                norm: str, generator: torch.Generator | None, seed: int) -> tuple[Tensor, dict[str, list]]:
+    """Adversarials for the batch (all correctly classified) and per-example extras."""
+    from .attacks import apgd_ce, apgd_t, autoattack, autoattack_official, fab_t, fgsm, rays, square
+
+    extras: dict[str, list] = {}
+    s = settings
+    if name == "fgsm":
+        x_adv = fgsm(model, x, y, eps=eps, norm=norm, generator=generator, **s)
+    elif name in ("pgd20", "pgd100", "cw20"):
+        x_adv = pgd(model, x, y, eps=eps, norm=norm, generator=generator, **s)
+    elif name == "apgd-ce":
+        x_adv = apgd_ce(model, x, y, eps=eps, norm=norm, generator=generator, **s)
+    elif name == "apgd-t":
+        x_adv = apgd_t(model, x, y, eps=eps, norm=norm, generator=generator, **s)
+    elif name == "fab-t":
+        x_adv = fab_t(model, x, y, eps=eps, norm=norm, generator=generator, **s)
+    elif name == "square":
+        x_adv, queries = square(model, x, y, eps=eps, norm=norm, generator=generator, return_queries=True, **s)
+        extras["queries"] = queries.tolist()
+    elif name in ("autoattack", "autoattack-fast"):
+        result = autoattack(model, x, y, eps=eps, norm=norm, version=s["version"], options=s["options"],
+                            generator=generator, return_details=True)
+        x_adv = result.x_adv
+        extras["broken_by"] = result.broken_by
+    elif name == "rays":
+        result = rays(model, x, y, eps=eps, norm=norm, **s)
+        x_adv = result.within(x, eps)
+        extras["distance"] = [None if d == float("inf") else d for d in result.distance.tolist()]
+        extras["queries"] = result.queries.tolist()
+    elif name == "autoattack-official":
+        x_adv = autoattack_official(model, x, y, eps=eps, norm=norm, seed=seed, **s)
+    else:  # pragma: no cover - guarded by attack_settings
+        raise ConfigError(f"attack {name!r} is unknown")
+    return x_adv.detach(), extras
+
+
+def _as_split(data: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images, labels = data
+    elif hasattr(data, "images") and hasattr(data, "labels"):
+        images, labels = data.images, data.labels
+    elif hasattr(data, "test") and hasattr(data.test, "images"):
+        images, labels = data.test.images, data.test.labels
+    else:
+        raise ConfigError(
+            f"data of type {type(data).__name__} is not an image split: give an ImageSet (.images, .labels), "
+            "a Dataset (its test split is used) or an (images, labels) tuple"
+        )
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels).long()
+    if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
+        raise ConfigError(
+            f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not form a split: "
+            "expected images [N, C, H, W] and labels [N]"
+        )
+    if images.dtype != torch.uint8 and len(images) and (images.min() < 0 or images.max() > 1):
+        raise ConfigError("float images must lie in [0, 1] (pixel units); give uint8 images or divide by 255")
+    return images, labels
+
+
+def _fingerprint(images: Tensor, labels: Tensor, eps: float, norm: str, batch_size: int, seed: int) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    return {"data_sha256": digest.hexdigest(), "n": len(labels), "eps": eps, "norm": norm,
+            "batch_size": batch_size, "seed": seed}
+
+
+def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    fresh = {"version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "attacks": {}}
+    if not path.exists():
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise FastRobustError(f"state file {path} is not readable JSON ({error}): delete it to start over") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise FastRobustError(f"state file {path} was not written by this evaluate: delete it to start over")
+    if state.get("fingerprint") != fingerprint:
+        old = state.get("fingerprint", {})
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        raise FastRobustError(
+            f"state file {path} belongs to another evaluation (different {', '.join(diff)}): "
+            "use the same data and settings to resume, or another --state file"
+        )
+    return state
+
+
+def _seed_for(seed: int, name: str, batch: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + batch) % (2**62)
+
+
+def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> None:
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    if len(size) and (size.max() > eps * (1 + 1e-4) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1):
+        raise RuntimeError(f"attack {name!r} left the {norm} eps-ball or [0,1] (max distance {size.max():.6g}): a bug")
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import numpy
+
+    from . import __version__
+
+    return {"fastrobust": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    attacks: Sequence[str] = ("pgd20",),
+    *,
+    eps: float,
+    norm: str = "linf",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    state_file: str | Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    attack_options: dict[str, dict[str, Any]] | None = None,
+    sanity: bool = False,
+    sanity_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``data`` under each attack in ``attacks``; returns a JSON-able record.
+
+    Each attack runs on every correctly classified point (so each has its own robust accuracy);
+    ``robust_acc`` is the per-example worst case across them. ``attack_options`` overrides settings per
+    attack (``{"square": {"n_queries": 1000}}``). With ``state_file`` the per-example status of every
+    finished batch is saved (atomically) and a rerun resumes from it. ``device`` defaults to the model's;
+    the model is moved there. Randomness comes from ``seed`` only (one generator per attack and batch).
+    """
+    from .attacks._common import check_norm
+    from .attacks.autoattack import OFFICIAL_MISSING, official_available
+    from .numbers import check_eps, check_nonnegative_int, check_positive_int
+
+    eps = check_eps(eps)
+    norm = check_norm(norm)
+    batch_size = check_positive_int(batch_size, name="batch_size")
+    seed = check_nonnegative_int(seed, name="seed")
+    images, labels = _as_split(data)
+    names = list(dict.fromkeys(attacks))  # keep order, drop repeats
+    if not names:
+        raise ConfigError("attacks is empty: name at least one attack, e.g. ['pgd20']")
+    attack_options = dict(attack_options or {})
+    for key in attack_options:
+        if key not in names:
+            raise ConfigError(f"attack_options names {key!r}, which is not among the attacks {names}")
+    settings = {name: attack_settings(name, eps, norm, attack_options.get(name)) for name in names}
+    if "rays" in names and norm != "linf":
+        raise ConfigError(f"attack 'rays' is l_inf only but norm={norm!r}: drop rays or use --norm linf")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    model.to(device)
+    skipped: dict[str, str] = {}
+    if "autoattack-official" in names and not official_available():
+        skipped["autoattack-official"] = OFFICIAL_MISSING
+        warnings.warn(f"skipping attack 'autoattack-official': {OFFICIAL_MISSING}", stacklevel=2)
+        print(f"fastrobust evaluate: skipping autoattack-official: {OFFICIAL_MISSING}", file=sys.stderr)
+    n = len(labels)
+    n_batches = (n + batch_size - 1) // batch_size
+    fingerprint = _fingerprint(images, labels, eps, norm, batch_size, seed)
+    path = Path(state_file) if state_file is not None else None
+    state = _load_state(path, fingerprint) if path is not None else {
+        "version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "attacks": {}}
+
+    def save() -> None:
+        if path is not None:
+            atomic_write_json(path, state)
+
+    started = time.perf_counter()
+    with model_mode(model, training=False):
+        # clean predictions, one pass
+        clean_seconds = state.get("clean_seconds", 0.0)
+        for b, (x, y) in enumerate(iterate_split(images, labels, batch_size, device)):
+            if str(b) in state["clean"]:
+                continue
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                state["clean"][str(b)] = (model(x).argmax(1) == y).tolist()
+            clean_seconds += time.perf_counter() - t0
+            state["clean_seconds"] = clean_seconds
+            save()
+        for name in names:
+            if name == "clean" or name in skipped:
+                continue
+            stored = state["attacks"].setdefault(name, {"settings": _jsonable(settings[name]), "batches": {}})
+            if stored["settings"] != _jsonable(settings[name]):
+                raise FastRobustError(
+                    f"state file {path} holds results of {name!r} with other settings ({stored['settings']}): "
+                    "use the same attack settings to resume, or another state file"
+                )
+            done = stored["batches"]
+            bar = tqdm(total=n_batches, desc=name, unit="batch", disable=not progress, file=sys.stderr,
+                       initial=sum(1 for b in range(n_batches) if str(b) in done))
+            try:
+                for b, (x, y) in enumerate(iterate_split(images, labels, batch_size, device)):
+                    if str(b) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    correct = torch.tensor(state["clean"][str(b)], dtype=torch.bool, device=device)
+                    robust = correct.clone()
+                    entry: dict[str, Any] = {}
+                    idx = correct.nonzero().squeeze(1)
+                    if len(idx):
+                        generator = torch.Generator(device=device).manual_seed(_seed_for(seed, name, b))
+                        x_adv, extras = _run_attack(name, settings[name], model, x[idx], y[idx], eps=eps,
+                                                    norm=norm, generator=generator, seed=seed)
+                        _check_ball(x_adv, x[idx], eps, norm, name)
+                        with torch.no_grad():
+                            robust[idx] = model(x_adv).argmax(1) == y[idx]
+                        for key, values in extras.items():
+                            full: list[Any] = [None] * len(y)
+                            for i, v in zip(idx.tolist(), values):
+                                full[i] = v
+                            entry[key] = full
+                    entry["robust"] = robust.tolist()
+                    entry["seconds"] = time.perf_counter() - t0
+                    done[str(b)] = entry
+                    save()
+                    bar.update(1)
+            finally:
+                bar.close()
+    return _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device,
+                   time.perf_counter() - started, sanity, sanity_options, images, labels, progress)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device, seconds,
+            sanity, sanity_options, images, labels, progress) -> dict[str, Any]:
+    clean = [v for b in range(n_batches) for v in state["clean"][str(b)]]
+    clean_correct = sum(clean)
+    worst = list(clean)
+    per_attack: dict[str, Any] = {}
+    for name in names:
+        if name == "clean":
+            per_attack[name] = {"robust_acc": clean_correct / max(n, 1), "robust": clean_correct, "broken": 0,
+                                "settings": {}, "seconds": state.get("clean_seconds", 0.0)}
+            continue
+        if name in skipped:
+            continue
+        batches = state["attacks"][name]["batches"]
+        robust = [v for b in range(n_batches) for v in batches[str(b)]["robust"]]
+        worst = [w and r for w, r in zip(worst, robust)]
+        entry: dict[str, Any] = {
+            "robust_acc": sum(robust) / max(n, 1),
+            "robust": sum(robust),
+            "broken": clean_correct - sum(robust),
+            "settings": settings[name],
+            "seconds": sum(batches[str(b)]["seconds"] for b in range(n_batches)),
+        }
+        if name == "rays":
+            dists = [d for b in range(n_batches) for d, c in zip(batches[str(b)].get("distance", []), state["clean"][str(b)]) if c]
+            queries = [q for b in range(n_batches) for q in batches[str(b)].get("queries", []) if q is not None]
+            finite = [d for d in dists if d is not None]
+            entry["adbd"] = sum(finite) / len(finite) if finite else None
+            entry["no_boundary_found"] = len(dists) - len(finite)
+            entry["queries_mean"] = sum(queries) / len(queries) if queries else 0.0
+            entry["queries_median"] = float(sorted(queries)[len(queries) // 2]) if queries else 0.0
+        if name == "square":
+            queries = [q for b in range(n_batches) for q in batches[str(b)].get("queries", []) if q is not None]
+            entry["queries_mean"] = sum(queries) / len(queries) if queries else 0.0
+        if name in ("autoattack", "autoattack-fast"):
+            counts: dict[str, int] = {}
+            for b in range(n_batches):
+                for who in batches[str(b)].get("broken_by", []):
+                    if who is not None and who != "clean":
+                        counts[who] = counts.get(who, 0) + 1
+            entry["broken_by"] = counts
+        per_attack[name] = entry
+    adversarial = [a for a in names if a != "clean" and a not in skipped]
+    record: dict[str, Any] = {
+        "n": n,
+        "eps": eps,
+        "norm": norm,
+        "clean_acc": clean_correct / max(n, 1),
+        "clean_correct": clean_correct,
+        "robust_acc": sum(worst) / max(n, 1) if adversarial else None,
+        "robust": sum(worst) if adversarial else None,
+        "attacks": per_attack,
+        "skipped": skipped,
+        "batch_size": batch_size,
+        "seed": seed,
+        "seconds": seconds,
+        "model": type(model).__name__,
+        "device": _device_name(device),
+        "versions": _versions(),
+    }
+    if sanity:
+        from .sanity import sanity_checks
+
+        record["sanity"] = sanity_checks(model, (images, labels), eps=eps, norm=norm, batch_size=batch_size,
+                                         device=device, seed=seed, progress=progress, **(sanity_options or {}))
+    return record

@@ -1,0 +1,147 @@
+"""``fastrobust eval``: robust accuracy of a saved model on a dataset's test split (see docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, FastRobustError
+
+
+def register(subparsers) -> None:
+    from ..evaluate import ATTACKS
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint under adversarial attacks (PGD, AutoAttack, RayS, ...)",
+        description="Robust accuracy of a saved model on the test split of a dataset. Each attack runs on "
+        "every correctly classified point; the overall robust accuracy is the per-example worst case.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a run folder (best, else last model) or a .safetensors file")
+    parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10 (see `fastrobust data`)")
+    parser.add_argument("--data-root", default=None, help="where the dataset lies (default: $FASTROBUST_DATA)")
+    parser.add_argument("--attack", action="append", choices=ATTACKS, metavar="ATTACK",
+                        help=f"attack to run, repeatable (default: pgd20); one of {', '.join(ATTACKS)}")
+    parser.add_argument("--eps", default="8/255", help="perturbation size in [0,1] pixel units; 8/255 accepted (default 8/255)")
+    parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
+    parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
+    parser.add_argument("--batch-size", default="256", help="batch size (default 256)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--queries", default=None,
+                        help="query budget of square, rays and AutoAttack's Square (default 5000; rays 10000)")
+    parser.add_argument("--sanity", action="store_true", help="also run the gradient-masking sanity checks")
+    parser.add_argument("--json", action="store_true", help="print the record as one JSON object on stdout")
+    parser.add_argument("--out", default=None, help="append the record as one JSON line to this file")
+    parser.add_argument("--state", default=None, help="resumable state file (JSON): rerun the same command to resume")
+    parser.add_argument("--seed", default="0", help="seed of the attacks' random starts (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r} asks for CUDA but torch sees no GPU: use --device cpu")
+    return device
+
+
+def _input_shape(model) -> tuple[int | None, int | None]:
+    config = getattr(model, "fastrobust_config", {}) or {}
+    channels = config.get("in_channels")
+    classes = config.get("num_classes")
+    return channels, classes
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_model
+    from ..data import load_dataset
+    from ..evaluate import evaluate
+    from ..numbers import check_eps, check_nonnegative_int, check_positive_int
+
+    eps = check_eps(args.eps, name="--eps")
+    batch_size = check_positive_int(args.batch_size, name="--batch-size")
+    seed = check_nonnegative_int(args.seed, name="--seed")
+    test_subset = None if args.test_subset is None else check_positive_int(args.test_subset, name="--test-subset")
+    device = _device(args.device)
+    attacks = args.attack or ["pgd20"]
+
+    model, metadata = load_model(args.checkpoint, device=device)
+    dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=test_subset)  # only test is read
+    channels, classes = _input_shape(model)
+    data_channels = dataset.image_shape[0]
+    if classes is not None and int(classes) != dataset.num_classes:
+        raise FastRobustError(
+            f"checkpoint {metadata.get('path', args.checkpoint)} has num_classes={classes} but dataset "
+            f"{args.dataset!r} has {dataset.num_classes} classes: evaluate it on the dataset it was trained on"
+        )
+    if channels is not None and int(channels) != data_channels:
+        raise FastRobustError(
+            f"checkpoint {metadata.get('path', args.checkpoint)} takes in_channels={channels} but dataset "
+            f"{args.dataset!r} has {data_channels}-channel images: evaluate it on the dataset it was trained on"
+        )
+    if len(dataset.test.labels) == 0:
+        raise FastRobustError(f"dataset {args.dataset!r} has an empty test split: nothing to evaluate")
+
+    options: dict = {}
+    if args.queries is not None:
+        queries = check_positive_int(args.queries, name="--queries")
+        for name in attacks:
+            if name in ("square", "rays"):
+                options[name] = {"n_queries": queries}
+            elif name == "autoattack":
+                options[name] = {"square": {"n_queries": queries}}
+    record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size, device=device,
+                      state_file=args.state, progress=not args.quiet, seed=seed, sanity=args.sanity,
+                      attack_options=options)
+    record = {"checkpoint": metadata.get("path", str(args.checkpoint)), "dataset": dataset.name,
+              "test_subset": test_subset, **record}
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as error:
+            raise FastRobustError(f"--out {out} cannot be written ({error}): choose a writable path") from None
+    if args.json:
+        print(json.dumps(record, sort_keys=True))
+    else:
+        print_summary(record, file=sys.stdout)
+    return 0
+
+
+def print_summary(record: dict, file=sys.stdout) -> None:
+    """A small table: one row per attack, then the worst case and the sanity flags."""
+    eps = record["eps"]
+    eps_text = f"{eps:.4g}" + (f" ({eps * 255:.3g}/255)" if record["norm"] == "linf" else "")
+    print(f"{record.get('checkpoint', record['model'])} on {record.get('dataset', '?')}: n={record['n']}, "
+          f"{record['norm']} eps={eps_text}, device {record['device']}", file=file)
+    print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9}  notes", file=file)
+    print(f"{'clean':<20} {record['clean_acc']:>9.2%} {'':>7} {'':>9}", file=file)
+    for name, entry in record["attacks"].items():
+        if name == "clean":
+            continue
+        notes = ""
+        if "adbd" in entry:
+            adbd = entry["adbd"]
+            notes = f"ADBD {adbd:.4f}, " if adbd is not None else ""
+            notes += f"queries {entry['queries_mean']:.0f} (mean)"
+        elif "broken_by" in entry and entry["broken_by"]:
+            notes = ", ".join(f"{k} {v}" for k, v in entry["broken_by"].items())
+        print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)
+    if record["robust_acc"] is not None:
+        print(f"{'worst case':<20} {record['robust_acc']:>9.2%}", file=file)
+    for name, reason in record.get("skipped", {}).items():
+        print(f"skipped {name}: {reason}", file=file)
+    for flag in record.get("sanity", []):
+        mark = "ok  " if flag["passed"] else "FAIL"
+        print(f"sanity {mark} {flag['name']}: {flag['detail']}", file=file)

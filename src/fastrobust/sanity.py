@@ -1,0 +1,120 @@
+"""Sanity checks that catch evaluations a gradient attack alone would get wrong (Carlini et al. 2019,
+Athalye et al. 2018; ALGORITHMS.md, "Known traps").
+
+``sanity_checks(model, data, eps=...)`` runs a small evaluation on (a subset of) ``data`` and returns a list
+of flags ``{"name", "passed", "detail"}``:
+
+- ``attack_order``: robust accuracy non-increasing FGSM -> PGD-20 -> AutoAttack-fast (stronger attacks
+  must not do worse);
+- ``more_steps``: PGD-100 not more accurate than PGD-20;
+- ``large_eps``: at a large eps (0.5 l_inf, 10 l_2) PGD-20 drives accuracy near 0;
+- ``black_box``: Square and RayS (which use no gradients) not clearly stronger than the white-box attacks,
+  a sign of gradient masking;
+- ``gradients``: no share of points with an all-zero or NaN input gradient;
+- ``deterministic``: two identical forward passes give the same logits (no hidden randomness).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks._common import check_norm, cw_margin, input_gradient, model_mode, per_example_loss
+from .numbers import check_eps
+
+
+def _flag(name: str, passed: bool, detail: str) -> dict[str, Any]:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def sanity_checks(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: float,
+    norm: str = "linf",
+    n: int = 256,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    large_eps: float | None = None,
+    square_queries: int = 1000,
+    rays_queries: int = 2000,
+    apgd_iter: int = 100,
+    tolerance: float = 0.01,
+    black_box_margin: float = 0.03,
+    large_eps_max_acc: float = 0.1,
+    gradient_share: float = 0.01,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Run the checks on the first ``n`` points of ``data``; see the module docstring for each flag.
+
+    ``tolerance`` is the accuracy slack allowed in the ordering checks, ``black_box_margin`` how far below
+    the white-box accuracy a black-box accuracy may fall before the check fails, ``gradient_share`` the
+    largest share of points allowed a zero/NaN input gradient."""
+    from .evaluate import _as_split, evaluate, iterate_split
+
+    eps = check_eps(eps)
+    norm = check_norm(norm)
+    images, labels = _as_split(data)
+    images, labels = images[:n], labels[:n]
+    if large_eps is None:
+        large_eps = 0.5 if norm == "linf" else 10.0
+    common = dict(batch_size=batch_size, device=device, seed=seed, progress=progress)
+    attacks = ["fgsm", "pgd20", "pgd100", "autoattack-fast", "square"] + (["rays"] if norm == "linf" else [])
+    options = {
+        "autoattack-fast": {"apgd-ce": {"n_iter": apgd_iter}, "apgd-t": {"n_iter": apgd_iter}},
+        "square": {"n_queries": square_queries},
+    }
+    if norm == "linf":
+        options["rays"] = {"n_queries": rays_queries}
+    record = evaluate(model, (images, labels), attacks, eps=eps, norm=norm, attack_options=options, **common)
+    acc = {name: entry["robust_acc"] for name, entry in record["attacks"].items()}
+    flags = []
+
+    order_ok = acc["fgsm"] + tolerance >= acc["pgd20"] and acc["pgd20"] + tolerance >= acc["autoattack-fast"]
+    flags.append(_flag("attack_order", order_ok,
+                       f"FGSM {acc['fgsm']:.4f} >= PGD-20 {acc['pgd20']:.4f} >= AutoAttack-fast "
+                       f"{acc['autoattack-fast']:.4f} expected (slack {tolerance})"))
+    flags.append(_flag("more_steps", acc["pgd100"] <= acc["pgd20"] + tolerance,
+                       f"PGD-100 {acc['pgd100']:.4f} <= PGD-20 {acc['pgd20']:.4f} expected (slack {tolerance})"))
+
+    if large_eps > eps and (norm == "l2" or large_eps <= 1):
+        big = evaluate(model, (images, labels), ["pgd20"], eps=large_eps, norm=norm, **common)
+        big_acc = big["attacks"]["pgd20"]["robust_acc"]
+        flags.append(_flag("large_eps", big_acc <= large_eps_max_acc,
+                           f"PGD-20 accuracy at eps={large_eps:g} is {big_acc:.4f} (expected <= {large_eps_max_acc})"))
+
+    white = min(acc["pgd20"], acc["pgd100"], acc["autoattack-fast"])
+    black = {name: acc[name] for name in ("square", "rays") if name in acc}
+    worst_black = min(black.values())
+    detail = ", ".join(f"{k} {v:.4f}" for k, v in black.items())
+    flags.append(_flag("black_box", worst_black >= white - black_box_margin,
+                       f"black-box/hard-label {detail} vs white-box {white:.4f}: far lower black-box accuracy "
+                       f"(margin {black_box_margin}) means the gradients mislead the attacks (gradient masking)"))
+
+    dev = torch.device(record["device"].split(" ")[0])
+    zero = nan = total = 0
+    max_diff = 0.0
+    with model_mode(model, training=False):
+        for x, y in iterate_split(images, labels, batch_size, dev):
+            grad, _, _ = input_gradient(model, x, y, lambda logits, t: cw_margin(logits.float(), t))
+            grad_ce, _, _ = input_gradient(model, x, y, per_example_loss("ce"))
+            flat, flat_ce = grad.flatten(1), grad_ce.flatten(1)
+            zero += int(((flat == 0).all(1)).sum())
+            nan += int((~torch.isfinite(flat).all(1) | ~torch.isfinite(flat_ce).all(1)).sum())
+            total += len(y)
+            with torch.no_grad():
+                a, b = model(x).float(), model(x).float()
+            scale = a.abs().max().clamp_min(1.0)
+            max_diff = max(max_diff, float(((a - b).abs().max() / scale)))
+    share_zero, share_nan = zero / max(total, 1), nan / max(total, 1)
+    flags.append(_flag("gradients", share_zero <= gradient_share and share_nan <= gradient_share,
+                       f"{share_zero:.2%} of points have an all-zero and {share_nan:.2%} a NaN/inf input gradient "
+                       f"(allowed {gradient_share:.0%})"))
+    flags.append(_flag("deterministic", max_diff <= 1e-4,
+                       f"two identical forward passes differ by {max_diff:.3g} (relative): "
+                       "a randomised model needs EOT attacks"))
+    return flags

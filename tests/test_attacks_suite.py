@@ -1,0 +1,288 @@
+"""APGD, FAB-T, Square, RayS and AutoAttack on a tiny model trained for a few seconds on synthetic data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastrobust.attacks import (
+    apgd,
+    apgd_ce,
+    apgd_t,
+    autoattack,
+    autoattack_official,
+    fab_t,
+    pgd,
+    rays,
+    square,
+)
+from fastrobust.attacks.apgd import checkpoints
+from fastrobust.attacks.autoattack import official_available
+from fastrobust.attacks.fab import project_hyperplane_box
+from fastrobust.attacks.square import p_selection
+from fastrobust.errors import ConfigError, FastRobustError
+
+C, H = 10, 8
+
+
+def make_data(n: int, generator: torch.Generator, protos: torch.Tensor):
+    y = torch.randint(0, C, (n,), generator=generator)
+    x = (protos[y] + 0.05 * torch.randn(n, 1, H, H, generator=generator)).clamp(0, 1)
+    return x, y
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(H * H, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, C))
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.body(x)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall when the cores are shared); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    protos = 0.5 + 0.25 * (torch.rand(C, 1, H, H, generator=g) - 0.5)
+    x_train, y_train = make_data(2000, g, protos)
+    x_test, y_test = make_data(64, g, protos)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(8):
+        perm = torch.randperm(len(y_train), generator=g)
+        for i in range(0, len(y_train), 100):
+            idx = perm[i : i + 100]
+            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    with torch.no_grad():
+        correct = model(x_test).argmax(1) == y_test
+    assert correct.float().mean() > 0.95
+    return model, x_test[correct], y_test[correct]
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+FAST = {
+    "apgd-ce": lambda m, x, y, eps, norm, g: apgd_ce(m, x, y, eps=eps, norm=norm, n_iter=15, generator=g),
+    "apgd-t": lambda m, x, y, eps, norm, g: apgd_t(m, x, y, eps=eps, norm=norm, n_iter=10, n_targets=3, generator=g),
+    "fab-t": lambda m, x, y, eps, norm, g: fab_t(m, x, y, eps=eps, norm=norm, n_iter=10, n_targets=3, n_restarts=2,
+                                                generator=g),
+    "square": lambda m, x, y, eps, norm, g: square(m, x, y, eps=eps, norm=norm, n_queries=150, generator=g),
+    "autoattack-fast": lambda m, x, y, eps, norm, g: autoattack(
+        m, x, y, eps=eps, norm=norm, version="fast",
+        options={"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10, "n_targets": 2}}, generator=g),
+    "rays": lambda m, x, y, eps, norm, g: rays(m, x, y, n_queries=150).within(x, eps),
+}
+CASES = [(name, "linf") for name in FAST] + [(name, "l2") for name in FAST if name != "rays"]
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_inside_ball_and_box_mode_and_grads(toy, name, norm):
+    model, x, y = toy
+    eps = 0.05 if norm == "linf" else 0.4
+    model.train()
+    model.body[2].eval()  # a mixed mode (frozen BatchNorm) must come back exactly as it was
+    model.body[4].weight.grad = torch.ones_like(model.body[4].weight)  # an existing gradient must stay untouched
+    model.modes.clear()
+    g = torch.Generator().manual_seed(0)
+    x_adv = FAST[name](model, x, y, eps, norm, g)
+    assert model.training and not model.body[2].training and model.body[4].training
+    assert model.modes and not any(model.modes), "the attack must query the model in eval mode"
+    assert torch.equal(model.body[4].weight.grad, torch.ones_like(model.body[4].weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "body.4.weight")
+    model.body[4].weight.grad = None
+    model.eval()
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= eps * (1 + 1e-5) + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_large_eps_breaks_an_undefended_model(toy, name):
+    model, x, y = toy
+    g = torch.Generator().manual_seed(0)
+    x_adv = FAST[name](model, x, y, 0.3, "linf", g)
+    assert accuracy(model, x_adv, y) <= 0.05
+
+
+def test_apgd_beats_or_ties_pgd_at_equal_budget(toy):
+    model, x, y = toy
+    for eps in (0.03, 0.05):
+        x_pgd = pgd(model, x, y, eps=eps, steps=20, step_size=eps / 8, random_init=False)
+        x_apgd = apgd_ce(model, x, y, eps=eps, n_iter=20, generator=torch.Generator().manual_seed(0))
+        assert accuracy(model, x_apgd, y) <= accuracy(model, x_pgd, y)
+
+
+def test_apgd_dlr_is_at_least_as_strong_as_clean(toy):
+    model, x, y = toy
+    x_adv = apgd(model, x, y, eps=0.05, loss="dlr", n_iter=20, generator=torch.Generator().manual_seed(0))
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y)
+
+
+def test_targeted_attacks_reach_their_target(toy):
+    model, x, y = toy
+    target = (y + 1) % C
+    x_apgd = apgd(model, x, y, eps=0.2, loss="ce-targeted", y_target=target, n_iter=20,
+                  generator=torch.Generator().manual_seed(0))
+    x_fab = fab_t(model, x, y, eps=0.2, y_target=target, n_iter=20)
+    with torch.no_grad():
+        assert (model(x_apgd).argmax(1) == target).float().mean() >= 0.95
+        assert (model(x_fab).argmax(1) == target).float().mean() >= 0.7
+    with pytest.raises(ConfigError):
+        apgd(model, x, y, eps=0.1, loss="dlr-targeted")
+
+
+def test_autoattack_details_agree_with_the_model(toy):
+    model, x, y = toy
+    result = autoattack(model, x, y, eps=0.04, version="standard", return_details=True,
+                        options={"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10, "n_targets": 2},
+                                 "fab-t": {"n_iter": 10, "n_targets": 2}, "square": {"n_queries": 100}},
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        still = model(result.x_adv).argmax(1) == y
+    assert torch.equal(still, result.robust)
+    assert [b is None for b in result.broken_by] == still.tolist()
+    assert sum(result.counts().values()) == int((~still).sum())
+    assert 0 < int(still.sum()) < len(y)  # the eps is chosen so that some but not all points break
+
+
+def test_autoattack_official_skips_cleanly(toy):
+    model, x, y = toy
+    if official_available():
+        pytest.skip("the official autoattack package is installed")
+    with pytest.raises(FastRobustError, match="pip install"):
+        autoattack_official(model, x, y, eps=0.03)
+
+
+class RaisesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("a gradient-free attack differentiated the model")
+
+
+class NoBackward(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(RaisesInBackward.apply(x))
+
+
+def test_square_and_rays_use_no_gradients(toy):
+    model, x, y = toy
+    guarded = NoBackward(model)
+    x_sq, queries = square(guarded, x, y, eps=0.05, n_queries=100, return_queries=True,
+                           generator=torch.Generator().manual_seed(0))
+    assert queries.max() <= 100 and queries.min() >= 1
+    result = rays(guarded, x, y, n_queries=100)
+    assert int(result.queries.max()) <= 100
+    with pytest.raises(AssertionError, match="gradient-free"):  # the guard itself works
+        from fastrobust.attacks._common import input_gradient, per_example_loss
+
+        input_gradient(guarded, x, y, per_example_loss("ce"))
+
+
+def test_rays_boundary_distance_is_the_boundary(toy):
+    model, x, y = toy
+    result = rays(model, x, y, n_queries=300, tol=1e-5)
+    d = result.distance.view(-1, 1, 1, 1)
+    assert torch.isfinite(d).all() and (d > 0).all()
+    with torch.no_grad():
+        inside = model((x + 0.99 * d * result.direction).clamp(0, 1)).argmax(1)
+        beyond = model((x + 1.01 * d * result.direction).clamp(0, 1)).argmax(1)
+        at = model(result.x_adv).argmax(1)
+    assert (inside == y).all() and (beyond != y).all() and (at != y).all()
+    assert torch.allclose((result.x_adv - x).flatten(1).abs().amax(1), result.distance, atol=1e-6)
+    # robust at eps exactly where the distance exceeds eps; adversarials within eps really fool the model
+    eps = float(result.distance.median())
+    kept = result.within(x, eps)
+    with torch.no_grad():
+        fooled = model(kept).argmax(1) != y
+    assert torch.equal(fooled, ~result.robust(eps))
+    # more queries never lengthen the distance
+    longer = rays(model, x, y, n_queries=600, tol=1e-5)
+    assert (longer.distance <= result.distance + 1e-4).all()
+
+
+def test_rays_early_stop_saves_queries(toy):
+    model, x, y = toy
+    full = rays(model, x, y, n_queries=200)
+    early = rays(model, x, y, n_queries=200, eps=0.3, early_stop=True)
+    assert early.queries.sum() < full.queries.sum()
+    assert (early.distance <= 0.3).all()
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert all(0 < w <= 10 for w in checkpoints(10))
+
+
+def test_square_p_schedule():
+    assert p_selection(0.8, 5, 10000) == 0.8
+    assert p_selection(0.8, 30, 10000) == 0.4
+    assert p_selection(0.8, 9000, 10000) == pytest.approx(0.8 / 512)
+    assert p_selection(0.8, 15, 5000) == 0.4  # rescaled to the budget
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_projection_is_feasible_and_minimal(norm):
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(50, 20, generator=g)
+    w = torch.randn(50, 20, generator=g)
+    c = torch.randn(50, generator=g) * 0.5
+    d = project_hyperplane_box(p, w, c, norm)
+    reachable = torch.where(c[:, None] >= 0, torch.where(w > 0, 1 - p, -p), torch.where(w > 0, -p, 1 - p))
+    feasible = ((w * reachable).sum(1) - c).sign() == c.sign()  # the box corner gets across
+    assert ((p + d) >= -1e-6).all() and ((p + d) <= 1 + 1e-6).all()
+    assert torch.allclose((w * d).sum(1)[feasible], c[feasible], atol=1e-4)
+    if norm == "linf":  # no smaller radius can reach the hyperplane
+        t = d.abs().amax(1) * 0.999
+        room = torch.where(w * c.sign()[:, None] > 0, 1 - p, p)
+        best = (w.abs() * torch.minimum(room, t[:, None])).sum(1)
+        assert (best[feasible] < c.abs()[feasible] + 1e-6).all()
+    else:  # away from the box the minimal l2 step is c w / |w|^2
+        p_mid = torch.full_like(p, 0.5)
+        small = c * 0.01
+        d_mid = project_hyperplane_box(p_mid, w, small, "l2")
+        expected = small[:, None] * w / (w * w).sum(1, keepdim=True)
+        assert torch.allclose(d_mid, expected, atol=1e-6)
+
+
+def test_bad_settings_raise_clear_errors(toy):
+    model, x, y = toy
+    with pytest.raises(ConfigError, match="norm"):
+        rays(model, x, y, norm="l2")
+    with pytest.raises(ConfigError, match="eps"):
+        apgd_ce(model, x, y, eps=8)
+    with pytest.raises(ConfigError, match="version"):
+        autoattack(model, x, y, eps=0.1, version="plus")
+    with pytest.raises(ConfigError, match="n_queries"):
+        square(model, x, y, eps=0.1, n_queries=0)
