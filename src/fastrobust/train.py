@@ -77,6 +77,7 @@ class TrainConfig:
     on_nan: str = "stop"
     on_collapse: str = "warn"
     collapse_margin: float = 0.1
+    select_by: str = "auto"  # the validation metric that picks `best`: robust, clean, or auto (clean for natural)
     out: str | None = None
 
     def validate(self) -> "TrainConfig":
@@ -99,7 +100,8 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be zero or positive")
         choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "on_nan": NAN_ACTIONS,
-                   "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off")}
+                   "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off"),
+                   "select_by": ("auto", "robust", "clean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -113,6 +115,14 @@ class TrainConfig:
         if self.eps is not None and "eps" in {f.name for f in dataclasses.fields(methods_lib.method_class(self.method).Config)}:
             params["eps"] = self.eps
         return methods_lib.create(self.method, **params)
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation accuracy that picks ``best``: natural training is chosen on clean accuracy
+        (its robust accuracy is noise near zero and would pick an untrained early epoch)."""
+        if self.select_by == "auto":
+            return "val_clean_acc" if self.method == "natural" else "val_robust_acc"
+        return f"val_{self.select_by}_acc"
 
     @property
     def attack_eps(self) -> float:
@@ -247,7 +257,8 @@ class Trainer:
         self.epoch = 0
         self.batch = 0
         self.global_step = 0
-        self.best: dict[str, Any] = {"epoch": None, "val_robust_acc": -1.0}
+        self.best: dict[str, Any] = {"epoch": None, "metric": config.selection_metric, "value": -1.0}
+        self.peak_val_robust = -1.0  # the best validation robust accuracy so far: the collapse reference
         self.train_seconds = 0.0
         self.last_good: training_state.Snapshot | None = None
         if resume:
@@ -257,6 +268,7 @@ class Trainer:
     def _info(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step, "best": self.best,
+            "peak_val_robust": self.peak_val_robust,
             "lr_scale": self.lr_scale, "train_seconds": self.train_seconds, "config": asdict(self.config),
         }
 
@@ -274,6 +286,7 @@ class Trainer:
         info = snapshot.info
         self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
         self.best, self.lr_scale, self.train_seconds = info["best"], info["lr_scale"], info["train_seconds"]
+        self.peak_val_robust = info["peak_val_robust"]
         self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, info)
         self.log(f"resumed {self.out} at epoch {self.epoch + 1}, batch {self.batch} (from {snapshot.path.name})")
 
@@ -361,7 +374,7 @@ class Trainer:
         """Catastrophic overfitting: validation robust accuracy falling far below its best."""
         margin = getattr(self.method, "collapse_margin", self.config.collapse_margin)
         action = getattr(self.method, "collapse_action", None) or self.config.on_collapse
-        best = self.best["val_robust_acc"]
+        best = self.peak_val_robust
         if "val_robust_acc" not in record or best < 0 or record["val_robust_acc"] >= best - margin:
             return
         record["collapse"] = {"best": best, "now": record["val_robust_acc"], "margin": margin, "action": action}
@@ -410,11 +423,13 @@ class Trainer:
                 self._handle_collapse(record)
                 self.epoch += 1
                 self.batch = 0
-                improved = record.get("val_robust_acc", 0.0) > self.best["val_robust_acc"] or self.best["epoch"] is None
+                metric = config.selection_metric
+                improved = record.get(metric, 0.0) > self.best["value"] or self.best["epoch"] is None
                 if "collapse" not in record and (improved or len(self.data.val.labels) == 0):
-                    self.best = {"epoch": self.epoch, "val_robust_acc": record.get("val_robust_acc", -1.0)}
+                    self.best = {"epoch": self.epoch, "metric": metric, "value": record.get(metric, -1.0)}
                     save_model(self.model, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out)})
                 if "collapse" not in record:
+                    self.peak_val_robust = max(self.peak_val_robust, record.get("val_robust_acc", -1.0))
                     self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
                 save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
                 self.save_checkpoint()
@@ -460,7 +475,9 @@ class Trainer:
                         "val": len(self.data.val.labels), "test": len(self.data.test.labels)},
             "train_seconds": self.train_seconds,
             "best_epoch": self.best["epoch"],
-            "best_val_robust_acc": self.best["val_robust_acc"],
+            "best_selected_by": self.best["metric"],
+            "best_val_value": self.best["value"],
+            "peak_val_robust_acc": self.peak_val_robust,
             "test": {"clean_acc": test["clean_acc"], f"pgd{self.config.test_pgd_steps}_acc": test["robust_acc"],
                      "n": test["n"], "eps": self.config.attack_eps, "step_size": self.config.eval_step_size},
         }
