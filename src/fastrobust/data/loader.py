@@ -105,14 +105,15 @@ class DeviceLoader:
         count = len(self)
         if not 0 <= int(start_batch) <= count:
             raise ConfigError(f"start_batch={start_batch} is outside 0..{count} for this loader")
-        order, offsets, flips = self._plan(int(epoch))
+        # the plan moves to the device once per epoch: a per-batch host-to-device copy would wait for the GPU
+        order, offsets, flips = (t.to(self.device) if t is not None else None for t in self._plan(int(epoch)))
         for b in range(int(start_batch), count):
             lo, hi = self._shard(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples))
-            idx = order[lo:hi].to(self.device)
+            idx = order[lo:hi]
             x = self.images.index_select(0, idx)
             y = self.labels.index_select(0, idx)
-            off = offsets[lo:hi].to(self.device) if offsets is not None else None
-            fl = flips[lo:hi].to(self.device) if flips is not None else None
+            off = offsets[lo:hi] if offsets is not None else None
+            fl = flips[lo:hi] if flips is not None else None
             x = self._augment(x, off, fl)
             yield x.to(torch.float32).div_(255.0), y
 
