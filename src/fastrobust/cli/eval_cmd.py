@@ -20,10 +20,12 @@ def register(subparsers) -> None:
         "every correctly classified point; the overall robust accuracy is the per-example worst case.",
     )
     parser.add_argument("--checkpoint", required=True, help="a run folder (best, else last model) or a .safetensors file")
+    parser.add_argument("--model", default=None,
+                        help="for a third-party .pt/.pth state dict only: the model it fits (read with weights_only=True)")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10 (see `fastrobust data`)")
     parser.add_argument("--data-root", default=None, help="where the dataset lies (default: $FASTROBUST_DATA)")
-    parser.add_argument("--attack", action="append", choices=ATTACKS, metavar="ATTACK",
-                        help=f"attack to run, repeatable (default: pgd20); one of {', '.join(ATTACKS)}")
+    parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
+                        help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)}")
     parser.add_argument("--eps", default="8/255", help="perturbation size in [0,1] pixel units; 8/255 accepted (default 8/255)")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
     parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
@@ -61,6 +63,25 @@ def _input_shape(model) -> tuple[int | None, int | None]:
     return channels, classes
 
 
+def _import_model(path: str, name: str, dataset, device):
+    """A fastrobust model of ``name`` shaped for ``dataset``, with the weights of a third-party state dict."""
+    from ..checkpoint import import_state_dict
+    from ..models import create
+
+    state = import_state_dict(path)
+    channels, height, _ = dataset.image_shape
+    model = create(name, num_classes=dataset.num_classes, in_channels=channels, image_size=height)
+    for key, value in model.state_dict().items():  # weights trained without in-model normalisation: identity
+        if key in ("mean", "std") and key not in state:
+            state[key] = value
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise FastRobustError(f"{path} does not fit --model {name} for {dataset.name}: {detail[:400]}") from None
+    return model.to(device).eval(), {"path": str(path), "model": dict(model.fastrobust_config)}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..data import load_dataset
@@ -74,8 +95,14 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     attacks = args.attack or ["pgd20"]
 
-    model, metadata = load_model(args.checkpoint, device=device)
+    imported = Path(args.checkpoint).suffix in (".pt", ".pth")
+    if imported and not args.model:
+        raise ConfigError(f"--checkpoint {args.checkpoint} is a torch state dict: give --model NAME (see fastrobust models)")
+    if not imported:
+        model, metadata = load_model(args.checkpoint, device=device)
     dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=test_subset)  # only test is read
+    if imported:
+        model, metadata = _import_model(args.checkpoint, args.model, dataset, device)
     channels, classes = _input_shape(model)
     data_channels = dataset.image_shape[0]
     if classes is not None and int(classes) != dataset.num_classes:
