@@ -3,17 +3,21 @@
 >>> from fastrobust import methods
 >>> method = methods.create("backward_smoothing", beta=10)
 >>> method.cost.passes   # forward+backward passes per step (a forward alone counts 1/3)
-4.333333333333333
+4.0
 """
 
-from . import backward_smoothing, fast, standard  # noqa: F401  (registration)
+from . import backward_smoothing, fast, slat, sprout, standard  # noqa: F401  (registration)
 from .backward_smoothing import BackwardSmoothing, BackwardSmoothingAT, backward_smoothing_points
 from .base import Cost, Method, MethodConfig, available_methods, create, describe, method_class, register
 from .fast import FastAT, FastAT2Step, FastATPlus, FastTRADES
+from .slat import SLAT
+from .sprout import SPROUT
 from .standard import PGDAT, TRADES, Natural, adversarial_ce, trades_objective
 
 __all__ = [
     "PGDAT",
+    "SLAT",
+    "SPROUT",
     "TRADES",
     "BackwardSmoothing",
     "BackwardSmoothingAT",

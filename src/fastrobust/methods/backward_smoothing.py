@@ -5,7 +5,7 @@ poorly smoothed, easily collapsing single-step attack) but from the input that t
 closest to a randomly perturbed *output*: a backward step towards s(z + gamma*psi), psi ~ U(-1,1).
 
 Per batch, with the model in eval mode for steps 1-4:
-  1. z = f(x), no graph;
+  1. z = f(x) (taken, detached, from the forward that step 3 differentiates: one pass fewer);
   2. t = s(z + gamma*psi);
   3. x1 = Pi(x - a*sign(grad_x KL(t || s(f(x)))))                 (backward step, decreases the KL)
   4. x2 = Pi(x1 + a*sign(grad KL(s(z) || s(f(x1)))))              (attack step; repeated attack_steps times)
@@ -42,15 +42,30 @@ def smoothed_target(z: Tensor, gamma: float, num_points: int = 1, psi: Tensor | 
     return F.softmax(upcast(z).unsqueeze(0) + gamma * psi, dim=-1).mean(0)
 
 
+def _kl_from_target(target: Tensor, logits: Tensor) -> Tensor:
+    """Per-example KL(target || s(logits))."""
+    log_probs = F.log_softmax(upcast(logits), dim=1)
+    return (target * (torch.log(target.clamp_min(1e-30)) - log_probs)).sum(dim=1)
+
+
 def backward_step(model: nn.Module, x: Tensor, target: Tensor, *, eps: float, step_size: float) -> Tensor:
     """x1 = Pi(x - a*sign(grad_x KL(target || s(f(x))))): one signed step towards the target output."""
-
-    def kl_to_target(logits: Tensor, _y: Tensor) -> Tensor:
-        log_probs = F.log_softmax(upcast(logits), dim=1)
-        return (target * (torch.log(target.clamp_min(1e-30)) - log_probs)).sum(dim=1)
-
-    grad, _, _ = input_gradient(model, x, target, kl_to_target)
+    grad, _, _ = input_gradient(model, x, target, lambda logits, _y: _kl_from_target(target, logits))
     return project(x - step_size * grad.sign(), x, eps)
+
+
+def _clean_logits_and_backward_step(
+    model: nn.Module, x: Tensor, *, eps: float, step_size: float, gamma: float, num_points: int, psi: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Steps 1-3 in one pass: the clean logits z come from the same eval-mode forward whose graph gives the
+    backward step's gradient (z does not depend on the graph, so this equals a separate no-grad forward)."""
+    x_grad = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_grad)
+        z = logits.detach()
+        target = smoothed_target(z, gamma, num_points, psi)
+        (grad,) = torch.autograd.grad(_kl_from_target(target, logits).sum(), x_grad)
+    return z, project(x - step_size * grad.sign(), x, eps)
 
 
 def backward_smoothing_points(
@@ -73,12 +88,17 @@ def backward_smoothing_points(
     With gamma = 0 the target is the clean prediction itself, whose KL gradient vanishes
     analytically at x, so x1 = x exactly (no pass is spent on it).
     """
-    z = clean_logits if clean_logits is not None else clean_logits_eval(model, x)
     with model_mode(model, training=False):
-        if gamma == 0:
-            x1 = x.detach().clone()
+        if gamma != 0 and clean_logits is None:
+            z, x1 = _clean_logits_and_backward_step(
+                model, x, eps=eps, step_size=step_size, gamma=gamma, num_points=num_points, psi=psi
+            )
         else:
-            x1 = backward_step(model, x, smoothed_target(z, gamma, num_points, psi), eps=eps, step_size=step_size)
+            z = clean_logits if clean_logits is not None else clean_logits_eval(model, x)
+            if gamma == 0:
+                x1 = x.detach().clone()
+            else:
+                x1 = backward_step(model, x, smoothed_target(z, gamma, num_points, psi), eps=eps, step_size=step_size)
         loss_fn = per_example_loss(attack_loss, z)
         labels = y if y is not None else z.argmax(1)
         x2 = x1
@@ -109,8 +129,9 @@ class BackwardSmoothing(Method):
 
     @property
     def cost(self) -> Cost:
-        backward = 0 if self.config.gamma == 0 else 1
-        return Cost(backward + self.config.attack_steps + 2, forward_only=1)
+        if self.config.gamma == 0:  # no backward step: a no-grad clean forward gives z
+            return Cost(self.config.attack_steps + 2, forward_only=1)
+        return Cost(1 + self.config.attack_steps + 2)  # z comes from the backward step's own forward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
         c = self.config
@@ -138,8 +159,9 @@ class BackwardSmoothingAT(Method):
 
     @property
     def cost(self) -> Cost:
-        backward = 0 if self.config.gamma == 0 else 1
-        return Cost(backward + self.config.attack_steps + 1, forward_only=1)
+        if self.config.gamma == 0:
+            return Cost(self.config.attack_steps + 1, forward_only=1)
+        return Cost(1 + self.config.attack_steps + 1)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
         c = self.config
