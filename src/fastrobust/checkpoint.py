@@ -35,8 +35,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:  # e.g. ENOSPC from write(): name the file
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -115,7 +117,13 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise FastRobustError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt") from None
     if MODEL_KEY not in header:
         raise FastRobustError(f"{path} has no fastrobust model config in its metadata: it was not written by fastrobust")
-    return state, json.loads(header[MODEL_KEY]), json.loads(header.get(META_KEY, "{}"))
+    try:
+        config, metadata = json.loads(header[MODEL_KEY]), json.loads(header.get(META_KEY, "{}"))
+    except ValueError as error:
+        raise FastRobustError(f"{path}: its fastrobust metadata is not valid JSON ({error}); the file was altered") from None
+    if not isinstance(config, dict) or not isinstance(metadata, dict):
+        raise FastRobustError(f"{path}: its fastrobust metadata is not a mapping; the file was altered")
+    return state, config, metadata
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -124,10 +132,59 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     file = resolve_model_file(path)
     state, config, metadata = read_model_file(file)
-    model = create(**config)
+    try:
+        model = create(**config)
+    except (TypeError, ValueError, KeyError) as error:  # FastRobustError (unknown model) passes through
+        raise FastRobustError(f"{file}: cannot build the model from its saved config {config} ({error})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise FastRobustError(f"{file}: the weights do not fit the model config {config}: {error}") from None
     metadata = dict(metadata, model=config, path=str(file))
     return model.to(device).eval(), metadata
+
+
+def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a third-party ``.pt``/``.pth`` state dict safely: ``torch.load(weights_only=True)``, no code run.
+
+    Pickles that name anything but tensors and plain containers are refused with a FastRobustError naming
+    the file and the refused global. ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and DataParallel's
+    ``module.`` prefix are unwrapped. Convert the result with ``save_model`` to get a safe .safetensors file.
+    """
+    import pickle
+    import warnings
+
+    path = Path(path)
+    if not path.is_file():
+        raise FastRobustError(f"state dict {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise FastRobustError(f"refused to load {path}: {_load_reason(error)}; only tensors and plain containers "
+                              "are accepted (weights_only=True), nothing in the file was run") from None
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise FastRobustError(f"cannot read {path} as a torch state dict ({type(error).__name__}: "
+                              f"{_load_reason(error)}); it may be truncated or not a .pt file") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not loaded:
+        raise FastRobustError(f"{path} holds a {type(loaded).__name__}, not a state dict (a mapping of names to tensors)")
+    state: dict[str, torch.Tensor] = {}
+    for name, value in loaded.items():
+        if not (isinstance(name, str) and torch.is_tensor(value)):
+            raise FastRobustError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor: not a state dict")
+        state[name[len("module."):] if name.startswith("module.") else name] = value
+    return state
+
+
+def _load_reason(error: BaseException) -> str:
+    """The informative line of torch.load's (multi-line) error message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if any(word in line for word in ("GLOBAL", "Unsupported", "unsupported", "failed reading", "Invalid magic")):
+            return line.split(". ")[0].rstrip(".")
+    return lines[0].rstrip(".") if lines else type(error).__name__

@@ -35,8 +35,9 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         )
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"preset {path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as error:  # bad dates/tags raise ValueError
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"preset {path} is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a mapping of settings, got {type(data).__name__}")
     data.pop("description", None)
@@ -107,6 +108,6 @@ def _yaml_scalar(text: str) -> Any:
     """A model keyword from the command line: numbers and booleans typed, everything else a string."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError):  # e.g. 2001-13-01 raises ValueError
         return text
     return value if isinstance(value, (int, float, bool, str)) else text

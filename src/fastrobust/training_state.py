@@ -128,7 +128,11 @@ def verify(folder: Path) -> str | None:
         info = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         return "state.json is not valid JSON"
-    for name, digest in info.get("sha256", {}).items():
+    hashes = info.get("sha256") or {}
+    for name in ("model.safetensors", "train_state.safetensors"):
+        if not hashes.get(name):
+            return f"state.json records no sha256 for {name}"
+    for name, digest in hashes.items():
         if not (folder / name).is_file():
             return f"{name} is missing"
         if sha256_file(folder / name) != digest:

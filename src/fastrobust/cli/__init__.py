@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FastRobustError as error:
-        print(f"fastrobust {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # always one line
+        print(f"fastrobust {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the machine, not the input: disk full, permissions, a vanished file
+        where = f" ({error.filename})" if error.filename else ""
+        hint = "; every file written so far is complete (atomic writes): fix it, then rerun" + (
+            " with --resume RUN" if args.command == "train" else "")
+        print(f"fastrobust {args.command}: error: {error.strerror or error}{where}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastrobust {args.command}: interrupted", file=sys.stderr)
