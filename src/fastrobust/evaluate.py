@@ -39,6 +39,26 @@ def iterate_split(images: Tensor, labels: Tensor, batch_size: int, device: str |
         yield x, labels[start : start + batch_size].to(device, non_blocking=True)
 
 
+def indexed_batches(images: Tensor, labels: Tensor, batch_size: int, device: str | torch.device,
+                    indices: Sequence[int]) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(b, x, y) for the batches ``indices`` of ``iterate_split`` (same batch boundaries, only those moved)."""
+    for b in indices:
+        start = b * batch_size
+        x = images[start : start + batch_size].to(device, non_blocking=True)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        yield b, x, labels[start : start + batch_size].to(device, non_blocking=True)
+
+
+def _rank_batches(n: int, batch_size: int, distributed: bool) -> list[int]:
+    """The batch indices this process evaluates: all of them, or its share (b % world_size == rank)."""
+    from . import distributed as dist_lib
+
+    count = (n + batch_size - 1) // batch_size
+    if not distributed:
+        return list(range(count))
+    return dist_lib.shard_indices(count, dist_lib.context())
+
+
 def clean_and_robust_counts(
     model: nn.Module,
     images: Tensor,
@@ -47,12 +67,19 @@ def clean_and_robust_counts(
     *,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    distributed: bool = False,
 ) -> tuple[int, int, int]:
-    """(clean correct, robust correct, total) of ``model`` on a split, with counts kept on the device."""
+    """(clean correct, robust correct, total) of ``model`` on a split, with counts kept on the device.
+
+    With ``distributed`` (an initialised process group, every rank calling with the same arguments) each
+    rank evaluates its share of the batches and the integer counts are summed across ranks: the same counts
+    as one process, as long as ``attack`` depends on its batch only.
+    """
     clean = torch.zeros((), dtype=torch.long, device=device)
     robust = torch.zeros((), dtype=torch.long, device=device)
+    mine = _rank_batches(len(labels), batch_size, distributed)
     with model_mode(model, training=False):
-        for x, y in iterate_split(images, labels, batch_size, device):
+        for _, x, y in indexed_batches(images, labels, batch_size, device, mine):
             with torch.no_grad():
                 correct = model(x).argmax(1) == y
             clean += correct.sum()
@@ -62,6 +89,11 @@ def clean_and_robust_counts(
                     robust += (model(x_adv).argmax(1) == y[correct]).sum()
     total = len(labels)
     robust_count = int(robust) if attack is not None else int(clean)
+    if distributed:
+        from . import distributed as dist_lib
+
+        clean_count, robust_count = dist_lib.sum_counts([int(clean), robust_count], device=device)
+        return clean_count, robust_count, total
     return int(clean), robust_count, total
 
 
@@ -77,14 +109,19 @@ def pgd_accuracy(
     loss: str = "ce",
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Clean and PGD accuracy (in [0,1]) of ``model`` on a split: the trainer's validation metric."""
+    """Clean and PGD accuracy (in [0,1]) of ``model`` on a split: the trainer's validation metric.
+
+    ``distributed``: shard the batches across the ranks of the process group (see clean_and_robust_counts).
+    """
     step_size = step_size if step_size is not None else 2 / 255 if eps >= 2 / 255 else eps / 4
 
     def attack(model_: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return pgd(model_, x, y, eps=eps, steps=steps, step_size=step_size, random_init=random_init, loss=loss)
 
-    clean, robust, total = clean_and_robust_counts(model, images, labels, attack, batch_size=batch_size, device=device)
+    clean, robust, total = clean_and_robust_counts(model, images, labels, attack, batch_size=batch_size, device=device,
+                                                   distributed=distributed)
     return {"clean_acc": clean / max(total, 1), "robust_acc": robust / max(total, 1), "n": total}
 
 
@@ -279,6 +316,7 @@ def evaluate(
     attack_options: dict[str, dict[str, Any]] | None = None,
     sanity: bool = False,
     sanity_options: dict[str, Any] | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data`` under each attack in ``attacks``; returns a JSON-able record.
 
@@ -287,6 +325,12 @@ def evaluate(
     attack (``{"square": {"n_queries": 1000}}``). With ``state_file`` the per-example status of every
     finished batch is saved (atomically) and a rerun resumes from it. ``device`` defaults to the model's;
     the model is moved there. Randomness comes from ``seed`` only (one generator per attack and batch).
+
+    With ``distributed`` (every rank of an initialised process group calling with the same arguments) the
+    batches are shared out across ranks in rounds of ``world_size``; each batch is computed exactly as in
+    one process (same batch size, same per-batch seed), the per-example results are gathered on every
+    rank after each round and rank 0 alone writes ``state_file``: the record equals the one-process record
+    (timings and device aside). The sanity checks run on rank 0 only.
     """
     from .attacks._common import check_norm
     from .attacks.autoattack import OFFICIAL_MISSING, official_available
@@ -317,28 +361,60 @@ def evaluate(
         skipped["autoattack-official"] = OFFICIAL_MISSING
         warnings.warn(f"skipping attack 'autoattack-official': {OFFICIAL_MISSING}", stacklevel=2)
         print(f"fastrobust evaluate: skipping autoattack-official: {OFFICIAL_MISSING}", file=sys.stderr)
+    from . import distributed as dist_lib
+
+    ctx = dist_lib.context() if distributed else dist_lib.Context()
     n = len(labels)
     n_batches = (n + batch_size - 1) // batch_size
     fingerprint = _fingerprint(images, labels, eps, norm, batch_size, seed)
     path = Path(state_file) if state_file is not None else None
-    state = _load_state(path, fingerprint) if path is not None else {
-        "version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "attacks": {}}
+    loaded: Any = None
+    if ctx.is_main:  # only rank 0 reads the state file (other machines need not see it)
+        try:
+            loaded = _load_state(path, fingerprint) if path is not None else {
+                "version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "attacks": {}}
+        except FastRobustError as error:
+            loaded = error
+    loaded = dist_lib.broadcast_object(loaded) if ctx.active else loaded
+    if isinstance(loaded, FastRobustError):
+        raise loaded
+    state = loaded
 
     def save() -> None:
-        if path is not None:
+        if path is not None and ctx.is_main:
             atomic_write_json(path, state)
+
+    def rounds(pending: list[int]) -> Iterator[list[int]]:
+        """Groups of up to world_size pending batches; this rank computes the one at its rank's position."""
+        for first in range(0, len(pending), ctx.world_size):
+            yield pending[first:first + ctx.world_size]
+
+    def run_round(group: list[int], compute: Callable[[int, Tensor, Tensor], Any]) -> dict[int, Any]:
+        mine = group[ctx.rank:ctx.rank + 1] if ctx.active else group
+        results = {b: compute(b, x, y) for b, x, y in indexed_batches(images, labels, batch_size, device, mine)}
+        if ctx.active:
+            merged: dict[int, Any] = {}
+            for part in dist_lib.gather_objects(results):
+                merged.update(part)
+            return merged
+        return results
 
     started = time.perf_counter()
     with model_mode(model, training=False):
         # clean predictions, one pass
         clean_seconds = state.get("clean_seconds", 0.0)
-        for b, (x, y) in enumerate(iterate_split(images, labels, batch_size, device)):
-            if str(b) in state["clean"]:
-                continue
+
+        def clean_batch(_b: int, x: Tensor, y: Tensor) -> tuple[list[bool], float]:
             t0 = time.perf_counter()
             with torch.no_grad():
-                state["clean"][str(b)] = (model(x).argmax(1) == y).tolist()
-            clean_seconds += time.perf_counter() - t0
+                correct = (model(x).argmax(1) == y).tolist()
+            return correct, time.perf_counter() - t0
+
+        pending = [b for b in range(n_batches) if str(b) not in state["clean"]]
+        for group in rounds(pending) if ctx.active else ([b] for b in pending):
+            for b, (correct, seconds) in sorted(run_round(group, clean_batch).items()):
+                state["clean"][str(b)] = correct
+                clean_seconds += seconds
             state["clean_seconds"] = clean_seconds
             save()
         for name in names:
@@ -351,38 +427,48 @@ def evaluate(
                     "use the same attack settings to resume, or another state file"
                 )
             done = stored["batches"]
-            bar = tqdm(total=n_batches, desc=name, unit="batch", disable=not progress, file=sys.stderr,
-                       initial=sum(1 for b in range(n_batches) if str(b) in done))
+
+            def attack_batch(b: int, x: Tensor, y: Tensor, name: str = name) -> dict[str, Any]:
+                t0 = time.perf_counter()
+                correct = torch.tensor(state["clean"][str(b)], dtype=torch.bool, device=device)
+                robust = correct.clone()
+                entry: dict[str, Any] = {}
+                idx = correct.nonzero().squeeze(1)
+                if len(idx):
+                    generator = torch.Generator(device=device).manual_seed(_seed_for(seed, name, b))
+                    x_adv, extras = _run_attack(name, settings[name], model, x[idx], y[idx], eps=eps,
+                                                norm=norm, generator=generator, seed=seed)
+                    _check_ball(x_adv, x[idx], eps, norm, name)
+                    with torch.no_grad():
+                        robust[idx] = model(x_adv).argmax(1) == y[idx]
+                    for key, values in extras.items():
+                        full: list[Any] = [None] * len(y)
+                        for i, v in zip(idx.tolist(), values):
+                            full[i] = v
+                        entry[key] = full
+                entry["robust"] = robust.tolist()
+                entry["seconds"] = time.perf_counter() - t0
+                return entry
+
+            bar = tqdm(total=n_batches, desc=name, unit="batch", disable=not progress or not ctx.is_main,
+                       file=sys.stderr, initial=sum(1 for b in range(n_batches) if str(b) in done))
             try:
-                for b, (x, y) in enumerate(iterate_split(images, labels, batch_size, device)):
-                    if str(b) in done:
-                        continue
-                    t0 = time.perf_counter()
-                    correct = torch.tensor(state["clean"][str(b)], dtype=torch.bool, device=device)
-                    robust = correct.clone()
-                    entry: dict[str, Any] = {}
-                    idx = correct.nonzero().squeeze(1)
-                    if len(idx):
-                        generator = torch.Generator(device=device).manual_seed(_seed_for(seed, name, b))
-                        x_adv, extras = _run_attack(name, settings[name], model, x[idx], y[idx], eps=eps,
-                                                    norm=norm, generator=generator, seed=seed)
-                        _check_ball(x_adv, x[idx], eps, norm, name)
-                        with torch.no_grad():
-                            robust[idx] = model(x_adv).argmax(1) == y[idx]
-                        for key, values in extras.items():
-                            full: list[Any] = [None] * len(y)
-                            for i, v in zip(idx.tolist(), values):
-                                full[i] = v
-                            entry[key] = full
-                    entry["robust"] = robust.tolist()
-                    entry["seconds"] = time.perf_counter() - t0
-                    done[str(b)] = entry
+                pending = [b for b in range(n_batches) if str(b) not in done]
+                for group in rounds(pending) if ctx.active else ([b] for b in pending):
+                    results = run_round(group, attack_batch)
+                    for b in sorted(results):
+                        done[str(b)] = results[b]
                     save()
-                    bar.update(1)
+                    bar.update(len(results))
             finally:
                 bar.close()
-    return _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device,
-                   time.perf_counter() - started, sanity, sanity_options, images, labels, progress)
+    if ctx.active and not ctx.is_main:
+        sanity = False  # rank 0 alone runs the sanity checks and prints the record
+    record = _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device,
+                     time.perf_counter() - started, sanity, sanity_options, images, labels, progress)
+    if ctx.active:
+        record["world_size"] = ctx.world_size
+    return record
 
 
 def _jsonable(obj: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import distributed as dist_lib
 from . import methods as methods_lib
 from . import training_state
 from .checkpoint import atomic_write_json, save_model
@@ -68,6 +69,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: str = "auto"
     compile: bool = False
+    sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
     val_pgd_steps: int = 10
     test_pgd_steps: int = 20
     eval_step_size: float = 2 / 255
@@ -105,6 +107,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.sync_bn, bool):
+            raise ConfigError(f"sync_bn={self.sync_bn!r} must be true or false")
         if not 0 < self.collapse_margin <= 1:
             raise ConfigError(f"collapse_margin={self.collapse_margin} must be in (0, 1] (an accuracy drop)")
         self.build_method()  # validates the method's own parameters
@@ -137,8 +141,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: accepted by torch, not trainable here
+        raise ConfigError(f"device={name!r} is not supported: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} asked for CUDA but no GPU is visible: use --device cpu")
     return device
@@ -214,12 +220,15 @@ class Trainer:
         from .models import create as create_model
 
         self.config = config.validate()
-        self.log = log
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.dist = dist_lib.setup(config.device)  # one process unless torchrun started several
+        self.log = log if self.dist.is_main else (lambda _message: None)
+        self.progress = progress and self.dist.is_main
+        self.device = dist_lib.local_device(resolve_device(config.device), self.dist)
         self.out = Path(config.out or default_out(config))
+        if self.dist.active:  # every rank uses rank 0's folder name (default_out holds a timestamp)
+            self.out = Path(dist_lib.broadcast_object(str(self.out)))
         self.config.out = str(self.out)
-        check_writable(self.out)
+        dist_lib.on_main(lambda: check_writable(self.out), self.dist)  # only rank 0 writes
         self.autocast_dtype, needs_scaler = autocast_settings(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
@@ -236,8 +245,16 @@ class Trainer:
             config.model, num_classes=self.data.num_classes, in_channels=channels,
             mean=list(self.data.mean), std=list(self.data.std), image_size=height, **model_kwargs,
         ).to(self.device)
+        if config.sync_bn and self.dist.active:
+            self.model = dist_lib.convert_sync_batchnorm(self.model, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.grad_sync: dist_lib.GradientSync | None = None
+        if self.dist.active:  # same start on every rank, then a random stream of its own (docs/distributed.md)
+            dist_lib.broadcast_module(self.model)
+            self.grad_sync = dist_lib.GradientSync(self.model, buffers=not config.sync_bn)
+            torch.manual_seed(dist_lib.rank_seed(config.seed, self.dist.rank))
+        self._agreed_stop: int | None = None
         self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.method = config.build_method()
         self.optimizer = torch.optim.SGD(
@@ -245,10 +262,12 @@ class Trainer:
             weight_decay=config.weight_decay, nesterov=config.nesterov,
             **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
         )
+        rest = len(self.data.train.labels) % config.batch_size  # drop a last batch that leaves a rank one image
         self.loader = DeviceLoader(
             self.data.train, config.batch_size, device=self.device, shuffle=True,
             crop_padding=self.data.crop_padding, flip=self.data.flip,
-            drop_last=len(self.data.train.labels) % config.batch_size == 1, seed=config.seed,
+            drop_last=0 < rest < 2 * self.dist.world_size, seed=config.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
         )
         if len(self.loader) == 0:
             raise ConfigError(f"batch_size={config.batch_size} leaves no batch of {len(self.data.train.labels)} training images")
@@ -261,6 +280,10 @@ class Trainer:
         self.peak_val_robust = -1.0  # the best validation robust accuracy so far: the collapse reference
         self.train_seconds = 0.0
         self.last_good: training_state.Snapshot | None = None
+        if not resume and self.dist.restart_count > 0:  # torchrun --max-restarts: continue where the job died
+            resume = dist_lib.on_main(lambda: any((self.out / "checkpoints").glob("step-*")), self.dist)
+            if resume:
+                self.log(f"torchrun restart {self.dist.restart_count}: resuming {self.out} from its last checkpoint")
         if resume:
             self._resume()
 
@@ -270,18 +293,45 @@ class Trainer:
             "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step, "best": self.best,
             "peak_val_robust": self.peak_val_robust,
             "lr_scale": self.lr_scale, "train_seconds": self.train_seconds, "config": asdict(self.config),
+            "world_size": self.dist.world_size,
         }
 
     def _method_state(self) -> dict[str, torch.Tensor]:
         return self.method.state_dict()
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Every rank calls it; rank 0 writes the global state plus each rank's random state (returns None elsewhere)."""
+        if self.grad_sync is not None:
+            self.grad_sync.broadcast_buffers()
         snapshot = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+        if self.dist.active:
+            states = dist_lib.gather_objects(snapshot.rng)
+            snapshot.rng = {**states[0], **{f"rng/rank{r}/{key[len('rng/'):]}": value.clone()
+                                             for r, state in enumerate(states) for key, value in state.items()}}
+            if not self.dist.is_main:
+                return None
         return training_state.write(self.out, snapshot, self.model)
 
+    def _rank_rng(self, snapshot: training_state.Snapshot) -> dict[str, torch.Tensor] | None:
+        """This rank's saved random state, or None when the checkpoint was written by another number of ranks."""
+        saved_world = int(snapshot.info.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            return None
+        if saved_world == 1:
+            return snapshot.rng
+        prefix = f"rng/rank{self.dist.rank}/"
+        return {f"rng/{key[len(prefix):]}": value for key, value in snapshot.rng.items() if key.startswith(prefix)}
+
     def _resume(self) -> None:
-        snapshot = training_state.load_latest(self.out, warn=self.log)
-        training_state.restore(snapshot, self.model, self.optimizer, self.device)
+        snapshot = dist_lib.on_main(lambda: training_state.load_latest(self.out, warn=self.log), self.dist)
+        training_state.restore(snapshot, self.model, self.optimizer, self.device, rng=False)
+        rng = self._rank_rng(snapshot)
+        if rng is not None:
+            training_state.set_rng_state(rng, self.device)
+        else:  # weights, optimiser, data order exact; the methods' random draws start a new stream
+            torch.manual_seed(dist_lib.rank_seed(self.config.seed, self.dist.rank, snapshot.info["global_step"]))
+            self.log(f"the checkpoint was written by {snapshot.info.get('world_size', 1)} rank(s), this run has "
+                     f"{self.dist.world_size}: random streams reseeded (weights, optimiser and data order are exact)")
         self.method.load_state_dict({k: v.to(self.device) for k, v in snapshot.method.items()})
         info = snapshot.info
         self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
@@ -308,6 +358,9 @@ class Trainer:
             group["lr"] = lr
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.grad_sync is not None:  # this rank's share of the global batch weights its gradient
+            global_size = min(self.loader.batch_size, self.loader.num_samples - self.batch * self.loader.batch_size)
+            self.grad_sync.weight = y.shape[0] / global_size
         custom_step = getattr(self.method, "train_step", None)
         if custom_step is not None:  # methods that own several updates per batch (SPROUT)
             return custom_step(self.forward_model, x, y, self.optimizer, autocast=self._autocast, scaler=self.scaler)[1]
@@ -343,30 +396,56 @@ class Trainer:
             seen += size
             self.batch += 1
             self.global_step += 1
-            if self.global_step % self.config.nan_check_every == 0 and bool(nonfinite):
+            if self.global_step % self.config.nan_check_every == 0 and self._agree(nonfinite):
                 raise _NonFinite()
             if self.progress and self.global_step % 20 == 0:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
             if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0 and self.batch < len(self.loader):
+                if self._agree(bool(nonfinite) or not self._weights_finite()):  # never checkpoint NaN/Inf weights
+                    raise _NonFinite()
                 self.train_seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 self.save_checkpoint()
-            if stop.signal is not None:
+            if self._stop_signal(stop, sync=self.global_step % 10 == 0) is not None:
                 break
         bar.close()
-        if bool(nonfinite):
+        if self._agree(bool(nonfinite) or not self._weights_finite()):
             raise _NonFinite()
         self.train_seconds += time.perf_counter() - start
+        if self.dist.active:  # the epoch's means over the global batch
+            keys = sorted(sums)
+            totals = dist_lib.sum_counts([float(sums[k]) for k in keys] + [float(seen)], device=self.device)
+            sums, seen = dict(zip(keys, totals[:-1])), int(totals[-1])
         return {f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()} | {"train_images": seen}
+
+    def _agree(self, flag: bool | torch.Tensor) -> bool:
+        """``flag`` true on any rank (every rank calls this at the same step); ``bool(flag)`` with one process."""
+        return dist_lib.any_rank(flag, self.device) if self.dist.active else bool(flag)
+
+    def _stop_signal(self, stop: "_StopFlag", *, sync: bool) -> int | None:
+        """The signal that stops the run. With several ranks all must stop at the same step: they agree on
+        it (one tiny all-reduce) only at ``sync`` points (every 10 steps and at epoch ends)."""
+        if not self.dist.active:
+            return stop.signal
+        if sync and self._agreed_stop is None and dist_lib.any_rank(stop.signal is not None, self.device):
+            self._agreed_stop = stop.signal or signal.SIGTERM
+        return self._agreed_stop
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer is finite (one sync; before any checkpoint)."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
     def validate(self) -> dict[str, float]:
         if len(self.data.val.labels) == 0:
             return {}
+        if self.grad_sync is not None:
+            self.grad_sync.broadcast_buffers()
         result = pgd_accuracy(
             self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
             steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,
-            batch_size=self.config.eval_batch_size, device=self.device,
+            batch_size=self.config.eval_batch_size, device=self.device, distributed=self.dist.active,
         )
         return {"val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
 
@@ -394,7 +473,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         config = self.config
-        (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+        if self.dist.is_main:
+            (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
         if self.last_good is None:
             self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
         rollbacks = 0
@@ -407,9 +487,10 @@ class Trainer:
                 except _NonFinite:
                     rollbacks = self._handle_nonfinite(rollbacks)
                     continue
-                if stop.signal is not None and self.batch < len(self.loader):
+                stopping = self._stop_signal(stop, sync=True)
+                if stopping is not None and self.batch < len(self.loader):
                     self.save_checkpoint()
-                    name = signal.Signals(stop.signal).name
+                    name = signal.Signals(stopping).name
                     raise TrainingStopped(
                         f"{name} received: stopped at epoch {self.epoch + 1}, batch {self.batch}; checkpoint saved. "
                         f"Resume with: fastrobust train --resume {self.out}"
@@ -420,6 +501,8 @@ class Trainer:
                 record.update(epoch_seconds=epoch_seconds, images_per_second=train_metrics["train_images"] / epoch_seconds)
                 if method_info:
                     record["method"] = method_info
+                if self.dist.active:  # every rank decides best/collapse from rank 0's record
+                    record = dist_lib.broadcast_object(record)
                 self._handle_collapse(record)
                 self.epoch += 1
                 self.batch = 0
@@ -427,44 +510,60 @@ class Trainer:
                 improved = record.get(metric, 0.0) > self.best["value"] or self.best["epoch"] is None
                 if "collapse" not in record and (improved or len(self.data.val.labels) == 0):
                     self.best = {"epoch": self.epoch, "metric": metric, "value": record.get(metric, -1.0)}
-                    save_model(self.model, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out)})
+                    if self.dist.is_main:
+                        save_model(self.model, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out)})
                 if "collapse" not in record:
                     self.peak_val_robust = max(self.peak_val_robust, record.get("val_robust_acc", -1.0))
                     self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
-                save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
+                if self.dist.is_main:
+                    save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
                 self.save_checkpoint()
-                append_jsonl(self.out / "metrics.jsonl", record)
+                if self.dist.is_main:
+                    append_jsonl(self.out / "metrics.jsonl", record)
                 if self.progress:
                     self.log(_epoch_line(record))
-                if stop.signal is not None:
-                    raise TrainingStopped(f"stopped after epoch {self.epoch}; resume with: fastrobust train --resume {self.out}")
+                if self._stop_signal(stop, sync=True) is not None:
+                    raise TrainingStopped(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
         return self.finish()
 
     def _handle_nonfinite(self, rollbacks: int) -> int:
         where = f"epoch {self.epoch + 1}, batch {self.batch}"
         if self.config.on_nan == "stop" or rollbacks >= 3:
-            raise TrainingStopped(
-                f"the loss became NaN or Inf at {where}; the last good checkpoint is intact in {self.out}. "
-                "Lower --lr, try --amp off, or use --on-nan rollback"
-            )
+            saved = (f"the last good checkpoint is intact in {self.out}" if any((self.out / "checkpoints").glob("step-*"))
+                     else "no checkpoint had been written yet")
+            if rollbacks >= 3:
+                raise TrainingStopped(f"the loss became NaN or Inf at {where} again after {rollbacks} rollbacks "
+                                      f"(learning rate x{self.lr_scale:g}); {saved}. Lower --lr or try --amp off")
+            raise TrainingStopped(f"the loss became NaN or Inf at {where}; {saved}. "
+                                  "Lower --lr, try --amp off, or use --on-nan rollback")
         assert self.last_good is not None
         self._restore_last_good()
         self.epoch, self.batch = self.last_good.info["epoch"], self.last_good.info["batch"]
         self.global_step = self.last_good.info["global_step"]
         self.lr_scale *= 0.5
         self.log(f"the loss became NaN or Inf at {where}: rolled back to epoch {self.epoch} with lr x{self.lr_scale:g}")
-        append_jsonl(self.out / "metrics.jsonl", {"event": "nan_rollback", "at": where, "lr_scale": self.lr_scale})
+        if self.dist.is_main:
+            append_jsonl(self.out / "metrics.jsonl", {"event": "nan_rollback", "at": where, "lr_scale": self.lr_scale})
         return rollbacks + 1
 
     def finish(self) -> dict[str, Any]:
         """Evaluate ``best`` on the test split (clean and PGD-20) and write ``result.json``."""
         from .checkpoint import load_model
 
-        best_model, _ = load_model(self.out / "best.safetensors", device=self.device)
+        if self.dist.active:  # rank 0 reads best.safetensors (other machines may not see the folder)
+            from .checkpoint import read_model_file
+            from .models import create as create_model
+
+            state, model_config, _ = dist_lib.on_main(lambda: read_model_file(self.out / "best.safetensors"), self.dist)
+            best_model = create_model(**model_config)
+            best_model.load_state_dict(state)
+            best_model = best_model.to(self.device).eval()
+        else:
+            best_model, _ = load_model(self.out / "best.safetensors", device=self.device)
         test = pgd_accuracy(
             best_model, self.data.test.images, self.data.test.labels, eps=self.config.attack_eps,
             steps=self.config.test_pgd_steps, step_size=self.config.eval_step_size,
-            batch_size=self.config.eval_batch_size, device=self.device,
+            batch_size=self.config.eval_batch_size, device=self.device, distributed=self.dist.active,
         )
         result = {
             "config": asdict(self.config),
@@ -481,7 +580,10 @@ class Trainer:
             "test": {"clean_acc": test["clean_acc"], f"pgd{self.config.test_pgd_steps}_acc": test["robust_acc"],
                      "n": test["n"], "eps": self.config.attack_eps, "step_size": self.config.eval_step_size},
         }
-        atomic_write_json(self.out / "result.json", result)
+        if self.dist.active:
+            result["world_size"] = self.dist.world_size
+        if self.dist.is_main:
+            atomic_write_json(self.out / "result.json", result)
         return result
 
 
@@ -505,13 +607,29 @@ def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
 
 def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
            dataset: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Continue a run from its newest intact checkpoint (same data order and random streams)."""
+    """Continue a run from its newest intact checkpoint (same data order and random streams).
+
+    Under torchrun, rank 0 reads the run folder and every rank gets its config; the checkpoint may come from
+    any number of ranks (docs/distributed.md says what is exact)."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FastRobustError(f"{run_dir} is not a fastrobust run folder (no config.json)")
-    saved = json.loads(config_file.read_text())
-    saved.update(overrides or {})
-    saved["out"] = str(run_dir)
-    config = TrainConfig(**saved)
+    ctx = dist_lib.setup((overrides or {}).get("device", "auto"))
+
+    def read_config() -> dict[str, Any]:
+        if not config_file.is_file():
+            raise FastRobustError(f"{run_dir} is not a fastrobust run folder (no config.json)")
+        try:
+            return json.loads(config_file.read_text())
+        except ValueError as error:
+            raise FastRobustError(f"{config_file} is damaged or not a fastrobust config ({error}); "
+                                  "restore it from a checkpoint's state.json 'config' or start a new run") from None
+
+    saved = dist_lib.on_main(read_config, ctx)
+    try:
+        saved.update(overrides or {})
+        saved["out"] = str(run_dir)
+        config = TrainConfig(**saved)
+    except (ValueError, TypeError, AttributeError) as error:  # damaged or hand-edited config.json
+        raise FastRobustError(f"{config_file} is damaged or not a fastrobust config ({error}); "
+                              "restore it from a checkpoint's state.json 'config' or start a new run") from None
     return Trainer(config, dataset=dataset, progress=progress, log=log, resume=True).fit()

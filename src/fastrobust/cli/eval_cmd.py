@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--state", default=None, help="resumable state file (JSON): rerun the same command to resume")
     parser.add_argument("--seed", default="0", help="seed of the attacks' random starts (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--nproc", default=None, metavar="N",
+                        help="evaluate on N processes of this machine (re-runs the command under torchrun; "
+                             "the record is the one-process record; see docs/distributed.md)")
     parser.set_defaults(func=run)
 
 
@@ -83,6 +86,29 @@ def _import_model(path: str, name: str, dataset, device):
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed as dist_lib
+    from ..numbers import check_positive_int
+
+    if args.nproc is not None:
+        from .train_cmd import command_line
+
+        return dist_lib.relaunch(check_positive_int(args.nproc, name="--nproc"), command_line("eval"))
+    try:
+        return _run(args)
+    except FastRobustError as error:
+        if dist_lib.is_initialized() and not dist_lib.context().is_main:
+            raise FastRobustError(f"rank {dist_lib.context().rank}: {error}") from None
+        raise
+    except Exception as error:
+        if dist_lib.is_initialized() and dist_lib.is_collective_failure(error):
+            raise FastRobustError(dist_lib.failure_message(error, dist_lib.context(), None)) from None
+        raise
+    finally:
+        dist_lib.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import distributed as dist_lib
     from ..checkpoint import load_model
     from ..data import load_dataset
     from ..evaluate import evaluate
@@ -93,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     seed = check_nonnegative_int(args.seed, name="--seed")
     test_subset = None if args.test_subset is None else check_positive_int(args.test_subset, name="--test-subset")
     device = _device(args.device)
+    ctx = dist_lib.setup(str(device))  # several ranks under torchrun: each takes its share of the batches
+    device = dist_lib.local_device(device, ctx)
     attacks = args.attack or ["pgd20"]
 
     imported = Path(args.checkpoint).suffix in (".pt", ".pth")
@@ -128,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
                 options[name] = {"square": {"n_queries": queries}}
     record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size, device=device,
                       state_file=args.state, progress=not args.quiet, seed=seed, sanity=args.sanity,
-                      attack_options=options)
+                      attack_options=options, distributed=ctx.active)
+    if not ctx.is_main:  # rank 0 prints and writes the record
+        return 0
     record = {"checkpoint": metadata.get("path", str(args.checkpoint)), "dataset": dataset.name,
               "test_subset": test_subset, **record}
     if args.out:

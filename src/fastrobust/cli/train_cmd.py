@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..errors import ConfigError, FastRobustError
 from ..numbers import check_positive_int, parse_number
 
 # flag -> TrainConfig field, for flags that map one to one
@@ -53,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the result record as JSON")
+    parser.add_argument("--nproc", type=str, default=None, metavar="N",
+                        help="train on N processes of this machine: re-runs this command under torchrun "
+                             "(batch size stays the global batch; see docs/distributed.md)")
     parser.set_defaults(func=run)
 
 
@@ -80,12 +84,52 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..presets import available_presets, make_config
-    from ..train import Trainer, resume
+    from ..presets import available_presets
 
     if args.list_presets:
         print("\n".join(available_presets()))
         return 0
+    if args.nproc is not None:
+        from ..distributed import relaunch
+
+        return relaunch(check_positive_int(args.nproc, name="--nproc"), command_line("train"))
+    from .. import distributed as dist_lib
+
+    try:
+        return _train(args)
+    except FastRobustError as error:
+        if dist_lib.is_initialized() and not dist_lib.context().is_main:  # which rank says it
+            raise FastRobustError(f"rank {dist_lib.context().rank}: {error}") from None
+        raise
+    except Exception as error:  # a collective failed: another rank died; say so in one line
+        if dist_lib.is_initialized() and dist_lib.is_collective_failure(error):
+            out = getattr(args, "resume", None) or _out_of(args)
+            raise FastRobustError(dist_lib.failure_message(error, dist_lib.context(), out)) from None
+        raise
+    finally:
+        dist_lib.shutdown()
+
+
+def command_line(command: str) -> list[str]:
+    """This process's ``fastrobust`` arguments (``COMMAND ...``), for re-running them under torchrun."""
+    argv = list(sys.argv[1:])
+    if command not in argv:
+        raise ConfigError(f"--nproc works from the command line only (fastrobust {command} ... --nproc N)")
+    return argv
+
+
+def _out_of(args: argparse.Namespace) -> str | None:
+    try:
+        return collect_settings(args).get("out")
+    except Exception:  # only for the message
+        return None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .. import distributed as dist_lib
+    from ..presets import make_config
+    from ..train import Trainer, resume
+
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     if args.resume:
         overrides = {}
@@ -99,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
         if config.eps is not None:
             config.eps = parse_number(config.eps, name="eps")
         trainer = Trainer(config, progress=not args.quiet, log=log)
-        log(f"training {config.method} on {config.model} / {config.dataset} -> {trainer.out}")
+        ranks = f" on {trainer.dist.world_size} ranks" if trainer.dist.active else ""
+        trainer.log(f"training {config.method} on {config.model} / {config.dataset}{ranks} -> {trainer.out}")
         result = trainer.fit()
+    if not dist_lib.context().is_main:  # rank 0 prints the result
+        return 0
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
