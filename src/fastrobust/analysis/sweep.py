@@ -1,0 +1,523 @@
+"""Sweeps: the cross product of a grid of training settings, run one after another, restartable.
+
+A spec (YAML, parsed with ``yaml.safe_load``; nothing is evaluated)::
+
+    description: what this sweep is for            # optional, free text
+    preset: cifar10-resnet18-trades                 # optional: a shipped preset name or a YAML path
+    base:                                           # optional: TrainConfig settings over the preset
+      model: tinycnn
+      epochs: 10
+    methods:                                        # optional: method parameters per method name
+      trades: {steps: 10, step_size: 2/255, beta: 6}
+    grid:                                           # setting -> list of values; the runs are the cross product
+      method: [natural, trades]
+      seed: [0, 1, 2]
+      method.beta: [1, 6]                           # a method parameter; model.NAME for a model keyword
+    evaluate: [pgd100, autoattack-fast]             # optional: extra attacks on each run's best model
+    # or, with settings:
+    # evaluate: {attacks: [pgd100], eps: [4/255, 8/255], test_subset: 500, batch_size: 256,
+    #            options: {autoattack-fast: {apgd-t: {n_targets: 3}}}}
+
+Method parameters of one run, later ones winning: ``base.method_params`` (only for runs of the base's
+method, or for every run when the base names no method), then ``methods[METHOD]``, then ``method.PARAM``
+grid values. The whole spec is validated (every run's TrainConfig built and checked) before any run starts.
+
+``run_sweep(spec, out)`` runs every planned run in ``out/<name>`` where the name is made of the varied
+values (``trades_seed-1``). A run whose ``result.json`` exists (and ``eval.json`` with every requested
+attack and eps, when the spec asks for evaluation) is skipped; one with checkpoints but no result is
+resumed from its newest checkpoint; a run folder whose saved config differs from the plan is an error
+(the spec changed: use another ``--out``). ``out/sweep.json`` lists the runs and their status, rewritten
+atomically after every change, so a crashed sweep is restarted by running the same command again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..checkpoint import atomic_write_json
+from ..errors import ConfigError, FastRobustError
+
+SPEC_KEYS = ("description", "preset", "base", "methods", "grid", "evaluate")
+EVAL_KEYS = ("attacks", "eps", "test_subset", "batch_size", "options", "seed")
+SWEEP_FILE = "sweep.json"
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class EvalSpec:
+    """Extra attacks run on each finished run's best model (through ``fastrobust.evaluate.evaluate``)."""
+
+    attacks: list[str]
+    eps: list[float | None] = field(default_factory=lambda: [None])  # None: the run's own attack eps
+    test_subset: int | None = None  # the first N points of the run's test split
+    batch_size: int = 256
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class SweepSpec:
+    grid: dict[str, list[Any]]
+    base: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluate: EvalSpec | None = None
+    description: str = ""
+    source: str = "<spec>"
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    varied: dict[str, Any]  # the grid values of this run, by grid key
+    config: Any  # TrainConfig (validated, ``out`` set)
+
+
+# ----------------------------------------------------------------------------------------- parsing
+def load_spec(path_or_mapping: str | Path | dict[str, Any]) -> SweepSpec:
+    """Read and check a sweep spec (a YAML path or an already-parsed mapping)."""
+    if isinstance(path_or_mapping, dict):
+        data, source = dict(path_or_mapping), "<spec>"
+    else:
+        path = Path(path_or_mapping)
+        if not path.is_file():
+            raise ConfigError(f"sweep spec {path} does not exist: give a YAML file (see sweeps/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            problem = str(error).replace("\n", " ")
+            raise ConfigError(f"sweep spec {path} is not valid YAML: {problem}") from None
+        source = str(path)
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep spec {source} must be a mapping with base:/preset:, grid: and evaluate:")
+    unknown = set(data) - set(SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep spec {source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}: "
+                          f"allowed keys are {', '.join(SPEC_KEYS)}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"sweep spec {source}: base must be a mapping of TrainConfig settings")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"sweep spec {source}: grid must be a mapping of setting -> list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep spec {source}: grid.{key} must be a non-empty list, e.g. {key}: [{values!r}]")
+        if any(isinstance(v, (dict, list)) for v in values) and key not in ("model_params", "method_params"):
+            raise ConfigError(f"sweep spec {source}: grid.{key} values must be plain values, got {values!r}")
+    methods = data.get("methods") or {}
+    if not isinstance(methods, dict) or any(not isinstance(v, dict) for v in methods.values()):
+        raise ConfigError(f"sweep spec {source}: methods must map a method name to a mapping of its parameters")
+    preset = data.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"sweep spec {source}: preset must be a preset name or a YAML path")
+    return SweepSpec(grid={str(k): v for k, v in grid.items()}, base=dict(base), preset=preset,
+                     methods={str(k): dict(v) for k, v in methods.items()},
+                     evaluate=_parse_evaluate(data.get("evaluate"), source),
+                     description=str(data.get("description") or ""), source=source)
+
+
+def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
+    from ..numbers import check_eps, check_nonnegative_int, check_positive_int
+
+    if value is None or value == []:
+        return None
+    if isinstance(value, list):
+        value = {"attacks": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"sweep spec {source}: evaluate must be a list of attacks or a mapping with attacks:")
+    unknown = set(value) - set(EVAL_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep spec {source}: evaluate has unknown key(s) {', '.join(sorted(unknown))}: "
+                          f"allowed are {', '.join(EVAL_KEYS)}")
+    attacks = value.get("attacks")
+    if not isinstance(attacks, list) or not attacks or not all(isinstance(a, str) for a in attacks):
+        raise ConfigError(f"sweep spec {source}: evaluate.attacks must be a non-empty list of attack names")
+    eps_values = value.get("eps")
+    if eps_values is None:
+        eps_list: list[float | None] = [None]
+    else:
+        eps_list = [check_eps(e, name="evaluate.eps") for e in (eps_values if isinstance(eps_values, list) else [eps_values])]
+    test_subset = value.get("test_subset")
+    if test_subset is not None:
+        test_subset = check_positive_int(test_subset, name="evaluate.test_subset")
+    options = value.get("options") or {}
+    if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
+        raise ConfigError(f"sweep spec {source}: evaluate.options must map an attack name to its settings")
+    spec = EvalSpec(attacks=list(dict.fromkeys(attacks)), eps=eps_list, test_subset=test_subset,
+                    batch_size=check_positive_int(value.get("batch_size", 256), name="evaluate.batch_size"),
+                    options={str(k): dict(v) for k, v in options.items()},
+                    seed=check_nonnegative_int(value.get("seed", 0), name="evaluate.seed"))
+    for key in spec.options:
+        if key not in spec.attacks:
+            raise ConfigError(f"sweep spec {source}: evaluate.options names {key!r}, which is not among the attacks {spec.attacks}")
+    try:
+        from ..evaluate import ATTACKS, attack_settings
+    except ImportError:  # an evaluate module without the full suite: attacks are checked when run
+        return spec
+    for name in spec.attacks:
+        if name not in ATTACKS:
+            raise ConfigError(f"sweep spec {source}: evaluate attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
+        attack_settings(name, 8 / 255, "linf", spec.options.get(name))
+    return spec
+
+
+# ----------------------------------------------------------------------------------------- planning
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    text = text.replace("/", "of")
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
+
+
+def run_name(varied: dict[str, Any]) -> str:
+    """A readable folder name from the varied values: ``trades_seed-1_beta-6``."""
+    parts = []
+    for key, value in varied.items():
+        if key == "method":
+            parts.append(_value_text(value))
+        else:
+            short = key.split(".", 1)[1] if key.startswith(("method.", "model.")) else key
+            parts.append(f"{short}-{_value_text(value)}")
+    return "_".join(parts) or "run"
+
+
+def _settings_for(spec: SweepSpec, assignment: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    settings = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    base_method = base.get("method")
+    for key, value in assignment.items():
+        if not key.startswith(("method.", "model.")):
+            settings[key] = value
+    method = str(settings.get("method", "backward_smoothing"))
+    params: dict[str, Any] = {}
+    if base_method is None or str(base_method) == method:
+        params.update(base.get("method_params") or {})
+    params.update(spec.methods.get(method, {}))
+    model_params = dict(settings.get("model_params") or {})
+    for key, value in assignment.items():
+        if key.startswith("method."):
+            params[key[len("method."):]] = value
+        elif key.startswith("model."):
+            model_params[key[len("model."):]] = value
+    settings["method_params"] = params
+    if model_params:
+        settings["model_params"] = model_params
+    return settings
+
+
+def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
+    """Every run of the spec with a validated TrainConfig; any bad value raises ConfigError (one line)."""
+    from ..presets import load_preset, make_config
+
+    out = Path(out)
+    base: dict[str, Any] = load_preset(spec.preset) if spec.preset else {}
+    for key, value in spec.base.items():
+        if key in ("method_params", "model_params") and isinstance(value, dict):
+            base[key] = {**(base.get(key) or {}), **value}
+        else:
+            base[key] = value
+    if "out" in base or "out" in spec.grid:
+        raise ConfigError(f"sweep spec {spec.source}: 'out' cannot be set in a sweep: each run goes to --out DIR/<run name>")
+    for key in spec.grid:
+        if "." in key and not key.startswith(("method.", "model.")):
+            raise ConfigError(f"sweep spec {spec.source}: grid key {key!r} is not a setting, method.PARAM or model.PARAM")
+    keys = list(spec.grid)
+    varied_keys = [k for k in keys if len(spec.grid[k]) > 1]
+    runs: list[PlannedRun] = []
+    names: set[str] = set()
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        assignment = dict(zip(keys, combo))
+        settings = _settings_for(spec, assignment, base)
+        varied = {k: assignment[k] for k in varied_keys}
+        name = run_name(varied)
+        if name in names:
+            suffix = 2
+            while f"{name}-{suffix}" in names:
+                suffix += 1
+            name = f"{name}-{suffix}"
+        names.add(name)
+        where = f"sweep spec {spec.source}, run {name}"
+        try:
+            config = make_config(settings)
+            config.out = str(out / name)
+            config.validate()
+        except FastRobustError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+        runs.append(PlannedRun(name=name, varied=varied, config=config))
+    for method in spec.methods:
+        from ..methods import method_class
+
+        try:
+            method_class(method)
+        except FastRobustError as error:
+            raise ConfigError(f"sweep spec {spec.source}: methods: {error}") from None
+    return runs
+
+
+# ----------------------------------------------------------------------------------------- state of a run
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(config))
+    data.pop("out", None)
+    return data
+
+
+def _check_same_config(run: PlannedRun, saved: dict[str, Any], where: Path) -> None:
+    """Refuse a run folder made with other settings. A setting the saved config lacks (a TrainConfig field
+    added since) counts as equal when the plan leaves it at its default; one only the saved config has
+    (a field since removed) is ignored."""
+    from ..train import TrainConfig
+
+    planned = _comparable(asdict(run.config))
+    saved = _comparable(saved)
+    defaults = _comparable(asdict(TrainConfig()))
+    diff = sorted(k for k in planned if (planned[k] != saved[k] if k in saved else planned[k] != defaults.get(k)))
+    if diff:
+        raise ConfigError(
+            f"run folder {where} was made with other settings ({', '.join(diff)} differ from the spec): "
+            "use another --out for a changed spec, or delete that folder"
+        )
+
+
+def _eval_done(run_dir: Path, eval_spec: EvalSpec | None, default_eps: float) -> bool:
+    if eval_spec is None:
+        return True
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    if stored.get("test_subset") != eval_spec.test_subset:
+        return False  # evaluated on other test points: redo
+    records = stored.get("evaluations", [])
+    return all(_eval_done_for(records, default_eps if eps is None else eps, eval_spec.attacks) for eps in eval_spec.eps)
+
+
+def run_state(run: PlannedRun, eval_spec: EvalSpec | None) -> str:
+    """``done``, ``evaluate`` (trained, evaluation missing), ``resume`` (checkpoints, no result) or ``train``."""
+    run_dir = Path(run.config.out)
+    result = run_dir / "result.json"
+    if result.is_file():
+        try:
+            saved = json.loads(result.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        if saved is not None:
+            _check_same_config(run, saved.get("config", {}), run_dir)
+            return "done" if _eval_done(run_dir, eval_spec, run.config.attack_eps) else "evaluate"
+    config_file = run_dir / "config.json"
+    if config_file.is_file():
+        _check_same_config(run, json.loads(config_file.read_text()), run_dir)
+    if any((folder / "state.json").is_file() for folder in (run_dir / "checkpoints").glob("step-*")):
+        return "resume"
+    return "train"
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def evaluate_run(run_dir: Path, config: Any, dataset: Any, eval_spec: EvalSpec, *, progress: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the spec's attacks on ``run_dir``'s best model for every eps; writes and returns ``eval.json``."""
+    from ..checkpoint import load_model
+    from ..train import resolve_device
+
+    try:
+        from ..evaluate import evaluate
+    except ImportError:
+        log(f"{run_dir.name}: fastrobust.evaluate.evaluate is not available; extra attacks skipped")
+        record = {"model": "best.safetensors", "evaluations": [], "unavailable": "fastrobust.evaluate.evaluate missing"}
+        atomic_write_json(run_dir / EVAL_FILE, record)
+        return record
+    device = resolve_device(config.device)
+    model, _ = load_model(run_dir / "best.safetensors", device=device)
+    images, labels = dataset.test.images, dataset.test.labels
+    if eval_spec.test_subset is not None:
+        images, labels = images[: eval_spec.test_subset], labels[: eval_spec.test_subset]
+    path = run_dir / EVAL_FILE
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    records = [r for r in stored.get("evaluations", [])] if stored.get("test_subset") == eval_spec.test_subset else []
+    for eps in eval_spec.eps:
+        eps = config.attack_eps if eps is None else eps
+        if _eval_done_for(records, eps, eval_spec.attacks):
+            continue
+        state_dir = run_dir / "eval-state"
+        state_dir.mkdir(exist_ok=True)
+        state_file = state_dir / f"eps-{eps * 255:.4g}of255-n{len(labels)}-{'-'.join(eval_spec.attacks)}.json"
+        log(f"{run_dir.name}: evaluating {', '.join(eval_spec.attacks)} at eps {eps * 255:.3g}/255 on {len(labels)} test points")
+        record = evaluate(model, (images, labels), eval_spec.attacks, eps=eps, batch_size=eval_spec.batch_size,
+                          device=device, state_file=state_file, progress=progress, seed=eval_spec.seed,
+                          attack_options={k: v for k, v in eval_spec.options.items()})
+        records = [r for r in records if abs(float(r.get("eps", -1)) - eps) >= 1e-9] + [record]
+        atomic_write_json(path, {"model": "best.safetensors", "test_subset": eval_spec.test_subset,
+                                 "dataset": getattr(dataset, "name", config.dataset), "evaluations": records})
+    return json.loads(path.read_text())
+
+
+def _eval_done_for(records: list[dict[str, Any]], eps: float, attacks: list[str]) -> bool:
+    match = [r for r in records if abs(float(r.get("eps", -1)) - eps) < 1e-9]
+    return bool(match) and all(any(a in r.get("attacks", {}) or a in r.get("skipped", {}) for r in match) for a in attacks)
+
+
+# ----------------------------------------------------------------------------------------- running
+def _data_key(config: Any) -> tuple:
+    return (config.dataset, config.data_root, config.val_size, config.train_subset, config.test_subset)
+
+
+def _default_loader(config: Any) -> Any:
+    from ..data import load_dataset
+
+    return load_dataset(config.dataset, config.data_root, val_size=config.val_size,
+                        train_subset=config.train_subset, test_subset=config.test_subset)
+
+
+def _is_signal_stop(error: BaseException) -> bool:
+    text = str(error)
+    return "received: stopped" in text or text.startswith("stopped after epoch")
+
+
+class _SweepFile:
+    """``DIR/sweep.json``: the plan and each run's status, rewritten atomically after every change."""
+
+    def __init__(self, out: Path, spec: SweepSpec, runs: list[PlannedRun]) -> None:
+        self.path = out / SWEEP_FILE
+        self.data: dict[str, Any] = {
+            "spec": spec.source, "description": spec.description,
+            "grid": spec.grid, "evaluate": asdict(spec.evaluate) if spec.evaluate else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "runs": [{"name": r.name, "varied": r.varied, "dir": r.name, "status": "pending"} for r in runs],
+        }
+        self.save()
+
+    def set(self, index: int, **fields: Any) -> None:
+        self.data["runs"][index].update(fields)
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        counts: dict[str, int] = {}
+        for run in self.data["runs"]:
+            counts[run["status"]] = counts.get(run["status"], 0) + 1
+        self.data["counts"] = counts
+        atomic_write_json(self.path, json.loads(json.dumps(self.data, default=str)))
+
+
+def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
+              dataset_loader: Callable[[Any], Any] | None = None, dry_run: bool = False,
+              progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only plan) a sweep into ``out``; returns the content of ``sweep.json``.
+
+    ``dataset_loader(config) -> fastrobust.data.Dataset`` replaces ``load_dataset`` (tests inject small
+    synthetic data); datasets are loaded once per distinct (dataset, root, val_size, subsets).
+    A run that fails is recorded as ``failed`` (with the error) and the sweep goes on; Ctrl-C or
+    SIGTERM stops the sweep after saving the current run's checkpoint (status ``interrupted``).
+    """
+    from ..train import Trainer, TrainingStopped, resume
+
+    if log is None:
+        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if not isinstance(spec, SweepSpec):
+        spec = load_spec(spec)
+    out = Path(out)
+    runs = plan_sweep(spec, out)
+    states = [run_state(run, spec.evaluate) for run in runs]
+    if dry_run:
+        return {"spec": spec.source, "dry_run": True,
+                "runs": [{"name": r.name, "varied": r.varied, "dir": r.name, "status": s,
+                          "config": asdict(r.config)} for r, s in zip(runs, states)]}
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_file = _SweepFile(out, spec, runs)
+    for index, (run, state) in enumerate(zip(runs, states)):
+        if state == "done":
+            sweep_file.set(index, status="done", action="skipped", **_summary(Path(run.config.out)))
+    loader = dataset_loader or _default_loader
+    cache: dict[tuple, Any] = {}
+
+    def data_for(config: Any) -> Any:
+        key = _data_key(config)
+        if key not in cache:
+            cache.clear()  # keep one dataset in memory at a time
+            cache[key] = loader(config)
+        return cache[key]
+
+    for index, (run, state) in enumerate(zip(runs, states)):
+        if state == "done":
+            log(f"[{index + 1}/{len(runs)}] {run.name}: done, skipped")
+            continue
+        run_dir = Path(run.config.out)
+        action = {"train": "trained", "resume": "resumed", "evaluate": "evaluated"}[state]
+        log(f"[{index + 1}/{len(runs)}] {run.name}: {'training' if state == 'train' else state + ' ...'}")
+        sweep_file.set(index, status="running", action=action, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        try:
+            dataset = data_for(run.config)
+            if state == "train":
+                if (run_dir / "metrics.jsonl").exists():  # records of a start that never reached a checkpoint
+                    (run_dir / "metrics.jsonl").unlink()
+                config = dataclasses.replace(run.config, method_params=dict(run.config.method_params),
+                                             model_params=dict(run.config.model_params))
+                Trainer(config, dataset=dataset, progress=progress, log=log).fit()
+            elif state == "resume":
+                resume(run_dir, dataset=dataset, progress=progress, log=log)
+            if spec.evaluate is not None:
+                evaluate_run(run_dir, run.config, dataset, spec.evaluate, progress=progress, log=log)
+        except KeyboardInterrupt:
+            sweep_file.set(index, status="interrupted", error="interrupted")
+            raise
+        except TrainingStopped as error:
+            if _is_signal_stop(error):
+                sweep_file.set(index, status="interrupted", error=str(error))
+                raise
+            sweep_file.set(index, status="failed", error=str(error))
+            log(f"[{index + 1}/{len(runs)}] {run.name}: failed: {error}")
+            continue
+        except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
+            message = f"{type(error).__name__}: {error}" if not isinstance(error, FastRobustError) else str(error)
+            sweep_file.set(index, status="failed", error=message)
+            log(f"[{index + 1}/{len(runs)}] {run.name}: failed: {message}")
+            continue
+        sweep_file.set(index, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(run_dir))
+        log(f"[{index + 1}/{len(runs)}] {run.name}: done ({_short_summary(run_dir)})")
+    sweep_file.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    sweep_file.save()
+    return sweep_file.data
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    test = result.get("test", {})
+    summary = {"train_seconds": result.get("train_seconds"), "test": test, "error": None}
+    path = run_dir / EVAL_FILE
+    if path.is_file():
+        try:
+            summary["eval"] = {f"{r['eps'] * 255:.3g}/255": {a: e.get("robust_acc") for a, e in r.get("attacks", {}).items()}
+                               for r in json.loads(path.read_text()).get("evaluations", [])}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return summary
+
+
+def _short_summary(run_dir: Path) -> str:
+    summary = _summary(run_dir)
+    test = summary.get("test", {})
+    parts = [f"{k} {v:.4f}" for k, v in test.items() if k.endswith("_acc") and isinstance(v, (int, float))]
+    if summary.get("train_seconds") is not None:
+        parts.append(f"{summary['train_seconds']:.0f}s")
+    return ", ".join(parts)
