@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ..attacks import pgd
 from ..attacks._common import random_start
-from .base import Cost, Method, MethodConfig, Stats, clean_logits_eval, register
-from .standard import adversarial_ce, trades_objective
+from .base import Cost, Method, MethodConfig, Stats, register
+from .standard import PGDAT, TRADES, PGDATConfig, adversarial_ce
 
 
 @dataclass(frozen=True)
@@ -45,26 +45,18 @@ class FastAT(Method):
 
 
 @dataclass(frozen=True)
-class FastAT2StepConfig(MethodConfig):
-    eps: float = 8 / 255
+class FastAT2StepConfig(PGDATConfig):
     step_size: float = 4 / 255
     steps: int = 2
 
 
 @register
-class FastAT2Step(Method):
+class FastAT2Step(PGDAT):
+    """PGD-AT with the 2-step budget: only the defaults differ."""
+
     name = "fast_at_2step"
     Config = FastAT2StepConfig
     description = "PGD adversarial training with 2 steps from a uniform random start (step eps/2)."
-
-    @property
-    def cost(self) -> Cost:
-        return Cost(self.config.steps + 1)
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
-        c = self.config
-        x_adv = pgd(model, x, y, eps=c.eps, steps=c.steps, step_size=c.step_size, random_init=True)
-        return adversarial_ce(model, x_adv, y)
 
 
 @dataclass(frozen=True)
@@ -76,23 +68,15 @@ class FastTRADESConfig(MethodConfig):
 
 
 @register
-class FastTRADES(Method):
+class FastTRADES(TRADES):
+    """TRADES with a uniform random start and a 1- or 2-step attack."""
+
     name = "fast_trades"
     Config = FastTRADESConfig
     description = "TRADES with a uniform random start and 1 (or 2) KL-ascent steps (step 6/255, the BS paper's best)."
 
-    @property
-    def cost(self) -> Cost:
-        return Cost(self.config.steps + 2, forward_only=1)
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
-        c = self.config
-        clean = clean_logits_eval(model, x)
-        x_adv = pgd(
-            model, x, y, eps=c.eps, steps=c.steps, step_size=c.step_size,
-            loss="kl", reference_logits=clean, start=random_start(x, c.eps, "linf"),
-        )
-        return trades_objective(model, x, x_adv, y, c.beta)
+    def start(self, x: Tensor) -> Tensor:
+        return random_start(x, self.config.eps, "linf")
 
 
 @dataclass(frozen=True)

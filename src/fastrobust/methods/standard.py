@@ -112,12 +112,15 @@ class TRADES(Method):
     def cost(self) -> Cost:
         return Cost(self.config.steps + 2, forward_only=1)
 
+    def start(self, x: Tensor) -> Tensor:
+        """The attack's starting point: TRADES' small Gaussian perturbation of x."""
+        return x + self.config.init_std * torch.randn_like(x)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
         c = self.config
         clean = clean_logits_eval(model, x)
-        start = x + c.init_std * torch.randn_like(x)
         x_adv = pgd(
             model, x, y, eps=c.eps, steps=c.steps, step_size=c.step_size,
-            loss="kl", reference_logits=clean, start=start,
+            loss="kl", reference_logits=clean, start=self.start(x),
         )
         return trades_objective(model, x, x_adv, y, c.beta)
