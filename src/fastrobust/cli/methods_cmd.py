@@ -22,15 +22,17 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(record["name"]) for record in records)
     print(f"{'method':<{width}}  passes  parameters")
     for record in records:
-        params = ", ".join(f"{k}={_short(v['default'])}" for k, v in record["parameters"].items())
+        params = ", ".join(f"{k}={_short(k, v['default'])}" for k, v in record["parameters"].items())
         print(f"{record['name']:<{width}}  {record['cost_passes']:6.2f}  {params}")
     return 0
 
 
-def _short(value: object) -> str:
-    if isinstance(value, float):
+def _short(name: str, value: object) -> str:
+    """Perturbation sizes read best as n/255; every other number as itself."""
+    if isinstance(value, float) and ("eps" in name or "step_size" in name):
         scaled = value * 255
         if value < 1 and abs(scaled - round(scaled)) < 1e-9 and round(scaled) > 0:
             return f"{round(scaled)}/255"
+    if isinstance(value, float):
         return f"{value:g}"
     return str(value)

@@ -1,0 +1,178 @@
+"""SLAT, single-step latent adversarial training (Park & Lee): FGSM-cost training that also perturbs
+hidden activations.
+
+Per batch, in the mode the model is in (the trainer's train mode):
+  1. one forward on the clean batch x with forward hooks recording the outputs h_m of the chosen latent
+     modules; one backward, by ``torch.autograd.grad`` with respect to x and the h_m only (no parameter
+     gradient is ever accumulated), gives grad_x and grad_{h_m} of CE(f(x), y);
+  2. x' = Pi(x + step_ratio * eps * sign(grad_x))  (eps-ball and [0, 1]; step_ratio = 0.9; no random start);
+  3. a second forward on x' in which each chosen module's output h (as computed in this forward) is replaced
+     by h + delta, delta = sign(grad_h) * eps_latent clipped so that h + delta stays in that channel's
+     [min, max] over the clean forward's batch and |delta| <= eps_latent per element (where h already lies
+     outside the clean range, delta moves it back towards the range by at most eps_latent);
+  4. loss = CE on that second forward.
+
+``latent_modules`` is a comma-separated list of module names (``model.get_submodule`` paths); ``auto``
+(the default) is ``conv1`` and the first stage, ``layer1`` (ResNets, CNNs) or ``block1`` (WideResNets);
+``none`` perturbs the input only. Every hook is removed when the call ends, also on an exception.
+Cost: two passes (the first backward reaches the input, so it is a full pass).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attacks import project
+from ..attacks._common import upcast
+from ..errors import ConfigError
+from .base import Cost, Method, MethodConfig, Stats, accuracy, register
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose submodule names the user gives (through torch.compile and DDP wrappers)."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def resolve_latent_modules(model: nn.Module, spec: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs for a ``latent_modules`` setting ("auto", "none" or "name,name,...")."""
+    model = _unwrap(model)
+    text = spec.strip()
+    children = dict(model.named_children())
+    if text.lower() == "auto":
+        names = [name for name in ("conv1",) if name in children]
+        stage = next((name for name in ("layer1", "block1") if name in children), None)
+        if stage is not None:
+            names.append(stage)
+        if not names:
+            raise ConfigError(
+                "slat latent_modules=auto needs a module named conv1, layer1 or block1; this model has "
+                f"{', '.join(children) or 'no submodules'}: name the modules with method.latent_modules=a,b"
+            )
+    elif text.lower() in ("", "none"):
+        names = []
+    else:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"slat latent_modules={spec!r} names a module twice")
+    resolved = []
+    for name in names:
+        try:
+            resolved.append((name, model.get_submodule(name)))
+        except AttributeError:
+            raise ConfigError(
+                f"slat latent_modules: the model has no module {name!r}; its top-level modules are "
+                f"{', '.join(children)}"
+            ) from None
+    return resolved
+
+
+def latent_delta(h: Tensor, grad_sign: Tensor, low: Tensor, high: Tensor, eps_latent: float) -> Tensor:
+    """The latent perturbation (a constant): sign * eps_latent, kept inside [low, high] and |.| <= eps_latent."""
+    with torch.no_grad():
+        target = torch.clamp(h + grad_sign * eps_latent, min=low, max=high)
+        return (target - h).clamp(-eps_latent, eps_latent)
+
+
+def _channel_range(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (dim 1) min and max over the batch and every other dimension, kept for broadcasting."""
+    h = h.detach()
+    dims = tuple(d for d in range(h.dim()) if d != 1) if h.dim() > 1 else (0,)
+    return h.amin(dim=dims, keepdim=True), h.amax(dim=dims, keepdim=True)
+
+
+@dataclass(frozen=True)
+class SLATConfig(MethodConfig):
+    eps: float = 8 / 255
+    step_ratio: float = 0.9          # input step = step_ratio * eps
+    eps_latent: float = 8 / 255      # latent step (units of the activations)
+    latent_modules: str = "auto"     # "auto", "none" or comma-separated module names
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.step_ratio, (int, float)) and math.isfinite(self.step_ratio) and self.step_ratio > 0):
+            raise ConfigError(f"slat step_ratio={self.step_ratio!r} must be a positive number (paper: 0.9)")
+        if not (isinstance(self.eps_latent, (int, float)) and math.isfinite(self.eps_latent) and self.eps_latent >= 0):
+            raise ConfigError(f"slat eps_latent={self.eps_latent!r} must be a number >= 0 (paper: 8/255)")
+        if not isinstance(self.latent_modules, str):
+            raise ConfigError(f"slat latent_modules={self.latent_modules!r} must be a comma-separated string")
+
+
+@register
+class SLAT(Method):
+    name = "slat"
+    Config = SLATConfig
+    description = (
+        "Park & Lee SLAT: one pass gives the gradients of the input and of conv1/layer1 outputs; CE on the "
+        "input step 0.9*eps plus signed latent steps eps_latent (clipped to the channels' clean range)."
+    )
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(2)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
+        c = self.config
+        targets = resolve_latent_modules(model, c.latent_modules)
+        names = [name for name, _ in targets]
+        phase = "clean"
+        recorded: dict[str, Tensor] = {}
+        plan: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        applied: set[str] = set()
+
+        def make_hook(name: str):
+            def hook(_module: nn.Module, _inputs: tuple, output):
+                if not torch.is_tensor(output):
+                    raise ConfigError(f"slat: module {name!r} returns {type(output).__name__}, not a tensor")
+                seen = recorded if phase == "clean" else applied
+                if name in seen:
+                    raise ConfigError(f"slat: module {name!r} runs more than once per forward; name another module")
+                if phase == "clean":
+                    recorded[name] = output
+                    return None
+                applied.add(name)
+                sign, low, high = plan[name]
+                return output + latent_delta(output, sign, low, high, c.eps_latent)
+
+            return hook
+
+        handles = []
+        try:
+            for name, module in targets:
+                handles.append(module.register_forward_hook(make_hook(name)))
+            x_in = x.detach().clone().requires_grad_(True)
+            logits = model(x_in)
+            clean_loss = F.cross_entropy(upcast(logits), y)
+            missing = [name for name in names if name not in recorded]
+            if missing:
+                raise ConfigError(f"slat: latent module(s) {', '.join(missing)} never ran in the forward pass")
+            latents = [recorded[name] for name in names]
+            grads = torch.autograd.grad(clean_loss, [x_in, *latents])
+            x_adv = project(x.detach() + c.step_ratio * c.eps * grads[0].sign(), x.detach(), c.eps).detach()
+            for name, h, grad in zip(names, latents, grads[1:]):
+                low, high = _channel_range(h)
+                plan[name] = (grad.sign().detach(), low, high)
+            recorded.clear()
+            del latents, grads
+            phase = "perturbed"
+            logits_adv = model(x_adv)
+            if set(names) - applied:
+                raise ConfigError(f"slat: latent module(s) {', '.join(sorted(set(names) - applied))} did not run")
+        finally:
+            for handle in handles:
+                handle.remove()
+        loss = F.cross_entropy(upcast(logits_adv), y)
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y)}
+
+
+__all__ = ["SLAT", "SLATConfig", "latent_delta", "resolve_latent_modules"]

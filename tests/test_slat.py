@@ -1,0 +1,264 @@
+"""SLAT: where the latent perturbation lands and how large it is, the input step, hook hygiene (also on
+exceptions), no leaked parameter gradients, the three residual families, and an end-to-end check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastrobust import methods
+from fastrobust.errors import ConfigError
+from fastrobust.methods.slat import resolve_latent_modules
+from fastrobust.models import create
+
+EPS = 8 / 255
+EPS_LATENT = 8 / 255
+
+MODELS = {
+    "tinycnn": {},
+    "preactresnet18": {},
+    "resnet18": {},
+    "wideresnet": {"depth": 10, "widen_factor": 1},
+}
+
+
+def tiny(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create(name, image_size=16, **MODELS[name])
+    model.train()
+    return model
+
+
+def batch(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 16, 16, generator=g)
+    x[0, 0, :4, :4] = 0.0  # pixels at the box edges exercise the [0, 1] clamp
+    x[1, 1, :4, :4] = 1.0
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(
+        not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        for m in model.modules()
+    ) and not nn.modules.module._global_forward_hooks
+
+
+def expected_clean_gradients(model: nn.Module, x, y, names):
+    """The test's own clean forward/backward (on a copy): grad_x and grad of each named module's output."""
+    model = copy.deepcopy(model)
+    outputs = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in names]
+    x_in = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x_in), y)
+    grads = torch.autograd.grad(loss, [x_in, *(outputs[n] for n in names)])
+    for handle in handles:
+        handle.remove()
+    return grads[0], {n: (outputs[n].detach(), g) for n, g in zip(names, grads[1:])}
+
+
+def trace(model: nn.Module):
+    """Record, per forward call, each top-level module's raw output (our hooks run before the method's)
+    and each module's input (pre-hooks), plus the model's own input."""
+    calls: list[dict] = []
+    handles = [model.register_forward_pre_hook(lambda m, i: calls.append({"x": i[0].detach(), "out": {}, "in": {}}))]
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        handles.append(module.register_forward_hook(lambda m, i, o, n=name: calls[-1]["out"].setdefault(n, o)))
+        handles.append(module.register_forward_pre_hook(lambda m, i, n=name: calls[-1]["in"].setdefault(n, i[0] if i else None)))
+    return calls, handles
+
+
+def consumers(call: dict) -> dict[str, str]:
+    """module name -> the (first) module whose input is that module's output tensor, in the clean forward."""
+    found = {}
+    for producer, out in call["out"].items():
+        for consumer, inp in call["in"].items():
+            if inp is out and consumer != producer and not consumer.startswith(producer + "."):
+                found[producer] = consumer
+                break
+    return found
+
+
+CASES = [("tinycnn", "auto"), ("tinycnn", "layer1"), ("tinycnn", "conv1,layer2"), ("preactresnet18", "auto"),
+         ("resnet18", "auto"), ("wideresnet", "auto")]
+
+
+@pytest.mark.parametrize("name,spec", CASES)
+def test_latent_perturbation_lands_on_the_named_modules_only(name, spec):
+    model = tiny(name)
+    x, y = batch()
+    method = methods.create("slat", latent_modules=spec)
+    names = [n for n, _ in resolve_latent_modules(model, spec)]
+    expected_default = ["conv1", "block1" if name == "wideresnet" else "layer1"]
+    if spec == "auto":
+        assert names == expected_default
+    grad_x, latent = expected_clean_gradients(model, x, y, names)
+
+    calls, handles = trace(model)
+    loss, stats = method(model, x, y)
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == 2 and torch.isfinite(loss)
+    clean, second = calls
+    links = consumers(clean)
+    assert set(names) <= set(links), (names, links)
+
+    # the input: x' = Pi(x + 0.9 eps sign(grad_x)), within 0.9*eps of x and in [0, 1]
+    x_adv = second["x"]
+    step = 0.9 * EPS
+    assert torch.allclose(x_adv, (x + step * grad_x.sign()).clamp(0, 1), atol=1e-7)
+    assert (x_adv - x).abs().max() <= step + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+    for producer, consumer in links.items():
+        top = producer.split(".")[0]
+        if producer != top and top in names:
+            continue  # a submodule of a perturbed module: its output is before the perturbation
+        raw, seen = second["out"][producer], second["in"][consumer]
+        delta = (seen - raw).detach()
+        if producer not in names:
+            assert torch.equal(delta, torch.zeros_like(delta)), f"{producer} was perturbed but not named"
+            continue
+        clean_h, grad_h = latent[producer]
+        dims = tuple(d for d in range(clean_h.dim()) if d != 1)
+        low, high = clean_h.amin(dims, keepdim=True), clean_h.amax(dims, keepdim=True)
+        assert delta.abs().max() <= EPS_LATENT + 1e-6, producer
+        assert delta.abs().max() >= EPS_LATENT - 1e-6, f"{producer}: no element moved by the full eps_latent"
+        inside = (raw >= low) & (raw <= high)
+        assert ((seen >= low - 1e-6) & (seen <= high + 1e-6))[inside].all(), f"{producer} left the clean range"
+        distance = lambda v: (low - v).clamp_min(0) + (v - high).clamp_min(0)  # noqa: E731
+        assert (distance(seen) <= distance(raw) + 1e-6).all(), f"{producer} moved away from the clean range"
+        # the spec's value: h + sign(grad_h) * eps_latent, clipped to the range and to the eps_latent ball
+        target = torch.clamp(raw + grad_h.sign() * EPS_LATENT, min=low, max=high)
+        assert torch.allclose(delta, (target - raw).clamp(-EPS_LATENT, EPS_LATENT), atol=1e-6), producer
+    assert no_hooks(model)
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_no_parameter_gradient_leaks_and_the_final_gradient_is_the_perturbed_loss_only():
+    model = tiny("tinycnn")
+    x, y = batch()
+    loss, _ = methods.create("slat")(model, x, y)
+    assert all(p.grad is None for p in model.parameters()), "the clean pass leaked parameter gradients"
+    loss.backward()
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # with gradients already present, the method still adds nothing before the final backward
+    model.zero_grad(set_to_none=False)
+    torch.manual_seed(0)
+    methods.create("slat")(model, x, y)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert all(torch.isfinite(g).all() for g in first.values())
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_cost_is_two_passes():
+    model = tiny("tinycnn")
+    counts = {"forward": 0, "backward": 0}
+    model.register_forward_pre_hook(lambda *_: counts.__setitem__("forward", counts["forward"] + 1))
+    model.register_full_backward_hook(lambda *_: counts.__setitem__("backward", counts["backward"] + 1))
+    method = methods.create("slat")
+    loss, _ = method(model, *batch())
+    loss.backward()
+    assert counts == {"forward": 2, "backward": 2} and method.cost.passes == 2
+
+
+class Bomb(nn.Module):
+    """Raises on its n-th call (1-based)."""
+
+    def __init__(self, on_call: int) -> None:
+        super().__init__()
+        self.on_call, self.calls = on_call, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.on_call:
+            raise RuntimeError("boom")
+        return x
+
+
+@pytest.mark.parametrize("on_call", [1, 2])
+def test_hooks_are_removed_even_when_the_step_raises(on_call):
+    model = tiny("tinycnn")
+    model.layer2 = nn.Sequential(Bomb(on_call), model.layer2)
+    with pytest.raises(RuntimeError, match="boom"):
+        methods.create("slat")(model, *batch())
+    assert no_hooks(model)
+    # a named module that never runs: an error after the hooks are in place, and still none left
+    model = tiny("tinycnn")
+    model.unused = nn.Identity()
+    with pytest.raises(ConfigError, match="never ran"):
+        methods.create("slat", latent_modules="conv1,unused")(model, *batch())
+    assert no_hooks(model)
+
+
+def test_latent_module_names_are_validated():
+    model = tiny("tinycnn")
+    with pytest.raises(ConfigError, match="no module 'layer9'.*conv1"):
+        methods.create("slat", latent_modules="conv1,layer9")(model, *batch())
+    assert no_hooks(model)
+    with pytest.raises(ConfigError, match="twice"):
+        resolve_latent_modules(model, "conv1, conv1")
+    with pytest.raises(ConfigError, match="conv1, layer1 or block1"):
+        resolve_latent_modules(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), "auto")
+    assert resolve_latent_modules(model, "none") == []
+    # input-only SLAT is FGSM without random start at 0.9*eps
+    loss, stats = methods.create("slat", latent_modules="none")(model, *batch())
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="eps_latent"):
+        methods.create("slat", eps_latent=-1)
+
+
+@pytest.mark.parametrize("name", ["tinycnn", "wideresnet"])  # the ResNets are stepped in the test above
+def test_trains_a_few_steps(name):
+    model = tiny(name)
+    x, y = batch(8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method = methods.create("slat")
+    for _ in range(3):
+        loss, stats = method(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and set(stats) == {"loss", "acc", "adv_acc"}
+    assert no_hooks(model) and model.training
+
+
+# ---- end to end on a real CIFAR-10 subset (the setting of tests/test_end_to_end.py) -------------------------
+
+MARGIN_OVER_NATURAL = 0.08  # as in tests/test_end_to_end.py
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+    from fastrobust.data import load_dataset
+
+    return load_dataset("cifar10", shared_data, val_size=200, train_subset=2000, test_subset=500)
+
+
+def trained(cifar, tmp_path_factory, method: str, activation: str = "relu") -> dict:
+    """Train tinycnn (5 epochs, lr 0.05 cosine, batch 128) once per pytest session; shared by the
+    cheap-robustness test files through the session's base temporary folder."""
+    import json
+
+    from fastrobust.train import TrainConfig, train
+
+    out = tmp_path_factory.getbasetemp() / "cheap-robustness-e2e" / f"{method}-{activation}"
+    if not (out / "result.json").is_file():
+        config = TrainConfig(method=method, activation=activation, model="tinycnn", dataset="cifar10", epochs=5,
+                             batch_size=128, lr=0.05, schedule="cosine", device="cpu", out=str(out), seed=0)
+        train(config, dataset=cifar, progress=False, log=lambda _: None)
+    return json.loads((out / "result.json").read_text())["test"]
+
+
+def test_slat_beats_natural_training_on_cifar10(cifar, tmp_path_factory):
+    # seed 0 on the reference machine: natural 0.208 clean / 0.068 PGD-20; SLAT 0.214 / 0.166
+    natural, slat = trained(cifar, tmp_path_factory, "natural"), trained(cifar, tmp_path_factory, "slat")
+    assert slat["clean_acc"] > 0.15
+    assert slat["pgd20_acc"] >= natural["pgd20_acc"] + MARGIN_OVER_NATURAL, (natural, slat)
