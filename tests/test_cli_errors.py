@@ -12,11 +12,8 @@ import dataclasses
 import math
 import re
 import string
-from fractions import Fraction
-from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 

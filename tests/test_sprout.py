@@ -17,7 +17,7 @@ from fastrobust.errors import ConfigError
 from fastrobust.methods.sprout import SPROUT, dirichlet_targets, noisy_mixup
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
-from helpers import synthetic_dataset
+from helpers import synthetic_dataset, train_tinycnn_once
 
 
 class Linear(nn.Module):
@@ -258,44 +258,24 @@ def test_u_survives_save_and_resume_through_the_trainer(tmp_path, monkeypatch):
 NOISE = 0.05  # about 2.8 standard deviations of an accuracy measured on 500 images (tests/test_end_to_end.py)
 
 
-@pytest.fixture(scope="module")
-def cifar(shared_data):
-    from fastrobust.data import load_dataset
-
-    return load_dataset("cifar10", shared_data, val_size=200, train_subset=2000, test_subset=500)
+SPROUT_EPOCHS = 15  # SPROUT has no attack: its robustness builds up slowly (at 5 epochs it is not above natural's)
 
 
-def trained(cifar, tmp_path_factory, method: str, activation: str = "relu") -> tuple[dict, Path]:
-    """Train tinycnn (5 epochs, lr 0.05 cosine, batch 128) once per pytest session; shared by the
-    cheap-robustness test files through the session's base temporary folder."""
-    out = tmp_path_factory.getbasetemp() / "cheap-robustness-e2e" / f"{method}-{activation}"
-    if not (out / "result.json").is_file():
-        config = TrainConfig(method=method, activation=activation, model="tinycnn", dataset="cifar10", epochs=5,
-                             batch_size=128, lr=0.05, schedule="cosine", device="cpu", out=str(out), seed=0)
-        train(config, dataset=cifar, progress=False, log=lambda _: None)
-    return json.loads((out / "result.json").read_text())["test"], out
-
-
-def test_sprout_on_cifar10_learns_but_gives_no_pgd_robustness_here_and_no_gradient_masking(cifar, tmp_path_factory):
-    """What is true at this scale (tinycnn, 2,000 images, 5 epochs), seed 0 on the reference machine:
-    natural 0.208 clean / 0.068 PGD-20; SPROUT 0.362 clean / 0.036 PGD-20, Square (300 queries) 0.116.
-
-    SPROUT learns (higher clean accuracy than natural's robust-selected checkpoint) but does NOT beat natural
-    training under PGD-20 here; and the gradient-free Square attack is weaker than PGD on it, so there is no
-    sign of gradient masking -- the PGD figure is the honest (low) one. If SPROUT ever shows PGD robustness
-    here, the last assertion demands that a gradient-free attack confirms it.
-    """
+def test_sprout_on_cifar10_beats_natural_under_pgd_and_a_gradient_free_attack_agrees(cifar_subset, tmp_path_factory):
+    """tinycnn, 2,000 images, 15 epochs, seed 0, on this machine: natural 0.384 clean / 0.002 PGD-20,
+    SPROUT 0.346 clean / 0.080 PGD-20. The gradient-free Square attack must not find SPROUT much less robust
+    than PGD does (that would be gradient masking)."""
     from fastrobust.attacks import square
     from fastrobust.checkpoint import load_model
 
-    natural, _ = trained(cifar, tmp_path_factory, "natural")
-    sprout, run = trained(cifar, tmp_path_factory, "sprout")
+    base = tmp_path_factory.getbasetemp()
+    natural, _ = train_tinycnn_once(cifar_subset, base, "natural", epochs=SPROUT_EPOCHS)
+    sprout, run = train_tinycnn_once(cifar_subset, base, "sprout", epochs=SPROUT_EPOCHS)
     assert sprout["clean_acc"] > 0.3
-    assert sprout["pgd20_acc"] < natural["pgd20_acc"] + NOISE, ("SPROUT now beats natural under PGD-20: "
-                                                                "update this test and the docs", natural, sprout)
+    assert sprout["pgd20_acc"] >= natural["pgd20_acc"] + 0.04, (natural, sprout)
     model, _ = load_model(run)
-    x = cifar.test.images[:200].float() / 255
-    y = cifar.test.labels[:200]
+    x = cifar_subset.test.images[:200].float() / 255
+    y = cifar_subset.test.labels[:200]
     x_adv = square(model, x, y, eps=8 / 255, n_queries=300, generator=torch.Generator().manual_seed(0))
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
     with torch.no_grad():
