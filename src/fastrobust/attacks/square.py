@@ -1,10 +1,13 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020), l_inf: a score-based random search, no gradients.
+"""Square Attack (Andriushchenko et al., ECCV 2020), l_inf and l_2: a score-based random search, no gradients.
 
-Start: vertical stripes, ``x + eps * s`` with one random sign per (channel, column). Each query
+l_inf start: vertical stripes, ``x + eps * s`` with one random sign per (channel, column). Each query
 changes one random square window of side ``s = round(sqrt(p * H * W))`` to ``x + eps * (random sign
 per channel)`` and keeps it when the margin loss ``f_y - max_{j != y} f_j`` decreases. The fraction ``p``
 follows the published schedule (``p_init`` halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000
 of 10,000 iterations, rescaled to the query budget). A point stops (and saves queries) once misclassified.
+l_2 (paper, Alg. 3 and appendix): a grid of squares holding the pattern eta with random signs, then per
+query the perturbation mass of two random windows moved into the first with a fresh signed eta; see
+``_square_l2``.
 Only forward passes under ``torch.no_grad`` are used, so the model is never differentiated.
 """
 
@@ -111,55 +114,114 @@ def _square_linf(model, x, y, eps, n_queries, p_init, generator):
     return x_best, queries
 
 
+def _rings(rows: int, cols: int, device) -> Tensor:
+    """Concentric rectangles around the centre ``(rows // 2, cols // 2)``: ring ``k`` (Chebyshev distance ``k``)
+    gets ``sum_{j >= k} 1 / (j + 1)^2`` over the ``K = max(rows, cols) // 2 + 1`` rings; unit l_2 norm."""
+    if rows == 0 or cols == 0:
+        return torch.zeros(rows, cols, device=device)
+    n_rings = max(rows // 2, cols // 2) + 1
+    weights = 1.0 / torch.arange(1, n_rings + 1, device=device, dtype=torch.float32) ** 2
+    tail = weights.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{j >= k} weights[j]
+    dr = (torch.arange(rows, device=device) - rows // 2).abs()[:, None]
+    dc = (torch.arange(cols, device=device) - cols // 2).abs()[None, :]
+    pattern = tail[torch.maximum(dr, dc)]
+    return pattern / pattern.norm()
+
+
+def _eta(s: int, device) -> Tensor:
+    """The paper's l_2 window pattern eta (s x s): ring pattern on the top half, the negated ring pattern on the
+    bottom half, unit l_2 norm (the caller transposes it at random)."""
+    top = s // 2
+    pattern = torch.cat([_rings(top, s, device), -_rings(s - top, s, device)], dim=0)
+    return pattern / pattern.norm().clamp_min(1e-12)
+
+
+def _eta_batch(m: int, s: int, generator, device) -> Tensor:
+    """``m`` copies of eta [m, s, s], each transposed with probability 1/2."""
+    eta = _eta(s, device)
+    flip = torch.rand(m, generator=generator, device=device) < 0.5
+    return torch.where(flip[:, None, None], eta.t()[None], eta[None])
+
+
+def _paste(patterns: Tensor, top: Tensor, left: Tensor, h: int, w: int) -> Tensor:
+    """Place pattern ``k`` [s, s] at ``(top[k], left[k])`` of an otherwise zero [m, 1, H, W] image."""
+    m, s, _ = patterns.shape
+    rows = torch.arange(h, device=patterns.device)[None, :] - top[:, None]  # [m, H]
+    cols = torch.arange(w, device=patterns.device)[None, :] - left[:, None]  # [m, W]
+    inside = ((rows >= 0) & (rows < s))[:, :, None] & ((cols >= 0) & (cols < s))[:, None, :]
+    picked = patterns[torch.arange(m, device=patterns.device)[:, None, None],
+                      rows.clamp(0, s - 1)[:, :, None], cols.clamp(0, s - 1)[:, None, :]]
+    return (picked * inside)[:, None]
+
+
+def _corners(m: int, h: int, w: int, s: int, generator, device) -> tuple[Tensor, Tensor]:
+    top = torch.randint(0, h - s + 1, (m,), generator=generator, device=device)
+    left = torch.randint(0, w - s + 1, (m,), generator=generator, device=device)
+    return top, left
+
+
+def _l2_init(x: Tensor, eps: float, generator) -> Tensor:
+    """The l_2 start: a centred grid of squares of side ``min(H, W) // 5`` (at least 1), each filled with eta
+    (random transpose) times a random sign per (example, channel), rescaled to ``||delta||_2 = eps``, clipped."""
+    b, c, h, w = x.shape
+    side = max(min(h, w) // 5, 1)
+    delta = torch.zeros_like(x)
+    offset_h, offset_w = max(h - 5 * side, 0) // 2, max(w - 5 * side, 0) // 2
+    for i in range(offset_h, h - side + 1, side):
+        for j in range(offset_w, w - side + 1, side):
+            pattern = _eta_batch(b, side, generator, x.device)[:, None]  # [b, 1, side, side]
+            delta[:, :, i : i + side, j : j + side] = pattern * _signs((b, c, 1, 1), generator, x.device)
+    delta = eps * delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (x + delta).clamp(0, 1)
+
+
 def _square_l2(model, x, y, eps, n_queries, p_init, generator):
-    """The l_2 variant: a start of ``eps``-scaled centred squares, then each query redistributes the
-    perturbation of one window onto a new window with a centred-square pattern (paper, Alg. 3)."""
+    """The l_2 Square attack (Andriushchenko et al. 2020, Alg. 3 and its appendix).
+
+    Each query picks two random windows W1, W2 of side ``s`` (odd, at least 3, from the p schedule) per
+    example. Per channel, the new content of W1 is ``eta * sign + delta_W1 / ||delta_W1||``, rescaled to norm
+    ``sqrt(max(eps^2 - ||delta||^2, 0) / C + ||delta_{W1 u W2}||^2)``: the mass of both windows plus the budget
+    that clipping left unused moves into W1; W2 is zeroed (W1 is written after). The whole perturbation is
+    rescaled to ``||delta||_2 = eps``, the image clipped to [0, 1], and the candidate kept only when the
+    margin loss decreases.
+    """
     b, c, h, w = x.shape
     n = min(h, w)
-    delta = torch.zeros_like(x)
-    side = max(n // 5, 1)
-    for i in range(0, h, side):
-        for j in range(0, w, side):
-            hh, ww = min(side, h - i), min(side, w - j)
-            pattern = _meta_square(hh, ww, x.device) * _signs((b, c, 1, 1), generator, x.device)
-            delta[:, :, i : i + hh, j : j + ww] = pattern
-    delta = eps * delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    x_best = (x + delta).clamp(0, 1)
+    x_best = _l2_init(x, eps, generator)
     margin = _margin(model, x_best, y)
     queries = torch.ones(b, dtype=torch.long, device=x.device)
     for it in range(1, n_queries):
         active = (margin > 0).nonzero().squeeze(1)
         if len(active) == 0:
             break
+        m = len(active)
         xa, xb = x[active], x_best[active]
         d = xb - xa
-        m = len(active)
         p = p_selection(p_init, it, n_queries)
-        s = min(max(int(round(math.sqrt(p * h * w))), 3), n - 1) if n > 3 else 1
+        s = max(round(math.sqrt(p * h * w)), 3)
         if s % 2 == 0:
-            s += 1 if s + 1 <= n - 1 else -1
-        w1 = _windows(m, h, w, s, generator, x.device)
-        w2 = _windows(m, h, w, s, generator, x.device)
-        union = w1 | w2
-        norm_w1 = (d * w1).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
-        norm_rest = (d * ~union).pow(2).flatten(1).sum(1).view(-1, 1, 1, 1)
-        # budget left for the new window: what the old window and the rest leave of eps^2
-        budget = (eps**2 - norm_rest).clamp_min(0).sqrt()
-        pattern = torch.zeros_like(d)
-        rows = w2.float().squeeze(1).any(dim=2).float().argmax(1)
-        cols = w2.float().squeeze(1).any(dim=1).float().argmax(1)
-        base = _meta_square(s, s, x.device)
-        for k in range(m):  # paste one centred pattern per example (s x s, cheap)
-            r, q = int(rows[k]), int(cols[k])
-            pattern[k, :, r : r + s, q : q + s] = base
-        signs = _signs((m, c, 1, 1), generator, x.device)
-        old_w2 = d * w2
-        new_w2 = old_w2 + pattern * signs * torch.maximum(norm_w1, torch.full_like(norm_w1, 1e-12))
-        new_w2 = new_w2 / new_w2.pow(2).sum(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12) * budget
-        candidate_delta = torch.where(union, torch.zeros_like(d), d) + torch.where(w2, new_w2, torch.zeros_like(d))
-        nrm = candidate_delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        candidate_delta = candidate_delta * torch.clamp(eps / nrm, max=1.0)
-        candidate = (xa + candidate_delta).clamp(0, 1)
+            s += 1
+        s = min(s, n)
+        top1, left1 = _corners(m, h, w, s, generator, x.device)
+        top2, left2 = _corners(m, h, w, s, generator, x.device)
+        ones = torch.ones(m, s, s, device=x.device)
+        w1 = _paste(ones, top1, left1, h, w) > 0  # [m, 1, H, W]
+        w2 = _paste(ones, top2, left2, h, w) > 0
+
+        def norm_hw(t: Tensor) -> Tensor:  # per (example, channel) [m, C, 1, 1]
+            return t.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+
+        norm_w1 = norm_hw(d * w1)
+        norm_union = norm_hw(d * (w1 | w2))
+        norm_image = norm_hw(d)
+        eta = _paste(_eta_batch(m, s, generator, x.device), top1, left1, h, w)
+        new_w1 = eta * _signs((m, c, 1, 1), generator, x.device) + d * w1 / (norm_w1 + 1e-10)
+        target = ((eps**2 - norm_image.pow(2)).clamp_min(0) / c + norm_union.pow(2)).sqrt()
+        new_w1 = new_w1 / norm_hw(new_w1).clamp_min(1e-12) * target
+        cand = torch.where(w2, torch.zeros_like(d), d)
+        cand = torch.where(w1, new_w1, cand)
+        cand = eps * cand / cand.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        candidate = (xa + cand).clamp(0, 1)
         new_margin = _margin(model, candidate, y[active])
         queries[active] += 1
         better = new_margin < margin[active]
@@ -167,14 +229,3 @@ def _square_l2(model, x, y, eps, n_queries, p_init, generator):
         x_best[idx] = candidate[better]
         margin[idx] = new_margin[better]
     return x_best, queries
-
-
-def _meta_square(hh: int, ww: int, device) -> Tensor:
-    """The centred pattern of the l_2 Square attack: nested rings of weight 1/(r+1)^2, normalised."""
-    rows = torch.arange(hh, device=device, dtype=torch.float32)
-    cols = torch.arange(ww, device=device, dtype=torch.float32)
-    dr = (rows - (hh - 1) / 2).abs()[:, None]
-    dc = (cols - (ww - 1) / 2).abs()[None, :]
-    ring = torch.maximum(dr, dc).floor()
-    pattern = 1.0 / (ring + 1) ** 2
-    return pattern / pattern.norm().clamp_min(1e-12)
