@@ -38,6 +38,17 @@ def _margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return -cw_margin(model(x).float(), y)  # f_y - max_{j != y} f_j: <= 0 when misclassified
 
 
+def _keep_improvements(model: nn.Module, candidate: Tensor, y: Tensor, active: Tensor, x_best: Tensor,
+                       margin: Tensor, queries: Tensor) -> None:
+    """One query for the active points: keep each candidate that lowers its margin (updates in place)."""
+    new_margin = _margin(model, candidate, y[active])
+    queries[active] += 1
+    better = new_margin < margin[active]
+    idx = active[better]
+    x_best[idx] = candidate[better]
+    margin[idx] = new_margin[better]
+
+
 def _signs(shape, generator, device) -> Tensor:
     return torch.randint(0, 2, shape, generator=generator, device=device).float() * 2 - 1
 
@@ -105,12 +116,7 @@ def _square_linf(model, x, y, eps, n_queries, p_init, generator):
             vals2 = eps * _signs((len(active), c, 1, 1), generator, x.device)
             candidate2 = torch.where(mask, (xa + vals2).clamp(0, 1), xb)
             candidate = torch.where(same.view(-1, 1, 1, 1), candidate2, candidate)
-        new_margin = _margin(model, candidate, y[active])
-        queries[active] += 1
-        better = new_margin < margin[active]
-        idx = active[better]
-        x_best[idx] = candidate[better]
-        margin[idx] = new_margin[better]
+        _keep_improvements(model, candidate, y, active, x_best, margin, queries)
     return x_best, queries
 
 
@@ -222,10 +228,5 @@ def _square_l2(model, x, y, eps, n_queries, p_init, generator):
         cand = torch.where(w1, new_w1, cand)
         cand = eps * cand / cand.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         candidate = (xa + cand).clamp(0, 1)
-        new_margin = _margin(model, candidate, y[active])
-        queries[active] += 1
-        better = new_margin < margin[active]
-        idx = active[better]
-        x_best[idx] = candidate[better]
-        margin[idx] = new_margin[better]
+        _keep_improvements(model, candidate, y, active, x_best, margin, queries)
     return x_best, queries
