@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks import model_mode, project
-from ..attacks._common import input_gradient, kl_to, per_example_loss, upcast
+from ..attacks._common import input_gradient, per_example_loss, upcast
 from .base import Cost, Method, MethodConfig, Stats, clean_logits_eval, register
 from .standard import adversarial_ce, trades_objective
 
@@ -177,6 +177,5 @@ __all__ = [
     "BackwardSmoothingAT",
     "backward_smoothing_points",
     "backward_step",
-    "kl_to",
     "smoothed_target",
 ]
