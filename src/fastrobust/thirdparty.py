@@ -88,6 +88,22 @@ def parse_normalization(text: str | None, channels: int, *, dataset_stats=None, 
     return Normalization(tuple(mean), tuple(std), f"given: mean {mean}, std {std}")
 
 
+def _as_normalization(value, channels: int) -> Normalization | None:
+    """The Python forms of ``normalization``: None, "none", (mean, std) or a Normalization."""
+    if value is None or isinstance(value, Normalization):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() == "dataset":
+            raise ConfigError('normalization="dataset" is a command-line shortcut: pass (data.mean, data.std)')
+        return parse_normalization(value, channels)
+    try:
+        mean, std = value
+        text = ",".join(str(float(v)) for part in (mean, std) for v in (part if hasattr(part, "__len__") else [part]))
+    except (TypeError, ValueError):
+        raise ConfigError(f"normalization={value!r} must be None, 'none' or (mean, std)") from None
+    return parse_normalization(text, channels)
+
+
 ASSUMED_NONE = Normalization(None, None, "assumed: none (the model takes pixels in [0, 1]; "
                                          "pass --normalization dataset or MEAN,STD if it expects normalised input)")
 
@@ -422,7 +438,7 @@ def load_model(
     image_shape: tuple[int, int, int],
     model: str | None = None,
     factory: str | Callable[..., nn.Module] | None = None,
-    normalization: Normalization | None = None,
+    normalization: Normalization | str | tuple | None = None,
     dataset: str = "the dataset",
     device: str | torch.device = "cpu",
     note: Callable[[str], None] | None = None,
@@ -433,13 +449,14 @@ def load_model(
     a TorchScript archive or a ``.pt2`` program (recognised by content, not by suffix). ``model``: the
     fastrobust (or registered) architecture a state dict fits, when its layout does not say. ``factory``:
     ``"FILE.py:FUNCTION"`` (runs that file) or a callable, building the module a state dict loads into.
-    ``normalization``: see :func:`parse_normalization`; None keeps what the file says, else assumes none (and
-    says so through ``note``). Returns ``(model in eval mode on device, info)``; every wrong pairing
+    ``normalization``: ``"none"``, ``(mean, std)`` (numbers or one per channel) or a :class:`Normalization`;
+    None keeps what the file says, else assumes none (and says so through ``note``). Returns ``(model in eval mode on device, info)``; every wrong pairing
     (architecture vs weights, classes, channels, image size) raises one FastRobustError naming both sides.
     """
     from .checkpoint import MODEL_KEY, read_model_file, resolve_model_file
 
     note = note or (lambda message: print(message, file=sys.stderr))
+    normalization = _as_normalization(normalization, image_shape[0])
     path = Path(path)
     if path.is_dir():
         path = resolve_model_file(path)

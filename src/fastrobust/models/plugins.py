@@ -68,11 +68,20 @@ def register(name: str, factory: Callable[..., nn.Module], *, description: str =
         raise ConfigError(f"model name {name!r} is taken by fastrobust's zoo: choose another name")
     if not callable(factory):
         raise ConfigError(f"register({name!r}, ...): the factory {factory!r} is not callable")
-    if key in _REGISTERED and not replace and _REGISTERED[key].factory is not factory:
+    if key in _REGISTERED and not replace and not _same_code(_REGISTERED[key].factory, factory):
         raise ConfigError(f"model name {name!r} is already registered by {_REGISTERED[key].origin}: "
                           "choose another name or pass replace=True")
     origin = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
     _REGISTERED[key] = Registered(key, factory, description or (inspect.getdoc(factory) or "").split("\n")[0], origin)
+
+
+def _same_code(old: Callable, new: Callable) -> bool:
+    """The same factory, or the same function defined again (a module imported twice, a notebook cell re-run)."""
+    if old is new:
+        return True
+    code_old, code_new = getattr(old, "__code__", None), getattr(new, "__code__", None)
+    return (code_old is not None and code_new is not None and old.__qualname__ == new.__qualname__
+            and code_old.co_filename == code_new.co_filename)
 
 
 def unregister(name: str) -> None:
