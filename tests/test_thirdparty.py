@@ -376,7 +376,8 @@ def test_export_programs_are_loaded_without_running_their_pickles_or_code(tmp_pa
     guards = _rewrite(tmp_path / "ok.pt2", tmp_path / "guards.pt2", lambda name, data: data.replace(
         b'"guards_code": []', b'"guards_code": ["__import__(\'os\')"]') if name.endswith("model.json") else data)
     assert load_export(tmp_path / "ok.pt2")(torch.rand(3, 3, 8, 8)).shape == (3, 10)
-    with pytest.raises(FastRobustError, match=r"refused to load .*pickled\.pt2.*GLOBAL (posix|os)\.system.*nothing in the file was run"):
+    with pytest.raises(FastRobustError,
+                       match=r"refused to load .*pickled\.pt2.*GLOBAL (posix|os)\.system.*nothing in the file was run"):
         load_export(pickled)
     with pytest.raises(FastRobustError, match=r"calls 'torch\.serialization\.os\.system', which is not a torch operator"):
         load_export(calls)

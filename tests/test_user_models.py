@@ -153,7 +153,7 @@ def test_a_registered_name_works_in_configs_and_is_recorded(tmp_path, one_thread
         result = train(config(tmp_path, "named", model="smallnet_test", model_params={"width": 8}, epochs=1),
                        dataset=synthetic_dataset(), **QUIET)
         assert result["model_source"] == {"source": "registered", "name": "smallnet_test",
-                                          "factory": f"{__name__}:test_a_registered_name_works_in_configs_and_is_recorded.<locals>.small_net"}
+                                          "factory": f"{__name__}:{small_net.__qualname__}"}
         rebuilt, _ = load_model(tmp_path / "named")
         assert isinstance(rebuilt, SmallNet) and rebuilt.features[0].out_channels == 8
     finally:

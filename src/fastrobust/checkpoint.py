@@ -156,7 +156,8 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Pickles that name anything but tensors and plain containers are refused with a FastRobustError naming
     the file and the refused global; a file that is no checkpoint at all (an HTML page saved by a failed
     download, text, a truncated archive) is reported as such. ``{"state_dict": ...}``, ``{"model": ...}``,
-    ``{"net": ...}`` wrappers and DataParallel's ``module.`` prefix are unwrapped. Convert the result with ``save_model`` to get a safe .safetensors file.
+    ``{"net": ...}`` wrappers and DataParallel's ``module.`` prefix are unwrapped. Convert the result with
+    ``save_model`` to get a safe .safetensors file (``fastrobust.thirdparty`` maps public key layouts).
     """
     import pickle
     import warnings

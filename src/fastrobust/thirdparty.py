@@ -297,6 +297,8 @@ def _layout_model(state: dict[str, torch.Tensor], path: Path, *, model_name: str
     named = f"--model {model_name}" if match is None else f"{name} ({match.description})"
     load_into(model, state, weights=str(path), architecture=f"{named} for {dataset}")
     info["model"] = dict(getattr(model, "fastrobust_config", {}) or {})
+    if chosen.mean is not None and info["model"].get("mean") is None:  # a registered factory without mean/std
+        model = InputNormalization(model, chosen.mean, chosen.std)
     return model, info, chosen
 
 
@@ -309,7 +311,8 @@ _EXPR_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "oo", 
                "nonnegative", "real", "finite", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And",
                "Or", "Not", "Max", "Min", "Mod", "sqrt", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "IntTrueDiv",
                "FloatTrueDiv", "ToFloat", "TruncToInt", "TruncToFloat", "RoundToInt", "RoundDecimal", "PowByNatural",
-               "FloatPow", "ModularIndexing", "Where", "CeilToInt", "FloorToInt", "Identity", "int_oo", "IsNonOverlappingAndDenseIndicator"}
+               "FloatPow", "ModularIndexing", "Where", "CeilToInt", "FloorToInt", "Identity", "int_oo",
+               "IsNonOverlappingAndDenseIndicator"}
 
 
 def _safe_expression(text: str) -> bool:
@@ -450,8 +453,9 @@ def load_model(
     fastrobust (or registered) architecture a state dict fits, when its layout does not say. ``factory``:
     ``"FILE.py:FUNCTION"`` (runs that file) or a callable, building the module a state dict loads into.
     ``normalization``: ``"none"``, ``(mean, std)`` (numbers or one per channel) or a :class:`Normalization`;
-    None keeps what the file says, else assumes none (and says so through ``note``). Returns ``(model in eval mode on device, info)``; every wrong pairing
-    (architecture vs weights, classes, channels, image size) raises one FastRobustError naming both sides.
+    None keeps what the file says, else assumes none (and says so through ``note``).
+    Returns ``(model in eval mode on device, info)``; every wrong pairing (architecture vs weights, classes,
+    channels, image size) raises one FastRobustError naming both sides.
     """
     from .checkpoint import MODEL_KEY, read_model_file, resolve_model_file
 

@@ -250,7 +250,7 @@ class Trainer:
                 config.model, num_classes=self.data.num_classes, in_channels=channels,
                 mean=list(self.data.mean), std=list(self.data.std), image_size=height, **model_kwargs,
             ).to(self.device)
-        self.model_source = user_model.source(self.model, config.model)
+        self.model_source = user_model.source(self.model, config.model, given=model is not None)
         if config.sync_bn and self.dist.active:
             self.model = dist_lib.convert_sync_batchnorm(self.model, self.device)
         if self.channels_last:

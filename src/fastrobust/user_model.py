@@ -54,9 +54,10 @@ def checked(model: nn.Module, data) -> nn.Module:
     return model
 
 
-def source(model: nn.Module, name: str) -> dict[str, Any]:
-    """What built the model, for checkpoints and result.json: the zoo, a registered factory, or the user."""
-    if getattr(model, "fastrobust_config", None) is None:
+def source(model: nn.Module, name: str, *, given: bool) -> dict[str, Any]:
+    """What built the model, for checkpoints and result.json: the user (``given``: passed as model=), a
+    registered factory, or the zoo."""
+    if given:
         return custom.describe(model)
     registered = plugins.lookup(name)
     if registered is not None:

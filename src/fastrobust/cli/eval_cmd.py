@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                              "trained elsewhere: a state dict (.pt/.pth/.safetensors, read with weights_only=True), "
                              "a TorchScript archive or a torch.export .pt2 program (see docs/evaluation.md)")
     parser.add_argument("--model", default=None,
-                        help="for a state dict: the fastrobust (or --import-registered) model it fits; public ResNet, "
-                             "PreActResNet and WideResNet layouts are recognised without it")
+                        help="for a state dict: the model it fits (a zoo name, or one registered by --import); "
+                             "the public ResNet, PreActResNet and WideResNet layouts are recognised without it")
     parser.add_argument("--model-factory", default=None, metavar="FILE.py:FUNCTION",
                         help="RUNS FILE.py and calls FUNCTION to build the module the state dict loads into "
                              "(an architecture fastrobust does not have)")

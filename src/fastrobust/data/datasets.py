@@ -228,7 +228,8 @@ SPECS: dict[str, Spec] = {
         None, "http://cs231n.stanford.edu/",
     ),
     "imagefolder": Spec(
-        "imagefolder", None, None, -1, True, lambda root: [Candidate(root, "imagefolder", "image folder tree or archive")],
+        "imagefolder", None, None, -1, True,
+        lambda root: [Candidate(root, IMAGEFOLDER_READERS[None], "image folder tree or archive")],
     ),
 }
 
@@ -322,7 +323,8 @@ def _read_mnist_idx(path: Path) -> Raw:
 
 
 SPLIT_NAMES = ("train", "val", "test")
-IMAGEFOLDER_READERS = {None: "imagefolder", 1: "imagefolder-grey", 3: "imagefolder-rgb"}  # by `channels`
+# image-folder readers by `channels` (None: RGB if any training image is in colour); the names enter the cache key
+IMAGEFOLDER_READERS = {None: "imagefolder-any-colour", 1: "imagefolder-grey", 3: "imagefolder-rgb"}
 
 
 def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: str | None,
@@ -495,8 +497,7 @@ def _stat_files(candidate: Candidate) -> list[tuple[str, int, int]]:
 
 
 def _cache_key(name: str, candidate: Candidate) -> str:
-    rule = ["channels: any colour -> RGB"] if candidate.reader.startswith("imagefolder") else []  # since issue 13.7
-    payload = json.dumps([CACHE_FORMAT, name, candidate.reader, _stat_files(candidate), *rule])
+    payload = json.dumps([CACHE_FORMAT, name, candidate.reader, _stat_files(candidate)])
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
