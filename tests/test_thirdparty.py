@@ -296,6 +296,12 @@ def test_wrong_pairings_are_one_line_naming_both_sides(cli, tmp_path):
     code, _, err, _ = cli(_save(tmp_path, pl.PreActResNet18(final_bn=False), "kuangliu.pt"))
     one_line_error(code, err, "kuangliu.pt", "no final BatchNorm", "--model-factory")
 
+    from fastrobust.thirdparty import load_model  # the fixed pooling window of a public layout vs 64x64 images
+
+    with pytest.raises(FastRobustError, match=r"w16\.pt \(WideResNet-16-1, TRADES .* layout\) pools with a fixed "
+                                              r"window that is global only for 32x32 images, tiny's are 64x64"):
+        load_model(tmp_path / "w16.pt", num_classes=10, image_shape=(3, 64, 64), dataset="tiny")
+
     mine = _save(tmp_path, namespace["build"](10), "mine.pt")
     code, _, err, _ = cli(mine)
     one_line_error(code, err, "cannot tell which architecture", "give --model NAME")
