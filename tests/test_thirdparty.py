@@ -368,7 +368,7 @@ def _rewrite(source: Path, target: Path, change) -> Path:
 
 
 def test_export_programs_are_loaded_without_running_their_pickles_or_code(tmp_path):
-    from fastrobust.thirdparty import load_export
+    from fastrobust.programs import load_export
 
     marker = tmp_path / "marker"
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
@@ -398,9 +398,20 @@ def test_export_programs_are_loaded_without_running_their_pickles_or_code(tmp_pa
     assert marker.exists(), "the payload is real"
 
 
+@pytest.mark.parametrize("expression, safe", [
+    ("Symbol('s31', positive=True, integer=True)", True), ("2*s0 + FloorDiv(s1, 4) - 1", True),
+    ("Max(s0, 2) <= 1024", True), ("__import__('os').system('touch x')", False), ("s0.__class__", False),
+    ("eval('1')", False), ("Symbol('s0'); open('x')", False),
+])
+def test_symbolic_shape_expressions_allowed_in_a_program(expression, safe):
+    from fastrobust.programs import _safe_expression
+
+    assert _safe_expression(expression) is safe
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_archives_never_resolve_python_globals(tmp_path):
-    from fastrobust.thirdparty import load_torchscript
+    from fastrobust.programs import load_torchscript
 
     marker = tmp_path / "marker"
     torch.jit.script(nn.Linear(2, 2)).save(str(tmp_path / "ok.pt"))

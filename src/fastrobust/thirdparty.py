@@ -9,14 +9,8 @@ input normalisation and how it was chosen). What each format runs (see docs/eval
 - state dicts (``torch.save``, ``.pt``/``.pth``, or ``.safetensors`` without fastrobust metadata): read with
   ``torch.load(weights_only=True)`` (a pickle that names anything but tensors and containers is refused before
   it runs); the keys are matched to a fastrobust architecture through ``fastrobust.models.layouts``.
-- TorchScript archives (``torch.jit.save``): ``torch.jit.load`` reads their pickles with TorchScript's own C++
-  unpickler, which builds only tensors, containers and TorchScript classes compiled from the archive's ``code/``
-  (never a Python object, never a Python import); the archive's TorchScript code runs when the model does.
-- ``torch.export`` programs (``.pt2``): ``torch.export.load`` alone would unpickle Python objects (it falls
-  back to ``torch.load(weights_only=False)`` and calls ``pickle.loads``), so fastrobust checks the archive first
-  (no compiled AOTInductor code, no Python guard code, only ``torch.ops``/``operator``/``math`` calls, plain
-  symbolic shape expressions) and loads it with every pickle forced through ``weights_only=True`` and
-  ``pickle.loads`` refused.
+- TorchScript archives (``torch.jit.save``) and ``torch.export`` programs (``.pt2``): see ``fastrobust.programs``
+  for what their loaders unpickle and run (no Python object is unpickled; ``.pt2`` archives are checked first).
 - ``factory="FILE.py:FUNCTION"``: **runs that Python file** (your code builds the module), then loads the state
   dict into the module it returns.
 """
@@ -25,15 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import re
 import sys
-import zipfile
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from unittest import mock
 
 import torch
 from torch import nn
@@ -41,6 +31,7 @@ from torch import nn
 from .errors import ConfigError, FastRobustError
 from .filekind import checkpoint_format, not_a_checkpoint
 from .models.custom import check_pairing
+from .programs import load_export, load_torchscript
 
 NORMALIZATION_CHOICES = "none, dataset, or MEAN,STD (two numbers, or one mean and one std per channel)"
 
@@ -119,22 +110,6 @@ class InputNormalization(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)
-
-
-class FixedMode(nn.Module):
-    """Holds a program that runs as it was exported or scripted: ``train()``/``eval()`` do not reach it
-    (an exported program refuses them; a TorchScript archive keeps the mode it was saved in)."""
-
-    def __init__(self, program: nn.Module):
-        super().__init__()
-        self.program = program
-
-    def train(self, mode: bool = True) -> "FixedMode":
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
 
 
 def _normalized(model: nn.Module, normalization: Normalization) -> nn.Module:
@@ -300,137 +275,6 @@ def _layout_model(state: dict[str, torch.Tensor], path: Path, *, model_name: str
     if chosen.mean is not None and info["model"].get("mean") is None:  # a registered factory without mean/std
         model = InputNormalization(model, chosen.mean, chosen.std)
     return model, info, chosen
-
-
-# --------------------------------------------------------------------------- torch.export programs
-_TARGET = re.compile(r"^(torch\.ops\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}|_operator\.[a-z_]+|"
-                     r"math\.[a-z_0-9]+|torch\._?sym_[a-z_]+)$")
-_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|(\d+(?:\.\d*)?(?:e[+-]?\d+)?)|('[A-Za-z_][A-Za-z0-9_]*')|"
-                         r"(\*\*|//|==|!=|<=|>=|[-+*/%(),<>=]))")
-_EXPR_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "oo", "zoo", "nan", "positive", "integer",
-               "nonnegative", "real", "finite", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And",
-               "Or", "Not", "Max", "Min", "Mod", "sqrt", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "IntTrueDiv",
-               "FloatTrueDiv", "ToFloat", "TruncToInt", "TruncToFloat", "RoundToInt", "RoundDecimal", "PowByNatural",
-               "FloatPow", "ModularIndexing", "Where", "CeilToInt", "FloorToInt", "Identity", "int_oo",
-               "IsNonOverlappingAndDenseIndicator"}
-
-
-def _safe_expression(text: str) -> bool:
-    """Symbols, numbers, arithmetic and sympy's shape functions only (torch.export parses it with sympy)."""
-    position = 0
-    while position < len(text):
-        token = _EXPR_TOKEN.match(text, position)
-        if token is None or token.end() == position:
-            return text[position:].strip() == ""
-        name = token.group(1)
-        if name is not None and name not in _EXPR_NAMES and not re.fullmatch(r"[a-z]+\d+", name):
-            return False
-        position = token.end()
-    return True
-
-
-def check_export_archive(path: Path) -> None:
-    """Refuse a .pt2 archive whose loading or running would run code beyond torch operators (see the module doc)."""
-    refuse = f"refused to load {path} (a torch.export program): "
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            programs = {name: archive.read(name) for name in names
-                        if name.split("/", 1)[-1].startswith("models/") and name.endswith(".json")}
-    except (zipfile.BadZipFile, OSError) as error:
-        raise FastRobustError(not_a_checkpoint(path) or f"cannot read {path}: {error}") from None
-    for name in names:
-        leaf = name.split("/", 1)[-1]
-        if leaf.startswith("data/aotinductor/"):
-            raise FastRobustError(refuse + "it holds compiled AOTInductor code (native libraries that would be loaded)")
-        if leaf.startswith("serialized_"):
-            raise FastRobustError(refuse + "it is in the format of PyTorch <= 2.7, whose loader unpickles Python "
-                                  "objects; export it again with torch.export.save")
-    if not programs:
-        raise FastRobustError(f"{path} holds no exported program (models/*.json)")
-    for name, blob in programs.items():
-        try:
-            program = json.loads(blob)
-        except ValueError as error:
-            raise FastRobustError(f"{path}: {name} is not valid JSON ({error})") from None
-        if program.get("guards_code"):
-            raise FastRobustError(refuse + "it carries Python guard code, which would run")
-        problem = _unsafe_node(program)
-        if problem:
-            raise FastRobustError(refuse + problem)
-
-
-def _unsafe_node(node: Any) -> str | None:
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key == "target" and isinstance(value, str) and not _TARGET.match(value):
-                    return f"its graph calls {value!r}, which is not a torch operator"
-                if key == "expr_str" and isinstance(value, str) and not _safe_expression(value):
-                    return f"a symbolic shape expression is not plain arithmetic: {value[:80]!r}"
-                if key == "range_constraints" and isinstance(value, dict):
-                    bad = [k for k in value if not _safe_expression(k)]
-                    if bad:
-                        return f"a range constraint names {bad[0][:80]!r}"
-                stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
-class _PickleRefused(Exception):
-    pass
-
-
-def _refuse_pickle(*_args, **_kwargs):
-    raise _PickleRefused("it holds a pickled Python object (an opaque or custom constant)")
-
-
-def load_export(path: Path) -> nn.Module:
-    """``torch.export.load`` with every ``torch.load`` forced to ``weights_only=True`` and ``pickle.loads``
-    refused, after :func:`check_export_archive`; returns the program as a module (its mode fixed)."""
-    import pickle
-
-    import torch.export.pt2_archive._package as package
-
-    check_export_archive(path)
-    real_load = torch.load
-
-    def weights_only_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
-
-    class NoPickle:  # stands in for the pickle module inside torch's .pt2 reader
-        loads = staticmethod(_refuse_pickle)
-        load = staticmethod(_refuse_pickle)
-
-    try:
-        with ExitStack() as stack:
-            stack.enter_context(mock.patch.object(torch, "load", weights_only_load))
-            stack.enter_context(mock.patch.object(package, "pickle", NoPickle))
-            stack.enter_context(mock.patch.object(torch._C, "_pickle_load_obj", _refuse_pickle))
-            program = torch.export.load(str(path))
-    except (_PickleRefused, pickle.UnpicklingError) as error:
-        from .checkpoint import _load_reason
-
-        raise FastRobustError(f"refused to load {path} (a torch.export program): {_load_reason(error)[:200]}; only "
-                              "tensors are unpickled (weights_only=True), nothing in the file was run") from None
-    except Exception as error:  # noqa: BLE001 - version mismatch, damaged archive
-        raise FastRobustError(f"cannot load {path} as a torch.export program ({type(error).__name__}: "
-                              f"{' '.join(str(error).split())[:300]})") from None
-    return FixedMode(program.module())
-
-
-def load_torchscript(path: Path) -> nn.Module:
-    """``torch.jit.load`` on the CPU (see the module docstring for what it unpickles and runs)."""
-    try:
-        program = torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - damaged archive, unknown operators
-        raise FastRobustError(not_a_checkpoint(path) or f"cannot load {path} as a TorchScript archive "
-                              f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
-    return FixedMode(program)
 
 
 # --------------------------------------------------------------------------- the one entry point
