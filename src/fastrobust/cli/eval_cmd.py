@@ -34,7 +34,9 @@ def register(subparsers) -> None:
                              "dataset (the dataset's mean/std), or MEAN,STD numbers (one pair, or one per channel: "
                              "means first); without it, none is assumed and said")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10 (see `fastrobust data`)")
-    parser.add_argument("--data-root", default=None, help="where the dataset lies (default: $FASTROBUST_DATA)")
+    parser.add_argument("--data-root", default=None,
+                        help="where the dataset lies (default: $FASTROBUST_DATA, else ~/.cache/fastrobust/data, "
+                             "where a missing dataset is downloaded once)")
     parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
                         help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)}")
     parser.add_argument("--eps", default="8/255", help="perturbation size in [0,1] pixel units; 8/255 accepted (default 8/255)")
