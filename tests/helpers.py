@@ -1,13 +1,20 @@
-"""Small synthetic data for fast trainer tests: learnable, class-dependent 8x8 colour patterns."""
+"""Test helpers: small synthetic data for fast trainer tests (learnable, class-dependent 8x8 colour patterns)
+and writers of the official CIFAR-10 format."""
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import struct
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastrobust.data import Dataset, ImageSet
+from fastrobust.data.datasets import CIFAR10_CLASSES
 
 
 def synthetic_split(n: int, classes: int, seed: int, size: int = 8) -> ImageSet:
@@ -40,3 +47,66 @@ def train_tinycnn_once(dataset: Dataset, base: Path, method: str, activation: st
                              batch_size=128, lr=0.05, schedule="cosine", device="cpu", out=str(out), seed=0)
         train(config, dataset=dataset, progress=False, log=lambda _: None)
     return json.loads((out / "result.json").read_text())["test"], out
+
+
+# ----------------------------------------------------------------------------- the official CIFAR format
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` (BINSTRING), as the official CIFAR batches were written."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(obj)
+    # numpy 2 names its module numpy._core; the official files (numpy 1) say numpy.core
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def cifar_arrays(n, num_classes, seed):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(i % num_classes) for i in range(n)]
+    return data, labels
+
+
+def write_cifar10(folder, per_batch=20, labels_fn=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {"train": ([], []), "test": ([], [])}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        data, labels = cifar_arrays(per_batch, 10, k)
+        if labels_fn:
+            labels = labels_fn(name, labels)
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                 b"filenames": [f"img_{k}_{i}.png".encode() for i in range(per_batch)]}
+        (folder / name).write_bytes(py2_pickle(batch))
+        split = "test" if name == "test_batch" else "train"
+        expected[split][0].append(data)
+        expected[split][1].extend(labels)
+    meta = {b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
+    return {k: (np.concatenate(v[0]).reshape(-1, 3, 32, 32), np.asarray(v[1])) for k, v in expected.items()}
+
+
+def make_tar(source_dir, archive, arcname):
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source_dir, arcname=arcname)
+
+
+def write_cifar10_archive(archive: Path, per_batch: int = 10) -> dict:
+    """``cifar-10-python.tar.gz`` in the official layout (cifar-10-batches-py/, Python 2 pickles) holding
+    5 x ``per_batch`` training and ``per_batch`` test images; returns {split: (images NCHW, labels)}."""
+    folder = archive.parent / f".{archive.name}.src" / "cifar-10-batches-py"
+    expected = write_cifar10(folder, per_batch=per_batch)
+    make_tar(folder, archive, "cifar-10-batches-py")
+    return expected

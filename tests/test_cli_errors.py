@@ -343,7 +343,7 @@ def test_listing_commands_reject_extra_arguments(sandbox, capsys, command, extra
     (["train", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     (["train", "--resume", "no-such-run"], "not a fastrobust run folder"),
     (["eval", "--checkpoint", "missing.safetensors", "--dataset", "cifar10"], "does not exist"),
-    (["eval", "--checkpoint", "w.pt", "--dataset", "cifar10"], "give --model NAME"),
+    (["eval", "--checkpoint", "w.pt", "--dataset", "cifar10"], "w.pt does not exist"),
     (["eval", "--checkpoint", "m.safetensors", "--dataset", "cifar10", "--eps", "8/0"], "divides by zero"),
     (["data", "nosuch", "--root", "."], "unknown dataset 'nosuch'"),
 ])

@@ -24,63 +24,12 @@ from fastrobust.data import formats
 from fastrobust.data._safe_pickle import safe_loads
 from fastrobust.errors import ConfigError, DataError
 
+from helpers import cifar_arrays, make_tar, py2_pickle, write_cifar10
+
 RNG = np.random.default_rng(0)
 
 
 # ----------------------------------------------------------------------------- writers
-class _Py2Pickler(pickle._Pickler):
-    """Writes bytes as Python 2 ``str`` (BINSTRING), as the official CIFAR batches were written."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_bytes(self, obj):
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-
-def py2_pickle(obj) -> bytes:
-    buffer = io.BytesIO()
-    _Py2Pickler(buffer, protocol=2).dump(obj)
-    # numpy 2 names its module numpy._core; the official files (numpy 1) say numpy.core
-    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
-def cifar_arrays(n, num_classes, seed):
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    labels = [int(i % num_classes) for i in range(n)]
-    return data, labels
-
-
-def write_cifar10(folder, per_batch=20, labels_fn=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    expected = {"train": ([], []), "test": ([], [])}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for k, name in enumerate(names):
-        data, labels = cifar_arrays(per_batch, 10, k)
-        if labels_fn:
-            labels = labels_fn(name, labels)
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"img_{k}_{i}.png".encode() for i in range(per_batch)]}
-        (folder / name).write_bytes(py2_pickle(batch))
-        split = "test" if name == "test_batch" else "train"
-        expected[split][0].append(data)
-        expected[split][1].extend(labels)
-    meta = {b"label_names": [n.encode() for n in ds.CIFAR10_CLASSES], b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(py2_pickle(meta))
-    return {k: (np.concatenate(v[0]).reshape(-1, 3, 32, 32), np.asarray(v[1])) for k, v in expected.items()}
-
-
-def make_tar(source_dir, archive, arcname):
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source_dir, arcname=arcname)
-
-
 def png_bytes(array, mode=None):
     buffer = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buffer, format="PNG")

@@ -121,8 +121,8 @@ def test_import_state_dict_reads_plain_and_wrapped_state_dicts(tmp_path):
 
 @pytest.mark.parametrize("content, reason", [
     (None, "does not exist"),
-    (b"", "cannot read|refused"),
-    (b"PK\x03\x04 truncated zip", "cannot read"),
+    (b"", "is not a checkpoint: it looks like an empty file"),
+    (b"PK\x03\x04 truncated zip", "is not a checkpoint: it looks like a truncated or damaged zip archive"),
     ("list", "not a state dict"),
     ("non_tensor", "entry 'lr' is a float, not a tensor"),
 ])
@@ -142,7 +142,7 @@ def test_truncated_torch_file_is_a_clear_error(tmp_path):
     path = tmp_path / "cut.pt"
     torch.save({"w": torch.zeros(100)}, path)
     path.write_bytes(path.read_bytes()[:-200])
-    with pytest.raises(FastRobustError, match=r"cannot read .*cut\.pt as a torch state dict.*truncated"):
+    with pytest.raises(FastRobustError, match=r"cut\.pt is not a checkpoint: it looks like a truncated .*zip archive"):
         import_state_dict(path)
 
 

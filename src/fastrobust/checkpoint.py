@@ -19,7 +19,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .errors import FastRobustError
+from .filekind import not_a_checkpoint
 
+STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {"state_dict": {...}, "epoch": ...}
 MODEL_KEY = "fastrobust_model"
 META_KEY = "fastrobust_meta"
 
@@ -68,16 +70,13 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """The JSON-able constructor config of a fastrobust model (see fastrobust.models.create)."""
-    inner = getattr(model, "module", model)  # DDP / compiled wrappers
-    inner = getattr(inner, "_orig_mod", inner)
+    """The JSON-able constructor config of a fastrobust model (see fastrobust.models.create); for any other
+    module its description (class, fingerprint; see fastrobust.models.custom), which needs the module again."""
+    from .models.custom import describe
+
+    inner = unwrap(model)  # DDP / compiled wrappers
     config = getattr(inner, "fastrobust_config", None)
-    if config is None:
-        raise FastRobustError(
-            f"{type(inner).__name__} has no fastrobust_config: build models with fastrobust.models.create "
-            "or set model.fastrobust_config to the keyword arguments of create()"
-        )
-    return dict(config)
+    return describe(inner) if config is None else dict(config)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -114,7 +113,8 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             header = handle.metadata() or {}
             state = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors raises several types for damaged files
-        raise FastRobustError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt") from None
+        raise FastRobustError(not_a_checkpoint(path) or f"{path} is not a readable safetensors file ({error}); "
+                              "it may be truncated or corrupt") from None
     if MODEL_KEY not in header:
         raise FastRobustError(f"{path} has no fastrobust model config in its metadata: it was not written by fastrobust")
     try:
@@ -129,9 +129,15 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model (in eval mode) and return it with the metadata saved beside its weights."""
     from .models import create
+    from .models.custom import is_module_config
 
     file = resolve_model_file(path)
     state, config, metadata = read_model_file(file)
+    if is_module_config(config):
+        raise FastRobustError(
+            f"{file} holds the weights of a module fastrobust did not build (class {config.get('class')}): "
+            "give the code that builds it, fastrobust eval --model-factory FILE.py:FUNCTION "
+            "(Python: fastrobust.thirdparty.load_model(path, factory=...))")
     try:
         model = create(**config)
     except (TypeError, ValueError, KeyError) as error:  # FastRobustError (unknown model) passes through
@@ -148,8 +154,10 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a third-party ``.pt``/``.pth`` state dict safely: ``torch.load(weights_only=True)``, no code run.
 
     Pickles that name anything but tensors and plain containers are refused with a FastRobustError naming
-    the file and the refused global. ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and DataParallel's
-    ``module.`` prefix are unwrapped. Convert the result with ``save_model`` to get a safe .safetensors file.
+    the file and the refused global; a file that is no checkpoint at all (an HTML page saved by a failed
+    download, text, a truncated archive) is reported as such. ``{"state_dict": ...}``, ``{"model": ...}``,
+    ``{"net": ...}`` wrappers and DataParallel's ``module.`` prefix are unwrapped. Convert the result with
+    ``save_model`` to get a safe .safetensors file (``fastrobust.thirdparty`` maps public key layouts).
     """
     import pickle
     import warnings
@@ -162,12 +170,14 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise FastRobustError(f"refused to load {path}: {_load_reason(error)}; only tensors and plain containers "
-                              "are accepted (weights_only=True), nothing in the file was run") from None
+        raise FastRobustError(not_a_checkpoint(path) or (
+            f"refused to load {path}: {_load_reason(error)}; only tensors and plain containers "
+            "are accepted (weights_only=True), nothing in the file was run")) from None
     except Exception as error:  # truncated zip, not a torch file, ...
-        raise FastRobustError(f"cannot read {path} as a torch state dict ({type(error).__name__}: "
-                              f"{_load_reason(error)}); it may be truncated or not a .pt file") from None
-    for key in ("state_dict", "model_state_dict", "model"):
+        raise FastRobustError(not_a_checkpoint(path) or (
+            f"cannot read {path} as a torch state dict ({type(error).__name__}: "
+            f"{_load_reason(error)}); it may be truncated or not a .pt file")) from None
+    for key in STATE_DICT_WRAPPERS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
             break

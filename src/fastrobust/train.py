@@ -26,6 +26,7 @@ from torch import nn
 from . import distributed as dist_lib
 from . import methods as methods_lib
 from . import training_state
+from . import user_model
 from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
 from .evaluate import pgd_accuracy
@@ -215,10 +216,11 @@ class Trainer:
     """The state of one run; ``fit()`` trains to the end (or to a requested stop)."""
 
     def __init__(self, config: TrainConfig, *, dataset: Any = None, progress: bool = True,
-                 log: Callable[[str], None] = print, resume: bool = False) -> None:
+                 log: Callable[[str], None] = print, resume: bool = False, model: nn.Module | None = None) -> None:
         from .data import DeviceLoader, load_dataset
         from .models import create as create_model
 
+        user_model.adopt_config(config, model, resume=resume)  # model=: config.model becomes "module"
         self.config = config.validate()
         self.dist = dist_lib.setup(config.device)  # one process unless torchrun started several
         self.log = log if self.dist.is_main else (lambda _message: None)
@@ -241,10 +243,14 @@ class Trainer:
         channels, height, _ = self.data.image_shape
         model_kwargs = dict(config.model_params)
         model_kwargs.setdefault("activation", config.activation)
-        self.model = create_model(
-            config.model, num_classes=self.data.num_classes, in_channels=channels,
-            mean=list(self.data.mean), std=list(self.data.std), image_size=height, **model_kwargs,
-        ).to(self.device)
+        if model is not None:  # the user's module, trained as it is (it sees pixels in [0, 1])
+            self.model = user_model.checked(model, self.data).to(self.device)
+        else:
+            self.model = create_model(
+                config.model, num_classes=self.data.num_classes, in_channels=channels,
+                mean=list(self.data.mean), std=list(self.data.std), image_size=height, **model_kwargs,
+            ).to(self.device)
+        self.model_source = user_model.source(self.model, config.model, given=model is not None)
         if config.sync_bn and self.dist.active:
             self.model = dist_lib.convert_sync_batchnorm(self.model, self.device)
         if self.channels_last:
@@ -293,7 +299,7 @@ class Trainer:
             "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step, "best": self.best,
             "peak_val_robust": self.peak_val_robust,
             "lr_scale": self.lr_scale, "train_seconds": self.train_seconds, "config": asdict(self.config),
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "model_source": self.model_source,
         }
 
     def _method_state(self) -> dict[str, torch.Tensor]:
@@ -324,6 +330,7 @@ class Trainer:
 
     def _resume(self) -> None:
         snapshot = dist_lib.on_main(lambda: training_state.load_latest(self.out, warn=self.log), self.dist)
+        user_model.check_resume(self.out, snapshot, self.model, self.model_source)
         training_state.restore(snapshot, self.model, self.optimizer, self.device, rng=False)
         rng = self._rank_rng(snapshot)
         if rng is not None:
@@ -550,7 +557,9 @@ class Trainer:
         """Evaluate ``best`` on the test split (clean and PGD-20) and write ``result.json``."""
         from .checkpoint import load_model
 
-        if self.dist.active:  # rank 0 reads best.safetensors (other machines may not see the folder)
+        if self.model_source["source"] == "module":  # a copy of the user's module with the best weights
+            best_model = user_model.best_copy(self.model, self.out / "best.safetensors", self.dist, self.device)
+        elif self.dist.active:  # rank 0 reads best.safetensors (other machines may not see the folder)
             from .checkpoint import read_model_file
             from .models import create as create_model
 
@@ -567,6 +576,7 @@ class Trainer:
         )
         result = {
             "config": asdict(self.config),
+            "model_source": self.model_source,
             "seed": self.config.seed,
             "method_cost_passes": self.method.cost.passes,
             "environment": environment(self.device),
@@ -600,15 +610,20 @@ def _epoch_line(record: dict[str, Any]) -> str:
 
 
 def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train a model as ``config`` says and return the result record (also in ``RUN/result.json``)."""
-    return Trainer(config, dataset=dataset, progress=progress, log=log).fit()
+          log: Callable[[str], None] = print, model: nn.Module | None = None) -> dict[str, Any]:
+    """Train a model as ``config`` says and return the result record (also in ``RUN/result.json``).
+
+    ``model``: train this ``nn.Module`` (pixels in [0, 1] -> logits; trained in place) instead of building
+    ``config.model`` from the registry; ``config.model`` then reads ``"module"`` (docs/models.md)."""
+    return Trainer(config, dataset=dataset, progress=progress, log=log, model=model).fit()
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
-           dataset: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+           dataset: Any = None, overrides: dict[str, Any] | None = None,
+           model: nn.Module | None = None) -> dict[str, Any]:
     """Continue a run from its newest intact checkpoint (same data order and random streams).
 
+    A run that trained a module passed as ``train(config, model=...)`` needs the same module again (``model``).
     Under torchrun, rank 0 reads the run folder and every rank gets its config; the checkpoint may come from
     any number of ranks (docs/distributed.md says what is exact)."""
     run_dir = Path(run_dir)
@@ -620,8 +635,12 @@ def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], N
             raise FastRobustError(f"{run_dir} is not a fastrobust run folder (no config.json)")
         try:
             return json.loads(config_file.read_text())
-        except ValueError as error:
-            raise FastRobustError(f"{config_file} is damaged or not a fastrobust config ({error}); "
+        except ValueError as error:  # UnicodeDecodeError too
+            from .filekind import looks_like
+
+            kind = looks_like(config_file)
+            raise FastRobustError(f"{config_file} is damaged or not a fastrobust config "
+                                  f"({f'it looks like {kind}' if kind else error}); "
                                   "restore it from a checkpoint's state.json 'config' or start a new run") from None
 
     saved = dist_lib.on_main(read_config, ctx)
@@ -632,4 +651,4 @@ def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], N
     except (ValueError, TypeError, AttributeError) as error:  # damaged or hand-edited config.json
         raise FastRobustError(f"{config_file} is damaged or not a fastrobust config ({error}); "
                               "restore it from a checkpoint's state.json 'config' or start a new run") from None
-    return Trainer(config, dataset=dataset, progress=progress, log=log, resume=True).fit()
+    return Trainer(config, dataset=dataset, progress=progress, log=log, resume=True, model=model).fit()

@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, model_config, sha256_file, tensors_to_bytes, unwrap
 from .errors import FastRobustError
+from .filekind import looks_like
 
 KEEP = 2
 
@@ -126,8 +127,8 @@ def verify(folder: Path) -> str | None:
         return "no state.json (the write was interrupted)"
     try:
         info = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        return "state.json is not valid JSON"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "state.json is not valid JSON" + _looks_like(state_file)
     hashes = info.get("sha256") or {}
     for name in ("model.safetensors", "train_state.safetensors"):
         if not hashes.get(name):
@@ -136,8 +137,14 @@ def verify(folder: Path) -> str | None:
         if not (folder / name).is_file():
             return f"{name} is missing"
         if sha256_file(folder / name) != digest:
-            return f"{name} does not match its recorded sha256 (truncated or altered)"
+            return f"{name} does not match its recorded sha256 (truncated or altered{_looks_like(folder / name, ': ')})"
     return None
+
+
+def _looks_like(path: Path, sep: str = "; ") -> str:
+    """``"; it looks like an HTML page"`` when the file is surely no checkpoint file (see fastrobust.filekind)."""
+    kind = looks_like(path)
+    return "" if kind is None or kind == "a JSON file" else f"{sep}it looks like {kind}"
 
 
 def load_latest(run_dir: Path, *, warn=print) -> Snapshot:

@@ -13,6 +13,7 @@ import sys
 from ..errors import FastRobustError
 
 _COMMANDS = ("train", "eval", "data", "models", "methods", "sweep", "report", "analyze")
+_PLUGIN_COMMANDS = ("train", "eval", "models", "sweep", "analyze")  # commands that take --import MODULE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that command is not part of this build
             raise
         module.register(subparsers)
+    for name in _PLUGIN_COMMANDS:
+        if name in subparsers.choices:
+            subparsers.choices[name].add_argument(
+                "--import", dest="imports", action="append", default=[], metavar="MODULE",
+                help="import MODULE first (from the current folder or the installed packages): a plugin that "
+                     "registers models with fastrobust.models.register (repeatable; see docs/models.md)")
     return parser
 
 
@@ -44,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "imports", None):
+            from ..models import import_plugins
+
+            import_plugins(args.imports)
         return int(args.func(args) or 0)
     except FastRobustError as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # always one line

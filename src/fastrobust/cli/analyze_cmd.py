@@ -72,7 +72,12 @@ def _load(file: Path, device: Any):
     from ..models import create
 
     if file.name == "model.safetensors":  # a training checkpoint: config in its metadata, no extra metadata
+        from ..models.custom import is_module_config
+
         state, config, _ = read_model_file(file)
+        if is_module_config(config):
+            raise FastRobustError(f"{file} holds a module fastrobust did not build (class {config.get('class')}): "
+                                  "analyse it in Python with fastrobust.analysis on the module loaded with its weights")
         model = create(**config)
         model.load_state_dict(state)
         return model.to(device).eval()

@@ -19,7 +19,11 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="decoded-array cache (default: $FASTROBUST_CACHE, else ~/.cache/fastrobust/decoded)")
     parser.add_argument("--val-size", type=int, default=1000, help="validation images carved from train (default 1000)")
-    parser.add_argument("--download", action="store_true", help="download the official files if they are missing")
+    parser.add_argument("--download", action="store_true",
+                        help="download the official files into --root if they are missing (without --root and "
+                             "FASTROBUST_DATA they are downloaded into ~/.cache/fastrobust/data anyway)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="imagefolder: 1 (greyscale) or 3 (RGB); default RGB if any training image is in colour")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -27,8 +31,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
 
-    dataset = load_dataset(args.name, args.root, val_size=args.val_size, download=args.download,
-                           cache_dir=args.cache_dir)
+    dataset = load_dataset(args.name, args.root, val_size=args.val_size, download=args.download or None,
+                           cache_dir=args.cache_dir, channels=args.channels)
     summary = dataset.summary()
     if args.json:
         print(json.dumps(summary))

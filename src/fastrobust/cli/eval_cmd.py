@@ -19,11 +19,24 @@ def register(subparsers) -> None:
         description="Robust accuracy of a saved model on the test split of a dataset. Each attack runs on "
         "every correctly classified point; the overall robust accuracy is the per-example worst case.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a run folder (best, else last model) or a .safetensors file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder (best, else last model), a fastrobust .safetensors file, or a model "
+                             "trained elsewhere: a state dict (.pt/.pth/.safetensors, read with weights_only=True), "
+                             "a TorchScript archive or a torch.export .pt2 program (see docs/evaluation.md)")
     parser.add_argument("--model", default=None,
-                        help="for a third-party .pt/.pth state dict only: the model it fits (read with weights_only=True)")
+                        help="for a state dict: the model it fits (a zoo name, or one registered by --import); "
+                             "the public ResNet, PreActResNet and WideResNet layouts are recognised without it")
+    parser.add_argument("--model-factory", default=None, metavar="FILE.py:FUNCTION",
+                        help="RUNS FILE.py and calls FUNCTION to build the module the state dict loads into "
+                             "(an architecture fastrobust does not have)")
+    parser.add_argument("--normalization", default=None, metavar="none|dataset|MEAN,STD",
+                        help="input normalisation of a model trained elsewhere: none (it takes [0,1] pixels), "
+                             "dataset (the dataset's mean/std), or MEAN,STD numbers (one pair, or one per channel: "
+                             "means first); without it, none is assumed and said")
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10 (see `fastrobust data`)")
-    parser.add_argument("--data-root", default=None, help="where the dataset lies (default: $FASTROBUST_DATA)")
+    parser.add_argument("--data-root", default=None,
+                        help="where the dataset lies (default: $FASTROBUST_DATA, else ~/.cache/fastrobust/data, "
+                             "where a missing dataset is downloaded once)")
     parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
                         help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)}")
     parser.add_argument("--eps", default="8/255", help="perturbation size in [0,1] pixel units; 8/255 accepted (default 8/255)")
@@ -66,23 +79,21 @@ def _input_shape(model) -> tuple[int | None, int | None]:
     return channels, classes
 
 
-def _import_model(path: str, name: str, dataset, device):
-    """A fastrobust model of ``name`` shaped for ``dataset``, with the weights of a third-party state dict."""
-    from ..checkpoint import import_state_dict
-    from ..models import create
+def _own_checkpoint(args: argparse.Namespace) -> bool:
+    """A fastrobust run folder or file evaluated as saved (no third-party loading options)."""
+    from ..checkpoint import MODEL_KEY
+    from ..filekind import checkpoint_format
+    from ..thirdparty import has_fastrobust_header
 
-    state = import_state_dict(path)
-    channels, height, _ = dataset.image_shape
-    model = create(name, num_classes=dataset.num_classes, in_channels=channels, image_size=height)
-    for key, value in model.state_dict().items():  # weights trained without in-model normalisation: identity
-        if key in ("mean", "std") and key not in state:
-            state[key] = value
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())
-        raise FastRobustError(f"{path} does not fit --model {name} for {dataset.name}: {detail[:400]}") from None
-    return model.to(device).eval(), {"path": str(path), "model": dict(model.fastrobust_config)}
+    if args.model or args.model_factory or args.normalization:
+        return False
+    path = Path(args.checkpoint)
+    if path.is_dir() or not path.exists():
+        return True  # load_model names what is missing
+    kind = checkpoint_format(path)
+    if kind == "safetensors":
+        return has_fastrobust_header(path, MODEL_KEY)
+    return path.suffix == ".safetensors" and kind is None  # damaged: load_model says how
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,14 +134,25 @@ def _run(args: argparse.Namespace) -> int:
     device = dist_lib.local_device(device, ctx)
     attacks = args.attack or ["pgd20"]
 
-    imported = Path(args.checkpoint).suffix in (".pt", ".pth")
-    if imported and not args.model:
-        raise ConfigError(f"--checkpoint {args.checkpoint} is a torch state dict: give --model NAME (see fastrobust models)")
-    if not imported:
+    own = _own_checkpoint(args)
+    if own:  # read before the dataset: a bad checkpoint fails fast
         model, metadata = load_model(args.checkpoint, device=device)
+        config = metadata.get("model") or {}
+        source = {"format": "fastrobust", "normalization": {"mean": config.get("mean"), "std": config.get("std"),
+                                                           "how": "from the weights (fastrobust model)"}}
+    elif not Path(args.checkpoint).exists():
+        raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder or a model file")
     dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=test_subset)  # only test is read
-    if imported:
-        model, metadata = _import_model(args.checkpoint, args.model, dataset, device)
+    if not own:
+        from ..thirdparty import load_model as load_any, parse_normalization
+
+        normalization = parse_normalization(args.normalization, dataset.image_shape[0], dataset_name=dataset.name,
+                                            dataset_stats=(dataset.mean, dataset.std))
+        model, source = load_any(
+            args.checkpoint, num_classes=dataset.num_classes, image_shape=dataset.image_shape, model=args.model,
+            factory=args.model_factory, normalization=normalization, dataset=dataset.name, device=device,
+            note=(lambda message: print(f"fastrobust eval: {message}", file=sys.stderr)) if ctx.is_main else (lambda _m: None))
+        metadata = {"path": source["path"], "model": source.get("model")}
     channels, classes = _input_shape(model)
     data_channels = dataset.image_shape[0]
     if classes is not None and int(classes) != dataset.num_classes:
@@ -160,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     if not ctx.is_main:  # rank 0 prints and writes the record
         return 0
     record = {"checkpoint": metadata.get("path", str(args.checkpoint)), "dataset": dataset.name,
-              "test_subset": test_subset, **record}
+              "test_subset": test_subset, "model_source": source, **record}
     if args.out:
         out = Path(args.out)
         try:

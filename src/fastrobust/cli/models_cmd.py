@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     name_width = max(len("model"), *(len(row["name"]) for row in rows))
     print(f"{'model':<{name_width}}  {'params':>11}  description")
     for row in rows:
-        print(f"{row['name']:<{name_width}}  {row['params']:>11,}  {row['description']}")
+        params = "?" if row["params"] is None else f"{row['params']:,}"
+        print(f"{row['name']:<{name_width}}  {params:>11}  {row['description']}")
     print()
     print("parameters counted for 10 classes, 32x32 RGB input")
     print(f"activations (--activation): {', '.join(available_activations())}")

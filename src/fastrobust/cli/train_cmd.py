@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="model name (fastrobust models lists them)")
     parser.add_argument("--activation", help="activation for every ReLU of the model (SAT: silu, gelu, ...)")
     parser.add_argument("--dataset", help="cifar10, cifar100, svhn, mnist, tiny-imagenet or imagefolder")
-    parser.add_argument("--data-root", help="folder holding the dataset files (default: $FASTROBUST_DATA)")
+    parser.add_argument("--data-root",
+                        help="folder holding the dataset files (default: $FASTROBUST_DATA, else "
+                             "~/.cache/fastrobust/data, where a missing dataset is downloaded once)")
     parser.add_argument("--epochs", type=str)
     parser.add_argument("--batch-size", type=str)
     parser.add_argument("--lr", type=str)

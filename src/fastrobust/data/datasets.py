@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -226,7 +228,8 @@ SPECS: dict[str, Spec] = {
         None, "http://cs231n.stanford.edu/",
     ),
     "imagefolder": Spec(
-        "imagefolder", None, None, -1, True, lambda root: [Candidate(root, "imagefolder", "image folder tree or archive")],
+        "imagefolder", None, None, -1, True,
+        lambda root: [Candidate(root, IMAGEFOLDER_READERS[None], "image folder tree or archive")],
     ),
 }
 
@@ -320,6 +323,8 @@ def _read_mnist_idx(path: Path) -> Raw:
 
 
 SPLIT_NAMES = ("train", "val", "test")
+# image-folder readers by `channels` (None: RGB if any training image is in colour); the names enter the cache key
+IMAGEFOLDER_READERS = {None: "imagefolder-any-colour", 1: "imagefolder-grey", 3: "imagefolder-rgb"}
 
 
 def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: str | None,
@@ -356,16 +361,9 @@ def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: s
     for name in names:
         if not layout["train"].get(name):
             raise DataError(f"{path}: empty class {name!r}: no training images in train/{name}/")
-    if mode is None:  # generic trees: grey if the first image is grey, else RGB
-        first = members[layout["train"][names[0]][0]]
-        from PIL import Image
-        import io
-
-        try:
-            with Image.open(io.BytesIO(first)) as image:
-                mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
-        except Exception as error:
-            raise DataError(f"corrupt or unreadable image {layout['train'][names[0]][0]} in {path}: {error}") from None
+    if mode is None:  # generic trees: RGB if any training image is stored in colour, whatever the file order
+        files = [rel for name in names for rel in layout["train"][name]]
+        mode = "RGB" if any(_stored_in_colour(members[rel], rel, path) for rel in files) else "L"
     splits = {}
     size = None
     for split in SPLIT_NAMES:
@@ -388,6 +386,23 @@ def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: s
             size = (images.shape[2], images.shape[3])
         splits[split] = (images, np.asarray(labels, dtype=np.int64))
     return Raw(splits, names)
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _stored_in_colour(blob: bytes, name: str, source: Path) -> bool:
+    """Whether an encoded image is stored in a colour mode (RGB, RGBA, CMYK, YCbCr, palette, ...); reads the
+    header only."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            return image.mode not in GREY_MODES
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise DataError(f"corrupt or unreadable image {name} in {source}: {error}") from None
 
 
 def _read_tiny(path: Path) -> Raw:
@@ -458,8 +473,9 @@ def _read(candidate: Candidate) -> Raw:
         return _read_image_tree(path, class_order=MNIST_CLASSES, mode="L", by_name=True)
     if candidate.reader == "tiny-imagenet":
         return _read_tiny(path)
-    if candidate.reader == "imagefolder":
-        return _read_image_tree(path, class_order=None, mode=None)
+    if candidate.reader in IMAGEFOLDER_READERS.values():
+        mode = {"imagefolder-grey": "L", "imagefolder-rgb": "RGB"}.get(candidate.reader)
+        return _read_image_tree(path, class_order=None, mode=mode)
     raise AssertionError(candidate.reader)  # pragma: no cover
 
 
@@ -590,29 +606,102 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_file(item: Download, folder: Path, *, timeout: float = 60.0) -> Path:
-    """Fetch ``item.url`` into ``folder/item.filename`` (via a temp file), verify its md5; DataError on failure."""
+class _Retry(Exception):
+    """A transfer that broke off (connection reset, timeout, short body): try again, resuming."""
+
+
+def download_file(item: Download, folder: Path, *, timeout: float = 60.0, attempts: int = 3,
+                  progress: bool | None = None) -> Path:
+    """Fetch ``item.url`` into ``folder/item.filename`` and verify its md5; DataError on failure.
+
+    The bytes go to ``FILE.part``; a transfer that breaks off is resumed with an HTTP Range request (or
+    restarted when the server ignores it), up to ``attempts`` times, and a later call resumes what an earlier
+    one left in ``FILE.part``. ``FILE`` itself appears only complete and verified (``os.replace``); a checksum
+    mismatch deletes the part. Concurrent calls (several ranks) wait for each other on a lock of ``folder``.
+    ``progress``: a tqdm bar on stderr (None: only when stderr is a terminal)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / item.filename
-    if target.exists() and _md5(target) == item.md5:
-        return target
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=item.filename, suffix=".part")
-    try:
-        digest = hashlib.md5()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(item.url, timeout=timeout) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
-        if digest.hexdigest() != item.md5:
-            raise DataError(f"download of {item.url} has md5 {digest.hexdigest()}, expected {item.md5}; "
+    with _folder_lock(folder):
+        if target.exists() and _md5(target) == item.md5:
+            return target
+        part = folder / f"{item.filename}.part"
+        print(f"fastrobust: downloading {item.url} -> {target}", file=sys.stderr)
+        problem: BaseException | None = None
+        for _ in range(attempts):
+            try:
+                _fetch(item, part, timeout=timeout, progress=progress)
+                problem = None
+                break
+            except _Retry as error:
+                problem = error
+            except urllib.error.HTTPError as error:  # 404, 403, ...: retrying will not help
+                raise DataError(f"cannot download {item.url}: HTTP {error.code} {error.reason}") from None
+            except (urllib.error.URLError, OSError) as error:  # no network, DNS, refused: say so at once
+                raise DataError(f"cannot download {item.url}: {getattr(error, 'reason', error)}") from None
+        if problem is not None:
+            kept = part.stat().st_size if part.exists() else 0
+            raise DataError(f"cannot download {item.url}: {problem} ({attempts} attempts; the {kept} bytes fetched "
+                            f"are kept in {part} and the next try resumes them)")
+        digest = _md5(part)
+        if digest != item.md5:
+            part.unlink()
+            raise DataError(f"download of {item.url} has md5 {digest}, expected {item.md5}; "
                             f"the file was discarded, try again or fetch it by hand into {folder}")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        raise DataError(f"cannot download {item.url}: {error}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.replace(part, target)
     return target
+
+
+def _fetch(item: Download, part: Path, *, timeout: float, progress: bool | None) -> None:
+    """One HTTP transfer into ``part``, resuming from its current size when the server honours Range."""
+    import http.client
+
+    from tqdm import tqdm
+
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(item.url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # the part is complete already, or longer than the file: start over
+            part.unlink()
+            raise _Retry("the server refused to resume (HTTP 416); restarting") from None
+        raise
+    with response:
+        status = getattr(response, "status", None) or 200
+        if status != 206:
+            have = 0  # the server sent the whole file: restart the part
+        headers = getattr(response, "headers", None) or {}
+        length = headers.get("Content-Length")
+        total = have + int(length) if length and str(length).isdigit() else None
+        written = have
+        try:
+            with open(part, "ab" if have else "wb") as out, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=item.filename,
+                    disable=None if progress is None else not progress, leave=False) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    written += len(block)
+                    bar.update(len(block))
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
+            raise _Retry(f"the transfer broke off after {written} bytes ({type(error).__name__})") from None
+    if total is not None and written < total:
+        raise _Retry(f"the transfer broke off after {written} of {total} bytes")
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on the folder itself (fcntl.flock on its descriptor; nothing is created in it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -661,7 +750,8 @@ def _check_count(value, *, name: str, allow_zero: bool) -> int | None:
 def _how_to_provide(spec: Spec) -> str:
     urls = ", ".join(d.url for d in spec.downloads)
     return (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
-            f"--data-root DIR or FASTROBUST_DATA=DIR, or pass --download (download=True) to fetch them")
+            f"--data-root DIR or FASTROBUST_DATA=DIR, or, with a network, leave both unset to download them once "
+            f"into ~/.cache/fastrobust/data (or pass --download to fetch them into the root given)")
 
 
 def locate(name: str, root: Path) -> tuple[Candidate | None, list[Candidate]]:
@@ -680,16 +770,25 @@ def load_dataset(
     val_size: int = 1000,
     train_subset: int | None = None,
     test_subset: int | None = None,
-    download: bool = False,
+    download: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    channels: int | None = None,
 ) -> Dataset:
-    """Load ``name`` as uint8 tensors, decoding once into ``cache_dir``; see docs/data.md."""
+    """Load ``name`` as uint8 tensors, decoding once into ``cache_dir``; see docs/data.md.
+
+    ``download``: fetch the official files when they are missing (md5 verified, resumable). None (default):
+    only into the user's cache folder ``~/.cache/fastrobust/data``, i.e. when neither ``root`` nor
+    ``$FASTROBUST_DATA`` names a data root (an explicit root is an offline copy: nothing is fetched into it).
+    ``channels`` (imagefolder only): None gives RGB when any training image is stored in colour and greyscale
+    when all are grey (independent of file order); 1 or 3 forces greyscale or RGB."""
     key = str(name).strip().lower().replace("_", "-")
     key = {"tinyimagenet": "tiny-imagenet", "tiny-imagenet-200": "tiny-imagenet", "cifar-10": "cifar10",
            "cifar-100": "cifar100", "image-folder": "imagefolder"}.get(key, key)
     if key not in SPECS:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(available_datasets())}")
     spec = SPECS[key]
+    if channels is not None and key != "imagefolder":
+        raise ConfigError(f"channels={channels!r} applies to imagefolder only: {key} has a fixed channel count")
     val_size = _check_count(val_size, name="val_size", allow_zero=True)
     train_subset = _check_count(train_subset, name="train_subset", allow_zero=False)
     test_subset = _check_count(test_subset, name="test_subset", allow_zero=False)
@@ -701,9 +800,14 @@ def load_dataset(
         if not root_path.exists():
             raise DataError(f"imagefolder root {root_path} does not exist; expected a folder or .tar/.tar.gz "
                             f"with train/<class>/*.png|jpg and test/<class>/*.png|jpg")
-        candidate = Candidate(root_path, "imagefolder", "image folder tree or archive")
+        if channels not in IMAGEFOLDER_READERS:
+            raise ConfigError(f"channels={channels!r} must be 1 (greyscale), 3 (RGB) or None (RGB if any training "
+                              "image is in colour)")
+        candidate = Candidate(root_path, IMAGEFOLDER_READERS[channels], "image folder tree or archive")
     else:
         explicit = root is not None and str(root) != "" or bool(os.environ.get("FASTROBUST_DATA"))
+        if download is None:
+            download = not explicit
         root_path = resolve_root(root)
         if explicit and not root_path.exists() and not download:
             raise DataError(f"data root {root_path} does not exist (given by "

@@ -22,9 +22,11 @@ from torch import nn
 from ..errors import ConfigError
 from ..numbers import check_positive_int
 from .activations import available_activations, check_activation, make_activation
+from . import plugins
 from .base import NormalizedModel
 from .cnn import SmallCNN, TinyCNN
 from .resnet import BasicBlock, Bottleneck, PreActResNet, ResNet
+from .plugins import import_plugins, register, unregister
 from .wideresnet import WideResNet
 
 __all__ = [
@@ -33,8 +35,11 @@ __all__ = [
     "available_models",
     "count_parameters",
     "create",
+    "import_plugins",
     "make_activation",
     "model_info",
+    "register",
+    "unregister",
 ]
 
 
@@ -117,17 +122,18 @@ _ALIASES = {
 
 
 def available_models() -> list[str]:
-    """The names :func:`create` accepts."""
-    return list(_MODELS)
+    """The names :func:`create` accepts: the zoo, then the registered ones (:func:`register`)."""
+    return list(_MODELS) + plugins.registered_names()
 
 
 def _canonical_name(name: object) -> str:
     if isinstance(name, str):
         key = name.strip().lower().replace("-", "_")
         key = _ALIASES.get(key, key)
-        if key in _MODELS:
+        if key in _MODELS or plugins.lookup(key) is not None:
             return key
-    raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(available_models())}")
+    raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(available_models())} (a model "
+                      "registered by your code needs --import MODULE, or fastrobust.models.register in Python)")
 
 
 def _channel_list(value, in_channels: int, name: str):
@@ -159,6 +165,9 @@ def create(
     ``dropout`` (0.0). Any other keyword raises ConfigError.
     """
     key = _canonical_name(name)
+    if key not in _MODELS:
+        return _create_registered(key, num_classes=num_classes, in_channels=in_channels, activation=activation,
+                                  mean=mean, std=std, image_size=image_size, options=kwargs)
     spec = _MODELS[key]
     unknown = sorted(set(kwargs) - set(spec.options))
     if unknown:
@@ -186,6 +195,20 @@ def create(
     return model
 
 
+def _create_registered(key: str, *, num_classes, in_channels, activation, mean, std, image_size, options) -> nn.Module:
+    num_classes = _check_int(num_classes, name="num_classes")
+    in_channels = _check_int(in_channels, name="in_channels")
+    image_size = _check_int(image_size, name="image_size")
+    activation = check_activation(activation)
+    model, config = plugins.build(
+        plugins.lookup(key), num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+        activation=activation, mean=_channel_list(mean, in_channels, "mean"), std=_channel_list(std, in_channels, "std"),
+        options=dict(options),
+    )
+    model.fastrobust_config = config
+    return model
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with requires_grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -197,7 +220,16 @@ def model_info(*, num_classes: int = 10, in_channels: int = 3, image_size: int =
 
     rows = []
     for name in available_models():
-        with torch.device("meta"):
-            model = create(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-        rows.append({"name": name, "params": count_parameters(model), "description": _MODELS[name].description})
+        registered = plugins.lookup(name) if name not in _MODELS else None
+        try:
+            with torch.device("meta"):
+                model = create(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+            params = count_parameters(model)
+        except Exception:  # noqa: BLE001 - a user factory that cannot build on the meta device
+            if registered is None:
+                raise
+            params = None
+        description = _MODELS[name].description if registered is None else (
+            f"{registered.description or 'registered model'} (from {registered.origin})")
+        rows.append({"name": name, "params": params, "description": description})
     return rows

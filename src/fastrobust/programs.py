@@ -1,0 +1,176 @@
+"""Programs that carry their own architecture: TorchScript archives and ``torch.export`` programs (``.pt2``),
+loaded without unpickling Python objects (docs/evaluation.md, "Evaluate a model you did not train here").
+
+- ``torch.jit.load`` reads an archive's pickles with TorchScript's own C++ unpickler, which builds only tensors,
+  containers and TorchScript classes compiled from the archive's ``code/`` (a Python global such as
+  ``posix.system`` is an unknown type name); the archive's TorchScript code runs when the model does.
+- ``torch.export.load`` alone is not safe: it falls back to ``torch.load(weights_only=False)`` for pickled
+  payloads, calls ``pickle.loads`` for opaque constants, loads compiled AOTInductor libraries, turns the graph's
+  call targets into Python attributes (``torch.serialization.os.system`` resolves), parses symbolic shapes
+  with sympy (which evaluates) and compiles ``guards_code`` into Python. :func:`check_export_archive` refuses
+  the last four kinds of content before loading, and :func:`load_export` forces every ``torch.load`` to
+  ``weights_only=True`` and refuses ``pickle.loads`` while it loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import nn
+
+from .errors import FastRobustError
+from .filekind import not_a_checkpoint
+
+
+class FixedMode(nn.Module):
+    """Holds a program that runs as it was exported or scripted: ``train()``/``eval()`` do not reach it
+    (an exported program refuses them; a TorchScript archive keeps the mode it was saved in)."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> "FixedMode":
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+# --------------------------------------------------------------------------- torch.export programs
+_TARGET = re.compile(r"^(torch\.ops\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}|_operator\.[a-z_]+|"
+                     r"math\.[a-z_0-9]+|torch\._?sym_[a-z_]+)$")
+_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|(\d+(?:\.\d*)?(?:e[+-]?\d+)?)|('[A-Za-z_][A-Za-z0-9_]*')|"
+                         r"(\*\*|//|==|!=|<=|>=|[-+*/%(),<>=]))")
+_EXPR_NAMES = {"Symbol", "Integer", "Rational", "Float", "True", "False", "oo", "zoo", "nan", "positive", "integer",
+               "nonnegative", "real", "finite", "Abs", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And",
+               "Or", "Not", "Max", "Min", "Mod", "sqrt", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "IntTrueDiv",
+               "FloatTrueDiv", "ToFloat", "TruncToInt", "TruncToFloat", "RoundToInt", "RoundDecimal", "PowByNatural",
+               "FloatPow", "ModularIndexing", "Where", "CeilToInt", "FloorToInt", "Identity", "int_oo",
+               "IsNonOverlappingAndDenseIndicator"}
+
+
+def _safe_expression(text: str) -> bool:
+    """Symbols, numbers, arithmetic and sympy's shape functions only (torch.export parses it with sympy)."""
+    position = 0
+    while position < len(text):
+        token = _EXPR_TOKEN.match(text, position)
+        if token is None or token.end() == position:
+            return text[position:].strip() == ""
+        name = token.group(1)
+        if name is not None and name not in _EXPR_NAMES and not re.fullmatch(r"[a-z]+\d+", name):
+            return False
+        position = token.end()
+    return True
+
+
+def check_export_archive(path: Path) -> None:
+    """Refuse a .pt2 archive whose loading or running would run code beyond torch operators (see the module doc)."""
+    refuse = f"refused to load {path} (a torch.export program): "
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            programs = {name: archive.read(name) for name in names
+                        if name.split("/", 1)[-1].startswith("models/") and name.endswith(".json")}
+    except (zipfile.BadZipFile, OSError) as error:
+        raise FastRobustError(not_a_checkpoint(path) or f"cannot read {path}: {error}") from None
+    for name in names:
+        leaf = name.split("/", 1)[-1]
+        if leaf.startswith("data/aotinductor/"):
+            raise FastRobustError(refuse + "it holds compiled AOTInductor code (native libraries that would be loaded)")
+        if leaf.startswith("serialized_"):
+            raise FastRobustError(refuse + "it is in the format of PyTorch <= 2.7, whose loader unpickles Python "
+                                  "objects; export it again with torch.export.save")
+    if not programs:
+        raise FastRobustError(f"{path} holds no exported program (models/*.json)")
+    for name, blob in programs.items():
+        try:
+            program = json.loads(blob)
+        except ValueError as error:
+            raise FastRobustError(f"{path}: {name} is not valid JSON ({error})") from None
+        if program.get("guards_code"):
+            raise FastRobustError(refuse + "it carries Python guard code, which would run")
+        problem = _unsafe_node(program)
+        if problem:
+            raise FastRobustError(refuse + problem)
+
+
+def _unsafe_node(node: Any) -> str | None:
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "target" and isinstance(value, str) and not _TARGET.match(value):
+                    return f"its graph calls {value!r}, which is not a torch operator"
+                if key == "expr_str" and isinstance(value, str) and not _safe_expression(value):
+                    return f"a symbolic shape expression is not plain arithmetic: {value[:80]!r}"
+                if key == "range_constraints" and isinstance(value, dict):
+                    bad = [k for k in value if not _safe_expression(k)]
+                    if bad:
+                        return f"a range constraint names {bad[0][:80]!r}"
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+class _PickleRefused(Exception):
+    pass
+
+
+def _refuse_pickle(*_args, **_kwargs):
+    raise _PickleRefused("it holds a pickled Python object (an opaque or custom constant)")
+
+
+def load_export(path: Path) -> nn.Module:
+    """``torch.export.load`` with every ``torch.load`` forced to ``weights_only=True`` and ``pickle.loads``
+    refused, after :func:`check_export_archive`; returns the program as a module (its mode fixed)."""
+    import pickle
+
+    import torch.export.pt2_archive._package as package
+
+    check_export_archive(path)
+    real_load = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    class NoPickle:  # stands in for the pickle module inside torch's .pt2 reader
+        loads = staticmethod(_refuse_pickle)
+        load = staticmethod(_refuse_pickle)
+
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(mock.patch.object(torch, "load", weights_only_load))
+            stack.enter_context(mock.patch.object(package, "pickle", NoPickle))
+            stack.enter_context(mock.patch.object(torch._C, "_pickle_load_obj", _refuse_pickle))
+            program = torch.export.load(str(path))
+    except (_PickleRefused, pickle.UnpicklingError) as error:
+        from .checkpoint import _load_reason
+
+        raise FastRobustError(f"refused to load {path} (a torch.export program): {_load_reason(error)[:200]}; only "
+                              "tensors are unpickled (weights_only=True), nothing in the file was run") from None
+    except Exception as error:  # noqa: BLE001 - version mismatch, damaged archive
+        raise FastRobustError(f"cannot load {path} as a torch.export program ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]})") from None
+    return FixedMode(program.module())
+
+
+def load_torchscript(path: Path) -> nn.Module:
+    """``torch.jit.load`` on the CPU (see the module docstring for what it unpickles and runs)."""
+    try:
+        program = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - damaged archive, unknown operators
+        raise FastRobustError(not_a_checkpoint(path) or f"cannot load {path} as a TorchScript archive "
+                              f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
+    return FixedMode(program)

@@ -1,0 +1,405 @@
+"""Models fastrobust did not train: public state dicts, TorchScript archives, torch.export programs, user code.
+
+``load_model(path, num_classes=, image_shape=, ...)`` returns ``(module, info)``: a module in eval mode that maps
+pixels in [0, 1] to logits, and a JSON-able ``info`` for the evaluation record (format, architecture, layout,
+input normalisation and how it was chosen). What each format runs (see docs/evaluation.md):
+
+- fastrobust ``.safetensors`` files: tensors and JSON, nothing runs; the architecture comes from the config in
+  the file (a module trained with ``train(model=...)`` needs ``factory`` again).
+- state dicts (``torch.save``, ``.pt``/``.pth``, or ``.safetensors`` without fastrobust metadata): read with
+  ``torch.load(weights_only=True)`` (a pickle that names anything but tensors and containers is refused before
+  it runs); the keys are matched to a fastrobust architecture through ``fastrobust.models.layouts``.
+- TorchScript archives (``torch.jit.save``) and ``torch.export`` programs (``.pt2``): see ``fastrobust.programs``
+  for what their loaders unpickle and run (no Python object is unpickled; ``.pt2`` archives are checked first).
+- ``factory="FILE.py:FUNCTION"``: **runs that Python file** (your code builds the module), then loads the state
+  dict into the module it returns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, FastRobustError
+from .filekind import checkpoint_format, not_a_checkpoint
+from .models.custom import check_pairing
+from .programs import load_export, load_torchscript
+
+NORMALIZATION_CHOICES = "none, dataset, or MEAN,STD (two numbers, or one mean and one std per channel)"
+
+
+# --------------------------------------------------------------------------- input normalisation
+@dataclass(frozen=True)
+class Normalization:
+    """``(x - mean) / std`` before the model; ``how`` says where the values came from (for the record)."""
+
+    mean: tuple[float, ...] | None  # None: identity
+    std: tuple[float, ...] | None
+    how: str
+
+    def record(self) -> dict[str, Any]:
+        return {"mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std), "how": self.how}
+
+
+def parse_normalization(text: str | None, channels: int, *, dataset_stats=None, dataset_name: str = "the dataset"
+                        ) -> Normalization | None:
+    """``--normalization`` -> Normalization (None when not given). ``dataset`` takes ``dataset_stats``
+    ((mean, std) of the training split); ``MEAN,STD`` is 2 numbers or 2*channels numbers (means first)."""
+    from .numbers import parse_number
+
+    if text is None:
+        return None
+    value = str(text).strip().lower()
+    if value == "none":
+        return Normalization(None, None, "given: none (the model takes pixels in [0, 1])")
+    if value == "dataset":
+        if dataset_stats is None:
+            raise ConfigError("--normalization dataset needs a dataset to take the mean and std from")
+        mean, std = dataset_stats
+        return Normalization(tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                             f"given: dataset (the mean and std of {dataset_name}'s training split)")
+    parts = [part for part in value.split(",") if part.strip()]
+    if len(parts) not in (2, 2 * channels):
+        raise ConfigError(f"--normalization {text!r} is not one of {NORMALIZATION_CHOICES} "
+                          f"({len(parts)} numbers given, expected 2 or {2 * channels})")
+    numbers = [parse_number(part, name="--normalization") for part in parts]
+    half = len(numbers) // 2
+    mean, std = numbers[:half] * (channels if half == 1 else 1), numbers[half:] * (channels if half == 1 else 1)
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"--normalization {text!r}: every std must be positive (it divides the input)")
+    return Normalization(tuple(mean), tuple(std), f"given: mean {mean}, std {std}")
+
+
+def _as_normalization(value, channels: int) -> Normalization | None:
+    """The Python forms of ``normalization``: None, "none", (mean, std) or a Normalization."""
+    if value is None or isinstance(value, Normalization):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() == "dataset":
+            raise ConfigError('normalization="dataset" is a command-line shortcut: pass (data.mean, data.std)')
+        return parse_normalization(value, channels)
+    try:
+        mean, std = value
+        text = ",".join(str(float(v)) for part in (mean, std) for v in (part if hasattr(part, "__len__") else [part]))
+    except (TypeError, ValueError):
+        raise ConfigError(f"normalization={value!r} must be None, 'none' or (mean, std)") from None
+    return parse_normalization(text, channels)
+
+
+ASSUMED_NONE = Normalization(None, None, "assumed: none (the model takes pixels in [0, 1]; "
+                                         "pass --normalization dataset or MEAN,STD if it expects normalised input)")
+
+
+class InputNormalization(nn.Module):
+    """``model((x - mean) / std)``: a third-party model that expects normalised input, fed pixels in [0, 1]."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def _normalized(model: nn.Module, normalization: Normalization) -> nn.Module:
+    if normalization.mean is None:
+        return model
+    return InputNormalization(model, normalization.mean, normalization.std)
+
+
+# --------------------------------------------------------------------------- user code
+def load_factory(spec: str) -> tuple[Callable[..., nn.Module], str]:
+    """``FILE.py:FUNCTION`` -> (the function, its label). **Runs FILE.py** (as ``python FILE.py`` would, minus
+    ``__main__``); errors in it are reported with the file and line."""
+    text = str(spec)
+    file, _, function = text.rpartition(":")
+    if not file or not function.isidentifier():
+        raise ConfigError(f"--model-factory {text!r} is not FILE.py:FUNCTION (e.g. my_models.py:build)")
+    path = Path(file).expanduser()
+    if path.suffix != ".py" or not path.is_file():
+        raise ConfigError(f"--model-factory {text!r}: {path} is not a Python file")
+    name = f"fastrobust_factory_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - the user's code: one line naming where it failed
+        raise FastRobustError(f"running {path} for --model-factory failed: {_where(error, path)}"
+                              f"{type(error).__name__}: {error}") from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ConfigError(f"--model-factory {text!r}: {path} defines no function {function!r}")
+    return factory, f"{path}:{function}"
+
+
+def _where(error: BaseException, path: Path) -> str:
+    import traceback
+
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()
+              or Path(frame.filename) == path]
+    return f"line {frames[-1].lineno}: " if frames else ""
+
+
+def call_factory(factory: Callable[..., nn.Module], label: str, *, num_classes: int, image_shape) -> nn.Module:
+    """Call the factory with the keywords it declares among num_classes, in_channels, image_size."""
+    offered = {"num_classes": num_classes, "in_channels": image_shape[0], "image_size": image_shape[1]}
+    try:
+        parameters = inspect.signature(factory).parameters
+        accepted = {k: v for k, v in offered.items() if k in parameters
+                    or any(p.kind == p.VAR_KEYWORD for p in parameters.values())}
+    except (TypeError, ValueError):
+        accepted = {}
+    try:
+        module = factory(**accepted)
+    except Exception as error:  # noqa: BLE001 - the user's code
+        raise FastRobustError(f"{label}({', '.join(f'{k}={v}' for k, v in accepted.items())}) failed: "
+                              f"{type(error).__name__}: {error}") from None
+    if not isinstance(module, nn.Module):
+        raise FastRobustError(f"{label} returned a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+# --------------------------------------------------------------------------- state dicts
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a torch.save file (weights_only=True) or of a safetensors file without fastrobust metadata."""
+    from .checkpoint import import_state_dict
+
+    if checkpoint_format(path) == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # noqa: BLE001 - damaged file
+            raise FastRobustError(not_a_checkpoint(path) or f"{path} is not a readable safetensors file ({error})") from None
+    return import_state_dict(path)
+
+
+def _fill_untracked(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm's ``num_batches_tracked`` (absent from checkpoints written before PyTorch 0.4.1) does not change
+    what an evaluated model computes: take the model's own where the file has none."""
+    expected = model.state_dict()
+    return {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
+
+
+def _fit_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state with ``module.``/``model.`` prefixes stripped, unless the keys fit the model as they are."""
+    from .models.layouts import strip_prefixes
+
+    expected = set(model.state_dict())
+    return state if set(state) <= expected and state else strip_prefixes(state)
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, weights: str, architecture: str) -> None:
+    """Strict ``load_state_dict``; a mismatch is one line naming the weights and the architecture."""
+    state = _fill_untracked(state, model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch (weights vs model): " + ", ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
+        if missing:
+            parts.append(f"missing from the weights: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(f"not in the model: {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else ""))
+        raise FastRobustError(f"{weights} does not fit {architecture}: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def _layout_model(state: dict[str, torch.Tensor], path: Path, *, model_name: str | None, num_classes: int,
+                  image_shape, dataset: str, normalization: Normalization | None) -> tuple[nn.Module, dict, Normalization]:
+    """A fastrobust model holding a public-layout (or own-layout, or --model NAME) state dict."""
+    from .models import _canonical_name, create
+    from .models.layouts import convert, identify, strip_prefixes
+
+    state = strip_prefixes(state)
+    try:
+        match = identify(state)
+    except FastRobustError as error:
+        raise FastRobustError(f"{path}: {error}") from None
+    wanted = None if model_name is None else _canonical_name(model_name)
+    info: dict[str, Any] = {}
+    if match is not None:
+        same = wanted is None or wanted == match.model or (wanted == "wideresnet" and match.model.startswith("wrn"))
+        if not same:
+            raise FastRobustError(f"{path} holds a {match.description} ({match.layout.source} layout) but --model "
+                                  f"{model_name} is another architecture: give --model {match.model} or leave --model out")
+        if match.num_classes != num_classes:
+            raise FastRobustError(f"{path} ({match.description}) has {match.num_classes} output classes but {dataset} "
+                                  f"has {num_classes}: evaluate it on the dataset it was trained for")
+        if match.in_channels != image_shape[0]:
+            raise FastRobustError(f"{path} ({match.description}) takes {match.in_channels}-channel images but {dataset}'s "
+                                  f"have {image_shape[0]} channels: evaluate it on the dataset it was trained for")
+        if match.layout.input_size is not None and tuple(image_shape[1:]) != (match.layout.input_size,) * 2:
+            raise FastRobustError(f"{path} ({match.description}, {match.layout.source} layout) pools with a fixed "
+                                  f"window that is global only for {match.layout.input_size}x{match.layout.input_size} "
+                                  f"images, {dataset}'s are {image_shape[1]}x{image_shape[2]}: use --model-factory")
+        name, options = match.model, dict(match.options)
+        state = convert(state, match.layout)
+        info.update(architecture=match.description, layout=match.layout.name)
+    elif wanted is None:
+        raise ConfigError(f"cannot tell which architecture {path} holds (keys {', '.join(list(state)[:4])} ...): "
+                          "give --model NAME (see fastrobust models) or --model-factory FILE.py:FUNCTION")
+    else:
+        name, options = wanted, {}
+        info.update(architecture=wanted, layout="as named by --model")
+    own = "mean" in state and "std" in state
+    if own and normalization is not None:
+        raise ConfigError(f"{path} carries its own input normalisation (mean/std buffers): drop --normalization")
+    chosen = Normalization(tuple(state["mean"].flatten().tolist()), tuple(state["std"].flatten().tolist()),
+                           "from the weights (mean/std buffers)") if own else (normalization or ASSUMED_NONE)
+    channels, height = image_shape[0], image_shape[1]
+    model = create(name, num_classes=num_classes, in_channels=channels, image_size=height,
+                   mean=None if chosen.mean is None else list(chosen.mean),
+                   std=None if chosen.std is None else list(chosen.std), **options)
+    if not own:  # normalisation lives in the model's buffers
+        state = {**state, **{k: v for k, v in model.state_dict().items() if k in ("mean", "std")}}
+    named = f"--model {model_name}" if match is None else f"{name} ({match.description})"
+    load_into(model, state, weights=str(path), architecture=f"{named} for {dataset}")
+    info["model"] = dict(getattr(model, "fastrobust_config", {}) or {})
+    if chosen.mean is not None and info["model"].get("mean") is None:  # a registered factory without mean/std
+        model = InputNormalization(model, chosen.mean, chosen.std)
+    return model, info, chosen
+
+
+# --------------------------------------------------------------------------- the one entry point
+def load_model(
+    path: str | Path,
+    *,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    model: str | None = None,
+    factory: str | Callable[..., nn.Module] | None = None,
+    normalization: Normalization | str | tuple | None = None,
+    dataset: str = "the dataset",
+    device: str | torch.device = "cpu",
+    note: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load any model file for evaluation on images of ``image_shape`` (C, H, W) with ``num_classes`` classes.
+
+    ``path``: a fastrobust run folder or ``.safetensors`` file, a state dict (``.pt``/``.pth``/``.safetensors``),
+    a TorchScript archive or a ``.pt2`` program (recognised by content, not by suffix). ``model``: the
+    fastrobust (or registered) architecture a state dict fits, when its layout does not say. ``factory``:
+    ``"FILE.py:FUNCTION"`` (runs that file) or a callable, building the module a state dict loads into.
+    ``normalization``: ``"none"``, ``(mean, std)`` (numbers or one per channel) or a :class:`Normalization`;
+    None keeps what the file says, else assumes none (and says so through ``note``).
+    Returns ``(model in eval mode on device, info)``; every wrong pairing (architecture vs weights, classes,
+    channels, image size) raises one FastRobustError naming both sides.
+    """
+    from .checkpoint import MODEL_KEY, read_model_file, resolve_model_file
+
+    note = note or (lambda message: print(message, file=sys.stderr))
+    normalization = _as_normalization(normalization, image_shape[0])
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_model_file(path)
+    if not path.is_file():
+        raise FastRobustError(f"checkpoint {path} does not exist: give a run folder or a model file")
+    kind = checkpoint_format(path)
+    info: dict[str, Any] = {"path": str(path)}
+    if callable(factory):
+        build, label = factory, getattr(factory, "__qualname__", "factory")
+    elif factory is not None:
+        build, label = load_factory(factory)
+    else:
+        build = label = None
+    if build is not None:
+        info["factory"] = label
+    chosen: Normalization
+    if kind == "safetensors" and has_fastrobust_header(path, MODEL_KEY):
+        state, config, metadata = read_model_file(path)
+        module, chosen = _from_fastrobust_file(path, state, config, build, label, model, normalization,
+                                               num_classes=num_classes, image_shape=image_shape, dataset=dataset, note=note)
+        info.update(format="fastrobust", model=config, metadata=metadata)
+    elif kind in ("torchscript", "export"):
+        if build is not None or model is not None:
+            raise ConfigError(f"{path} is a {'TorchScript archive' if kind == 'torchscript' else 'torch.export program'}: "
+                              "it holds its own architecture, drop --model / --model-factory")
+        program = load_torchscript(path) if kind == "torchscript" else load_export(path)
+        chosen = normalization or ASSUMED_NONE
+        module = _normalized(program, chosen)
+        info.update(format=kind, architecture=kind)
+    else:
+        problem = not_a_checkpoint(path) if kind is None else None
+        if problem:
+            raise FastRobustError(problem)
+        state = read_state_dict(path)
+        if build is not None:
+            if model is not None:
+                raise ConfigError("give either --model NAME or --model-factory, not both")
+            inner = call_factory(build, label, num_classes=num_classes, image_shape=image_shape)
+            load_into(inner, _fit_keys(state, inner), weights=str(path), architecture=f"the module of {label}")
+            chosen = normalization or ASSUMED_NONE
+            module = _normalized(inner, chosen)
+            info.update(format="state dict", architecture=type(inner).__qualname__)
+        else:
+            module, layout_info, chosen = _layout_model(state, path, model_name=model, num_classes=num_classes,
+                                                        image_shape=image_shape, dataset=dataset,
+                                                        normalization=normalization)
+            info.update(format="state dict", **layout_info)
+    info["normalization"] = chosen.record()
+    module = module.to(device).eval()
+    check_pairing(module, num_classes=num_classes, image_shape=image_shape, device=device,
+                  what=f"{path} ({info.get('architecture', info.get('format'))})", dataset=dataset)
+    if chosen is ASSUMED_NONE:
+        note(f"{path}: input normalisation {chosen.how}")
+    return module, info
+
+
+def has_fastrobust_header(path: Path, key: str) -> bool:
+    """Whether a safetensors file carries fastrobust's model config (True when unreadable: let its reader say why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return key in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - damaged: read_model_file will say why
+        return True
+
+
+def _from_fastrobust_file(path, state, config, build, label, model_name, normalization, *, num_classes,
+                          image_shape, dataset, note) -> tuple[nn.Module, Normalization]:
+    from .models import _canonical_name, create
+    from .models.custom import is_module_config, mismatch
+
+    if normalization is not None:
+        raise ConfigError(f"{path} was written by fastrobust and says how its input is normalised: drop --normalization")
+    if is_module_config(config):
+        if build is None:
+            raise FastRobustError(f"{path} holds the weights of a module fastrobust did not build (class "
+                                  f"{config.get('class')}): give the code that builds it, --model-factory FILE.py:FUNCTION")
+        module = call_factory(build, label, num_classes=num_classes, image_shape=image_shape)
+        problem = mismatch(config, state, module, strict_class=False)
+        if problem:
+            raise FastRobustError(f"{path} does not fit the module of {label}: {problem}")
+        if config.get("class") and config["class"].rsplit(".", 1)[-1] != type(module).__qualname__:
+            note(f"{path} was trained as {config['class']}; loading it into {type(module).__qualname__}")
+        load_into(module, state, weights=str(path), architecture=f"the module of {label}")
+        return module, Normalization(None, None, "as trained by fastrobust (the module takes pixels in [0, 1])")
+    if build is not None:
+        raise ConfigError(f"{path} holds a fastrobust {config.get('name')} model: drop --model-factory")
+    if model_name is not None and _canonical_name(model_name) != config.get("name"):
+        raise FastRobustError(f"{path} holds a {config.get('name')} model, not --model {model_name}: drop --model")
+    try:
+        module = create(**config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise FastRobustError(f"{path}: cannot build the model from its saved config {config} ({error})") from None
+    load_into(module, state, weights=str(path), architecture=f"its saved config {config.get('name')}")
+    mean, std = config.get("mean"), config.get("std")
+    return module, Normalization(None if mean is None else tuple(mean), None if std is None else tuple(std),
+                                 "from the weights (fastrobust model)")
