@@ -169,6 +169,16 @@ def test_attacks_and_methods_refuse_uint8_images_with_the_fix(model, batch, entr
         EVERY[entry](model, (x * 255).round().to(torch.uint8), y, EPS, "linf")
 
 
+@pytest.mark.parametrize("entry", sorted(ATTACKS))
+def test_float64_images_are_attacked_in_float32(model, batch, entry):
+    x, y = batch
+    if entry == "rays":  # RaySResult.within(x, eps) takes the caller's x; the search itself runs in float32
+        x_adv = rays(model, x.double(), y, n_queries=20).within(x, EPS)
+    else:
+        x_adv = EVERY[entry](model, x.double(), y, EPS, "linf")
+    assert x_adv.dtype == torch.float32 and ((x_adv - x).abs().amax() <= EPS + 1e-6)
+
+
 @pytest.mark.parametrize("entry", ["pgd", "apgd_ce", "square", "evaluate"])
 def test_batch_without_a_batch_dimension_is_refused(model, batch, entry):
     x, y = batch

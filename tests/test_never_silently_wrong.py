@@ -223,6 +223,7 @@ def test_records_hold_the_settings_actually_used(tmp_path):
     assert attacks["autoattack"]["settings"]["options"]["apgd-t"]["n_targets"] == 2
     assert attacks["autoattack"]["settings"]["options"]["fab-t"]["n_targets"] == 2
     assert attacks["rays"]["settings"]["tol"] == pytest.approx(1e-3 / math.sqrt(12))
+    assert "settings_requested" not in attacks["rays"]  # a default resolved is not a setting clipped
     assert record["num_classes"] == 3
 
 

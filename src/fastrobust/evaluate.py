@@ -570,13 +570,21 @@ def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: in
     used = json.loads(json.dumps(settings))
     if name in ("apgd-t", "fab-t"):
         used["n_targets"] = targets_used(used["n_targets"], num_classes)
-        if name == "apgd-t":
-            used["loss"] = targeted_loss_used(used.get("loss", "dlr-targeted"), num_classes)
+        loss = used.get("loss", "dlr-targeted")
+        if name == "apgd-t" and targeted_loss_used(loss, num_classes) != loss:
+            used["loss"] = targeted_loss_used(loss, num_classes)
     elif name in ("autoattack", "autoattack-fast"):
         used["options"] = {key: settings_used(key, value, num_classes, dim) for key, value in used["options"].items()}
     elif name == "rays" and used.get("tol") is None:
         used["tol"] = official_tol(dim)
     return used
+
+
+def _clipped(requested: Any, used: Any) -> bool:
+    """Whether a requested setting ran with another value (a default left as None does not count)."""
+    if isinstance(requested, dict):
+        return any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
+    return requested != used
 
 
 def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device, seconds,
@@ -614,7 +622,7 @@ def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, bat
             "settings": used,
             "seconds": sum(batches[str(b)]["seconds"] for b in range(n_batches)),
         }
-        if used != _jsonable(settings[name]):
+        if _clipped(_jsonable(settings[name]), used):
             entry["settings_requested"] = settings[name]
         if name == "rays":
             dists = [d for d, c in zip(per_point(batches, "distance"), clean) if c]

@@ -51,8 +51,8 @@ def inside_validated() -> bool:
 def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
     """Metadata of a batch of images: a floating-point tensor of at least 2 dimensions ``[B, ...]``.
 
-    Returns ``x``, half precision cast to float32 (attacks compute in float32; the model gets its own dtype
-    through ``prepare_model``). Raises ConfigError naming the dtype or shape and the fix.
+    Returns ``x`` as float32 (attacks compute in float32; the model gets its own dtype through
+    ``prepare_model``). Raises ConfigError naming the dtype or shape and the fix.
     """
     if not isinstance(x, Tensor):
         raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]")
@@ -63,7 +63,7 @@ def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
         hint = " (evaluate and pgd_accuracy also take uint8 image splits)" if x.dtype == torch.uint8 else ""
         raise ConfigError(f"{where}: {name} has dtype {x.dtype}, expected float images in [0, 1]: "
                           f"use x.float() / 255{hint}")
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float()
 
 
 def check_labels(y: Tensor, batch: int, *, where: str, name: str = "y") -> Tensor:
@@ -196,17 +196,18 @@ class CheckedModel(nn.Module):
 def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = "model") -> nn.Module:
     """``model`` itself when its weights are float32 (or it has none) and no label range is left to check, else a
     ``CheckedModel`` around it. Refuses parameter dtypes other than float16/bfloat16/float32/float64."""
-    inner = model.model if isinstance(model, CheckedModel) else model
-    dtype = parameter_dtype(inner)
+    if isinstance(model, CheckedModel):  # prepared by an enclosing entry point (its label check may be pending)
+        if label_max == _NOT_CHECKED:
+            return model
+        model = model.model
+    dtype = parameter_dtype(model)
     if dtype not in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ConfigError(f"{where}: the model's parameters have dtype {dtype}: give a float32, float16, bfloat16 "
                           "or float64 model (model.float() converts it)")
     cast = None if dtype in (None, torch.float32) else dtype
     if cast is None and label_max == _NOT_CHECKED:
-        return inner
-    if isinstance(model, CheckedModel) and label_max == _NOT_CHECKED:
         return model
-    return CheckedModel(inner, cast, label_max, where)
+    return CheckedModel(model, cast, label_max, where)
 
 
 def entry_point(where: str) -> Callable[[F], F]:
