@@ -54,6 +54,11 @@ def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
     Returns ``x`` as float32 (attacks compute in float32; the model gets its own dtype through
     ``prepare_model``). Raises ConfigError naming the dtype or shape and the fix.
     """
+    _check_image_metadata(x, where=where, name=name)
+    return x.float()
+
+
+def _check_image_metadata(x: Tensor, *, where: str, name: str) -> None:
     if not isinstance(x, Tensor):
         raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]")
     if x.dim() < 2:
@@ -63,7 +68,6 @@ def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
         hint = " (evaluate and pgd_accuracy also take uint8 image splits)" if x.dtype == torch.uint8 else ""
         raise ConfigError(f"{where}: {name} has dtype {x.dtype}, expected float images in [0, 1]: "
                           f"use x.float() / 255{hint}")
-    return x.float()
 
 
 def check_labels(y: Tensor, batch: int, *, where: str, name: str = "y") -> Tensor:
@@ -142,7 +146,7 @@ def check_split(images: Tensor, labels: Tensor, *, where: str) -> tuple[Tensor, 
         raise ConfigError(f"{where}: images {shape} are not a split: expected images [N, C, H, W] "
                           "(uint8, or float in [0, 1])")
     if images.dtype != torch.uint8:
-        check_images(images, where=where, name="images")
+        _check_image_metadata(images, where=where, name="images")
     labels = check_labels(labels, images.shape[0], where=where, name="labels")
     return images, labels, _check_values(images, labels, where=where, images_name="images", labels_name="labels")
 

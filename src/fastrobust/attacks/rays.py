@@ -122,9 +122,11 @@ def rays(
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
+            every = len(idx) == batch  # the common case: no gather of the [B, d] tensors
             testing = ~searching[idx]
             r = torch.where(testing, hi[idx], (lo[idx] + hi[idx]) / 2)
-            point = (flat[idx] + r[:, None] * attempt[idx]).clamp(0, 1).view(-1, *x.shape[1:])
+            point = torch.addcmul(flat if every else flat[idx], r[:, None], attempt if every else attempt[idx])
+            point = point.clamp_(0, 1).view(-1, *x.shape[1:])
             adv = ~predicts(model(point), y[idx])
             queries[idx] += 1
             new_hi = torch.where(adv, r, hi[idx])
