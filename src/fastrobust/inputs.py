@@ -51,11 +51,11 @@ def inside_validated() -> bool:
 def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
     """Metadata of a batch of images: a floating-point tensor of at least 2 dimensions ``[B, ...]``.
 
-    Returns ``x`` as float32 (attacks compute in float32; the model gets its own dtype through
-    ``prepare_model``). Raises ConfigError naming the dtype or shape and the fix.
+    Returns ``x``, half precision as float32 (attacks compute in float32 or float64; the model gets its own
+    dtype through ``prepare_model``). Raises ConfigError naming the dtype or shape and the fix.
     """
     _check_image_metadata(x, where=where, name=name)
-    return x.float()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _check_image_metadata(x: Tensor, *, where: str, name: str) -> None:
@@ -178,9 +178,9 @@ def parameter_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 class CheckedModel(nn.Module):
-    """``model`` as an entry point hands it to the attack: inputs cast to its parameter dtype (logits returned as
-    float32, gradients flow through the cast) and, until the first output, the largest label compared with the
-    number of outputs."""
+    """``model`` as an entry point hands it to the attack: inputs cast to its parameter dtype ``dtype`` (logits
+    returned as float32, gradients flow through the cast) and, until the first output, the largest label
+    compared with the number of outputs."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None, label_max: int, where: str) -> None:
         super().__init__()
@@ -197,9 +197,11 @@ class CheckedModel(nn.Module):
         return out if self.dtype is None else out.float()
 
 
-def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = "model") -> nn.Module:
-    """``model`` itself when its weights are float32 (or it has none) and no label range is left to check, else a
-    ``CheckedModel`` around it. Refuses parameter dtypes other than float16/bfloat16/float32/float64."""
+def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = "model",
+                  input_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``model`` itself when its weights have the inputs' dtype (or it has none) and no label range is left to
+    check, else a ``CheckedModel`` around it. Refuses parameter dtypes other than float16/bfloat16/float32/
+    float64."""
     if isinstance(model, CheckedModel):  # prepared by an enclosing entry point (its label check may be pending)
         if label_max == _NOT_CHECKED:
             return model
@@ -208,7 +210,7 @@ def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = 
     if dtype not in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ConfigError(f"{where}: the model's parameters have dtype {dtype}: give a float32, float16, bfloat16 "
                           "or float64 model (model.float() converts it)")
-    cast = None if dtype in (None, torch.float32) else dtype
+    cast = None if dtype in (None, input_dtype) else dtype
     if cast is None and label_max == _NOT_CHECKED:
         return model
     return CheckedModel(model, cast, label_max, where)
@@ -222,7 +224,7 @@ def entry_point(where: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def run(model: nn.Module, x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Any:
             x, y, label_max = check_batch(x, y, where=where, model=model)
-            model = prepare_model(model, label_max, where)
+            model = prepare_model(model, label_max, where, x.dtype)
             with validated():
                 return fn(model, x, y, *args, **kwargs)
 
