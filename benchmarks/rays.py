@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,7 @@ def main() -> int:
     from fastrobust.attacks.rays import official_tol
     from fastrobust.checkpoint import load_model
     from fastrobust.data import load_dataset
+    from fastrobust.records import append_jsonl, environment
 
     torch.set_num_threads(1)
     model, _ = load_model(args.checkpoint, device="cpu")
@@ -99,11 +101,11 @@ def main() -> int:
               "variants": summary,
               "lockstep_over_batched_cpu": summary["lockstep"]["cpu_seconds"] / summary["batched"]["cpu_seconds"],
               "distance_ratio_lockstep_over_batched_median": float(ratio.median()),
-              "torch": torch.__version__}
+              "environment": environment("cpu"), "threads": torch.get_num_threads(),
+              "load_average": list(os.getloadavg())}
     print(json.dumps(record, indent=1))
     if args.json_out:
-        with open(args.json_out, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        append_jsonl(args.json_out, record)
     return 0
 
 
