@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -86,18 +87,23 @@ class Stops(Exception):
     pass
 
 
-class StopAfter(nn.Module):
-    """The same model, but it raises after ``limit`` forward passes (an interrupted evaluation)."""
+@contextlib.contextmanager
+def stop_after(model: nn.Module, limit: int):
+    """The same model (same class and weights: the state file's fingerprint matches), but it raises after
+    ``limit`` forward passes (an interrupted evaluation)."""
+    calls = 0
 
-    def __init__(self, inner, limit):
-        super().__init__()
-        self.inner, self.limit, self.calls = inner, limit, 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls > self.limit:
+    def count(_module, _inputs):
+        nonlocal calls
+        calls += 1
+        if calls > limit:
             raise Stops()
-        return self.inner(x)
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield model
+    finally:
+        handle.remove()
 
 
 def strip_timing(record):
@@ -140,13 +146,14 @@ def test_resume_from_state_file_gives_the_same_record(setup, tmp_path):
     full = evaluate(model, test_split, attacks, **kwargs)
     state = tmp_path / "state.json"
     for limit in (40, 400):  # interrupted inside the PGD pass, then inside Square
-        with pytest.raises(Stops):
-            evaluate(StopAfter(model, limit), test_split, attacks, state_file=state, **kwargs)
+        with pytest.raises(Stops), stop_after(model, limit):
+            evaluate(model, test_split, attacks, state_file=state, **kwargs)
     saved = json.loads(state.read_text())
     assert saved["attacks"]["pgd20"]["batches"] and saved["clean"]
     resumed = evaluate(model, test_split, attacks, state_file=state, **kwargs)
     assert strip_timing(resumed) == strip_timing(full)
-    again = evaluate(StopAfter(model, 0), test_split, attacks, state_file=state, **kwargs)  # all done: no forward
+    with stop_after(model, 2):  # all done: only the pre-checks' two forward passes
+        again = evaluate(model, test_split, attacks, state_file=state, **kwargs)
     assert strip_timing(again) == strip_timing(full)
     with pytest.raises(FastRobustError, match="another evaluation"):
         evaluate(model, test_split, attacks, state_file=state, **dict(kwargs, eps=0.05))

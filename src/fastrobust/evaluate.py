@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .attacks import model_mode, pgd
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
+from .inputs import check_split, finite_rows, predicts, prepare_model, validated
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -75,18 +76,20 @@ def clean_and_robust_counts(
     rank evaluates its share of the batches and the integer counts are summed across ranks: the same counts
     as one process, as long as ``attack`` depends on its batch only.
     """
+    images, labels, label_max = check_split(images, labels, where="clean_and_robust_counts")
+    checked = prepare_model(model, label_max, "clean_and_robust_counts")
     clean = torch.zeros((), dtype=torch.long, device=device)
     robust = torch.zeros((), dtype=torch.long, device=device)
     mine = _rank_batches(len(labels), batch_size, distributed)
-    with model_mode(model, training=False):
+    with model_mode(model, training=False), validated():
         for _, x, y in indexed_batches(images, labels, batch_size, device, mine):
             with torch.no_grad():
-                correct = model(x).argmax(1) == y
+                correct = predicts(checked(x), y)  # non-finite logits never count as correct
             clean += correct.sum()
             if attack is not None and correct.any():
-                x_adv = attack(model, x[correct], y[correct])
+                x_adv = attack(checked, x[correct], y[correct])
                 with torch.no_grad():
-                    robust += (model(x_adv).argmax(1) == y[correct]).sum()
+                    robust += predicts(checked(x_adv), y[correct]).sum()
     total = len(labels)
     robust_count = int(robust) if attack is not None else int(clean)
     if distributed:
@@ -133,7 +136,7 @@ ATTACKS = (
     "clean", "fgsm", "pgd20", "pgd100", "cw20", "apgd-ce", "apgd-t", "fab-t", "square",
     "autoattack", "autoattack-fast", "rays", "autoattack-official",
 )
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: model in the fingerprint, non-finite flags per point
 
 
 def default_step(eps: float, steps: int, norm: str) -> float:
@@ -166,7 +169,7 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
         version = "fast" if name == "autoattack-fast" else "standard"
         base = {"version": version, "options": {k: dict(DEFAULTS[k]) for k in VERSIONS[version]}}
     elif name == "rays":
-        base = {"n_queries": 10000, "tol": 1e-4, "early_stop": False}
+        base = {"n_queries": 10000, "tol": None, "early_stop": False}  # tol None: the authors' 1e-3/sqrt(d)
     else:  # autoattack-official
         base = {"version": "standard"}
     options = dict(options or {})
@@ -214,6 +217,7 @@ def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor
         result = rays(model, x, y, eps=eps, norm=norm, **s)
         x_adv = result.within(x, eps)
         extras["distance"] = [None if d == float("inf") else d for d in result.distance.tolist()]
+        extras["distance_official"] = result.official_distance(x).tolist()
         extras["queries"] = result.queries.tolist()
     elif name == "autoattack-official":
         x_adv = autoattack_official(model, x, y, eps=eps, norm=norm, seed=seed, **s)
@@ -222,7 +226,9 @@ def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor
     return x_adv.detach(), extras
 
 
-def _as_split(data: Any) -> tuple[Tensor, Tensor]:
+def _as_split(data: Any, where: str = "evaluate") -> tuple[Tensor, Tensor, int]:
+    """(images uint8 or float, labels int64, largest label) of an ImageSet, a Dataset's test split or a tuple;
+    checked by ``inputs.check_split`` (one host sync)."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images, labels = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
@@ -234,41 +240,64 @@ def _as_split(data: Any) -> tuple[Tensor, Tensor]:
             f"data of type {type(data).__name__} is not an image split: give an ImageSet (.images, .labels), "
             "a Dataset (its test split is used) or an (images, labels) tuple"
         )
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels).long()
-    if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
-        raise ConfigError(
-            f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not form a split: "
-            "expected images [N, C, H, W] and labels [N]"
-        )
-    if images.dtype != torch.uint8 and len(images) and (images.min() < 0 or images.max() > 1):
-        raise ConfigError("float images must lie in [0, 1] (pixel units); give uint8 images or divide by 255")
-    return images, labels
+    return check_split(torch.as_tensor(images), torch.as_tensor(labels), where=where)
 
 
-def _fingerprint(images: Tensor, labels: Tensor, eps: float, norm: str, batch_size: int, seed: int) -> dict[str, Any]:
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """What identifies a model for a state file: its class, an architecture hash (class, ``fastrobust_config``
+    and the module tree as ``repr`` prints it) and a hash of every state_dict tensor (parameters and buffers:
+    names, dtypes, shapes and bytes)."""
+    cls = type(model)
+    config = getattr(model, "fastrobust_config", None)
+    architecture = hashlib.sha256(
+        f"{cls.__module__}.{cls.__qualname__}\n{json.dumps(config, sort_keys=True, default=str)}\n{model!r}".encode()
+    )
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        if isinstance(tensor, Tensor):
+            tensor = tensor.detach().cpu().contiguous()
+            weights.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            weights.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            weights.update(repr(tensor).encode())
+    return {"model_class": f"{cls.__module__}.{cls.__qualname__}", "model_architecture": architecture.hexdigest(),
+            "model_weights": weights.hexdigest()}
+
+
+def _fingerprint(images: Tensor, labels: Tensor, eps: float, norm: str, batch_size: int, seed: int,
+                 model: nn.Module) -> dict[str, Any]:
     digest = hashlib.sha256()
     digest.update(images.detach().cpu().contiguous().numpy().tobytes())
     digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
     return {"data_sha256": digest.hexdigest(), "n": len(labels), "eps": eps, "norm": norm,
-            "batch_size": batch_size, "seed": seed}
+            "batch_size": batch_size, "seed": seed, **model_fingerprint(model)}
+
+
+_FINGERPRINT_NAMES = {"data_sha256": "data", "n": "number of points", "model_class": "model class",
+                      "model_architecture": "model architecture", "model_weights": "model weights"}
+
+
+def _fresh_state(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "clean_non_finite": {}, "attacks": {}}
 
 
 def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    fresh = {"version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "attacks": {}}
     if not path.exists():
-        return fresh
+        return _fresh_state(fingerprint)
     try:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise FastRobustError(f"state file {path} is not readable JSON ({error}): delete it to start over") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise FastRobustError(f"state file {path} was not written by this evaluate: delete it to start over")
+        raise FastRobustError(f"state file {path} was not written by this version of evaluate (state version "
+                              f"{STATE_VERSION}): delete it to start over")
     if state.get("fingerprint") != fingerprint:
         old = state.get("fingerprint", {})
-        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        diff = [_FINGERPRINT_NAMES.get(k, k) for k in fingerprint if old.get(k) != fingerprint.get(k)]
         raise FastRobustError(
             f"state file {path} belongs to another evaluation (different {', '.join(diff)}): "
-            "use the same data and settings to resume, or another --state file"
+            "use the same model, data and settings to resume, or another --state file"
         )
     return state
 
@@ -278,10 +307,16 @@ def _seed_for(seed: int, name: str, batch: int) -> int:
 
 
 def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> None:
-    delta = (x_adv - x).flatten(1)
+    """RuntimeError (a bug in the attack) unless every adversarial is finite, in [0, 1] and in the eps-ball.
+    Written so that NaN fails it: every comparison with NaN is False, so each test asks for the good case."""
+    flat, delta = x_adv.flatten(1), (x_adv - x).flatten(1)
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-    if len(size) and (size.max() > eps * (1 + 1e-4) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1):
-        raise RuntimeError(f"attack {name!r} left the {norm} eps-ball or [0,1] (max distance {size.max():.6g}): a bug")
+    good = (torch.isfinite(flat).all(1) & (size <= eps * (1 + 1e-4) + 1e-6)
+            & (flat.amin(1) >= 0) & (flat.amax(1) <= 1))
+    if not bool(good.all()):
+        i = int((~good).nonzero()[0, 0])
+        raise RuntimeError(f"attack {name!r} returned an adversarial outside the {norm} eps-ball, outside [0, 1] or "
+                           f"non-finite (point {i} of the batch, distance {float(size[i]):.6g}, eps {eps:g}): a bug")
 
 
 def _versions() -> dict[str, str]:
@@ -314,8 +349,6 @@ def evaluate(
     progress: bool = True,
     seed: int = 0,
     attack_options: dict[str, dict[str, Any]] | None = None,
-    sanity: bool = False,
-    sanity_options: dict[str, Any] | None = None,
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data`` under each attack in ``attacks``; returns a JSON-able record.
@@ -323,24 +356,31 @@ def evaluate(
     Each attack runs on every correctly classified point (so each has its own robust accuracy);
     ``robust_acc`` is the per-example worst case across them. ``attack_options`` overrides settings per
     attack (``{"square": {"n_queries": 1000}}``). With ``state_file`` the per-example status of every
-    finished batch is saved (atomically) and a rerun resumes from it. ``device`` defaults to the model's;
-    the model is moved there. Randomness comes from ``seed`` only (one generator per attack and batch).
+    finished batch is saved (atomically) and a rerun resumes from it; the state is bound to the data, the
+    settings and the model (weights and architecture). ``device`` defaults to the model's; the model is
+    moved there. Randomness comes from ``seed`` only (one generator per attack and batch).
+
+    ``data``: images uint8, or float in [0, 1], ``[N, C, H, W]``; labels of any integer dtype in ``[0, C)``
+    (docs/evaluation.md, "Input contract"); a violation is a ConfigError. Non-finite logits never count as
+    correct or robust (counted as ``non_finite``). Models with bf16/fp16 weights run in their own dtype.
+    Pre-checks as the official AutoAttack's warn (in ``record["warnings"]`` and on stderr) when the outputs
+    look like probabilities or two forward passes differ (a randomised model).
 
     With ``distributed`` (every rank of an initialised process group calling with the same arguments) the
     batches are shared out across ranks in rounds of ``world_size``; each batch is computed exactly as in
     one process (same batch size, same per-batch seed), the per-example results are gathered on every
     rank after each round and rank 0 alone writes ``state_file``: the record equals the one-process record
-    (timings and device aside). The sanity checks run on rank 0 only.
+    (timings and device aside).
     """
     from .attacks._common import check_norm
     from .attacks.autoattack import OFFICIAL_MISSING, official_available
     from .numbers import check_eps, check_nonnegative_int, check_positive_int
 
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     batch_size = check_positive_int(batch_size, name="batch_size")
     seed = check_nonnegative_int(seed, name="seed")
-    images, labels = _as_split(data)
+    images, labels, label_max = _as_split(data)
     names = list(dict.fromkeys(attacks))  # keep order, drop repeats
     if not names:
         raise ConfigError("attacks is empty: name at least one attack, e.g. ['pgd20']")
@@ -356,6 +396,7 @@ def evaluate(
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     model.to(device)
+    checked = prepare_model(model, label_max, "evaluate")  # casts inputs to a bf16/fp16 model's dtype
     skipped: dict[str, str] = {}
     if "autoattack-official" in names and not official_available():
         skipped["autoattack-official"] = OFFICIAL_MISSING
@@ -366,13 +407,14 @@ def evaluate(
     ctx = dist_lib.context() if distributed else dist_lib.Context()
     n = len(labels)
     n_batches = (n + batch_size - 1) // batch_size
-    fingerprint = _fingerprint(images, labels, eps, norm, batch_size, seed)
+    with model_mode(model, training=False), validated():
+        warned, num_classes = _prechecks(checked, images[:batch_size], device)
     path = Path(state_file) if state_file is not None else None
     loaded: Any = None
     if ctx.is_main:  # only rank 0 reads the state file (other machines need not see it)
         try:
-            loaded = _load_state(path, fingerprint) if path is not None else {
-                "version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "attacks": {}}
+            loaded = _fresh_state(None) if path is None else _load_state(
+                path, _fingerprint(images, labels, eps, norm, batch_size, seed, model))
         except FastRobustError as error:
             loaded = error
     loaded = dist_lib.broadcast_object(loaded) if ctx.active else loaded
@@ -400,20 +442,22 @@ def evaluate(
         return results
 
     started = time.perf_counter()
-    with model_mode(model, training=False):
+    with model_mode(model, training=False), validated():
         # clean predictions, one pass
         clean_seconds = state.get("clean_seconds", 0.0)
 
-        def clean_batch(_b: int, x: Tensor, y: Tensor) -> tuple[list[bool], float]:
+        def clean_batch(_b: int, x: Tensor, y: Tensor) -> tuple[list[bool], list[bool], float]:
             t0 = time.perf_counter()
             with torch.no_grad():
-                correct = (model(x).argmax(1) == y).tolist()
-            return correct, time.perf_counter() - t0
+                logits = checked(x)
+            correct, non_finite = predicts(logits, y).tolist(), (~finite_rows(logits)).tolist()
+            return correct, non_finite, time.perf_counter() - t0
 
         pending = [b for b in range(n_batches) if str(b) not in state["clean"]]
         for group in rounds(pending) if ctx.active else ([b] for b in pending):
-            for b, (correct, seconds) in sorted(run_round(group, clean_batch).items()):
+            for b, (correct, non_finite, seconds) in sorted(run_round(group, clean_batch).items()):
                 state["clean"][str(b)] = correct
+                state["clean_non_finite"][str(b)] = non_finite
                 clean_seconds += seconds
             state["clean_seconds"] = clean_seconds
             save()
@@ -432,21 +476,25 @@ def evaluate(
                 t0 = time.perf_counter()
                 correct = torch.tensor(state["clean"][str(b)], dtype=torch.bool, device=device)
                 robust = correct.clone()
+                non_finite = torch.zeros_like(correct)
                 entry: dict[str, Any] = {}
                 idx = correct.nonzero().squeeze(1)
                 if len(idx):
                     generator = torch.Generator(device=device).manual_seed(_seed_for(seed, name, b))
-                    x_adv, extras = _run_attack(name, settings[name], model, x[idx], y[idx], eps=eps,
+                    x_adv, extras = _run_attack(name, settings[name], checked, x[idx], y[idx], eps=eps,
                                                 norm=norm, generator=generator, seed=seed)
                     _check_ball(x_adv, x[idx], eps, norm, name)
                     with torch.no_grad():
-                        robust[idx] = model(x_adv).argmax(1) == y[idx]
+                        logits = checked(x_adv)
+                    robust[idx] = predicts(logits, y[idx])  # non-finite logits are never robust
+                    non_finite[idx] = ~finite_rows(logits)
                     for key, values in extras.items():
                         full: list[Any] = [None] * len(y)
                         for i, v in zip(idx.tolist(), values):
                             full[i] = v
                         entry[key] = full
                 entry["robust"] = robust.tolist()
+                entry["non_finite"] = non_finite.tolist()
                 entry["seconds"] = time.perf_counter() - t0
                 return entry
 
@@ -462,68 +510,148 @@ def evaluate(
                     bar.update(len(results))
             finally:
                 bar.close()
-    if ctx.active and not ctx.is_main:
-        sanity = False  # rank 0 alone runs the sanity checks and prints the record
     record = _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device,
-                     time.perf_counter() - started, sanity, sanity_options, images, labels, progress)
+                     time.perf_counter() - started, num_classes, images[0].numel() if n else 0)
+    record["warnings"] = warned + _non_finite_warnings(record)
+    if ctx.is_main:
+        for text in record["warnings"]:
+            print(f"fastrobust evaluate: warning: {text}", file=sys.stderr)
     if ctx.active:
         record["world_size"] = ctx.world_size
     return record
+
+
+def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[list[str], int]:
+    """The official AutoAttack's pre-checks on the first batch: outputs that look like probabilities (every row
+    non-negative and summing to 1) and a randomised model (two forward passes of the same input differ by more
+    than 1e-4, relative). Returns (warnings, number of outputs)."""
+    x = images.to(device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    with torch.no_grad():
+        first, second = model(x).float(), model(x).float()
+    found = []
+    finite = torch.isfinite(first).all() & torch.isfinite(second).all()
+    if len(x) and bool(finite & (first >= 0).all() & ((first.sum(1) - 1).abs() <= 1e-3).all()):
+        found.append("the model's outputs look like probabilities (every row is non-negative and sums to 1): "
+                     "attacks need logits; remove the final softmax (the official AutoAttack warns the same)")
+    same_pattern = torch.equal(torch.isfinite(first), torch.isfinite(second))
+    both = torch.isfinite(first) & torch.isfinite(second)
+    scale = first[both].abs().max().clamp_min(1.0) if bool(both.any()) else torch.tensor(1.0)
+    diff = float(((first - second).abs()[both].max() / scale)) if bool(both.any()) else 0.0
+    if not same_pattern or diff > 1e-4:
+        found.append(f"two forward passes of the same input differ (by {diff:.3g}, relative): the model is "
+                     "randomised, so these attacks underestimate its vulnerability; use EOT attacks "
+                     "(the official AutoAttack's version='rand')")
+    return found, first.shape[1] if first.dim() == 2 else 0
+
+
+def _non_finite_warnings(record: dict[str, Any]) -> list[str]:
+    out = []
+    if record["clean_non_finite"]:
+        out.append(f"{record['clean_non_finite']} of {record['n']} points give non-finite clean logits "
+                   "(counted as misclassified)")
+    for name, entry in record["attacks"].items():
+        if entry.get("non_finite"):
+            out.append(f"{entry['non_finite']} adversarials of {name!r} give non-finite logits (counted as broken)")
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: int) -> dict[str, Any]:
+    """The settings an attack actually ran with on a model of ``num_classes`` outputs and images of ``dim``
+    values: targeted attacks use at most C - 1 targets, APGD-T's DLR loss needs 4 classes, RayS's default
+    tolerance is the authors' 1e-3/sqrt(d)."""
+    from .attacks.apgd import targeted_loss_used, targets_used
+    from .attacks.rays import official_tol
+
+    used = json.loads(json.dumps(settings))
+    if name in ("apgd-t", "fab-t"):
+        used["n_targets"] = targets_used(used["n_targets"], num_classes)
+        loss = used.get("loss", "dlr-targeted")
+        if name == "apgd-t" and targeted_loss_used(loss, num_classes) != loss:
+            used["loss"] = targeted_loss_used(loss, num_classes)
+    elif name in ("autoattack", "autoattack-fast"):
+        used["options"] = {key: settings_used(key, value, num_classes, dim) for key, value in used["options"].items()}
+    elif name == "rays" and used.get("tol") is None:
+        used["tol"] = official_tol(dim)
+    return used
+
+
+def _clipped(requested: Any, used: Any) -> bool:
+    """Whether a requested setting ran with another value (a default left as None does not count)."""
+    if isinstance(requested, dict):
+        return any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
+    return requested != used
+
+
 def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device, seconds,
-            sanity, sanity_options, images, labels, progress) -> dict[str, Any]:
-    clean = [v for b in range(n_batches) for v in state["clean"][str(b)]]
+            num_classes, dim) -> dict[str, Any]:
+    def per_point(values: dict[str, Any], key: str | None = None) -> list[Any]:
+        """Per-batch lists joined in point order (None for the points of a batch that has no ``key``)."""
+        out: list[Any] = []
+        for b in range(n_batches):
+            batch = values[str(b)]
+            out.extend(batch if key is None else batch.get(key) or [None] * len(state["clean"][str(b)]))
+        return out
+
+    clean = per_point(state["clean"])
     clean_correct = sum(clean)
+    clean_non_finite = sum(per_point(state["clean_non_finite"]))
     worst = list(clean)
     per_attack: dict[str, Any] = {}
     for name in names:
         if name == "clean":
             per_attack[name] = {"robust_acc": clean_correct / max(n, 1), "robust": clean_correct, "broken": 0,
-                                "settings": {}, "seconds": state.get("clean_seconds", 0.0)}
+                                "non_finite": clean_non_finite, "settings": {},
+                                "seconds": state.get("clean_seconds", 0.0)}
             continue
         if name in skipped:
             continue
         batches = state["attacks"][name]["batches"]
-        robust = [v for b in range(n_batches) for v in batches[str(b)]["robust"]]
+        robust = per_point(batches, "robust")
         worst = [w and r for w, r in zip(worst, robust)]
+        used = settings_used(name, settings[name], num_classes, dim)
         entry: dict[str, Any] = {
             "robust_acc": sum(robust) / max(n, 1),
             "robust": sum(robust),
             "broken": clean_correct - sum(robust),
-            "settings": settings[name],
+            "non_finite": sum(per_point(batches, "non_finite")),
+            "settings": used,
             "seconds": sum(batches[str(b)]["seconds"] for b in range(n_batches)),
         }
+        if _clipped(_jsonable(settings[name]), used):
+            entry["settings_requested"] = settings[name]
         if name == "rays":
-            dists = [d for b in range(n_batches) for d, c in zip(batches[str(b)].get("distance", []), state["clean"][str(b)]) if c]
-            queries = [q for b in range(n_batches) for q in batches[str(b)].get("queries", []) if q is not None]
-            finite = [d for d in dists if d is not None]
-            entry["adbd"] = sum(finite) / len(finite) if finite else None
-            entry["no_boundary_found"] = len(dists) - len(finite)
+            dists = [d for d, c in zip(per_point(batches, "distance"), clean) if c]
+            official = [d for d, c in zip(per_point(batches, "distance_official"), clean) if c]
+            queries = [q for q in per_point(batches, "queries") if q is not None]
+            found = [d for d in dists if d is not None]
+            entry["adbd"] = sum(official) / n if n else None  # the RayS leaderboard's: over all n points
+            entry["adbd_correct_only"] = sum(found) / len(found) if found else None
+            entry["no_boundary_found"] = len(dists) - len(found)
             entry["queries_mean"] = sum(queries) / len(queries) if queries else 0.0
             entry["queries_median"] = float(sorted(queries)[len(queries) // 2]) if queries else 0.0
         if name == "square":
-            queries = [q for b in range(n_batches) for q in batches[str(b)].get("queries", []) if q is not None]
+            queries = [q for q in per_point(batches, "queries") if q is not None]
             entry["queries_mean"] = sum(queries) / len(queries) if queries else 0.0
         if name in ("autoattack", "autoattack-fast"):
             counts: dict[str, int] = {}
-            for b in range(n_batches):
-                for who in batches[str(b)].get("broken_by", []):
-                    if who is not None and who != "clean":
-                        counts[who] = counts.get(who, 0) + 1
+            for who in per_point(batches, "broken_by"):
+                if who is not None and who != "clean":
+                    counts[who] = counts.get(who, 0) + 1
             entry["broken_by"] = counts
         per_attack[name] = entry
     adversarial = [a for a in names if a != "clean" and a not in skipped]
-    record: dict[str, Any] = {
+    return {
         "n": n,
         "eps": eps,
         "norm": norm,
         "clean_acc": clean_correct / max(n, 1),
         "clean_correct": clean_correct,
+        "clean_non_finite": clean_non_finite,
         "robust_acc": sum(worst) / max(n, 1) if adversarial else None,
         "robust": sum(worst) if adversarial else None,
         "attacks": per_attack,
@@ -532,12 +660,7 @@ def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, bat
         "seed": seed,
         "seconds": seconds,
         "model": type(model).__name__,
+        "num_classes": num_classes,
         "device": _device_name(device),
         "versions": _versions(),
     }
-    if sanity:
-        from .sanity import sanity_checks
-
-        record["sanity"] = sanity_checks(model, (images, labels), eps=eps, norm=norm, batch_size=batch_size,
-                                         device=device, seed=seed, progress=progress, **(sanity_options or {}))
-    return record

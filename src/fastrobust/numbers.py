@@ -40,14 +40,27 @@ def parse_number(value: str | float | int, *, name: str = "value") -> float:
     return result
 
 
-def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False) -> float:
-    """Reject perturbation sizes outside (0, 1]: every epsilon is in [0,1] pixel units."""
+def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False, norm: str = "linf") -> float:
+    """A perturbation size in [0,1] pixel units for the threat model ``norm``.
+
+    l_inf: in (0, 1] (a value above 1 gets the hint "did you mean 8/255?"); l_2: any positive value (the radius
+    of the ball; 0.5 is the usual CIFAR-10 budget, and the largest useful one is sqrt(C*H*W)). With
+    ``allow_zero`` 0 is accepted too. Raises ConfigError otherwise.
+    """
     value = parse_number(value, name=name)
     low_ok = value >= 0 if allow_zero else value > 0
+    if norm == "l2":
+        if not low_ok:
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{name}={value:g} must be {bound}: an l2 budget is the radius of the ball in [0,1] "
+                              "pixel units (0.5 is the usual CIFAR-10 budget)")
+        return value
+    if norm != "linf":
+        raise ConfigError(f"norm={norm!r} is not supported: choose one of linf, l2")
     if not low_ok or value > 1:
         hint = f"; did you mean {value:g}/255?" if value > 1 else ""
         interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ConfigError(f"{name}={value:g} is out of range {interval}: pixel units are [0,1]{hint}")
+        raise ConfigError(f"{name}={value:g} is out of range {interval}: l_inf pixel units are [0,1]{hint}")
     return value
 
 

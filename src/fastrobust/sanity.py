@@ -7,21 +7,28 @@ of flags ``{"name", "passed", "detail"}``:
 - ``attack_order``: robust accuracy non-increasing FGSM -> PGD-20 -> AutoAttack-fast (stronger attacks
   must not do worse);
 - ``more_steps``: PGD-100 not more accurate than PGD-20;
-- ``large_eps``: at a large eps (0.5 l_inf, 10 l_2) PGD-20 drives accuracy near 0;
+- ``large_eps``: at a large eps PGD-20 drives accuracy near 0 (default 0.5 for l_inf and ``0.5 * sqrt(C*H*W)``
+  for l_2: the smallest balls that reach the uniform mid-grey image from every image);
 - ``black_box``: Square and RayS (which use no gradients) not clearly stronger than the white-box attacks,
   a sign of gradient masking;
 - ``gradients``: no share of points with an all-zero or NaN input gradient;
 - ``deterministic``: two identical forward passes give the same logits (no hidden randomness).
+
+sanity is a client of ``evaluate`` (it imports evaluate, never the other way): ``record["sanity"] =
+sanity_checks(...)`` adds the flags to an evaluation record, as ``fastrobust eval --sanity`` does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from .attacks._common import check_norm, cw_margin, input_gradient, model_mode, per_example_loss
+from .evaluate import _as_split, evaluate, iterate_split
+from .inputs import prepare_model, validated
 from .numbers import check_eps
 
 
@@ -53,15 +60,15 @@ def sanity_checks(
 
     ``tolerance`` is the accuracy slack allowed in the ordering checks, ``black_box_margin`` how far below
     the white-box accuracy a black-box accuracy may fall before the check fails, ``gradient_share`` the
-    largest share of points allowed a zero/NaN input gradient."""
-    from .evaluate import _as_split, evaluate, iterate_split
-
-    eps = check_eps(eps)
+    largest share of points allowed a zero/NaN input gradient. ``data``: as for ``evaluate`` (same input
+    contract); ``eps`` and ``large_eps`` in the units of ``norm``."""
     norm = check_norm(norm)
-    images, labels = _as_split(data)
+    eps = check_eps(eps, norm=norm)
+    images, labels, _ = _as_split(data, where="sanity_checks")
     images, labels = images[:n], labels[:n]
     if large_eps is None:
-        large_eps = 0.5 if norm == "linf" else 10.0
+        large_eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(images[0].numel()) if len(images) else 1.0
+    large_eps = check_eps(large_eps, norm=norm, name="large_eps")
     common = dict(batch_size=batch_size, device=device, seed=seed, progress=progress)
     attacks = ["fgsm", "pgd20", "pgd100", "autoattack-fast", "square"] + (["rays"] if norm == "linf" else [])
     options = {
@@ -81,7 +88,7 @@ def sanity_checks(
     flags.append(_flag("more_steps", acc["pgd100"] <= acc["pgd20"] + tolerance,
                        f"PGD-100 {acc['pgd100']:.4f} <= PGD-20 {acc['pgd20']:.4f} expected (slack {tolerance})"))
 
-    if large_eps > eps and (norm == "l2" or large_eps <= 1):
+    if large_eps > eps:
         big = evaluate(model, (images, labels), ["pgd20"], eps=large_eps, norm=norm, **common)
         big_acc = big["attacks"]["pgd20"]["robust_acc"]
         flags.append(_flag("large_eps", big_acc <= large_eps_max_acc,
@@ -98,16 +105,17 @@ def sanity_checks(
     dev = torch.device(record["device"].split(" ")[0])
     zero = nan = total = 0
     max_diff = 0.0
-    with model_mode(model, training=False):
+    checked = prepare_model(model)  # a bf16/fp16 model gets inputs in its dtype
+    with model_mode(model, training=False), validated():
         for x, y in iterate_split(images, labels, batch_size, dev):
-            grad, _, _ = input_gradient(model, x, y, lambda logits, t: cw_margin(logits.float(), t))
-            grad_ce, _, _ = input_gradient(model, x, y, per_example_loss("ce"))
+            grad, _, _ = input_gradient(checked, x, y, lambda logits, t: cw_margin(logits.float(), t))
+            grad_ce, _, _ = input_gradient(checked, x, y, per_example_loss("ce"))
             flat, flat_ce = grad.flatten(1), grad_ce.flatten(1)
             zero += int(((flat == 0).all(1)).sum())
             nan += int((~torch.isfinite(flat).all(1) | ~torch.isfinite(flat_ce).all(1)).sum())
             total += len(y)
             with torch.no_grad():
-                a, b = model(x).float(), model(x).float()
+                a, b = checked(x).float(), checked(x).float()
             scale = a.abs().max().clamp_min(1.0)
             max_diff = max(max_diff, float(((a - b).abs().max() / scale)))
     share_zero, share_nan = zero / max(total, 1), nan / max(total, 1)

@@ -46,7 +46,9 @@ def check_norm(norm: str) -> str:
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
-    """Project onto the eps-ball around ``x`` (l_inf or l_2), then clamp to [0, 1]."""
+    """Project onto the eps-ball around ``x`` (l_inf or l_2), then clamp to [0, 1]. Non-finite entries of
+    ``x_adv`` become the entries of ``x`` (a NaN or Inf never leaves a projection)."""
+    x_adv = torch.where(torch.isfinite(x_adv), x_adv, x)
     if norm == "linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     else:
@@ -58,11 +60,23 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
 
 
 def ascent_direction(grad: Tensor, norm: str) -> Tensor:
-    """The steepest-ascent unit step for the norm: sign for l_inf, normalised gradient for l_2."""
+    """The steepest-ascent unit step for the norm: sign for l_inf, normalised gradient for l_2. Always finite.
+
+    Non-finite gradient entries (a model with an infinite input derivative somewhere, e.g. ``sqrt`` at a black
+    pixel) get the limit of the finite case: NaN entries count 0; for l_2, a row with +-inf entries steps
+    along the signs of those entries only (the normalised gradient's limit as they grow), and every row is
+    scaled by its largest entry before the norm is taken, so the norm never overflows. No host sync.
+    """
+    grad = torch.nan_to_num(grad, nan=0.0)  # +-inf become +-max float: the sign is kept
     if norm == "linf":
         return grad.sign()
-    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-    return grad / norms
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    infinite = grad.abs() == torch.finfo(grad.dtype).max
+    has_infinite = infinite.flatten(1).any(1).view(shape)
+    grad = torch.where(has_infinite, grad.sign() * infinite, grad)
+    scale = grad.flatten(1).abs().amax(1).clamp_min(1e-30).view(shape)
+    grad = grad / scale
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
 
 
 def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:

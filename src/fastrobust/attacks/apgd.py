@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import check_labels, entry_point
 from ..numbers import check_eps
 from ._common import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
 
@@ -73,6 +74,7 @@ def _loss_fn(name: str, num_classes: int):
     return dlr_targeted_loss
 
 
+@entry_point("apgd")
 def apgd(
     model: nn.Module,
     x: Tensor,
@@ -93,8 +95,8 @@ def apgd(
     """Adversarial examples by APGD maximising ``loss`` (``ce``, ``dlr``, or targeted ``ce-targeted`` /
     ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept,
     otherwise the point of highest loss. Restarts run only on points not yet misclassified."""
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     if n_iter < 1:
         raise ConfigError(f"n_iter={n_iter} must be at least 1")
     if n_restarts < 1:
@@ -104,6 +106,8 @@ def apgd(
         raise ConfigError(f"loss={loss!r} needs y_target (the target class of each example); or use apgd_t")
     x = x.detach()
     y = y.detach()
+    if y_target is not None:
+        y_target = check_labels(y_target, len(x), where="apgd", name="y_target")
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
@@ -181,18 +185,30 @@ def _apgd_run(model, x, y, target, fn, eps, norm, n_iter, alpha, rho, random_ini
     return out, loss_best, fooled
 
 
+@entry_point("apgd_ce")
 def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", n_iter: int = 100, **kwargs) -> Tensor:
     """APGD with the cross-entropy loss (AutoAttack's first attack)."""
     return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="ce", **kwargs)
 
 
+def targets_used(n_targets: int, num_classes: int) -> int:
+    """How many target classes a targeted attack runs with ``num_classes`` outputs: at most C - 1."""
+    return max(min(n_targets, num_classes - 1), 0)
+
+
+def targeted_loss_used(loss: str, num_classes: int) -> str:
+    """APGD-T's loss with ``num_classes`` outputs: the targeted DLR needs 4 classes, below that CE is used."""
+    return "ce-targeted" if loss == "dlr-targeted" and num_classes < 4 else loss
+
+
 def ranked_targets(logits: Tensor, n_targets: int) -> list[Tensor]:
     """Target classes per run: the classes ranked 2nd, 3rd, ... by the clean logits (at most C - 1)."""
     order = logits.argsort(dim=1, descending=True)
-    n = min(n_targets, logits.shape[1] - 1)
+    n = targets_used(n_targets, logits.shape[1])
     return [order[:, k] for k in range(1, n + 1)]
 
 
+@entry_point("apgd_t")
 def apgd_t(
     model: nn.Module,
     x: Tensor,
@@ -218,8 +234,7 @@ def apgd_t(
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
-        if loss == "dlr-targeted" and logits.shape[1] < 4:
-            loss = "ce-targeted"  # the targeted DLR needs 4 classes; CE keeps the attack meaningful
+        loss = targeted_loss_used(loss, logits.shape[1])  # CE where the targeted DLR has too few classes
         result = x.clone()
         fooled = logits.argmax(1) != y
         for target in ranked_targets(logits, n_targets):

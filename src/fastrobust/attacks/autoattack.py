@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FastRobustError
+from ..inputs import entry_point, predicts
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
 from .apgd import apgd_ce, apgd_t
@@ -49,6 +50,7 @@ class AutoAttackResult:
         return out
 
 
+@entry_point("autoattack")
 def autoattack(
     model: nn.Module,
     x: Tensor,
@@ -66,8 +68,8 @@ def autoattack(
     """Run the ensemble; ``attacks`` overrides the version's list, ``options`` the settings of each
     component (e.g. ``{"square": {"n_queries": 1000}}``). Returns ``x_adv``, or an AutoAttackResult
     with ``return_details=True``."""
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
@@ -79,7 +81,7 @@ def autoattack(
     x = x.detach()
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
-            robust = model(x).argmax(1) == y
+            robust = predicts(model(x), y)
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
         for name in names:
@@ -89,7 +91,7 @@ def autoattack(
             adv = _FUNCTIONS[name](model, x[todo], y[todo], eps=eps, norm=norm, eval_mode=eval_mode,
                                    generator=generator, **settings[name])
             with torch.no_grad():
-                fooled = model(adv).argmax(1) != y[todo]
+                fooled = ~predicts(model(adv), y[todo])
             hit = todo[fooled]
             x_adv[hit] = adv[fooled]
             robust[hit] = False
@@ -114,6 +116,7 @@ OFFICIAL_MISSING = (
 )
 
 
+@entry_point("autoattack_official")
 def autoattack_official(
     model: nn.Module,
     x: Tensor,
@@ -127,8 +130,8 @@ def autoattack_official(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The authors' AutoAttack (``autoattack.AutoAttack``) on this batch; FastRobustError when not installed."""
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     try:
         from autoattack import AutoAttack
     except ImportError:

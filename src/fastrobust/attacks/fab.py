@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import check_labels, entry_point
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
 from .apgd import ranked_targets
@@ -69,6 +70,7 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor
     return torch.sign(w) * mag  # w already carries the sign of c
 
 
+@entry_point("fab_t")
 def fab_t(
     model: nn.Module,
     x: Tensor,
@@ -89,12 +91,14 @@ def fab_t(
     """Targeted FAB: for each target (given ``y_target``, else the top-``n_targets`` ranked classes of the
     clean logits), run on the points not yet misclassified within ``eps``; returns the closest
     misclassified point within ``eps`` per example, or ``x`` where none was found."""
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     if n_iter < 1 or n_restarts < 1 or n_targets < 1:
         raise ConfigError(f"n_iter={n_iter}, n_restarts={n_restarts}, n_targets={n_targets} must all be at least 1")
     x = x.detach()
     y = y.detach()
+    if y_target is not None:
+        y_target = check_labels(y_target, len(x), where="fab_t", name="y_target")
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)

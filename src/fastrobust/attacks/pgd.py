@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import check_labels, entry_point
 from ..numbers import check_eps
 from ._common import (
     ascent_direction,
@@ -22,6 +23,7 @@ from ._common import (
 )
 
 
+@entry_point("pgd")
 def pgd(
     model: nn.Module,
     x: Tensor,
@@ -47,8 +49,8 @@ def pgd(
     (descent of the loss towards ``target``). ``reference_logits`` are the clean logits for ``loss="kl"``.
     The model runs in eval mode (unless ``eval_mode=False``) and is restored to the mode it was in.
     """
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     if steps < 0:
         raise ConfigError(f"steps={steps} must be zero or positive")
     if restarts < 1:
@@ -58,6 +60,8 @@ def pgd(
     if step_size <= 0:
         raise ConfigError(f"step_size={step_size} must be positive")
     x = x.detach()
+    if target is not None:
+        target = check_labels(target, len(x), where="pgd", name="target")
     loss_fn = per_example_loss(loss, reference_logits)
     labels = y if target is None else target
     sign = 1.0 if target is None else -1.0
@@ -92,6 +96,7 @@ def pgd(
     return best_adv
 
 
+@entry_point("fgsm")
 def fgsm(
     model: nn.Module,
     x: Tensor,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import entry_point
 from ..numbers import check_eps
 from ._common import check_norm, cw_margin, model_mode
 
@@ -53,6 +54,7 @@ def _signs(shape, generator, device) -> Tensor:
     return torch.randint(0, 2, shape, generator=generator, device=device).float() * 2 - 1
 
 
+@entry_point("square")
 def square(
     model: nn.Module,
     x: Tensor,
@@ -67,8 +69,8 @@ def square(
     generator: torch.Generator | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Square attack; returns ``x_adv`` (and the queries used per example with ``return_queries``)."""
-    eps = check_eps(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
     if n_queries < 1:
         raise ConfigError(f"n_queries={n_queries} must be at least 1")
     if not 0 < p_init <= 1:

@@ -39,7 +39,9 @@ def register(subparsers) -> None:
                              "where a missing dataset is downloaded once)")
     parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
                         help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)}")
-    parser.add_argument("--eps", default="8/255", help="perturbation size in [0,1] pixel units; 8/255 accepted (default 8/255)")
+    parser.add_argument("--eps", default="8/255",
+                        help="perturbation size in [0,1] pixel units: l_inf in (0, 1], 8/255 accepted (default 8/255); "
+                             "l2 any positive radius (0.5 is the usual CIFAR-10 budget)")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
     parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
     parser.add_argument("--batch-size", default="256", help="batch size (default 256)")
@@ -125,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
     from ..numbers import check_eps, check_nonnegative_int, check_positive_int
 
-    eps = check_eps(args.eps, name="--eps")
+    eps = check_eps(args.eps, name="--eps", norm=args.norm)
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
     seed = check_nonnegative_int(args.seed, name="--seed")
     test_subset = None if args.test_subset is None else check_positive_int(args.test_subset, name="--test-subset")
@@ -177,10 +179,15 @@ def _run(args: argparse.Namespace) -> int:
             elif name == "autoattack":
                 options[name] = {"square": {"n_queries": queries}}
     record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size, device=device,
-                      state_file=args.state, progress=not args.quiet, seed=seed, sanity=args.sanity,
-                      attack_options=options, distributed=ctx.active)
-    if not ctx.is_main:  # rank 0 prints and writes the record
+                      state_file=args.state, progress=not args.quiet, seed=seed, attack_options=options,
+                      distributed=ctx.active)
+    if not ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
         return 0
+    if args.sanity:
+        from ..sanity import sanity_checks
+
+        record["sanity"] = sanity_checks(model, dataset.test, eps=eps, norm=args.norm, batch_size=batch_size,
+                                         device=device, seed=seed, progress=not args.quiet)
     record = {"checkpoint": metadata.get("path", str(args.checkpoint)), "dataset": dataset.name,
               "test_subset": test_subset, "model_source": source, **record}
     if args.out:
@@ -211,11 +218,14 @@ def print_summary(record: dict, file=sys.stdout) -> None:
             continue
         notes = ""
         if "adbd" in entry:
-            adbd = entry["adbd"]
-            notes = f"ADBD {adbd:.4f}, " if adbd is not None else ""
+            adbd, correct_only = entry["adbd"], entry.get("adbd_correct_only")
+            notes = f"ADBD {adbd:.4f} (all points), " if adbd is not None else ""
+            notes += f"{correct_only:.4f} (correct only), " if correct_only is not None else ""
             notes += f"queries {entry['queries_mean']:.0f} (mean)"
         elif "broken_by" in entry and entry["broken_by"]:
             notes = ", ".join(f"{k} {v}" for k, v in entry["broken_by"].items())
+        if entry.get("non_finite"):
+            notes += f"{', ' if notes else ''}{entry['non_finite']} non-finite (counted as broken)"
         print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)
     if record["robust_acc"] is not None:
         print(f"{'worst case':<20} {record['robust_acc']:>9.2%}", file=file)

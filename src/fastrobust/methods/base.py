@@ -8,14 +8,16 @@ cost in "natural steps" (a forward alone counts 1/3) can be compared with measur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import check_batch, check_num_classes, validated
 from ..numbers import check_eps, parse_number
 
 Stats = dict[str, Tensor]
@@ -47,12 +49,66 @@ class MethodConfig:
                     raise ConfigError(f"{field.name}={value!r} must be a whole number >= 0")
 
 
+def _checks_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a method's ``__call__``/``train_step(model, x, y, ...)`` with the input contract (``inputs``).
+
+    Metadata (dtypes, shapes, devices) is checked on every call. Values -- images finite and in [0, 1], labels
+    in [0, C), C read from the model's first output -- only on the method's first call: they cost a host sync,
+    and a trainer calls the method every step with batches its DeviceLoader already guarantees. The body runs
+    inside ``inputs.validated()``, so the attacks it calls add no sync of their own.
+    """
+
+    @functools.wraps(fn)
+    def call(self: Method, model: nn.Module, x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Any:
+        where = f"method {self.name}"
+        first = not getattr(self, "_inputs_checked", False)
+        if first:
+            x, y, label_max = check_batch(x, y, where=where, model=model)
+        else:
+            with validated():
+                x, y, label_max = check_batch(x, y, where=where, model=model)
+        handle = None
+        if label_max >= 0:
+            seen = False
+
+            def compare(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                nonlocal seen
+                if not seen and isinstance(output, Tensor):
+                    seen = True
+                    check_num_classes(label_max, output, where=where)
+
+            handle = model.register_forward_hook(compare)
+        try:
+            with validated():
+                result = fn(self, model, x, y, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        self._inputs_checked = True
+        return result
+
+    call._checks_inputs = True  # type: ignore[attr-defined]
+    return call
+
+
 class Method:
-    """Base class: subclasses set ``name``, ``Config`` and implement ``__call__`` and ``cost``."""
+    """Base class: subclasses set ``name``, ``Config`` and implement ``__call__`` and ``cost``.
+
+    Every subclass's ``__call__`` (and ``train_step``) is wrapped with the input contract: images float in
+    [0, 1], labels of any integer dtype in [0, C) (values checked on the first call only; see
+    ``_checks_inputs``); a violation is a ConfigError.
+    """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attribute in ("__call__", "train_step"):
+            fn = cls.__dict__.get(attribute)
+            if fn is not None and not getattr(fn, "_checks_inputs", False):
+                setattr(cls, attribute, _checks_inputs(fn))
 
     def __init__(self, config: MethodConfig | None = None, /, **overrides: Any) -> None:
         config = config if config is not None else self.Config()

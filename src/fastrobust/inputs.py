@@ -1,0 +1,233 @@
+"""The input contract of every public entry point (attacks, method losses, evaluate, sanity checks).
+
+Images are floating-point tensors ``[B, ...]`` with every value finite and in [0, 1] (pixel units; uint8
+``[N, C, H, W]`` is accepted by the data-level entry points, which divide by 255); labels are a ``[B]`` tensor
+of any integer dtype with values in ``[0, C)`` for a model with ``C`` outputs. A violation is one ConfigError
+line naming the value, what was expected and the fix.
+
+Checks come in two kinds. Metadata (dtype, shape, device) costs nothing and is checked on every call. Values
+(finite, range, labels) need one reduction and one host sync, so they are checked once per public call at the
+outermost entry: an entry point runs its body inside ``validated()``, and the public functions it calls on
+(subsets of) the same batch skip the value checks. The label range needs ``C``, which is compared (in Python,
+no sync) with the first logits the entry point computes anyway (``check_num_classes``).
+
+Models with half-precision weights (bf16/fp16) are evaluated in their own dtype: ``prepare_model`` wraps them
+so that inputs are cast to the parameter dtype and logits come back as float32 (losses and comparisons in fp32).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import itertools
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+_VALIDATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastrobust_inputs_validated", default=False)
+F = TypeVar("F", bound=Callable[..., Any])
+_NOT_CHECKED = -1  # the largest label when the values were checked by an enclosing entry point
+
+
+@contextmanager
+def validated() -> Iterator[None]:
+    """Run a block whose tensors an enclosing entry point has checked: nested entry points skip value checks."""
+    token = _VALIDATED.set(True)
+    try:
+        yield
+    finally:
+        _VALIDATED.reset(token)
+
+
+def inside_validated() -> bool:
+    return _VALIDATED.get()
+
+
+def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
+    """Metadata of a batch of images: a floating-point tensor of at least 2 dimensions ``[B, ...]``.
+
+    Returns ``x``, half precision as float32 (attacks compute in float32 or float64; the model gets its own
+    dtype through ``prepare_model``). Raises ConfigError naming the dtype or shape and the fix.
+    """
+    _check_image_metadata(x, where=where, name=name)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_image_metadata(x: Tensor, *, where: str, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]")
+    if x.dim() < 2:
+        raise ConfigError(f"{where}: {name} has shape {tuple(x.shape)}, expected a batch of images [B, C, H, W] "
+                          "(add the batch dimension with x[None])")
+    if not x.is_floating_point():
+        hint = " (evaluate and pgd_accuracy also take uint8 image splits)" if x.dtype == torch.uint8 else ""
+        raise ConfigError(f"{where}: {name} has dtype {x.dtype}, expected float images in [0, 1]: "
+                          f"use x.float() / 255{hint}")
+
+
+def check_labels(y: Tensor, batch: int, *, where: str, name: str = "y") -> Tensor:
+    """Metadata of the labels of ``batch`` images: any integer dtype, shape ``[batch]``; returned as int64.
+    (Their values are checked with the images', by ``check_batch`` / ``check_split``.)"""
+    if not isinstance(y, Tensor):
+        raise ConfigError(f"{where}: {name} is a {type(y).__name__}, expected a torch.Tensor of class indices [B]")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ConfigError(f"{where}: {name} has dtype {y.dtype}, expected integer class indices [B] "
+                          "(any integer dtype): use y.long() for whole numbers, y.argmax(1) for one-hot labels")
+    if y.dim() != 1 or y.shape[0] != batch:
+        raise ConfigError(f"{where}: {name} has shape {tuple(y.shape)} but there are {batch} images: "
+                          f"expected labels [{batch}], one class index per image")
+    return y.long()
+
+
+def _check_values(images: Tensor, labels: Tensor, *, where: str, images_name: str, labels_name: str) -> int:
+    """One host sync: float images finite and in [0, 1] (uint8 needs no check), labels >= 0. Returns the
+    largest label."""
+    if not labels.numel():
+        return _NOT_CHECKED
+    stats = [labels.amin().double(), labels.amax().double()]
+    if images.dtype != torch.uint8:
+        stats += [images.amin().double(), images.amax().double()]
+    values = torch.stack(stats).tolist()
+    if len(values) == 4:
+        _check_image_values(images, values[2], values[3], where=where, name=images_name)
+    if values[0] < 0:
+        raise ConfigError(f"{where}: {labels_name} has a negative label ({int(values[0])}): labels are class "
+                          "indices in [0, C)")
+    return int(values[1])
+
+
+def _check_image_values(x: Tensor, low: float, high: float, *, where: str, name: str) -> None:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        index = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0])
+        raise ConfigError(f"{where}: {name}[{index}] holds NaN or Inf values: images must be finite; "
+                          "remove or repair that image")
+    if low < 0 or high > 1:
+        if high > 1.5 and low >= 0:
+            cause = "it looks like 0..255 pixel values: divide by 255"
+        elif low < 0:
+            cause = ("it looks mean/std-normalised: give [0, 1] images and put the normalisation inside the model "
+                     "(fastrobust models take mean= and std=)")
+        else:
+            cause = "clamp the images to [0, 1]"
+        raise ConfigError(f"{where}: {name} has values in [{low:.4g}, {high:.4g}], expected images in [0, 1] "
+                          f"(pixel units): {cause}")
+
+
+def check_batch(x: Tensor, y: Tensor, *, where: str, model: nn.Module | None = None) -> tuple[Tensor, Tensor, int]:
+    """A batch at an entry point: ``check_images`` and ``check_labels``, both on one device (and ``model``'s
+    parameters on it too), then -- outside ``validated()`` -- their values with one host sync.
+
+    Returns ``(x, y as int64, largest label)``; the largest label is -1 where the values were not checked
+    (inside ``validated()``). Compare it with the model's outputs through ``prepare_model``.
+    """
+    x = check_images(x, where=where)
+    y = check_labels(y, x.shape[0], where=where)
+    if y.device != x.device:
+        raise ConfigError(f"{where}: labels are on {y.device} but images on {x.device}: move both to one device")
+    first = next(iter(model.parameters()), None) if model is not None else None
+    if first is not None and first.device != x.device:
+        raise ConfigError(f"{where}: the model is on {first.device} but the images on {x.device}: "
+                          f"move the model with model.to({str(x.device)!r}) or the images with x.to(...)")
+    if inside_validated():
+        return x, y, _NOT_CHECKED
+    return x, y, _check_values(x, y, where=where, images_name="x", labels_name="y")
+
+
+def check_split(images: Tensor, labels: Tensor, *, where: str) -> tuple[Tensor, Tensor, int]:
+    """A whole split: images uint8 or float ``[N, C, H, W]`` (float values finite and in [0, 1]), labels ``[N]``
+    of any integer dtype, >= 0. Returns ``(images unchanged, labels as int64, largest label)``; one host sync."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ConfigError(f"{where}: images {shape} are not a split: expected images [N, C, H, W] "
+                          "(uint8, or float in [0, 1])")
+    if images.dtype != torch.uint8:
+        _check_image_metadata(images, where=where, name="images")
+    labels = check_labels(labels, images.shape[0], where=where, name="labels")
+    return images, labels, _check_values(images, labels, where=where, images_name="images", labels_name="labels")
+
+
+def check_num_classes(label_max: int, logits: Tensor, *, where: str) -> None:
+    """ConfigError when a label is not below the model's number of outputs (no host sync)."""
+    classes = logits.shape[-1]
+    if label_max >= classes:
+        raise ConfigError(f"{where}: label {label_max} is out of range for a model with {classes} outputs: "
+                          f"labels must be class indices in [0, {classes}); check the dataset and the model's "
+                          "num_classes")
+
+
+def finite_rows(logits: Tensor) -> Tensor:
+    """Per row: every logit finite. A prediction from non-finite logits never counts as correct or robust."""
+    return torch.isfinite(logits.flatten(1)).all(1)
+
+
+def predicts(logits: Tensor, y: Tensor) -> Tensor:
+    """Per example: the model predicts ``y`` from finite logits (argmax of NaN logits is meaningless)."""
+    return finite_rows(logits) & (logits.argmax(1) == y)
+
+
+# ----------------------------------------------------------------------------- the model at an entry point
+def parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer); None when it has none."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+
+
+class CheckedModel(nn.Module):
+    """``model`` as an entry point hands it to the attack: inputs cast to its parameter dtype ``dtype`` (logits
+    returned as float32, gradients flow through the cast) and, until the first output, the largest label
+    compared with the number of outputs."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, label_max: int, where: str) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.label_max = label_max
+        self.where = where
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x if self.dtype is None else x.to(self.dtype))
+        if self.label_max != _NOT_CHECKED:
+            check_num_classes(self.label_max, out, where=self.where)
+            self.label_max = _NOT_CHECKED
+        return out if self.dtype is None else out.float()
+
+
+def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = "model",
+                  input_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``model`` itself when its weights have the inputs' dtype (or it has none) and no label range is left to
+    check, else a ``CheckedModel`` around it. Refuses parameter dtypes other than float16/bfloat16/float32/
+    float64."""
+    if isinstance(model, CheckedModel):  # prepared by an enclosing entry point (its label check may be pending)
+        if label_max == _NOT_CHECKED:
+            return model
+        model = model.model
+    dtype = parameter_dtype(model)
+    if dtype not in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ConfigError(f"{where}: the model's parameters have dtype {dtype}: give a float32, float16, bfloat16 "
+                          "or float64 model (model.float() converts it)")
+    cast = None if dtype in (None, input_dtype) else dtype
+    if cast is None and label_max == _NOT_CHECKED:
+        return model
+    return CheckedModel(model, cast, label_max, where)
+
+
+def entry_point(where: str) -> Callable[[F], F]:
+    """Decorator of a public ``fn(model, x, y, ...)``: checks the batch (values once, outside ``validated()``),
+    hands ``fn`` the model through ``prepare_model`` and runs it inside ``validated()``."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(model: nn.Module, x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Any:
+            x, y, label_max = check_batch(x, y, where=where, model=model)
+            model = prepare_model(model, label_max, where, x.dtype)
+            with validated():
+                return fn(model, x, y, *args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return decorate
