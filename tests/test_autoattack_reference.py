@@ -9,6 +9,8 @@ The model is the fast_at + SiLU tinycnn that tests/test_sat.py trains too (train
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from fastrobust.attacks.official import (
     official_available,
     official_fab_t_flags,
     official_package,
+    official_runner,
     run_official,
 )
 from fastrobust.checkpoint import load_model
@@ -53,24 +56,45 @@ def _fooled(model, x_adv, y):
 
 
 def test_apgd_ce_fools_the_same_points_with_the_same_losses(real):
-    model, _, _, x, y, _ = real
+    model, _, _, x, y, logits = real
     official = official_apgd_flags(model, x, y, eps=EPS, loss="ce")
     ours = _fooled(model, apgd(model, x, y, eps=EPS, loss="ce", random_init=False), y)
     assert torch.equal(ours, official)
     assert 0 < int(official.sum()) < len(y)  # the comparison decides something
-    # the loss trajectory itself: best CE loss on the points neither fools (the official keeps iterating the others)
-    from importlib import import_module
-
+    # the trajectories themselves: the best loss of every point neither fools, for CE and for the targeted DLR
+    # (the reference's step-size rule to the letter; the paper's wording of it drifts by up to 1e-5 here)
     base = import_module(f"{official_package().__name__}.autopgd_base")
-    attack = base.APGDAttack(model, n_iter=100, norm="Linf", eps=EPS, seed=0, loss="ce", device=x.device)
-    attack.init_hyperparam(x)
-    _, _, official_loss, _ = attack.attack_single_run(x, y, x_init=x.clone())
-    _, our_loss, our_fooled = _apgd_rows(model, x, y, None, _loss_fn("ce", 10), eps=EPS, norm="linf", n_iter=100,
-                                         alpha=0.75, rho=0.75, random_init=False, generator=None,
-                                         precision=precision_for("fp32", x.device))
-    kept = ~official
-    assert torch.equal(our_fooled, official)
-    assert torch.allclose(our_loss[kept], official_loss[kept], rtol=1e-4, atol=1e-5)
+    runner_up = ranked_targets(logits, 1)[0]
+    for loss, target in (("ce", None), ("dlr-targeted", runner_up)):
+        if target is None:
+            attack = base.APGDAttack(model, n_iter=100, norm="Linf", eps=EPS, seed=0, loss=loss, device=x.device)
+        else:
+            attack = base.APGDAttack_targeted(model, n_iter=100, norm="Linf", eps=EPS, seed=0, device=x.device)
+            attack.y_target = target
+        attack.init_hyperparam(x)
+        _, robust, official_loss, _ = attack.attack_single_run(x, y, x_init=x.clone())
+        _, our_loss, our_fooled = _apgd_rows(model, x, y, target, _loss_fn(loss, 10), eps=EPS, norm="linf",
+                                             n_iter=100, alpha=0.75, rho=0.75, random_init=False, generator=None,
+                                             precision=precision_for("fp32", x.device))
+        kept = robust.bool()
+        assert torch.equal(our_fooled, ~kept), loss
+        assert torch.allclose(our_loss[kept], official_loss[kept], rtol=1e-6, atol=1e-7), loss
+
+
+def test_square_schedule_is_autoattacks(real):
+    """AutoAttack builds its Square with resc_schedule=False; standalone SquareAttack rescales by default."""
+    from fastrobust.attacks.autoattack import DEFAULTS
+    from fastrobust.attacks.square import p_selection
+
+    model = real[0]
+    square_module = import_module(f"{official_package().__name__}.square")
+    for rescale in (False, True):
+        reference = square_module.SquareAttack(model, p_init=0.8, n_queries=5000, eps=EPS, resc_schedule=rescale)
+        ours = [p_selection(0.8, i, 5000, rescale=rescale) for i in range(5000)]
+        assert ours == [reference.p_selection(i) for i in range(5000)], rescale
+    assert DEFAULTS["square"]["rescale_schedule"] is False
+    runner = official_runner(model, eps=EPS)
+    assert runner.square.rescale_schedule is False and runner.square.n_queries == DEFAULTS["square"]["n_queries"]
 
 
 def test_apgd_t_and_fab_t_fool_the_same_points_per_target(real):

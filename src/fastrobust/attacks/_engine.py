@@ -1,4 +1,5 @@
-"""The working batch of the fast attack engines: rows that leave once their point is decided, and precision.
+"""The working batch of the fast attack engines: rows that leave once their point is decided, and how the
+model is evaluated (precision, stand-ins).
 
 An attack here runs many *rows* at once (an example, or an (example, target class) pair), each with its own
 trajectory that depends on that row alone. A row leaves the working batch as soon as its point is decided
@@ -26,49 +27,76 @@ CUDA_CHECK_EVERY = 5
 
 
 @dataclass(frozen=True)
-class Precision:
-    """The dtype of the attack's forwards (None: the model's own, normally fp32) on a device type."""
+class Execution:
+    """How an attack evaluates the model: autocast dtype, and optionally faster stand-ins for the model.
 
+    ``model`` is the reference: every misclassification that ends a point's search is confirmed with it in
+    fp32 whenever anything else computed it (``approximate``). ``grad_model`` (input gradients) and
+    ``query_model`` (gradient-free queries) default to ``model``; autoattack may put a frozen copy there
+    (``_frozen.py``).
+    """
+
+    model: nn.Module
     dtype: torch.dtype | None
     device_type: str
+    grad_model: nn.Module | None = None
+    query_model: nn.Module | None = None
 
     @property
-    def reduced(self) -> bool:
-        return self.dtype is not None
+    def approximate(self) -> bool:
+        return self.dtype is not None or self.grad_model is not None or self.query_model is not None
+
+    @property
+    def for_gradients(self) -> nn.Module:
+        return self.grad_model if self.grad_model is not None else self.model
+
+    @property
+    def for_queries(self) -> nn.Module:
+        return self.query_model if self.query_model is not None else self.model
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.dtype is None else "bf16"
 
 
-def precision_for(name: str, device: torch.device) -> Precision:
-    """``fp32``: no autocast; ``bf16``: bf16 autocast for the attack's forwards and gradients (every
-    misclassification an attack acts on is confirmed by an fp32 forward); ``auto``: bf16 on CUDA, fp32
-    elsewhere (on the CPU bf16 is only faster with AMX/avx512-bf16 hardware)."""
-    if isinstance(name, Precision):
-        return name
+def check_precision(name: str) -> str:
     if name not in PRECISIONS:
         raise ConfigError(f"precision={name!r} is not supported: choose one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def execution_for(model: nn.Module, precision: "str | Execution", device: torch.device) -> Execution:
+    """``fp32``: no autocast; ``bf16``: bf16 autocast for the attack's forwards and gradients (every
+    misclassification an attack acts on is confirmed by an fp32 forward); ``auto``: bf16 on CUDA, fp32
+    elsewhere (on the CPU bf16 is only faster with AMX/avx512-bf16 hardware). An Execution passes through."""
+    if isinstance(precision, Execution):
+        return precision
+    name = check_precision(precision)
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
-    return Precision(torch.bfloat16 if name == "bf16" else None, device.type)
+    return Execution(model, torch.bfloat16 if name == "bf16" else None, device.type)
 
 
-def forward_context(precision: Precision) -> contextlib.AbstractContextManager:
-    if precision.dtype is None:
+def forward_context(execution: Execution) -> contextlib.AbstractContextManager:
+    if execution.dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(precision.device_type, dtype=precision.dtype)
+    return torch.autocast(execution.device_type, dtype=execution.dtype)
 
 
-def misclassified(model: nn.Module, x: Tensor, y: Tensor, precision: Precision) -> Tensor:
-    """``model(x).argmax(1) != y`` in the attack's precision (no gradient)."""
-    with torch.no_grad(), forward_context(precision):
-        return model(x).argmax(1) != y
+def misclassified(execution: Execution, x: Tensor, y: Tensor) -> Tensor:
+    """``argmax != y`` by the attack's query model and precision (no gradient)."""
+    with torch.no_grad(), forward_context(execution):
+        return execution.for_queries(x).argmax(1) != y
 
 
-def confirm_fp32(model: nn.Module, x: Tensor, y: Tensor, flags: Tensor, precision: Precision) -> Tensor:
-    """``flags`` (misclassified under reduced precision) kept only where an fp32 forward agrees; unchanged in fp32."""
-    if not precision.reduced or not bool(flags.any()):
+def confirm(execution: Execution, x: Tensor, y: Tensor, flags: Tensor) -> Tensor:
+    """``flags`` (misclassified, as the attack computed it) kept only where the model itself in fp32 agrees;
+    returned as they are when the attack computed them with the model in fp32."""
+    if not execution.approximate or not bool(flags.any()):
         return flags
     idx = flags.nonzero().squeeze(1)
     with torch.no_grad():
-        really = model(x[idx]).argmax(1) != y[idx]
+        really = execution.model(x[idx]).argmax(1) != y[idx]
     out = flags.clone()
     out[idx] = really
     return out

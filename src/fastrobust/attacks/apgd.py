@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..numbers import check_eps
 from ._common import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
-from ._engine import Precision, Rows, confirm_fp32, forward_context, misclassified, precision_for, target_waves
+from ._engine import Execution, Rows, confirm, execution_for, forward_context, target_waves
 
 LOSSES = ("ce", "dlr", "ce-targeted", "dlr-targeted")
 
@@ -123,7 +123,7 @@ def apgd(
         raise ConfigError(f"loss={loss!r} needs y_target (the target class of each example); or use apgd_t")
     x = x.detach()
     y = y.detach()
-    prec = precision_for(precision, x.device)
+    ex = execution_for(model, precision, x.device)
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
@@ -138,7 +138,7 @@ def apgd(
             t = y_target[todo] if targeted else None
             adv, adv_loss, adv_fooled = _apgd_rows(
                 model, x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
-                random_init=random_init, generator=generator, precision=prec, until_target=targeted,
+                random_init=random_init, generator=generator, execution=ex, until_target=targeted,
             )
             better = adv_fooled | (adv_loss > best_loss[todo])
             idx = todo[better]
@@ -150,7 +150,7 @@ def apgd(
 
 def _apgd_rows(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
                n_iter: int, alpha: float, rho: float, random_init: bool, generator: torch.Generator | None,
-               precision: Precision, group: Tensor | None = None, n_groups: int = 0,
+               execution: Execution, group: Tensor | None = None, n_groups: int = 0,
                until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """APGD on every row (an example, with its own target class for targeted losses).
 
@@ -165,8 +165,8 @@ def _apgd_rows(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, fn
     target = target if target is not None else y
 
     def gradient(x_adv: Tensor, labels: Tensor, goals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        with forward_context(precision):
-            return input_gradient(model, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
+        with forward_context(execution):
+            return input_gradient(execution.for_gradients, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
 
     grad, loss, logits = gradient(start, y, target)
     rows = Rows(n, x.device, group=group, n_groups=n_groups)
@@ -184,7 +184,7 @@ def _apgd_rows(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, fn
 
     def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
         """Confirm the fooled rows (fp32), write out the finished ones and drop them from the batch."""
-        s["reached"] = s["fooled"] & confirm_fp32(model, s["x_fool"], s["y"], s["reached"], precision)
+        s["reached"] = s["fooled"] & confirm(execution, s["x_fool"], s["y"], s["reached"])
         done = rows.finished(s["reached"])
         if not bool(done.any()):
             return s
@@ -237,7 +237,7 @@ def _apgd_rows(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, fn
             s = settle(s)
     if not rows.empty:  # never done; with until_target some may still be misclassified
         pos = rows.positions
-        fooled = confirm_fp32(model, s["x_fool"], s["y"], s["fooled"], precision)
+        fooled = confirm(execution, s["x_fool"], s["y"], s["fooled"])
         out[pos] = torch.where(fooled.view(shape), s["x_fool"], s["x_best"])
         out_loss[pos] = s["loss_best"]
         out_fooled[pos] = fooled
@@ -292,7 +292,7 @@ def apgd_t(
         raise ConfigError(f"apgd_t has no setting(s) {sorted(unknown)}")
     x = x.detach()
     y = y.detach()
-    prec = precision_for(kwargs.get("precision", "fp32"), x.device)
+    ex = execution_for(model, kwargs.get("precision", "fp32"), x.device)
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
@@ -316,7 +316,7 @@ def apgd_t(
                 adv, _, fooled = _apgd_rows(
                     model, x[rows_point[sel]], y[rows_point[sel]], rows_target[sel], fn, eps=eps, norm=norm,
                     n_iter=n_iter, alpha=kwargs.get("alpha", 0.75), rho=kwargs.get("rho", 0.75),
-                    random_init=kwargs.get("random_init", True), generator=generator, precision=prec,
+                    random_init=kwargs.get("random_init", True), generator=generator, execution=ex,
                     group=rows_group[sel], n_groups=len(points),
                 )
                 # robust points keep the point of their last run; a fooling run overrides it

@@ -18,6 +18,7 @@ convolutions; results are the same up to float rounding).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
-from ._engine import precision_for
+from ._engine import check_precision, execution_for
+from ._frozen import frozen_copies
 from .apgd import apgd_ce, apgd_t
 from .fab import fab_t
 from .official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
@@ -55,6 +57,7 @@ class AutoAttackResult:
     robust: Tensor                # bool [B]: correctly classified at x_adv
     broken_by: list[str | None]   # per example: "clean" (misclassified already), an attack name, or None
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how it ran: precision, frozen copies or why not
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -80,6 +83,7 @@ def autoattack(
     max_rows: int | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
+    freeze: bool | None = None,
 ) -> Tensor | AutoAttackResult:
     """Run the ensemble; ``attacks`` overrides the version's list, ``options`` the settings of each
     component (e.g. ``{"square": {"n_queries": 1000}}``). Returns ``x_adv``, or an AutoAttackResult
@@ -89,7 +93,10 @@ def autoattack(
     (point, target) pairs for APGD-T/FAB-T) attacked in one batch, i.e. the working memory; ``precision``
     ``fp32`` (default), ``bf16`` or ``auto`` (bf16 on CUDA) for the attacks' forwards, every
     misclassification confirmed in fp32; ``channels_last`` runs the model on channels-last tensors (the
-    model's parameters are converted for the call and converted back)."""
+    model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU)
+    lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
+    the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
+    when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py)."""
     eps = check_eps(eps)
     norm = check_norm(norm)
     if version not in VERSIONS:
@@ -100,9 +107,11 @@ def autoattack(
         if name not in _FUNCTIONS:
             raise ConfigError(f"{name!r} is not an AutoAttack component: choose from {', '.join(_FUNCTIONS)}")
     settings = {name: {**DEFAULTS[name], **options.get(name, {})} for name in names}
-    precision_for(precision, x.device)  # validated before any work
-    execution = {"max_rows": max(int(max_rows or len(x)), 1), "precision": precision}
+    check_precision(precision)  # validated before any work
+    rows = max(int(max_rows or len(x)), 1)
+    want_frozen = (x.device.type == "cpu") if freeze is None else bool(freeze)
     x = x.detach()
+    notes: list[str] = [f"precision {precision}"]
     with model_mode(model, training=not eval_mode), _memory_format(model, channels_last):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -110,11 +119,19 @@ def autoattack(
             robust = model(x).argmax(1) == y
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
+        execution = execution_for(model, precision, x.device)
         for name in names:
             todo = robust.nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            how = {key: execution[key] for key in _EXECUTION[name]}
+            if want_frozen and name != "apgd-ce" and eval_mode:  # built once robust points remain
+                copies = frozen_copies(model, x[todo], y[todo])
+                execution = dataclasses.replace(execution, grad_model=copies.grad_model,
+                                                query_model=copies.query_model)
+                notes.append(copies.note)
+                want_frozen = False
+            how = {"max_rows": rows, "precision": execution}
+            how = {key: how[key] for key in _EXECUTION[name]}
             adv = _FUNCTIONS[name](model, x[todo], y[todo], eps=eps, norm=norm, eval_mode=eval_mode,
                                    generator=generator, **settings[name], **how)
             with torch.no_grad():
@@ -126,7 +143,7 @@ def autoattack(
                 broken_by[i] = name
     x_adv = x_adv.contiguous()
     if return_details:
-        return AutoAttackResult(x_adv=x_adv, robust=robust, broken_by=broken_by, settings=settings)
+        return AutoAttackResult(x_adv=x_adv, robust=robust, broken_by=broken_by, settings=settings, notes=notes)
     return x_adv
 
 

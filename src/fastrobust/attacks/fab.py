@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
-from ._engine import Precision, Rows, confirm_fp32, forward_context, misclassified, precision_for, target_waves
+from ._engine import Execution, Rows, confirm, execution_for, forward_context, misclassified, target_waves
 from .apgd import ranked_targets
 
 
@@ -52,13 +52,15 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor
     w = w * sign_c[:, None]
     c = c.abs()
     a = w.abs()
-    cap = torch.where(w > 0, 1 - p, p).clamp_min(0)
+    direction = torch.sign(w)
+    # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU)
+    cap = (p + direction.clamp(min=0) * (1 - 2 * p)).clamp_(min=0)
     if norm == "linf":
         brk, slope = cap, a
     else:
-        brk = torch.where(a > 0, cap / a.clamp_min(1e-30), torch.zeros_like(cap))
+        brk = cap / a.clamp_min(1e-30)  # a_i = 0: a huge breakpoint with no slope, so no effect
         slope = a * a
-    const = a * cap  # contribution once coordinate i is saturated
+    const = a * cap  # contribution once coordinate i is saturated (= slope_i * brk_i)
     feasible = const.sum(1) >= c
     t = _hyperplane_t_newton(brk, slope, const, c, feasible)
     stuck = feasible & torch.isnan(t)
@@ -69,7 +71,7 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor
         mag = torch.minimum(t[:, None].expand_as(cap), cap)
     else:
         mag = torch.minimum(t[:, None] * a, cap)
-    return torch.sign(w) * mag  # w already carries the sign of c
+    return direction * mag  # w already carries the sign of c
 
 
 NEWTON_STEPS = 12
@@ -77,20 +79,24 @@ NEWTON_STEPS = 12
 
 def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor) -> Tensor:
     """Smallest ``t`` with ``sum_i min(t slope_i, const_i) = c`` (breakpoints ``brk_i = const_i / slope_i``);
-    NaN where Newton has not settled within NEWTON_STEPS. Infeasible rows are left alone (any value)."""
+    NaN where Newton has not settled within NEWTON_STEPS. Infeasible rows are left alone (any value).
+
+    On the linear piece where the coordinates with ``brk_i > t`` are still free, ``h(s) = base + rate * s``;
+    the step goes to where that line meets ``c``. It has settled when the free set (hence ``rate`` and
+    ``base``) does not change: ``t`` then lies on its own piece and is the solution."""
+    total = const.sum(1)
     t = torch.zeros_like(c)
-    above = brk > 0  # the coordinates not yet saturated at t
-    count = above.sum(1)
+    free = torch.sign(brk)  # 1 where brk_i > 0 (breakpoints are >= 0), as floats: masks are slow on CPU
+    rate, base = (free * slope).sum(1), total - (free * const).sum(1)
+    settled = ~feasible
+    early_exit = c.device.type != "cuda"  # on CUDA all steps run (cheap) rather than a host sync per step
     for _ in range(NEWTON_STEPS):
-        rate = torch.where(above, slope, 0).sum(1)
-        base = torch.where(above, 0, const).sum(1)
-        t_new = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t)
-        above_new = brk > t_new[:, None]
-        count_new = above_new.sum(1)
-        # no breakpoint in (t, t_new]: t_new lies on the current linear piece, so it is the solution
-        settled = (count_new == count) | ~feasible
-        t, above, count = t_new, above_new, count_new
-        if bool(settled.all()):
+        t = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t)
+        free = torch.sign(brk - t[:, None]).clamp_(min=0)
+        rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
+        settled = ((rate_next == rate) & (base_next == base)) | ~feasible
+        rate, base = rate_next, base_next
+        if early_exit and bool(settled.all()):
             return t
     return torch.where(settled, t, torch.full_like(t, float("nan")))
 
@@ -140,7 +146,7 @@ def fab_t(
         raise ConfigError(f"n_iter={n_iter}, n_restarts={n_restarts}, n_targets={n_targets} must all be at least 1")
     x = x.detach()
     y = y.detach()
-    prec = precision_for(precision, x.device)
+    ex = execution_for(model, precision, x.device)
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
@@ -164,7 +170,7 @@ def fab_t(
                 start = xs.clone() if restart == 0 else _random_start_half_eps(xs, eps, norm, generator)
                 adv, found = _fab_rows(model, xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
                                        norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
-                                       precision=prec, group=rows_group[live], n_groups=len(points))
+                                       execution=ex, group=rows_group[live], n_groups=len(points))
                 hit = live[found]
                 result[rows_point[hit]] = adv[found]
                 fooled_points[rows_group[hit]] = True
@@ -196,7 +202,7 @@ def _jacobian_row(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Te
 
 
 def _fab_rows(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, norm: str, n_iter: int,
-              alpha_max: float, eta: float, beta: float, precision: Precision, group: Tensor | None = None,
+              alpha_max: float, eta: float, beta: float, execution: Execution, group: Tensor | None = None,
               n_groups: int = 0) -> tuple[Tensor, Tensor]:
     """FAB-T iterations on every row (an example and its target); returns per row the first adversarial
     found within ``eps`` and whether one was found. A row leaves the batch once it has one; with ``group``
@@ -210,7 +216,7 @@ def _fab_rows(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, *, start: Tenso
          "x_found": x}
 
     def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
-        s["found"] = confirm_fp32(model, s["x_found"], s["y"], s["found"], precision)
+        s["found"] = confirm(execution, s["x_found"], s["y"], s["found"])
         done = rows.finished(s["found"])
         if not bool(done.any()):
             return s
@@ -221,8 +227,8 @@ def _fab_rows(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, *, start: Tenso
 
     for k in range(n_iter):
         x0, x_i = s["x0"], s["x_i"]
-        with forward_context(precision):
-            g, w = _jacobian_row(model, x_i, s["y"], s["t"])
+        with forward_context(execution):
+            g, w = _jacobian_row(execution.for_gradients, x_i, s["y"], s["t"])
         w = w.flatten(1)
         flat_i, flat_x = x_i.flatten(1), x0.flatten(1)
         # the linearised boundary g + w^T (z - x_i) = 0, seen from x_i and from the original point
@@ -233,7 +239,7 @@ def _fab_rows(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, *, start: Tenso
         a = torch.clamp(nd / (nd + nd0), max=alpha_max)[:, None]
         nxt = ((flat_i + eta * d) * (1 - a) + (flat_x + eta * d0) * a).clamp(0, 1)
         nxt = torch.nan_to_num(nxt, nan=0.0).view_as(x0)
-        adv_now = misclassified(model, nxt, s["y"], precision)
+        adv_now = misclassified(execution, nxt, s["y"])
         win = adv_now & (_flat_norm(nxt - x0, norm) <= eps) & ~s["found"]
         s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
         s["found"] = s["found"] | win

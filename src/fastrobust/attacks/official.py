@@ -109,10 +109,13 @@ def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version
 
 def run_official(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", version: str = "standard",
                  seed: int = 0, batch_size: int | None = None, attacks: list[str] | None = None,
-                 eval_mode: bool = True) -> Tensor:
-    """The official AutoAttack's adversarials for ``x`` (per example: the first attack's adversarial, else x)."""
+                 eval_mode: bool = True, runner=None) -> Tensor:
+    """The official AutoAttack's adversarials for ``x`` (per example: the first attack's adversarial, else x);
+    ``runner``: an ``official_runner`` to use instead of a new one."""
     x = x.detach()
-    runner = official_runner(model, eps=eps, norm=norm, version=version, seed=seed, device=x.device, attacks=attacks)
+    if runner is None:
+        runner = official_runner(model, eps=eps, norm=norm, version=version, seed=seed, device=x.device,
+                                 attacks=attacks)
     run = runner.run_standard_evaluation
     bs = batch_size or max(len(x), 1)
     with model_mode(model, training=not eval_mode), _parameter_grads_kept(model):

@@ -26,7 +26,6 @@ Only forward passes under ``torch.no_grad`` are used, so the model is never diff
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..numbers import check_eps
 from ._common import check_norm, cw_margin, model_mode
-from ._engine import Precision, Rows, confirm_fp32, forward_context, precision_for
+from ._engine import Execution, Rows, confirm, execution_for, forward_context
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 
@@ -56,16 +55,16 @@ def window_side(p: float, c: int, h: int, w: int) -> int:
     return min(max(int(round(math.sqrt(p * c * h * w / c))), 1), min(h, w))
 
 
-def _margin(model: nn.Module, x: Tensor, y: Tensor, precision: Precision | None = None) -> Tensor:
-    with forward_context(precision) if precision is not None else contextlib.nullcontext():
-        logits = model(x)
+def _margin(execution: Execution, x: Tensor, y: Tensor) -> Tensor:
+    with forward_context(execution):
+        logits = execution.for_queries(x)
     return -cw_margin(logits.float(), y)  # f_y - max_{j != y} f_j: <= 0 when misclassified
 
 
-def _keep_improvements(model: nn.Module, candidate: Tensor, y: Tensor, active: Tensor, x_best: Tensor,
-                       margin: Tensor, queries: Tensor, precision: Precision) -> None:
+def _keep_improvements(execution: Execution, candidate: Tensor, y: Tensor, active: Tensor, x_best: Tensor,
+                       margin: Tensor, queries: Tensor) -> None:
     """One query for the active points: keep each candidate that lowers its margin (updates in place)."""
-    new_margin = _margin(model, candidate, y[active], precision)
+    new_margin = _margin(execution, candidate, y[active])
     queries[active] += 1
     better = new_margin < margin[active]
     idx = active[better]
@@ -107,12 +106,12 @@ def square(
     if x.dim() != 4:
         raise ConfigError(f"the Square attack needs images [B, C, H, W]; got shape {tuple(x.shape)}")
     x = x.detach()
-    prec = precision_for(precision, x.device)
+    ex = execution_for(model, precision, x.device)
     with model_mode(model, training=not eval_mode), torch.no_grad():
         if norm == "linf":
-            x_best, queries = _square_linf(model, x, y, eps, n_queries, p_init, generator, rescale_schedule, prec)
+            x_best, queries = _square_linf(ex, x, y, eps, n_queries, p_init, generator, rescale_schedule)
         else:
-            x_best, queries = _square_l2(model, x, y, eps, n_queries, p_init, generator, rescale_schedule, prec)
+            x_best, queries = _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale_schedule)
     return (x_best, queries) if return_queries else x_best
 
 
@@ -128,23 +127,24 @@ def _draws(n_iter: int, p_init: float, n_queries: int, rescale: bool, c: int, h:
     return windows, signs
 
 
-def _square_linf(model, x, y, eps, n_queries, p_init, generator, rescale, precision):
+def _square_linf(ex, x, y, eps, n_queries, p_init, generator, rescale):
     """The l_inf search on a compact working batch: each query writes its window into the batch in place,
     runs one forward and puts back the old window where the margin did not improve (window-sized work
     besides the forward); misclassified points leave the batch."""
     b, c, h, w = x.shape
-    x_best = (x + eps * _signs((b, c, 1, w), generator, x.device)).clamp(0, 1)
-    margin = _margin(model, x_best, y, precision)
-    queries = torch.ones(b, dtype=torch.long, device=x.device)
+    # the batch's draws first, so that they do not depend on the batch size
     windows, signs = _draws(n_queries - 1, p_init, n_queries, rescale, c, h, w, generator, x.device)
+    x_best = (x + eps * _signs((b, c, 1, w), generator, x.device)).clamp(0, 1)
+    margin = _margin(ex, x_best, y)
+    queries = torch.ones(b, dtype=torch.long, device=x.device)
     signs = eps * signs.view(-1, 1, c, 1, 1)
     rows = Rows(b, x.device)
     s = {"x": x, "xb": x_best.clone(), "y": y, "margin": margin, "queries": queries}
 
     def settle(s: dict[str, Tensor], final: bool = False) -> dict[str, Tensor]:
         done = s["margin"] <= 0
-        if precision.reduced and bool(done.any()):  # stop only on an fp32-confirmed misclassification
-            really = confirm_fp32(model, s["xb"], s["y"], done, precision)
+        if ex.approximate and bool(done.any()):  # stop only on a misclassification the model confirms
+            really = confirm(ex, s["xb"], s["y"], done)
             s["margin"] = torch.where(done & ~really, torch.full_like(s["margin"], float("inf")), s["margin"])
             done = really
         if final:
@@ -165,7 +165,7 @@ def _square_linf(model, x, y, eps, n_queries, p_init, generator, rescale, precis
         old = xb[window].clone()
         new = (s["x"][window] + signs[i]).clamp(0, 1)
         xb[window] = new
-        new_margin = _margin(model, xb, s["y"], precision)
+        new_margin = _margin(ex, xb, s["y"])
         live = s["margin"] > 0
         better = (new_margin < s["margin"]) & live
         xb[window] = torch.where(better.view(-1, 1, 1, 1), new, old)
@@ -239,7 +239,7 @@ def _l2_init(x: Tensor, eps: float, generator) -> Tensor:
     return (x + delta).clamp(0, 1)
 
 
-def _square_l2(model, x, y, eps, n_queries, p_init, generator, rescale, precision):
+def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
     """The l_2 Square attack (Andriushchenko et al. 2020, Alg. 3 and its appendix).
 
     Each query picks two random windows W1, W2 of side ``s`` (odd, at least 3, from the p schedule) per
@@ -252,7 +252,7 @@ def _square_l2(model, x, y, eps, n_queries, p_init, generator, rescale, precisio
     b, c, h, w = x.shape
     n = min(h, w)
     x_best = _l2_init(x, eps, generator)
-    margin = _margin(model, x_best, y, precision)
+    margin = _margin(ex, x_best, y)
     queries = torch.ones(b, dtype=torch.long, device=x.device)
     for it in range(1, n_queries):
         active = (margin > 0).nonzero().squeeze(1)
@@ -286,5 +286,5 @@ def _square_l2(model, x, y, eps, n_queries, p_init, generator, rescale, precisio
         cand = torch.where(w1, new_w1, cand)
         cand = eps * cand / cand.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         candidate = (xa + cand).clamp(0, 1)
-        _keep_improvements(model, candidate, y, active, x_best, margin, queries, precision)
+        _keep_improvements(ex, candidate, y, active, x_best, margin, queries)
     return x_best, queries
