@@ -9,6 +9,8 @@ acts on confirmed in fp32), channels_last (same flags, the model restored).
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -107,6 +109,20 @@ def test_square_search_of_a_point_does_not_depend_on_the_batch(net):
     broken = fooled(model, full, y)
     assert bool(broken.any())
     assert (q_full[~broken] == 300).all() and (q_full[broken] < 300).all()
+
+
+def test_square_speculation_is_the_sequential_search(net, monkeypatch):
+    """With few points left, Square evaluates each point's next iterations in one batch: same result."""
+    model, x, y = net
+    square_module = importlib.import_module("fastrobust.attacks.square")  # the package exports the function
+    kwargs = dict(eps=0.03, n_queries=400, return_queries=True, rescale_schedule=False)
+    ahead = square(model, x[:6], y[:6], generator=torch.Generator().manual_seed(5), **kwargs)
+    assert square_module.speculation_depth(6, x.device) > 1
+    monkeypatch.setitem(square_module.SPECULATE_BELOW, "cpu", 0)
+    assert square_module.speculation_depth(6, x.device) == 1
+    sequential = square(model, x[:6], y[:6], generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(ahead[0], sequential[0]) and torch.equal(ahead[1], sequential[1])
+    assert 0 < int(fooled(model, ahead[0], y[:6]).sum()) < 6
 
 
 def test_square_schedule_rescaled_or_as_autoattack():

@@ -16,7 +16,7 @@ import torch
 
 from fastrobust.attacks import apgd, autoattack, fab_t
 from fastrobust.attacks.apgd import _apgd_rows, _loss_fn, ranked_targets
-from fastrobust.attacks._engine import precision_for
+from fastrobust.attacks._engine import execution_for
 from fastrobust.attacks.official import (
     official_apgd_flags,
     official_available,
@@ -32,8 +32,8 @@ pytestmark = pytest.mark.skipif(
     not official_available(), reason="the official AutoAttack (pip install pyautoattack) is not installed")
 
 EPS = 8 / 255
-N_POINTS = 60        # components: the first 60 (class-balanced) test images, about half of them clean-correct
-N_AUTOATTACK = 24    # the whole AutoAttack (5,000 Square queries per robust point on each side): the first 24
+N_POINTS = 40        # components: the first 40 (class-balanced) test images, about half of them clean-correct
+N_AUTOATTACK = 16    # the whole AutoAttack (5,000 Square queries per robust point on each side): the first 16
 TARGETS_CHECKED = 2  # APGD-T / FAB-T runs compared one target at a time (ranks 2 and 3)
 
 
@@ -75,7 +75,7 @@ def test_apgd_ce_fools_the_same_points_with_the_same_losses(real):
         _, robust, official_loss, _ = attack.attack_single_run(x, y, x_init=x.clone())
         _, our_loss, our_fooled = _apgd_rows(model, x, y, target, _loss_fn(loss, 10), eps=EPS, norm="linf",
                                              n_iter=100, alpha=0.75, rho=0.75, random_init=False, generator=None,
-                                             precision=precision_for("fp32", x.device))
+                                             execution=execution_for(model, "fp32", x.device))
         kept = robust.bool()
         assert torch.equal(our_fooled, ~kept), loss
         assert torch.allclose(our_loss[kept], official_loss[kept], rtol=1e-6, atol=1e-7), loss

@@ -195,18 +195,24 @@ def _apgd_rows(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, fn
         out_fooled[pos] = fooled_done
         return rows.keep(~done, s)
 
+    if norm == "linf":  # the l_inf ball within [0, 1] is a box: one clamp, the same numbers as project()
+        s["lo"], s["hi"] = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+
+    def into_ball(z: Tensor, s: dict[str, Tensor]) -> Tensor:
+        return torch.clamp(z, s["lo"], s["hi"]) if norm == "linf" else project(z, s["x0"], eps, norm)
+
     s = settle(s)
     marks = set(checkpoints(n_iter))
     last_mark = 0
     for k in range(n_iter):
         if rows.empty:
             break
-        x_adv, x0 = s["x_adv"], s["x0"]
-        z = project(x_adv + s["step"].view(shape) * ascent_direction(s["grad"], norm), x0, eps, norm)
+        x_adv = s["x_adv"]
+        z = into_ball(x_adv + s["step"].view(shape) * ascent_direction(s["grad"], norm), s)
         if k == 0:
             x_new = z
         else:
-            x_new = project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - s["x_prev"]), x0, eps, norm)
+            x_new = into_ball(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - s["x_prev"]), s)
         s["x_prev"], s["x_adv"] = x_adv, x_new
         grad, loss, logits = gradient(x_new, s["y"], s["t"])
         s["grad"] = grad
