@@ -96,8 +96,9 @@ def build_model(args: argparse.Namespace, dataset, device: torch.device) -> tupl
         if not (out / "result.json").is_file():
             config = TrainConfig(method=args.train_method, model=args.model, dataset=args.dataset,
                                  data_root=args.data_root, epochs=args.train_epochs, train_subset=args.train_subset,
-                                 test_subset=500, val_size=500, batch_size=128, lr=0.05, schedule="cosine",
-                                 device=str(device), out=str(out), seed=args.seed)
+                                 test_subset=200, val_size=200, val_pgd_steps=5, test_pgd_steps=5,
+                                 batch_size=128, lr=0.05, schedule="cosine", device=str(device), out=str(out),
+                                 seed=args.seed)
             train(config, progress=False, log=lambda _: None)
         model, meta = load_model(out, device=device)
         label = args.label or f"{args.model} {args.train_method} {args.train_epochs}ep/{args.train_subset}"
@@ -256,7 +257,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     set_threads(args.threads)
     from fastrobust.data import load_dataset
-    from fastrobust.records import environment
 
     device = torch.device(args.device)
     eps = parse_number(args.eps, name="--eps")

@@ -225,3 +225,30 @@ def test_without_the_official_package_it_says_how_to_install_it(net, monkeypatch
     with pytest.warns(UserWarning, match="autoattack-official"):
         record = evaluate(model, (x, y), ["clean", "autoattack-official"], eps=0.03, progress=False)
     assert "pip install pyautoattack" in record["skipped"]["autoattack-official"]
+
+
+def test_the_autoattack_benchmark_runs_and_records(shared_data, tmp_path, monkeypatch, capsys):
+    """benchmarks/autoattack.py end to end on a small random model (both versions when pyautoattack is
+    installed), and fastrobust alone with a note when it is not."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "autoattack.py"
+    spec = importlib.util.spec_from_file_location("autoattack_benchmark", path)  # not "autoattack": a package
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "aa.jsonl"
+    args = ["--model", "tinycnn", "--dataset", "cifar10", "--data-root", str(shared_data), "--n-points", "12",
+            "--repeats", "1", "--threads", "1", "--json-out", str(out)]
+    record = bench.main(args)
+    versions = {"fastrobust"} | ({"official"} if official_module.official_available() else set())
+    assert set(record["runs"]) == versions
+    assert record["config"]["n_points"] == 12 and record["config"]["timer"] == "process CPU seconds"
+    assert out.read_text().count("\n") == 1
+    table = capsys.readouterr().out
+    assert "| fastrobust |" in table
+    if "official" in versions:
+        assert record["summary"]["disagreements"] == {"robust_only_official": [], "robust_only_fastrobust": []}
+    monkeypatch.setattr(bench, "official_available", lambda: False)
+    record = bench.main(args[:-2])
+    assert set(record["runs"]) == {"fastrobust"} and "pyautoattack is not installed" in record["notes"][0]

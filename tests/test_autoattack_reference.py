@@ -73,7 +73,7 @@ def test_apgd_ce_fools_the_same_points_with_the_same_losses(real):
             attack.y_target = target
         attack.init_hyperparam(x)
         _, robust, official_loss, _ = attack.attack_single_run(x, y, x_init=x.clone())
-        _, our_loss, our_fooled = _apgd_rows(model, x, y, target, _loss_fn(loss, 10), eps=EPS, norm="linf",
+        _, our_loss, our_fooled = _apgd_rows(x, y, target, _loss_fn(loss, 10), eps=EPS, norm="linf",
                                              n_iter=100, alpha=0.75, rho=0.75, random_init=False, generator=None,
                                              execution=execution_for(model, "fp32", x.device))
         kept = robust.bool()

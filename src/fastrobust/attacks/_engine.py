@@ -133,8 +133,14 @@ class Rows:
             self.group = self.group[mask]
         return {key: value[mask] for key, value in state.items()}
 
-    def state(self, **tensors: Tensor) -> dict[str, Tensor]:
-        return dict(tensors)
+
+def target_rows(points: Tensor, targets: Tensor, first: int, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of a wave, target-major (every point with target ``first``, then ``first + 1``, ...): each row's
+    point index, target class and group (the point's position in ``points``)."""
+    rows_point = points.repeat(count)
+    rows_target = targets[points, first:first + count].t().reshape(-1)
+    rows_group = torch.arange(len(points), device=points.device).repeat(count)
+    return rows_point, rows_target, rows_group
 
 
 def target_waves(undecided: Tensor, n_targets: int, max_rows: int,

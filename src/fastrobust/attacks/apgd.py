@@ -21,7 +21,6 @@ pass per target; a point leaves as soon as any of its targets fools it.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..numbers import check_eps
 from ._common import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
-from ._engine import Execution, Rows, confirm, execution_for, forward_context, target_waves
+from ._engine import Execution, Rows, confirm, execution_for, forward_context, target_rows, target_waves
 
 LOSSES = ("ce", "dlr", "ce-targeted", "dlr-targeted")
 
@@ -108,8 +107,9 @@ def apgd(
     precision: str = "fp32",
 ) -> Tensor:
     """Adversarial examples by APGD maximising ``loss`` (``ce``, ``dlr``, or targeted ``ce-targeted`` /
-    ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept,
-    otherwise the point of highest loss. Restarts run only on points not yet misclassified.
+    ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept (targeted
+    losses: the first one classified as the target, else the last misclassifying one), otherwise the point of
+    highest loss. Restarts run only on points not yet misclassified.
     ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
     in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
     eps = check_eps(eps)
@@ -137,7 +137,7 @@ def apgd(
                 break
             t = y_target[todo] if targeted else None
             adv, adv_loss, adv_fooled = _apgd_rows(
-                model, x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
+                x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
                 random_init=random_init, generator=generator, execution=ex, until_target=targeted,
             )
             better = adv_fooled | (adv_loss > best_loss[todo])
@@ -148,11 +148,12 @@ def apgd(
     return result
 
 
-def _apgd_rows(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
+def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
                n_iter: int, alpha: float, rho: float, random_init: bool, generator: torch.Generator | None,
                execution: Execution, group: Tensor | None = None, n_groups: int = 0,
                until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """APGD on every row (an example, with its own target class for targeted losses).
+    """APGD on every row (an example, with its own target class for targeted losses), evaluating the model as
+    ``execution`` says.
 
     Returns per row: the last misclassifying iterate (else the highest-loss point), the best loss and the
     misclassified flag. A row leaves the working batch once misclassified (with ``until_target``: once
@@ -310,9 +311,7 @@ def apgd_t(
         undecided = logits.argmax(1) == y
 
         def run(points: Tensor, first: int, count: int) -> Tensor:
-            rows_point = points.repeat(count)  # target-major: all points for target `first`, then the next
-            rows_target = targets[points, first:first + count].t().reshape(-1)
-            rows_group = torch.arange(len(points), device=x.device).repeat(count)
+            rows_point, rows_target, rows_group = target_rows(points, targets, first, count)
             fooled_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
             for _ in range(n_restarts):
                 live = ~fooled_points[rows_group]
@@ -320,7 +319,7 @@ def apgd_t(
                     break
                 sel = live.nonzero().squeeze(1)
                 adv, _, fooled = _apgd_rows(
-                    model, x[rows_point[sel]], y[rows_point[sel]], rows_target[sel], fn, eps=eps, norm=norm,
+                    x[rows_point[sel]], y[rows_point[sel]], rows_target[sel], fn, eps=eps, norm=norm,
                     n_iter=n_iter, alpha=kwargs.get("alpha", 0.75), rho=kwargs.get("rho", 0.75),
                     random_init=kwargs.get("random_init", True), generator=generator, execution=ex,
                     group=rows_group[sel], n_groups=len(points),

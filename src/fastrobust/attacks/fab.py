@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
-from ._engine import Execution, Rows, confirm, execution_for, forward_context, misclassified, target_waves
+from ._engine import Execution, Rows, confirm, execution_for, forward_context, misclassified, target_rows, target_waves
 from .apgd import ranked_targets
 
 
@@ -158,9 +158,7 @@ def fab_t(
         undecided = logits.argmax(1) == y
 
         def run(points: Tensor, first: int, count: int) -> Tensor:
-            rows_point = points.repeat(count)  # target-major, as the reference order
-            rows_target = targets[points, first:first + count].t().reshape(-1)
-            rows_group = torch.arange(len(points), device=x.device).repeat(count)
+            rows_point, rows_target, rows_group = target_rows(points, targets, first, count)
             fooled_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
             for restart in range(n_restarts):
                 live = (~fooled_points[rows_group]).nonzero().squeeze(1)
@@ -168,7 +166,7 @@ def fab_t(
                     break
                 xs = x[rows_point[live]]
                 start = xs.clone() if restart == 0 else _random_start_half_eps(xs, eps, norm, generator)
-                adv, found = _fab_rows(model, xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
+                adv, found = _fab_rows(xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
                                        norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
                                        execution=ex, group=rows_group[live], n_groups=len(points))
                 hit = live[found]
@@ -201,7 +199,7 @@ def _jacobian_row(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Te
     return g.detach(), grad.detach()
 
 
-def _fab_rows(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, norm: str, n_iter: int,
+def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, norm: str, n_iter: int,
               alpha_max: float, eta: float, beta: float, execution: Execution, group: Tensor | None = None,
               n_groups: int = 0) -> tuple[Tensor, Tensor]:
     """FAB-T iterations on every row (an example and its target); returns per row the first adversarial
