@@ -252,3 +252,23 @@ def test_the_autoattack_benchmark_runs_and_records(shared_data, tmp_path, monkey
     monkeypatch.setattr(bench, "official_available", lambda: False)
     record = bench.main(args[:-2])
     assert set(record["runs"]) == {"fastrobust"} and "pyautoattack is not installed" in record["notes"][0]
+
+
+def test_evaluate_passes_how_autoattack_runs(net):
+    """attack_options["autoattack"] accepts precision and channels_last (recorded only when given)."""
+    from fastrobust.evaluate import evaluate
+
+    model, x, y = net
+    cheap = {"apgd-ce": {"n_iter": 5}, "apgd-t": {"n_iter": 5, "n_targets": 2}, "fab-t": {"n_iter": 5, "n_targets": 2},
+             "square": {"n_queries": 30}}
+    plain = evaluate(model, (x, y), ["autoattack"], eps=0.04, batch_size=16, progress=False,
+                     attack_options={"autoattack": cheap})
+    assert "precision" not in plain["attacks"]["autoattack"]["settings"]
+    assert plain["attacks"]["autoattack"]["settings"]["options"]["square"]["rescale_schedule"] is False
+    fast = evaluate(model, (x, y), ["autoattack"], eps=0.04, batch_size=16, progress=False,
+                    attack_options={"autoattack": {**cheap, "precision": "bf16", "channels_last": True}})
+    assert fast["attacks"]["autoattack"]["settings"]["precision"] == "bf16"
+    assert fast["attacks"]["autoattack"]["settings"]["channels_last"] is True
+    assert plain["attacks"]["autoattack"]["broken"] > 0 and fast["attacks"]["autoattack"]["broken"] > 0
+    with pytest.raises(ConfigError, match="precision"):
+        evaluate(model, (x, y), ["autoattack"], eps=0.04, progress=False, attack_options={"autoattack": {"precision": "fp8"}})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import logging
 from types import ModuleType
 from typing import Iterator
 
@@ -101,7 +100,6 @@ def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version
         kwargs["verbose"] = False
     runner = cls(model, **kwargs)
     runner.verbose = False
-    logging.getLogger("auto-attack").setLevel(logging.ERROR)
     if attacks is not None:
         runner.attacks_to_run = list(attacks)
     return runner

@@ -16,7 +16,7 @@ authors' ``SquareAttack`` class) stretches it to the budget (``i * 10000 / n_que
 
 Differences from the authors' code, none of which weakens the attack: ``n_queries`` counts the start too
 (the reference makes ``1 + n_queries``), and the window corner is uniform over all ``H - s + 1`` positions
-(the reference never draws the last one).
+(the reference never draws the last one). As there, a window that changes nothing is not drawn again.
 
 l2 (paper, Alg. 3 and appendix): a grid of squares holding the pattern eta with random signs, then per
 query the perturbation mass of two random windows moved into the first with a fresh signed eta; see
@@ -196,6 +196,7 @@ def _square_linf(ex, x, y, eps, n_queries, p_init, generator, rescale):
         s["it"] = torch.full_like(s["it"], i)
         if rows.check_now(i - 1) or i == n_iter:
             s = settle(s)
+    s = settle(s)  # (on CUDA the in-place phase settles every few iterations only)
     if not rows.empty:
         s = _speculate(ex, s, rows, settle, windows, signs, (c, h, w))
     if not rows.empty:
