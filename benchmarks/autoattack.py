@@ -198,11 +198,11 @@ def run_fastrobust_once(model, x, y, eps, seed, batch, device, precision, channe
         for name in COMPONENTS:
             aa_module._FUNCTIONS[name] = timer.wrap(name, saved[name])
         generator = torch.Generator(device=device).manual_seed(seed)
-        x_adv = autoattack(model, x, y, eps=eps, generator=generator, max_rows=batch, precision=precision,
-                           channels_last=channels_last)
+        result = autoattack(model, x, y, eps=eps, generator=generator, max_rows=batch, precision=precision,
+                            channels_last=channels_last, return_details=True)
     finally:
         aa_module._FUNCTIONS.update(saved)
-    return x_adv, timer.seconds
+    return result.x_adv, timer.seconds, result.notes
 
 
 def robust_flags(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -282,15 +282,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             memory: dict[str, float] = {}
             with peak_memory(device, memory):
                 start = clock(device)
+                notes_run: list[str] = []
                 if version == "official":
                     x_adv, per_attack = run_official_once(model, x, y, eps, args.seed, batch, device)
                 else:
-                    x_adv, per_attack = run_fastrobust_once(model, x, y, eps, args.seed, batch, device,
-                                                            args.precision, args.channels_last)
+                    x_adv, per_attack, notes_run = run_fastrobust_once(model, x, y, eps, args.seed, batch, device,
+                                                                       args.precision, args.channels_last)
                 seconds = clock(device) - start
             robust = robust_flags(model, x_adv, x, y, eps) & clean
             runs[version].append({"seconds": seconds, "per_attack": per_attack, "memory": memory,
-                                  "robust": robust.tolist()})
+                                  "robust": robust.tolist(), "notes": notes_run})
             print(f"repeat {r + 1}/{args.repeats} {version}: robust {int(robust.sum())}/{len(y)} "
                   f"in {seconds:.1f} s ({'CPU' if device.type == 'cpu' else 'wall'})", file=sys.stderr, flush=True)
     summary = summarise(runs, clean)

@@ -272,3 +272,37 @@ def test_evaluate_passes_how_autoattack_runs(net):
     assert plain["attacks"]["autoattack"]["broken"] > 0 and fast["attacks"]["autoattack"]["broken"] > 0
     with pytest.raises(ConfigError, match="precision"):
         evaluate(model, (x, y), ["autoattack"], eps=0.04, progress=False, attack_options={"autoattack": {"precision": "fp8"}})
+
+
+class Branchy(nn.Module):
+    """Python control flow on the data: a trace would freeze one branch, so no frozen copy may be used."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        logits = self.inner(x)
+        return logits if float(x.detach().mean()) < 2 else -logits
+
+
+def test_frozen_copies_on_the_cpu_and_the_model_when_it_cannot_be_traced(net):
+    model, x, y = net
+    model = model.body  # ConvNet's call counters (len(x)) would make tracing warn, hence refuse
+    options = {"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10, "n_targets": 2},
+               "fab-t": {"n_iter": 10, "n_targets": 2}, "square": {"n_queries": 50}}
+    runs = {}
+    for freeze in (False, None):
+        runs[freeze] = autoattack(model, x, y, eps=0.04, options=options, freeze=freeze, return_details=True,
+                                  generator=torch.Generator().manual_seed(0))
+    assert any("frozen TorchScript" in n for n in runs[None].notes)
+    assert not any("frozen" in n for n in runs[False].notes)
+    assert torch.equal(runs[None].robust, ~fooled(model, runs[None].x_adv, y))
+    assert abs(int(runs[None].robust.sum()) - int(runs[False].robust.sum())) <= 1  # rounding-level differences
+    branchy = Branchy(model).eval()
+    result = autoattack(branchy, x, y, eps=0.04, options=options, return_details=True,
+                        generator=torch.Generator().manual_seed(0))
+    assert any(n.startswith("not frozen: tracing failed") for n in result.notes)
+    bf16 = autoattack(model, x, y, eps=0.04, options=options, precision="bf16", return_details=True,
+                      generator=torch.Generator().manual_seed(0))
+    assert not any("frozen" in n for n in bf16.notes)

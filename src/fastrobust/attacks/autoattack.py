@@ -93,8 +93,8 @@ def autoattack(
     (point, target) pairs for APGD-T/FAB-T) attacked in one batch, i.e. the working memory; ``precision``
     ``fp32`` (default), ``bf16`` or ``auto`` (bf16 on CUDA) for the attacks' forwards, every
     misclassification confirmed in fp32; ``channels_last`` runs the model on channels-last tensors (the
-    model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU)
-    lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
+    model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU, in
+    fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
     the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
     when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py)."""
     eps = check_eps(eps)
@@ -124,7 +124,7 @@ def autoattack(
             todo = robust.nonzero().squeeze(1)
             if len(todo) == 0:
                 break
-            if want_frozen and name != "apgd-ce" and eval_mode:  # built once robust points remain
+            if want_frozen and name != "apgd-ce" and eval_mode and execution.dtype is None:  # once points remain
                 copies = frozen_copies(model, x[todo], y[todo])
                 execution = dataclasses.replace(execution, grad_model=copies.grad_model,
                                                 query_model=copies.query_model)
