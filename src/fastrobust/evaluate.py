@@ -137,6 +137,7 @@ ATTACKS = (
     "autoattack", "autoattack-fast", "rays", "autoattack-official",
 )
 STATE_VERSION = 2  # 2: model in the fingerprint, non-finite flags per point
+AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_options["autoattack"]
 
 
 def default_step(eps: float, steps: int, norm: str) -> float:
@@ -182,6 +183,8 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
                 merged.setdefault(key, {}).update(options.pop(key))
         base["options"] = merged
     unknown = set(options) - set(base) - ({"n_queries", "tol", "early_stop"} if name == "rays" else set())
+    if name in ("autoattack", "autoattack-fast"):
+        unknown -= set(AUTOATTACK_EXECUTION)  # how it runs (precision, channels_last): recorded only when given
     if unknown and name != "clean":
         raise ConfigError(f"attack {name!r} has no setting(s) {sorted(unknown)}: its settings are {sorted(base)}")
     base.update(options)
@@ -189,8 +192,10 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
 
 
 def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
-                norm: str, generator: torch.Generator | None, seed: int) -> tuple[Tensor, dict[str, list]]:
-    """Adversarials for the batch (all correctly classified) and per-example extras."""
+                norm: str, generator: torch.Generator | None, seed: int,
+                max_rows: int | None = None) -> tuple[Tensor, dict[str, list]]:
+    """Adversarials for the batch (all correctly classified) and per-example extras. ``max_rows``: the
+    evaluation's batch size, the most rows AutoAttack's components attack at once."""
     from .attacks import apgd_ce, apgd_t, autoattack, autoattack_official, fab_t, fgsm, rays, square
 
     extras: dict[str, list] = {}
@@ -210,7 +215,8 @@ def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor
         extras["queries"] = queries.tolist()
     elif name in ("autoattack", "autoattack-fast"):
         result = autoattack(model, x, y, eps=eps, norm=norm, version=s["version"], options=s["options"],
-                            generator=generator, return_details=True)
+                            generator=generator, return_details=True, max_rows=max_rows,
+                            **{k: s[k] for k in AUTOATTACK_EXECUTION if k in s})
         x_adv = result.x_adv
         extras["broken_by"] = result.broken_by
     elif name == "rays":
@@ -482,7 +488,7 @@ def evaluate(
                 if len(idx):
                     generator = torch.Generator(device=device).manual_seed(_seed_for(seed, name, b))
                     x_adv, extras = _run_attack(name, settings[name], checked, x[idx], y[idx], eps=eps,
-                                                norm=norm, generator=generator, seed=seed)
+                                                norm=norm, generator=generator, seed=seed, max_rows=len(x))
                     _check_ball(x_adv, x[idx], eps, norm, name)
                     with torch.no_grad():
                         logits = checked(x_adv)

@@ -1,20 +1,27 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and the targeted APGD-T.
 
-The step size is not a parameter: it starts at ``2 * eps`` and is halved at checkpoints
-``w_j = ceil(p_j * n_iter)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
-``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` whenever, since the previous checkpoint,
+The step size is not a parameter: it starts at ``2 * eps`` and is halved at checkpoints (after 22, 41, 57,
+70, 80, 87, 93 and 99 of 100 iterations; see ``checkpoints``) whenever, since the previous checkpoint,
 
-1. the loss increased in fewer than ``rho * (w_j - w_{j-1})`` steps (``rho = 0.75``), or
+1. the loss increased in at most ``rho * (w_j - w_{j-1})`` steps (``rho = 0.75``), or
 2. the step was not halved at the previous checkpoint and the best loss has not improved since;
 
-and the iterate then restarts from the best point found so far. Each step is a projected
-ascent step ``z`` followed by momentum: ``x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}))``
-with ``alpha = 0.75`` (the first step has no momentum). Everything is tracked per example.
+and the iterate then restarts from the best point found so far (keeping its momentum). Each step is a
+projected ascent step ``z`` followed by momentum: ``x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}))``
+with ``alpha = 0.75`` (the first step has no momentum). Everything is tracked per example, as in the
+authors' code (``autopgd_base.py``), including its details: condition 2 is off at the first checkpoint,
+and the first window counts the first loss as an increase when it is positive (the reference compares it
+with an unfilled zero).
+
+Speed (the result per example is unchanged): every example's trajectory depends on that example alone, so
+an example leaves the working batch as soon as it is misclassified (the reference keeps iterating it), and
+APGD-T attacks several target classes of the still-robust points in one batch (``max_rows``) instead of one
+pass per target; a point leaves as soon as any of its targets fools it.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +31,7 @@ from ..errors import ConfigError
 from ..inputs import check_labels, entry_point
 from ..numbers import check_eps
 from ._common import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
+from ._engine import Execution, Rows, confirm, execution_for, forward_context, target_rows, target_waves
 
 LOSSES = ("ce", "dlr", "ce-targeted", "dlr-targeted")
 
@@ -48,18 +56,25 @@ def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
 
 
 def checkpoints(n_iter: int) -> list[int]:
-    """The iterations ``w_1 < w_2 < ...`` (<= n_iter) at which APGD may halve its step."""
-    p = [0.0, 0.22]
-    while True:
-        nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
-        if nxt > 1:
-            break
-        p.append(nxt)
-    points = sorted({math.ceil(q * n_iter - 1e-9) for q in p[1:]})
-    return [w for w in points if 0 < w <= n_iter]
+    """The iterations ``w_1 < w_2 < ...`` (<= n_iter) after which APGD may halve its step.
+
+    The authors' integer rule (``autopgd_base.py``): the first window is ``int(0.22 n)`` iterations long,
+    each next one ``int(0.03 n)`` shorter, never shorter than ``int(0.06 n)`` (each at least 1). For
+    ``n_iter = 100`` these are the paper's ``ceil(p_j n)``: 22, 41, 57, 70, 80, 87, 93, 99.
+    """
+    first, shrink, shortest = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    marks, at, window = [], 0, first
+    while at + window <= n_iter:
+        at += window
+        marks.append(at)
+        window = max(window - shrink, shortest)
+    return marks
 
 
-def _loss_fn(name: str, num_classes: int):
+LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+def _loss_fn(name: str, num_classes: int) -> LossFn:
     if name not in LOSSES:
         raise ConfigError(f"loss={name!r} is not supported by APGD: choose one of {', '.join(LOSSES)}")
     need = {"dlr": 3, "dlr-targeted": 4}.get(name, 2)
@@ -91,10 +106,14 @@ def apgd(
     random_init: bool = True,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """Adversarial examples by APGD maximising ``loss`` (``ce``, ``dlr``, or targeted ``ce-targeted`` /
-    ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept,
-    otherwise the point of highest loss. Restarts run only on points not yet misclassified."""
+    ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept (targeted
+    losses: the first one classified as the target, else the last misclassifying one), otherwise the point of
+    highest loss. Restarts run only on points not yet misclassified.
+    ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
+    in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
     if n_iter < 1:
@@ -108,6 +127,7 @@ def apgd(
     y = y.detach()
     if y_target is not None:
         y_target = check_labels(y_target, len(x), where="apgd", name="y_target")
+    ex = execution_for(model, precision, x.device)
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
@@ -120,8 +140,9 @@ def apgd(
             if len(todo) == 0:
                 break
             t = y_target[todo] if targeted else None
-            adv, adv_loss, adv_fooled = _apgd_run(
-                model, x[todo], y[todo], t, fn, eps, norm, n_iter, alpha, rho, random_init, generator
+            adv, adv_loss, adv_fooled = _apgd_rows(
+                x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
+                random_init=random_init, generator=generator, execution=ex, until_target=targeted,
             )
             better = adv_fooled | (adv_loss > best_loss[todo])
             idx = todo[better]
@@ -131,58 +152,107 @@ def apgd(
     return result
 
 
-def _apgd_run(model, x, y, target, fn, eps, norm, n_iter, alpha, rho, random_init, generator):
+def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
+               n_iter: int, alpha: float, rho: float, random_init: bool, generator: torch.Generator | None,
+               execution: Execution, group: Tensor | None = None, n_groups: int = 0,
+               until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """APGD on every row (an example, with its own target class for targeted losses), evaluating the model as
+    ``execution`` says.
+
+    Returns per row: the last misclassifying iterate (else the highest-loss point), the best loss and the
+    misclassified flag. A row leaves the working batch once misclassified (with ``until_target``: once
+    classified as its target); with ``group`` (the point each row attacks) every row of a point leaves once
+    one of them is done (those rows then report their state at that moment).
+    """
+    n = len(x)
     shape = (-1,) + (1,) * (x.dim() - 1)
+    start = random_start(x, eps, norm, generator) if random_init else x.clone()
+    target = target if target is not None else y
 
-    def objective(logits: Tensor, labels: Tensor) -> Tensor:
-        return fn(logits, labels, target)
+    def gradient(x_adv: Tensor, labels: Tensor, goals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with forward_context(execution):
+            return input_gradient(execution.for_gradients, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
 
-    x_adv = random_start(x, eps, norm, generator) if random_init else x.clone()
-    grad, loss, logits = input_gradient(model, x_adv, y, objective)
+    grad, loss, logits = gradient(start, y, target)
+    rows = Rows(n, x.device, group=group, n_groups=n_groups)
+    out = start.clone()
+    out_loss = loss.clone()
+    out_fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
     fooled = logits.argmax(1) != y
-    x_best_adv = x_adv.clone()
-    x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
-    step = torch.full((len(x),), 2.0 * eps, device=x.device)
-    x_prev = x_adv.clone()
-    loss_prev = loss.clone()
-    marks = checkpoints(n_iter)
+    reached = logits.argmax(1) == target if until_target else fooled
+    s = {"x0": x, "y": y, "t": target, "x_adv": start, "x_prev": start, "grad": grad,
+         # the reference's first comparison is with an unfilled (zero) loss record
+         "loss_prev": torch.zeros_like(loss), "x_best": start, "grad_best": grad, "loss_best": loss,
+         "step": torch.full((n,), 2.0 * eps, device=x.device), "successes": torch.zeros(n, device=x.device),
+         "reduced_last": torch.ones(n, dtype=torch.bool, device=x.device), "loss_best_last": loss,
+         "fooled": fooled, "reached": reached, "x_fool": start}
+
+    def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Confirm the fooled rows (fp32), write out the finished ones and drop them from the batch."""
+        s["reached"] = s["fooled"] & confirm(execution, s["x_fool"], s["y"], s["reached"])
+        done = rows.finished(s["reached"])
+        if not bool(done.any()):
+            return s
+        pos = rows.positions[done]
+        fooled_done = s["fooled"][done]
+        out[pos] = torch.where(fooled_done.view(shape), s["x_fool"][done], s["x_best"][done])
+        out_loss[pos] = s["loss_best"][done]
+        out_fooled[pos] = fooled_done
+        return rows.keep(~done, s)
+
+    if norm == "linf":  # the l_inf ball within [0, 1] is a box: one clamp, the same numbers as project()
+        s["lo"], s["hi"] = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+
+    def into_ball(z: Tensor, s: dict[str, Tensor]) -> Tensor:
+        return torch.clamp(z, s["lo"], s["hi"]) if norm == "linf" else project(z, s["x0"], eps, norm)
+
+    s = settle(s)
+    marks = set(checkpoints(n_iter))
     last_mark = 0
-    successes = torch.zeros(len(x), device=x.device)
-    step_at_mark = step.clone()
-    loss_best_at_mark = loss_best.clone()
     for k in range(n_iter):
-        z = project(x_adv + step.view(shape) * ascent_direction(grad, norm), x, eps, norm)
+        if rows.empty:
+            break
+        x_adv = s["x_adv"]
+        z = into_ball(x_adv + s["step"].view(shape) * ascent_direction(s["grad"], norm), s)
         if k == 0:
             x_new = z
         else:
-            x_new = project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - x_prev), x, eps, norm)
-        x_prev, x_adv = x_adv, x_new
-        grad, loss, logits = input_gradient(model, x_adv, y, objective)
-        now_fooled = logits.argmax(1) != y
-        x_best_adv[now_fooled] = x_adv[now_fooled]
-        fooled |= now_fooled
-        successes += (loss > loss_prev).float()
-        loss_prev = loss
-        improved = loss > loss_best
-        x_best[improved] = x_adv[improved]
-        grad_best[improved] = grad[improved]
-        loss_best = torch.where(improved, loss, loss_best)
+            x_new = into_ball(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - s["x_prev"]), s)
+        s["x_prev"], s["x_adv"] = x_adv, x_new
+        grad, loss, logits = gradient(x_new, s["y"], s["t"])
+        s["grad"] = grad
+        pred = logits.argmax(1)
+        now = (pred != s["y"]) & ~s["reached"]  # frozen once done (until the batch is next checked)
+        s["x_fool"] = torch.where(now.view(shape), x_new, s["x_fool"])
+        s["fooled"] = s["fooled"] | now
+        s["reached"] = s["reached"] | ((pred == s["t"]) if until_target else now)
+        s["successes"] = s["successes"] + (loss > s["loss_prev"]).float()
+        s["loss_prev"] = loss
+        improved = loss > s["loss_best"]
+        s["x_best"] = torch.where(improved.view(shape), x_new, s["x_best"])
+        s["grad_best"] = torch.where(improved.view(shape), grad, s["grad_best"])
+        s["loss_best"] = torch.where(improved, loss, s["loss_best"])
         if k + 1 in marks and k + 1 < n_iter:
             window = k + 1 - last_mark
-            oscillating = successes < rho * window
-            stalled = (step_at_mark == step) & (loss_best_at_mark == loss_best)
+            oscillating = s["successes"] <= rho * window
+            stalled = ~s["reduced_last"] & (s["loss_best_last"] >= s["loss_best"])
             reduce = oscillating | stalled
-            step = torch.where(reduce, step / 2, step)
-            x_adv[reduce] = x_best[reduce]
-            x_prev[reduce] = x_best[reduce]
-            grad[reduce] = grad_best[reduce]
-            loss_prev = torch.where(reduce, loss_best, loss_prev)
-            successes.zero_()
+            s["step"] = torch.where(reduce, s["step"] / 2, s["step"])
+            s["x_adv"] = torch.where(reduce.view(shape), s["x_best"], s["x_adv"])
+            s["grad"] = torch.where(reduce.view(shape), s["grad_best"], s["grad"])
+            s["successes"] = torch.zeros_like(s["successes"])
+            s["reduced_last"] = reduce
+            s["loss_best_last"] = s["loss_best"]
             last_mark = k + 1
-            step_at_mark = step.clone()
-            loss_best_at_mark = loss_best.clone()
-    out = torch.where(fooled.view(shape), x_best_adv, x_best)
-    return out, loss_best, fooled
+        if rows.check_now(k) or k + 1 == n_iter:
+            s = settle(s)
+    if not rows.empty:  # never done; with until_target some may still be misclassified
+        pos = rows.positions
+        fooled = confirm(execution, s["x_fool"], s["y"], s["fooled"])
+        out[pos] = torch.where(fooled.view(shape), s["x_fool"], s["x_best"])
+        out_loss[pos] = s["loss_best"]
+        out_fooled[pos] = fooled
+    return out, out_loss, out_fooled
 
 
 @entry_point("apgd_ce")
@@ -222,31 +292,59 @@ def apgd_t(
     n_restarts: int = 1,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
+    max_rows: int | None = None,
     **kwargs,
 ) -> Tensor:
     """APGD-T: one targeted APGD run per target class (the top-``n_targets`` non-top classes of the clean
-    logits, in rank order), each run only on the points not yet misclassified."""
+    logits, in rank order), each run only on the points not yet misclassified.
+
+    ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch. The points still robust
+    are attacked with as many targets at once as fit; a point stops as soon as one of its targets fools it.
+    Each run depends on its own point and target only, so which points fall does not depend on
+    ``max_rows`` (with ``random_init=False``; random starts are drawn per run)."""
     if loss not in ("dlr-targeted", "ce-targeted"):
         raise ConfigError(f"loss={loss!r} is not a targeted loss: use 'dlr-targeted' or 'ce-targeted'")
     if n_targets < 1:
         raise ConfigError(f"n_targets={n_targets} must be at least 1")
+    norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)
+    if n_iter < 1 or n_restarts < 1:
+        raise ConfigError(f"n_iter={n_iter} and n_restarts={n_restarts} must be at least 1")
+    unknown = set(kwargs) - {"alpha", "rho", "random_init", "precision"}
+    if unknown:
+        raise ConfigError(f"apgd_t has no setting(s) {sorted(unknown)}")
     x = x.detach()
+    y = y.detach()
+    ex = execution_for(model, kwargs.get("precision", "fp32"), x.device)
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
         loss = targeted_loss_used(loss, logits.shape[1])  # CE where the targeted DLR has too few classes
+        fn = _loss_fn(loss, logits.shape[1])
+        targets = torch.stack(ranked_targets(logits, n_targets), dim=1)  # [B, K]
         result = x.clone()
-        fooled = logits.argmax(1) != y
-        for target in ranked_targets(logits, n_targets):
-            todo = (~fooled).nonzero().squeeze(1)
-            if len(todo) == 0:
-                break
-            adv = apgd(
-                model, x[todo], y[todo], eps=eps, norm=norm, n_iter=n_iter, loss=loss, y_target=target[todo],
-                n_restarts=n_restarts, eval_mode=eval_mode, generator=generator, **kwargs,
-            )
-            with torch.no_grad():
-                adv_fooled = model(adv).argmax(1) != y[todo]
-            result[todo] = adv
-            fooled[todo] = adv_fooled
+        undecided = logits.argmax(1) == y
+
+        def run(points: Tensor, first: int, count: int) -> Tensor:
+            rows_point, rows_target, rows_group = target_rows(points, targets, first, count)
+            fooled_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
+            for _ in range(n_restarts):
+                live = ~fooled_points[rows_group]
+                if not bool(live.any()):
+                    break
+                sel = live.nonzero().squeeze(1)
+                adv, _, fooled = _apgd_rows(
+                    x[rows_point[sel]], y[rows_point[sel]], rows_target[sel], fn, eps=eps, norm=norm,
+                    n_iter=n_iter, alpha=kwargs.get("alpha", 0.75), rho=kwargs.get("rho", 0.75),
+                    random_init=kwargs.get("random_init", True), generator=generator, execution=ex,
+                    group=rows_group[sel], n_groups=len(points),
+                )
+                # robust points keep the point of their last run; a fooling run overrides it
+                result[rows_point[sel]] = adv
+                hit = sel[fooled]
+                result[rows_point[hit]] = adv[fooled]
+                fooled_points[rows_group[hit]] = True
+            return fooled_points
+
+        target_waves(undecided, targets.shape[1], max(max_rows or len(x), 1), run)
     return result

@@ -1,25 +1,39 @@
 """AutoAttack (Croce & Hein, ICML 2020): a parameter-free ensemble reporting the per-example worst case.
 
 ``standard``: APGD-CE (100 iterations), APGD-T (9 targets, 100 iterations each), FAB-T (9 targets,
-100 iterations each), Square (5,000 queries), each run only on the points every earlier attack left
-correctly classified. ``fast``: APGD-CE and APGD-T. ``autoattack_official`` runs the authors' package
-(``pip install git+https://github.com/fra31/auto-attack``) when it is importable.
+100 iterations each), Square (5,000 queries, the p schedule not rescaled, as the authors' AutoAttack), each
+run only on the points every earlier attack left correctly classified. ``fast``: APGD-CE and APGD-T.
+``autoattack_official`` runs the authors' package (``pip install pyautoattack``, or the GitHub package
+``autoattack``) when it is importable.
+
+Speed: every component keeps the reference's per-point outcome while doing less work (points leave the
+working batch once broken; APGD-T and FAB-T attack several targets of the still-robust points in one batch
+of at most ``max_rows`` rows; FAB's projection solves for its radius instead of sorting; Square edits its
+window in place). ``precision="bf16"`` (or ``"auto"`` on CUDA) runs the attacks' forwards under bf16
+autocast; every misclassification an attack acts on is confirmed in fp32, and the final flags come from an
+fp32 forward. ``channels_last=True`` hands the model channels-last inputs (it pays with cuDNN/oneDNN
+convolutions; results are the same up to float rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, FastRobustError
+from ..errors import ConfigError
 from ..inputs import entry_point, predicts
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
+from ._engine import check_precision, execution_for
+from ._frozen import frozen_copies
 from .apgd import apgd_ce, apgd_t
 from .fab import fab_t
+from .official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
 from .square import square
 
 VERSIONS = {
@@ -30,8 +44,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "apgd-ce": {"n_iter": 100, "n_restarts": 1},
     "apgd-t": {"n_iter": 100, "n_targets": 9, "n_restarts": 1},
     "fab-t": {"n_iter": 100, "n_targets": 9, "n_restarts": 1},
-    "square": {"n_queries": 5000, "p_init": 0.8},
+    "square": {"n_queries": 5000, "p_init": 0.8, "rescale_schedule": False},
 }
+# how each component is run, besides its settings: (point, target) rows per batch, forward precision
+_EXECUTION = {"apgd-ce": ("precision",), "apgd-t": ("max_rows", "precision"), "fab-t": ("max_rows", "precision"),
+              "square": ("precision",)}
 _FUNCTIONS: dict[str, Callable[..., Tensor]] = {"apgd-ce": apgd_ce, "apgd-t": apgd_t, "fab-t": fab_t, "square": square}
 
 
@@ -41,6 +58,7 @@ class AutoAttackResult:
     robust: Tensor                # bool [B]: correctly classified at x_adv
     broken_by: list[str | None]   # per example: "clean" (misclassified already), an attack name, or None
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how it ran: precision, frozen copies or why not
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -64,10 +82,23 @@ def autoattack(
     return_details: bool = False,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
+    max_rows: int | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    freeze: bool | None = None,
 ) -> Tensor | AutoAttackResult:
     """Run the ensemble; ``attacks`` overrides the version's list, ``options`` the settings of each
     component (e.g. ``{"square": {"n_queries": 1000}}``). Returns ``x_adv``, or an AutoAttackResult
-    with ``return_details=True``."""
+    with ``return_details=True``.
+
+    How it runs (the attacks stay the same): ``max_rows`` (default ``len(x)``) caps the rows (points, or
+    (point, target) pairs for APGD-T/FAB-T) attacked in one batch, i.e. the working memory; ``precision``
+    ``fp32`` (default), ``bf16`` or ``auto`` (bf16 on CUDA) for the attacks' forwards, every
+    misclassification confirmed in fp32; ``channels_last`` runs the model on channels-last tensors (the
+    model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU, in
+    fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
+    the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
+    when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py)."""
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
     if version not in VERSIONS:
@@ -78,18 +109,33 @@ def autoattack(
         if name not in _FUNCTIONS:
             raise ConfigError(f"{name!r} is not an AutoAttack component: choose from {', '.join(_FUNCTIONS)}")
     settings = {name: {**DEFAULTS[name], **options.get(name, {})} for name in names}
+    check_precision(precision)  # validated before any work
+    rows = max(int(max_rows or len(x)), 1)
+    want_frozen = (x.device.type == "cpu") if freeze is None else bool(freeze)
     x = x.detach()
-    with model_mode(model, training=not eval_mode):
+    notes: list[str] = [f"precision {precision}"]
+    with model_mode(model, training=not eval_mode), _memory_format(model, channels_last):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             robust = predicts(model(x), y)
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
+        execution = execution_for(model, precision, x.device)
         for name in names:
             todo = robust.nonzero().squeeze(1)
             if len(todo) == 0:
                 break
+            if want_frozen and name != "apgd-ce" and eval_mode and execution.dtype is None:  # once points remain
+                copies = frozen_copies(model, x[todo], y[todo])
+                execution = dataclasses.replace(execution, grad_model=copies.grad_model,
+                                                query_model=copies.query_model)
+                notes.append(copies.note)
+                want_frozen = False
+            how = {"max_rows": rows, "precision": execution}
+            how = {key: how[key] for key in _EXECUTION[name]}
             adv = _FUNCTIONS[name](model, x[todo], y[todo], eps=eps, norm=norm, eval_mode=eval_mode,
-                                   generator=generator, **settings[name])
+                                   generator=generator, **settings[name], **how)
             with torch.no_grad():
                 fooled = ~predicts(model(adv), y[todo])
             hit = todo[fooled]
@@ -97,23 +143,27 @@ def autoattack(
             robust[hit] = False
             for i in hit.tolist():
                 broken_by[i] = name
+    x_adv = x_adv.contiguous()
     if return_details:
-        return AutoAttackResult(x_adv=x_adv, robust=robust, broken_by=broken_by, settings=settings)
+        return AutoAttackResult(x_adv=x_adv, robust=robust, broken_by=broken_by, settings=settings, notes=notes)
     return x_adv
 
 
-def official_available() -> bool:
+@contextlib.contextmanager
+def _memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """The model's 4-d parameters and buffers in channels-last layout for the block, restored afterwards."""
+    if not channels_last:
+        yield
+        return
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.dim() == 4]
+    before = [t.data for t in tensors]
+    for t in tensors:
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
     try:
-        import autoattack  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-OFFICIAL_MISSING = (
-    "the official autoattack package is not importable: install it with "
-    "`pip install git+https://github.com/fra31/auto-attack` or use attack 'autoattack'"
-)
+        yield
+    finally:
+        for t, data in zip(tensors, before):
+            t.data = data
 
 
 @entry_point("autoattack_official")
@@ -129,19 +179,8 @@ def autoattack_official(
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The authors' AutoAttack (``autoattack.AutoAttack``) on this batch; FastRobustError when not installed."""
+    """The authors' AutoAttack (``pyautoattack`` or ``autoattack``) on this batch; FastRobustError when
+    neither is installed. ``generator`` is unused (the official code seeds the global RNG from ``seed``)."""
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
-    try:
-        from autoattack import AutoAttack
-    except ImportError:
-        raise FastRobustError(OFFICIAL_MISSING) from None
-    with model_mode(model, training=not eval_mode):
-        runner = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version=version,
-                            device=x.device, seed=seed, verbose=False)
-        params = [p for p in model.parameters()]
-        grads = [p.grad for p in params]
-        x_adv = runner.run_standard_evaluation(x.detach(), y, bs=len(x))
-        for p, g in zip(params, grads):  # the package may touch parameter gradients; restore them
-            p.grad = g
-    return x_adv.detach()
+    return run_official(model, x, y, eps=eps, norm=norm, version=version, seed=seed, eval_mode=eval_mode)

@@ -8,10 +8,16 @@ With ``d = proj(x_i) - x_i`` and ``d0 = proj(x) - x`` the step is
     a = min(||d|| / (||d|| + ||d0||), alpha_max)
     x_{i+1} = clip((1 - a) (x_i + eta d) + a (x + eta d0))
 
-and when ``x_{i+1}`` is misclassified it is recorded (if closer than the best so far) and pulled back
-towards the original point: ``x_{i+1} <- (1 - beta) x + beta x_{i+1}``. Restarts after the first start
-at a random point at half the radius of ``min(best distance, eps)``. The result is the closest
-misclassified point found when it lies within ``eps``, else the clean point.
+with ``||.||`` at least 1e-8 (as the reference), and when ``x_{i+1}`` is misclassified it is pulled back
+towards the original point: ``x_{i+1} <- x + beta (x_{i+1} - x)``. Restarts after the first start at a
+random point at radius ``eps / 2``. The result is a misclassified point within ``eps`` (the first one found:
+the reference keeps searching for closer ones, which decides nothing more at this ``eps``), else the clean
+point.
+
+Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
+leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
+points share one batch (``max_rows``), and the projection onto the linearised boundary solves for its
+radius by Newton's method (exact after a few steps) instead of sorting all coordinates every iteration.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..errors import ConfigError
 from ..inputs import check_labels, entry_point
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
+from ._engine import Execution, Rows, confirm, execution_for, forward_context, misclassified, target_rows, target_waves
 from .apgd import ranked_targets
 
 
@@ -36,38 +43,77 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor
 
     Flipping the sign so that ``c >= 0``, each coordinate moves only along ``sign(w_i)`` up to its room
     ``cap_i`` (``1 - p_i`` or ``p_i``). For l_inf ``d_i = sign(w_i) min(t, cap_i)``; for l_2
-    ``d_i = sign(w_i) min(t |w_i|, cap_i)``. ``w^T d`` is piecewise linear and non-decreasing in ``t``,
-    so the smallest feasible ``t`` comes from sorting the breakpoints. When even the box corner does not
-    reach the hyperplane, the corner (the box point closest to it) is returned.
+    ``d_i = sign(w_i) min(t |w_i|, cap_i)``. ``h(t) = w^T d`` is piecewise linear, concave and non-decreasing
+    in ``t``, so Newton's method from ``t = 0`` climbs to the smallest feasible ``t`` from below and is exact
+    once a step crosses no breakpoint (typically after a few steps); rows still moving after
+    ``NEWTON_STEPS`` are solved by sorting the breakpoints (``_hyperplane_t_sorted``). When even the box
+    corner does not reach the hyperplane, the corner (the box point closest to it) is returned.
     """
     sign_c = torch.where(c < 0, -1.0, 1.0).to(w.dtype)
     w = w * sign_c[:, None]
     c = c.abs()
     a = w.abs()
-    cap = torch.where(w > 0, 1 - p, p).clamp_min(0)
+    direction = torch.sign(w)
+    # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU)
+    cap = (p + direction.clamp(min=0) * (1 - 2 * p)).clamp_(min=0)
     if norm == "linf":
         brk, slope = cap, a
     else:
-        brk = torch.where(a > 0, cap / a.clamp_min(1e-30), torch.zeros_like(cap))
+        brk = cap / a.clamp_min(1e-30)  # a_i = 0: a huge breakpoint with no slope, so no effect
         slope = a * a
-    const = a * cap  # contribution once coordinate i is saturated
-    brk_sorted, order = brk.sort(dim=1)
-    slope_sorted = slope.gather(1, order)
-    const_sorted = const.gather(1, order)
-    # h(brk_k) = sum_{j<k} const_j + brk_k * sum_{j>=k} slope_j
-    const_before = torch.cumsum(const_sorted, dim=1) - const_sorted
-    slope_from = slope_sorted.flip(1).cumsum(1).flip(1)
-    h = const_before + brk_sorted * slope_from
-    reached = h >= c[:, None]
-    feasible = reached.any(dim=1)
-    k = torch.where(feasible, reached.float().argmax(dim=1), torch.zeros_like(c, dtype=torch.long))
-    t = (c - const_before.gather(1, k[:, None]).squeeze(1)) / slope_from.gather(1, k[:, None]).squeeze(1).clamp_min(1e-30)
+    const = a * cap  # contribution once coordinate i is saturated (= slope_i * brk_i)
+    feasible = const.sum(1) >= c
+    t = _hyperplane_t_newton(brk, slope, const, c, feasible)
+    stuck = feasible & torch.isnan(t)
+    if bool(stuck.any()):
+        t[stuck] = _hyperplane_t_sorted(brk[stuck], slope[stuck], const[stuck], c[stuck])
     t = torch.where(feasible, t, torch.full_like(t, float("inf")))
     if norm == "linf":
         mag = torch.minimum(t[:, None].expand_as(cap), cap)
     else:
         mag = torch.minimum(t[:, None] * a, cap)
-    return torch.sign(w) * mag  # w already carries the sign of c
+    return direction * mag  # w already carries the sign of c
+
+
+NEWTON_STEPS = 12
+_FINITE_SLOPE = 1e15  # its square, summed over an image, stays finite in float32
+
+
+def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor) -> Tensor:
+    """Smallest ``t`` with ``sum_i min(t slope_i, const_i) = c`` (breakpoints ``brk_i = const_i / slope_i``);
+    NaN where Newton has not settled within NEWTON_STEPS. Infeasible rows are left alone (any value).
+
+    On the linear piece where the coordinates with ``brk_i > t`` are still free, ``h(s) = base + rate * s``;
+    the step goes to where that line meets ``c``. It has settled when the free set (hence ``rate`` and
+    ``base``) does not change: ``t`` then lies on its own piece and is the solution."""
+    total = const.sum(1)
+    t = torch.zeros_like(c)
+    free = torch.sign(brk)  # 1 where brk_i > 0 (breakpoints are >= 0), as floats: masks are slow on CPU
+    rate, base = (free * slope).sum(1), total - (free * const).sum(1)
+    settled = ~feasible
+    early_exit = c.device.type != "cuda"  # on CUDA all steps run (cheap) rather than a host sync per step
+    for _ in range(NEWTON_STEPS):
+        t = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t)
+        free = torch.sign(brk - t[:, None]).clamp_(min=0)
+        rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
+        settled = ((rate_next == rate) & (base_next == base)) | ~feasible
+        rate, base = rate_next, base_next
+        if early_exit and bool(settled.all()):
+            return t
+    return torch.where(settled, t, torch.full_like(t, float("nan")))
+
+
+def _hyperplane_t_sorted(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor) -> Tensor:
+    """The same ``t`` by sorting the breakpoints: ``h(brk_k) = sum_{j<k} const_j + brk_k sum_{j>=k} slope_j``."""
+    brk_sorted, order = brk.sort(dim=1)
+    slope_sorted = slope.gather(1, order)
+    const_sorted = const.gather(1, order)
+    const_before = torch.cumsum(const_sorted, dim=1) - const_sorted
+    slope_from = slope_sorted.flip(1).cumsum(1).flip(1)
+    h = const_before + brk_sorted * slope_from
+    reached = h >= c[:, None]
+    k = torch.where(reached.any(dim=1), reached.float().argmax(dim=1), torch.zeros_like(c, dtype=torch.long))
+    return (c - const_before.gather(1, k[:, None]).squeeze(1)) / slope_from.gather(1, k[:, None]).squeeze(1).clamp_min(1e-30)
 
 
 @entry_point("fab_t")
@@ -87,10 +133,16 @@ def fab_t(
     y_target: Tensor | None = None,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
+    max_rows: int | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """Targeted FAB: for each target (given ``y_target``, else the top-``n_targets`` ranked classes of the
-    clean logits), run on the points not yet misclassified within ``eps``; returns the closest
-    misclassified point within ``eps`` per example, or ``x`` where none was found."""
+    clean logits), run on the points not yet misclassified within ``eps``; returns a misclassified point
+    within ``eps`` per example (the first one found), or ``x`` where none was found.
+
+    ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch; a point stops as soon as
+    one of its runs finds an adversarial within ``eps``. Runs are independent of each other, so which points
+    fall does not depend on ``max_rows``. ``precision``: as in ``apgd`` (fp32 by default)."""
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
     if n_iter < 1 or n_restarts < 1 or n_targets < 1:
@@ -99,67 +151,107 @@ def fab_t(
     y = y.detach()
     if y_target is not None:
         y_target = check_labels(y_target, len(x), where="fab_t", name="y_target")
+    ex = execution_for(model, precision, x.device)
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
-        targets = [y_target] if y_target is not None else ranked_targets(logits, n_targets)
+        if y_target is not None:
+            targets = y_target.detach().view(-1, 1)
+        else:
+            targets = torch.stack(ranked_targets(logits, n_targets), dim=1)  # [B, K]
         result = x.clone()
-        fooled = logits.argmax(1) != y
-        for target in targets:
-            todo = (~fooled).nonzero().squeeze(1)
-            if len(todo) == 0:
-                break
-            adv, dist = _fab_run(model, x[todo], y[todo], target[todo], eps, norm, n_iter, n_restarts,
-                                 alpha_max, eta, beta, generator)
-            ok = dist <= eps
-            result[todo[ok]] = adv[ok]
-            fooled[todo[ok]] = True
+        undecided = logits.argmax(1) == y
+
+        def run(points: Tensor, first: int, count: int) -> Tensor:
+            rows_point, rows_target, rows_group = target_rows(points, targets, first, count)
+            fooled_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
+            for restart in range(n_restarts):
+                live = (~fooled_points[rows_group]).nonzero().squeeze(1)
+                if len(live) == 0:
+                    break
+                xs = x[rows_point[live]]
+                start = xs.clone() if restart == 0 else _random_start_half_eps(xs, eps, norm, generator)
+                adv, found = _fab_rows(xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
+                                       norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
+                                       execution=ex, group=rows_group[live], n_groups=len(points))
+                hit = live[found]
+                result[rows_point[hit]] = adv[found]
+                fooled_points[rows_group[hit]] = True
+            return fooled_points
+
+        target_waves(undecided, targets.shape[1], max(max_rows or len(x), 1), run)
     return result
 
 
-def _jacobian_row(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits at x, g = f_t - f_y and its input gradient."""
+def _random_start_half_eps(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    """A restart's start: a random direction at radius eps / 2 (the reference resets its best distance at
+    every restart, so its ``min(best distance, eps) / 2`` is always ``eps / 2``)."""
+    if norm == "linf":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+    else:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = noise / _flat_norm(noise, norm).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    return (x + 0.5 * eps * noise).clamp(0, 1)
+
+
+def _jacobian_row(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """g = f_t - f_y at x and its input gradient."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
         g = (logits.gather(1, t[:, None]) - logits.gather(1, y[:, None])).squeeze(1).float()
         (grad,) = torch.autograd.grad(g.sum(), x)
-    return logits.detach(), g.detach(), grad.detach()
+    # an infinite entry (e.g. sqrt at 0) becomes a large finite slope, so the linearised boundary still
+    # moves that coordinate (by a tiny step) instead of turning the projection into NaN; NaN counts 0
+    grad = torch.nan_to_num(grad.detach(), nan=0.0, posinf=_FINITE_SLOPE, neginf=-_FINITE_SLOPE)
+    return g.detach(), grad
 
 
-def _fab_run(model, x, y, t, eps, norm, n_iter, n_restarts, alpha_max, eta, beta, generator):
-    batch = len(x)
-    flat_x = x.flatten(1)
-    best = x.clone()
-    best_dist = torch.full((batch,), float("inf"), device=x.device)
-    for restart in range(n_restarts):
-        if restart == 0:
-            x_i = x.clone()
-        else:
-            radius = torch.minimum(best_dist, torch.full_like(best_dist, eps)).view(-1, *([1] * (x.dim() - 1)))
-            if norm == "linf":
-                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-            else:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            noise = noise / _flat_norm(noise, norm).clamp_min(1e-12).view_as(radius)
-            x_i = (x + 0.5 * radius * noise).clamp(0, 1)
-        for _ in range(n_iter):
-            _, g, w = _jacobian_row(model, x_i, y, t)
-            w = w.flatten(1)
-            flat_i = x_i.flatten(1)
-            # hyperplane: g + w^T (z - x_i) = 0
-            d = project_hyperplane_box(flat_i, w, -g, norm)
-            d0 = project_hyperplane_box(flat_x, w, -g - (w * (flat_x - flat_i)).sum(1), norm)
-            nd, nd0 = _flat_norm(d, norm), _flat_norm(d0, norm)
-            a = torch.clamp(nd / (nd + nd0).clamp_min(1e-12), max=alpha_max)[:, None]
-            nxt = ((1 - a) * (flat_i + eta * d) + a * (flat_x + eta * d0)).clamp(0, 1)
-            nxt = torch.nan_to_num(nxt, nan=0.0).view_as(x)
-            with torch.no_grad():
-                adv_now = model(nxt).argmax(1) != y
-            dist = _flat_norm(nxt - x, norm)
-            closer = adv_now & (dist < best_dist)
-            best[closer] = nxt[closer]
-            best_dist = torch.where(closer, dist, best_dist)
-            pulled = (1 - beta) * x + beta * nxt
-            x_i = torch.where(adv_now.view(-1, *([1] * (x.dim() - 1))), pulled, nxt)
-    return best, best_dist
+def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, norm: str, n_iter: int,
+              alpha_max: float, eta: float, beta: float, execution: Execution, group: Tensor | None = None,
+              n_groups: int = 0) -> tuple[Tensor, Tensor]:
+    """FAB-T iterations on every row (an example and its target); returns per row the first adversarial
+    found within ``eps`` and whether one was found. A row leaves the batch once it has one; with ``group``
+    all rows of the same point leave together."""
+    n = len(x)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    rows = Rows(n, x.device, group=group, n_groups=n_groups)
+    out = x.clone()
+    out_found = torch.zeros(n, dtype=torch.bool, device=x.device)
+    s = {"x0": x, "y": y, "t": t, "x_i": start, "found": torch.zeros(n, dtype=torch.bool, device=x.device),
+         "x_found": x}
+
+    def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
+        s["found"] = confirm(execution, s["x_found"], s["y"], s["found"])
+        done = rows.finished(s["found"])
+        if not bool(done.any()):
+            return s
+        pos = rows.positions[done]
+        out[pos] = s["x_found"][done]
+        out_found[pos] = s["found"][done]
+        return rows.keep(~done, s)
+
+    for k in range(n_iter):
+        x0, x_i = s["x0"], s["x_i"]
+        with forward_context(execution):
+            g, w = _jacobian_row(execution.for_gradients, x_i, s["y"], s["t"])
+        w = w.flatten(1)
+        flat_i, flat_x = x_i.flatten(1), x0.flatten(1)
+        # the linearised boundary g + w^T (z - x_i) = 0, seen from x_i and from the original point
+        d = project_hyperplane_box(flat_i, w, -g, norm)
+        d0 = project_hyperplane_box(flat_x, w, -g - (w * (flat_x - flat_i)).sum(1), norm)
+        nd = _flat_norm(d, norm).clamp_min(1e-8)
+        nd0 = _flat_norm(d0, norm).clamp_min(1e-8)
+        a = torch.clamp(nd / (nd + nd0), max=alpha_max)[:, None]
+        nxt = ((flat_i + eta * d) * (1 - a) + (flat_x + eta * d0) * a).clamp(0, 1)
+        nxt = torch.nan_to_num(nxt, nan=0.0).view_as(x0)
+        adv_now = misclassified(execution, nxt, s["y"])
+        win = adv_now & (_flat_norm(nxt - x0, norm) <= eps) & ~s["found"]
+        s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
+        s["found"] = s["found"] | win
+        s["x_i"] = torch.where(adv_now.view(shape), x0 + (nxt - x0) * beta, nxt)
+        if rows.check_now(k) or k + 1 == n_iter:
+            s = settle(s)
+            if rows.empty:
+                break
+    return out, out_found

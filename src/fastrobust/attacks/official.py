@@ -1,0 +1,160 @@
+"""The authors' AutoAttack, for cross-checks and benchmarks only (fastrobust never needs it).
+
+The official attack code is importable as ``pyautoattack`` (the package index, ``pip install pyautoattack``
+or ``pip install "fastrobust[reference]"``: the authors' ``autopgd_base.py``, ``fab_*.py`` and ``square.py``
+with a refactored wrapper) or as ``autoattack`` (``pip install git+https://github.com/fra31/auto-attack``).
+Both are supported; ``pyautoattack`` is preferred. Nothing of that code is copied here: these functions only
+call it.
+
+``run_official`` runs the official AutoAttack (or some of its attacks) on a batch. ``official_apgd_flags`` and
+``official_fab_t_flags`` run one official component *started at the clean point* (no random start), on one
+target class, so that fastrobust's components can be compared with it point by point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from types import ModuleType
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FastRobustError
+from ._common import model_mode
+
+PACKAGES = ("pyautoattack", "autoattack")
+NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+OFFICIAL_MISSING = (
+    "the official AutoAttack is not importable: install it with `pip install pyautoattack` "
+    "(or `pip install 'fastrobust[reference]'`), or use attack 'autoattack'"
+)
+
+
+def official_package() -> ModuleType | None:
+    """The importable official package (``pyautoattack`` first, then ``autoattack``), else None."""
+    for name in PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "AutoAttack"):
+            return module
+    return None
+
+
+def official_available() -> bool:
+    return official_package() is not None
+
+
+def official_version() -> str | None:
+    """``"pyautoattack 0.2.0"`` (package name and version), or None when not installed."""
+    module = official_package()
+    if module is None:
+        return None
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(module.__name__)
+        except Exception:  # the GitHub package may carry no metadata
+            version = "unknown"
+    return f"{module.__name__} {version}"
+
+
+def _require() -> ModuleType:
+    module = official_package()
+    if module is None:
+        raise FastRobustError(OFFICIAL_MISSING)
+    return module
+
+
+def _component(name: str) -> ModuleType:
+    return importlib.import_module(f"{_require().__name__}.{name}")
+
+
+@contextlib.contextmanager
+def _parameter_grads_kept(model: nn.Module) -> Iterator[None]:
+    """The official FAB calls ``backward()``, which accumulates into parameter gradients: put them back."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
+def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version: str = "standard", seed: int = 0,
+                    device: torch.device | str = "cpu", attacks: list[str] | None = None):
+    """An official ``AutoAttack`` object (quiet), with ``attacks`` (e.g. ``["apgd-t"]``) replacing the
+    version's list the way the authors' ``run_standard_evaluation_individual`` does."""
+    module = _require()
+    cls = module.AutoAttack
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {"norm": NORM_NAMES[norm], "eps": eps, "version": version, "seed": seed, "device": device}
+    if "verbose" in params:
+        kwargs["verbose"] = False
+    runner = cls(model, **kwargs)
+    runner.verbose = False
+    if attacks is not None:
+        runner.attacks_to_run = list(attacks)
+    return runner
+
+
+def run_official(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", version: str = "standard",
+                 seed: int = 0, batch_size: int | None = None, attacks: list[str] | None = None,
+                 eval_mode: bool = True, runner=None) -> Tensor:
+    """The official AutoAttack's adversarials for ``x`` (per example: the first attack's adversarial, else x);
+    ``runner``: an ``official_runner`` to use instead of a new one."""
+    x = x.detach()
+    if runner is None:
+        runner = official_runner(model, eps=eps, norm=norm, version=version, seed=seed, device=x.device,
+                                 attacks=attacks)
+    run = runner.run_standard_evaluation
+    bs = batch_size or max(len(x), 1)
+    with model_mode(model, training=not eval_mode), _parameter_grads_kept(model):
+        if "batch_size" in inspect.signature(run).parameters:  # pyautoattack: returns (x_adv, y_adv)
+            out = run(x, y, batch_size=bs)
+        else:  # the GitHub package: returns x_adv
+            out = run(x, y, bs=bs)
+    x_adv = out[0] if isinstance(out, tuple) else out
+    return x_adv.detach()
+
+
+def official_apgd_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, loss: str = "ce",
+                        target: Tensor | None = None, n_iter: int = 100, norm: str = "linf") -> Tensor:
+    """Which points one official APGD run fools (bool [B]) when started at ``x`` itself (no random start):
+    ``loss='ce'`` (APGD-CE), or ``'dlr-targeted'`` with ``target`` (one APGD-T run)."""
+    base = _component("autopgd_base")
+    x, y = x.detach(), y.detach()
+    if loss == "dlr-targeted":
+        attack = base.APGDAttack_targeted(model, n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps, seed=0,
+                                          device=x.device)
+        attack.y_target = target
+    else:
+        attack = base.APGDAttack(model, n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps, seed=0,
+                                 loss=loss, device=x.device)
+    attack.init_hyperparam(x)
+    with model_mode(model, training=False):
+        _, robust, _, _ = attack.attack_single_run(x, y, x_init=x.clone())
+    return ~robust.bool()
+
+
+def official_fab_t_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, target_rank: int = 2,
+                         n_iter: int = 100, norm: str = "linf") -> Tensor:
+    """Which points one official FAB-T run (target: the class ranked ``target_rank`` by the clean logits,
+    2 = the runner-up) fools within ``eps``, started at ``x`` (no random start). bool [B]."""
+    fab = _component("fab_pt")
+    x, y = x.detach(), y.detach()
+    attack = fab.FABAttack_PT(model, norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps, seed=0,
+                              targeted=True, device=x.device)
+    attack.target_class = target_rank
+    with model_mode(model, training=False), _parameter_grads_kept(model), torch.no_grad():
+        adv = attack.attack_single_run(x, y, use_rand_start=False, is_targeted=True)
+        fooled = model(adv).argmax(1) != y
+    distance = (adv - x).flatten(1).abs().amax(1) if norm == "linf" else (adv - x).flatten(1).norm(dim=1)
+    return fooled & (distance <= eps)
