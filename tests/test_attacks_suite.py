@@ -163,10 +163,12 @@ def test_autoattack_details_agree_with_the_model(toy):
     assert 0 < int(still.sum()) < len(y)  # the eps is chosen so that some but not all points break
 
 
-def test_autoattack_official_skips_cleanly(toy):
+def test_autoattack_official_without_the_package_says_how_to_install_it(toy, monkeypatch):
+    from fastrobust.attacks import official as official_module
+
     model, x, y = toy
-    if official_available():
-        pytest.skip("the official autoattack package is installed")
+    monkeypatch.setattr(official_module, "official_package", lambda: None)  # as on a machine without it
+    assert not official_available()
     with pytest.raises(FastRobustError, match="pip install"):
         autoattack_official(model, x, y, eps=0.03)
 
