@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--attacks", nargs="+", default=["pgd20", "autoattack-fast"])
     parser.add_argument("--full-autoattack-fast", action="store_true",
                         help="AutoAttack-fast at its full strength (default: APGD-CE 25 it. + APGD-T 25 it., 3 targets)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--eval-batch-size", type=int, default=500)
     parser.add_argument("--out", default="runs/averaging-effect")
     parser.add_argument("--json-out", default=None)
@@ -94,14 +95,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             run = Path(config.out)
             data = load_dataset(config.dataset, config.data_root, val_size=config.val_size,
                                 train_subset=config.train_subset, test_subset=config.test_subset)
-            cpu0 = time.process_time()
+            timing_file = run / "time_to_trained.json"
             if not (run / "result.json").is_file():
                 print(f"training {run} ...", flush=True)
-                Trainer(config, dataset=data, progress=False, log=lambda _m: None).fit()
-            train_cpu = time.process_time() - cpu0
+                timing = {"cpu": time.process_time(), "wall": time.perf_counter()}
+
+                class TimedTrainer(Trainer):
+                    def finish(self) -> dict[str, Any]:  # the model is trained when finish() starts
+                        timing.update(cpu=time.process_time() - timing["cpu"], wall=time.perf_counter() - timing["wall"])
+                        return super().finish()
+
+                TimedTrainer(config, dataset=data, progress=False, log=lambda _m: None).fit()
+                timing_file.write_text(json.dumps({"cpu_seconds_to_trained": timing["cpu"],
+                                                   "wall_seconds_to_trained": timing["wall"],
+                                                   "torch_threads": torch.get_num_threads()}))
+            timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+            metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            val = {"best_val_robust_acc": max((m.get("val_robust_acc", -1) for m in metrics), default=None),
+                   "best_ema_val_robust_acc": max((m.get("ema_val_robust_acc", -1) for m in metrics), default=None)}
             images, labels = data.test.images[: args.test_points], data.test.labels[: args.test_points]
             result = json.loads((run / "result.json").read_text())
             for variant, file in model_files(run).items():
+                if variant not in args.variants:
+                    continue
                 model, meta = load_model(file)
                 record = evaluate(model, (images, labels), args.attacks, eps=config.attack_eps,
                                   batch_size=args.eval_batch_size, device="cpu", progress=False, seed=0,
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                        "file": str(file), "epoch": meta.get("epoch"), "clean_acc": record["clean_acc"],
                        "robust_acc": record["robust_acc"], "attacks": {k: v["robust_acc"] for k, v in record["attacks"].items()},
                        "n": record["n"], "ema_decay": config.ema_decay, "ema_start_epoch": config.ema_start_epoch,
-                       "train_seconds": result["train_seconds"], "train_cpu_seconds_this_call": train_cpu,
+                       "train_seconds": result["train_seconds"], **timing, **val,
                        "config": result["config"], "environment": result["environment"],
                        "attack_options": options, "command": " ".join(sys.argv)}
                 rows.append(row)

@@ -451,15 +451,12 @@ class Suite:
 
         info: dict[str, Any] = {"git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
                                 "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                "device": self.device}
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                        capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
-                        cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported())
-        info["nvidia_smi_before"] = nvidia_smi()
-        if not self.smoke and not torch.cuda.is_available():
-            raise RuntimeError("no GPU visible to torch: run with --smoke on a CPU machine")
+                                "device": self.device, "nvidia_smi_before": nvidia_smi()}
+        smi = info["nvidia_smi_before"]
+        if isinstance(smi, dict):
+            info["gpu"] = smi.get("name")
+        if not self.smoke and not isinstance(smi, dict):
+            raise RuntimeError(f"no GPU: {smi}; run with --smoke on a CPU machine")
         try:
             import pyautoattack  # noqa: F401
 
@@ -467,6 +464,21 @@ class Suite:
         except ImportError:
             info["pyautoattack"] = None
         return info
+
+    def cuda_info(self) -> None:
+        """torch's view of the GPU, added to the env record after the data stage (whose decode pool forks: this
+        process touches CUDA only after it)."""
+        import torch
+
+        env = self.record["stages"].get("env", {})
+        if not torch.cuda.is_available():
+            env["cuda_available"] = False
+            return
+        props = torch.cuda.get_device_properties(0)
+        env.update(cuda_available=True, gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                   cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported())
+        self.save()
 
     def stage_data(self) -> dict[str, Any]:
         from fastrobust.data import load_dataset
@@ -500,7 +512,9 @@ class Suite:
                           "warmup": 2 if self.smoke else 10, "steps": 3 if self.smoke else 50,
                           "compile_backend": "eager" if self.smoke else "inductor"}
         # compile can take a minute or hang: always a child process with a timeout (in smoke too: the plumbing)
+        started = time.perf_counter()
         out["natural"] = self.child("natural", natural_params, timeout=cap, subprocess_=True)
+        out["natural"]["wall_seconds"] = time.perf_counter() - started
         params: list[str] = []
         for item, value in spec["model_params"].items():
             params += ["--model-param", f"{item}={value}"]
@@ -510,9 +524,11 @@ class Suite:
                      "--warmup", "1" if self.smoke else "3", "--json-out", str(cost_json)]
         if self.data_root:
             cost_argv += ["--data-root", self.data_root]
+        started = time.perf_counter()
         cost, error = self.script("cost.py", cost_argv, timeout=self.cap("cost"), json_out=cost_json,
                                   in_process=self.smoke)
         out["cost"] = _last(cost) if cost else {"error": error}
+        out["cost_wall_seconds"] = time.perf_counter() - started
         if error:
             out["cost"]["child_error"] = error
         epoch_json = self.work / "epoch.jsonl"
@@ -523,9 +539,11 @@ class Suite:
                       "--epochs", "2", "--json-out", str(epoch_json)]
         if self.data_root:
             epoch_argv += ["--data-root", self.data_root]
+        started = time.perf_counter()
         epoch, error = self.script("epoch.py", epoch_argv, timeout=self.cap("epoch"), json_out=epoch_json,
                                    in_process=self.smoke)
         out["epoch"] = _last(epoch) if epoch else {"error": error}
+        out["epoch_wall_seconds"] = time.perf_counter() - started
         if error:
             out["epoch"]["child_error"] = error
         out["epoch_steps_per_path"] = steps
@@ -593,8 +611,11 @@ class Suite:
                 compile_ = saved * max(epochs_eager, 0) * plan["estimated_epoch_seconds"] > compiled["warmup_seconds"] * 2.5
         else:
             compile_ = compile_choice == "on"
-        if self.args.speedrun_epochs:
-            epochs, planning = self.args.speedrun_epochs, {"epochs_from": "--speedrun-epochs"}
+        if self.args.speedrun_epochs is not None:
+            from fastrobust.presets import load_preset
+
+            epochs = self.args.speedrun_epochs or int(load_preset("speedrun")["epochs"])
+            planning = {"epochs_from": "--speedrun-epochs", **self.plan_epochs("backward_smoothing", cap - 45, compile_)[1]}
         else:
             epochs, planning = self.plan_epochs("backward_smoothing", cap - 45, compile_)
             planning["epochs_from"] = "fitted to the budget"
@@ -679,6 +700,7 @@ class Suite:
             self.finish()
             return 1
         self.stage("data", self.stage_data, needs=-float("inf"))
+        self.cuda_info()
         if "speed" in self.stages:
             self.stage("speed", self.stage_speed, needs=20 if not self.smoke else 0)
         if "speedrun" in self.stages:
@@ -831,7 +853,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None, help="where cifar10-jpeg/ lies (default $FASTROBUST_DATA)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                         help="which stages after env and data (default: all)")
-    parser.add_argument("--speedrun-epochs", type=int, default=0, help="fix the speedrun's epochs (default: fit the budget)")
+    parser.add_argument("--speedrun-epochs", type=int, default=None,
+                        help="N: train the speedrun N epochs; 0: the preset's own epochs (default: fit the budget)")
     parser.add_argument("--speedrun-compile", default="auto", choices=["auto", "on", "off"],
                         help="auto: compile the speedrun only when the measured compile time pays for itself")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)

@@ -188,3 +188,20 @@ def test_best_is_selected_from_the_chosen_weights(tmp_path, monkeypatch, select)
     best = load_file(str(tmp_path / "run" / "best.safetensors"))
     reference = saved[(want[0] - 1, want[1])]
     assert all(torch.equal(best[k], reference[k]) for k in reference)
+
+
+def test_cli_sets_averaging_and_refuses_a_bad_decay_in_one_line(tmp_path, monkeypatch, capsys):
+    import fastrobust.data
+    from fastrobust.cli import main
+
+    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: synthetic_dataset())
+    common = ["train", "--method", "fast_at", "--model", "tinycnn", "--dataset", "cifar10", "--epochs", "2",
+              "--batch-size", "64", "--device", "cpu", "--quiet", "--json", "--set", "val_pgd_steps=1",
+              "--set", "test_pgd_steps=1"]
+    assert main(common + ["--out", str(tmp_path / "run"), "--set", "ema_decay=0.9", "--set", "ema_select=either"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["ema_decay"] == 0.9 and result["best_weights"] in ("model", "averaged")
+    assert (tmp_path / "run" / "averaged.safetensors").is_file()
+    assert main(common + ["--out", str(tmp_path / "bad"), "--set", "ema_decay=1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ema_decay=1.5 must be in [0, 1)" in err[0]

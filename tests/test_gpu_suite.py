@@ -104,3 +104,13 @@ def test_prepare_gpu_carry_builds_the_folder_and_prints_the_device_command(tmp_p
     missing = subprocess.run(["bash", str(script)], cwd=repo, env=dict(env, FASTROBUST_DATA=str(tmp_path / "nowhere")),
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "set FASTROBUST_DATA" in missing.stderr
+
+
+def test_decode_benchmark_times_a_fresh_decode_per_pool_size(tmp_path):
+    import decode
+
+    gpu_suite.make_smoke_archive(tmp_path / "data", train_per_class=12, test_per_class=3)
+    rows = decode.main(["--data-root", str(tmp_path / "data"), "--workers", "1", "2",
+                        "--json-out", str(tmp_path / "decode.jsonl")])
+    assert [r["workers"] for r in rows] == [1, 2] and all(r["images"] == 150 and r["wall_seconds"] > 0 for r in rows)
+    assert len((tmp_path / "decode.jsonl").read_text().splitlines()) == 2
