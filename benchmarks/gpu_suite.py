@@ -55,7 +55,7 @@ ROOT = HERE.parent
 CARRY = ROOT / ".gpu-carry"
 STAGES = ("speed", "speedrun", "autoattack", "baselines", "precision")  # env and data always run
 # each timed part's share of the time left (trades and the precision study take what is left at the end)
-WEIGHTS = {"natural": 1.4, "cost": 0.6, "epoch": 0.6, "speedrun": 2.4, "autoattack": 0.8, "fast_at": 1.2}
+WEIGHTS = {"natural": 1.5, "cost": 0.9, "epoch": 0.9, "speedrun": 2.6, "autoattack": 0.9, "fast_at": 1.3}
 PART_STAGE = {"natural": "speed", "cost": "speed", "epoch": "speed", "speedrun": "speedrun",
               "autoattack": "autoattack", "fast_at": "baselines"}
 EPS = 8 / 255
@@ -489,7 +489,7 @@ class Suite:
             make_smoke_archive(root)
         else:
             root = Path(self.args.data_root) if self.args.data_root else resolve_root(None)
-        self.data_root = str(root)
+        self.data_root = str(Path(root).resolve())
         self.env["FASTROBUST_DATA"] = self.data_root
         start = time.perf_counter()
         data = load_dataset("cifar10", root, val_size=1000)
@@ -520,8 +520,8 @@ class Suite:
             params += ["--model-param", f"{item}={value}"]
         cost_json = self.work / "cost.jsonl"
         cost_argv = ["--device", self.device, "--model", spec["model"], *params,
-                     "--batch-size", "32" if self.smoke else "512", "--steps", "2" if self.smoke else "12",
-                     "--warmup", "1" if self.smoke else "3", "--json-out", str(cost_json)]
+                     "--batch-size", "32" if self.smoke else "512", "--steps", "2" if self.smoke else "8",
+                     "--warmup", "1" if self.smoke else "2", "--json-out", str(cost_json)]
         if self.data_root:
             cost_argv += ["--data-root", self.data_root]
         started = time.perf_counter()
@@ -532,7 +532,7 @@ class Suite:
         if error:
             out["cost"]["child_error"] = error
         epoch_json = self.work / "epoch.jsonl"
-        steps = 2 if self.smoke else 40
+        steps = 2 if self.smoke else 25
         batch = 32 if self.smoke else 128
         epoch_argv = ["--device", self.device, "--model", spec["model"], *params, "--batch-size", str(batch),
                       "--methods", "backward_smoothing", "trades", "--train-subset", str(steps * batch),

@@ -205,3 +205,23 @@ def test_cli_sets_averaging_and_refuses_a_bad_decay_in_one_line(tmp_path, monkey
     assert main(common + ["--out", str(tmp_path / "bad"), "--set", "ema_decay=1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ema_decay=1.5 must be in [0, 1)" in err[0]
+
+
+def test_speedrun_presets_average_weights_and_run_from_the_cli(tmp_path, monkeypatch, capsys):
+    import fastrobust.data
+    from fastrobust.cli import main
+    from fastrobust.presets import available_presets, load_preset, make_config
+
+    assert {"speedrun", "speedrun-cpu"} <= set(available_presets())
+    gpu = make_config(load_preset("speedrun")).validate()
+    assert load_preset("speedrun") == load_preset("cifar10-preactresnet18-speedrun")
+    assert (gpu.method, gpu.model, gpu.schedule, gpu.amp, gpu.channels_last, gpu.compile) == \
+        ("backward_smoothing", "preactresnet18", "cyclic", "bf16", "on", True)
+    assert gpu.ema_decay > 0 and (50_000 - gpu.val_size) % gpu.batch_size == 0  # no ragged batch to recompile
+    cpu = make_config(load_preset("speedrun-cpu")).validate()
+    assert cpu.model == "tinycnn" and cpu.device == "cpu" and cpu.ema_decay > 0 and cpu.train_subset
+    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: synthetic_dataset())
+    assert main(["train", "--preset", "speedrun-cpu", "--epochs", "1", "--set", "val_pgd_steps=1", "--set",
+                 "test_pgd_steps=1", "--quiet", "--json", "--out", str(tmp_path / "run")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["best_weights"] == "averaged" and result["config"]["schedule"] == "cyclic"
