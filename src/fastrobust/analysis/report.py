@@ -354,7 +354,7 @@ def figure_stability(groups: list[tuple[str, list[Run]]], out: Path) -> Path | N
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         data = [(label, [v * 100 for v in _values(g, metric)]) for label, g in groups if len(_values(g, metric)) >= 2]
-        ax.boxplot([d for _, d in data], showmeans=True)
+        ax.boxplot([d for _, d in data], showmeans=True, showfliers=False)  # every seed is drawn as a point below
         for i, (_, values) in enumerate(data, start=1):  # every seed as a point (strip plot over the box)
             offsets = [((j % 5) - 2) * 0.04 for j in range(len(values))]
             ax.scatter([i + o for o in offsets], values, s=12, color="black", alpha=0.6, zorder=3)
@@ -391,7 +391,7 @@ def hessian_table(curves: list[tuple[str, dict[str, dict[int, list[float]]]]]) -
     inits = [i for i in _INIT_NAMES if any(i in c for _, c in curves)]
     header = ["Method", "Runs", "Epochs"] + [f"{_INIT_NAMES[i]} (first → last epoch)" for i in inits]
     if {"random", "backward_smoothing"} <= set(inits):
-        header.append("random / backward-smoothing (last epoch)")
+        header += ["random / backward-smoothing (last epoch)", "epochs with the backward-smoothing start lower"]
     rows = []
     for label, per_init in curves:
         epochs = sorted({e for values in per_init.values() for e in values})
@@ -405,6 +405,9 @@ def hessian_table(curves: list[tuple[str, dict[str, dict[int, list[float]]]]]) -
             last = epochs[-1]
             rnd, bs = per_init.get("random", {}).get(last), per_init.get("backward_smoothing", {}).get(last)
             row.append(f"{statistics.fmean(rnd) / statistics.fmean(bs):.2f}" if rnd and bs and statistics.fmean(bs) else "-")
+            both = [e for e in epochs if e in per_init.get("random", {}) and e in per_init.get("backward_smoothing", {})]
+            lower = sum(statistics.fmean(per_init["backward_smoothing"][e]) < statistics.fmean(per_init["random"][e]) for e in both)
+            row.append(f"{lower} of {len(both)}")
         rows.append(row)
     return header, rows
 
@@ -415,8 +418,12 @@ def figure_hessian(curves: list[tuple[str, dict[str, dict[int, list[float]]]]], 
     if not curves:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.8), squeeze=False)
-    for ax, (label, per_init) in zip(axes[0], curves):
+    cols = min(4, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (label, per_init) in zip(axes.flat, curves):
         for init, style in (("random", "-o"), ("backward_smoothing", "--s"), ("clean", ":^")):
             if init not in per_init:
                 continue
