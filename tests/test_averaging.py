@@ -225,3 +225,15 @@ def test_speedrun_presets_average_weights_and_run_from_the_cli(tmp_path, monkeyp
                  "test_pgd_steps=1", "--quiet", "--json", "--out", str(tmp_path / "run")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["best_weights"] == "averaged" and result["config"]["schedule"] == "cyclic"
+
+
+@pytest.mark.slow  # two spawned ranks: ~20 s idle, a minute on a shared machine
+def test_two_ranks_average_like_one_process(tmp_path):
+    """Under torchrun every rank averages the same (synchronised) weights; rank 0's average is saved."""
+    from test_distributed import assert_close_weights, dataset16, spawn, train_config
+
+    spawn("_train_job", [(str(tmp_path / "two"), "natural", {"ema_decay": 0.8, "epochs": 2})])
+    Trainer(train_config(tmp_path / "one", "natural", ema_decay=0.8, epochs=2), dataset=dataset16(), **QUIET).fit()
+    two, one = (load_file(str(tmp_path / name / "averaged.safetensors")) for name in ("two", "one"))
+    assert_close_weights(two, one)
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["best_weights"] == "averaged"
