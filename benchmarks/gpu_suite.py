@@ -270,6 +270,9 @@ def child_train(params: dict[str, Any], result: Path) -> None:
                best_weights=final.get("best_weights", trainer.best.get("weights")),
                test_pgd20_from_trainer=final.get("test"))
     write_json(result, out)
+    for r in metrics:  # the trainer runs without progress output here: one line per epoch afterwards
+        print(f"epoch {r['epoch']}: {r.get('epoch_seconds', 0):.1f} s, loss {r.get('train_loss', float('nan')):.4f}, val robust "
+              f"{r.get('val_robust_acc', float('nan')):.4f} (averaged {r.get('ema_val_robust_acc', float('nan')):.4f})", flush=True)
     print(f"trained {out['epochs_completed']}/{config.epochs} epochs: {out['seconds_to_trained']:.1f} s from launch "
           f"to a trained model ({out['train_seconds']:.1f} s of training steps)", flush=True)
     if not (run / "best.safetensors").is_file():
@@ -590,9 +593,19 @@ class Suite:
         params = {"preset": "speedrun", "overrides": self.speedrun_overrides(method, epochs or 1, compile_, run),
                   "deadline_seconds": max(cap - eval_reserve, 5.0), "eval_points": 64 if self.smoke else 1000,
                   "eval_batch_size": 500, "attacks": ["pgd20", "autoattack-fast"], "attack_options": attack_options}
+        started = time.perf_counter()
         out = self.child("train", params, timeout=cap)
         out["planning"] = planning
-        if out.get("child_error") and "evaluation" not in out:
+        failed = out.get("child_error") and "evaluation" not in out
+        if failed and compile_ and not out.get("epochs_completed") and "timed out" not in out["child_error"]:
+            left = cap - (time.perf_counter() - started)  # torch.compile failed: the same run without it
+            self.say(f"{name}: failed with compile on ({out['child_error']}); again without compile in {left:.0f} s")
+            params["overrides"]["compile"] = False
+            params["deadline_seconds"] = max(left - eval_reserve, 5.0)
+            retry = self.child("train", params, timeout=left)
+            retry["planning"] = {**(planning or {}), "compile": False, "compile_failed": out["child_error"]}
+            out, failed = retry, retry.get("child_error") and "evaluation" not in retry
+        if failed:
             raise RuntimeError(out["child_error"])
         return out
 

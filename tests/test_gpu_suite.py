@@ -114,3 +114,20 @@ def test_decode_benchmark_times_a_fresh_decode_per_pool_size(tmp_path):
                         "--json-out", str(tmp_path / "decode.jsonl")])
     assert [r["workers"] for r in rows] == [1, 2] and all(r["images"] == 150 and r["wall_seconds"] > 0 for r in rows)
     assert len((tmp_path / "decode.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_speedrun_that_fails_to_compile_runs_again_without_compile(tmp_path, monkeypatch):
+    suite = gpu_suite.Suite(gpu_suite.parse_args(["--out", str(tmp_path), "--work-dir", str(tmp_path / "w")]))
+    calls = []
+
+    def fake_child(kind, params, timeout, subprocess_=None):
+        calls.append(dict(params["overrides"]))
+        if params["overrides"]["compile"]:
+            return {"child_error": "exit status 1: torch._dynamo.exc.BackendCompilerFailed", "epochs_completed": 0}
+        return {"epochs_completed": 3, "evaluation": {"n": 1000}}
+
+    monkeypatch.setattr(suite, "child", fake_child)
+    out = suite.train_stage(None, 200.0, epochs=3, compile_=True, planning={"compile": True})
+    assert [c["compile"] for c in calls] == [True, False] and out["epochs_completed"] == 3
+    assert out["planning"]["compile"] is False and "BackendCompilerFailed" in out["planning"]["compile_failed"]
+    suite.log.close()
