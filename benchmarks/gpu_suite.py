@@ -521,35 +521,27 @@ class Suite:
         params: list[str] = []
         for item, value in spec["model_params"].items():
             params += ["--model-param", f"{item}={value}"]
-        cost_json = self.work / "cost.jsonl"
-        cost_argv = ["--device", self.device, "--model", spec["model"], *params,
-                     "--batch-size", "32" if self.smoke else "512", "--steps", "2" if self.smoke else "8",
-                     "--warmup", "1" if self.smoke else "2", "--json-out", str(cost_json)]
-        if self.data_root:
-            cost_argv += ["--data-root", self.data_root]
-        started = time.perf_counter()
-        cost, error = self.script("cost.py", cost_argv, timeout=self.cap("cost"), json_out=cost_json,
-                                  in_process=self.smoke)
-        out["cost"] = _last(cost) if cost else {"error": error}
-        out["cost_wall_seconds"] = time.perf_counter() - started
-        if error:
-            out["cost"]["child_error"] = error
-        epoch_json = self.work / "epoch.jsonl"
-        steps = 2 if self.smoke else 25
-        batch = 32 if self.smoke else 128
-        epoch_argv = ["--device", self.device, "--model", spec["model"], *params, "--batch-size", str(batch),
-                      "--methods", "backward_smoothing", "trades", "--train-subset", str(steps * batch),
-                      "--epochs", "2", "--json-out", str(epoch_json)]
-        if self.data_root:
-            epoch_argv += ["--data-root", self.data_root]
-        started = time.perf_counter()
-        epoch, error = self.script("epoch.py", epoch_argv, timeout=self.cap("epoch"), json_out=epoch_json,
-                                   in_process=self.smoke)
-        out["epoch"] = _last(epoch) if epoch else {"error": error}
-        out["epoch_wall_seconds"] = time.perf_counter() - started
-        if error:
-            out["epoch"]["child_error"] = error
+        out["cost"] = self.benchmark("cost.py", "cost", [
+            "--device", self.device, "--model", spec["model"], *params, "--batch-size", "32" if self.smoke else "512",
+            "--steps", "2" if self.smoke else "8", "--warmup", "1" if self.smoke else "2"])
+        steps, batch = (2, 32) if self.smoke else (25, 128)
+        out["epoch"] = self.benchmark("epoch.py", "epoch", [
+            "--device", self.device, "--model", spec["model"], *params, "--batch-size", str(batch),
+            "--methods", "backward_smoothing", "trades", "--train-subset", str(steps * batch), "--epochs", "2"])
         out["epoch_steps_per_path"] = steps
+        return out
+
+    def benchmark(self, name: str, part: str, argv: list[str]) -> dict[str, Any]:
+        """``benchmarks/NAME argv --json-out ... --data-root ...`` capped at ``part``'s share: its last record,
+        the wall time and the error, if any."""
+        json_out = self.work / f"{Path(name).stem}.jsonl"
+        argv = [*argv, "--json-out", str(json_out)] + (["--data-root", self.data_root] if self.data_root else [])
+        started = time.perf_counter()
+        records, error = self.script(name, argv, timeout=self.cap(part), json_out=json_out, in_process=self.smoke)
+        out = _last(records) if records else {}
+        out["wall_seconds"] = time.perf_counter() - started
+        if error:
+            out["child_error"] = error
         return out
 
     def speedrun_overrides(self, method: str | None, epochs: int, compile_: bool, out: str) -> dict[str, Any]:
