@@ -131,3 +131,20 @@ def test_a_speedrun_that_fails_to_compile_runs_again_without_compile(tmp_path, m
     assert [c["compile"] for c in calls] == [True, False] and out["epochs_completed"] == 3
     assert out["planning"]["compile"] is False and "BackendCompilerFailed" in out["planning"]["compile_failed"]
     suite.log.close()
+
+
+def test_a_training_child_stops_at_its_deadline_and_still_evaluates(tmp_path):
+    """The GPU path of a timed stage: a child process, SIGTERM at the deadline, the finished epochs evaluated."""
+    suite = gpu_suite.Suite(gpu_suite.parse_args(["--smoke", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")]))
+    suite.data_root = str(gpu_suite.make_smoke_archive(tmp_path / "data").parents[1])
+    suite.env["FASTROBUST_DATA"] = suite.data_root
+    overrides = suite.speedrun_overrides(None, 500, False, str(tmp_path / "run"))
+    params = {"preset": "speedrun", "overrides": overrides, "deadline_seconds": 9, "eval_points": 32,
+              "attacks": ["pgd20"], "eval_batch_size": 32}
+    out = suite.child("train", params, timeout=120, subprocess_=True)
+    assert "child_error" not in out, out.get("child_error")
+    assert "stopped" in out["stopped"] and 1 <= out["epochs_completed"] < 500  # mid-epoch or at an epoch's end
+    assert 0 <= out["evaluation"]["attacks"]["pgd20"]["robust_acc"] <= out["evaluation"]["clean_acc"]
+    assert out["seconds_to_trained"] < 60
+    assert suite.run_process([sys.executable, "-c", "import time; time.sleep(60)"], 1, label="sleeper").startswith("timed out")
+    suite.log.close()
