@@ -63,6 +63,23 @@ def model_files(run: Path) -> dict[str, Path]:
             "model-last": run / "last.safetensors", "averaged-last": run / "averaged.safetensors"}
 
 
+def train_timed(config: Any, data: Any) -> dict[str, Any]:
+    """Train a run; the process CPU and wall seconds from the start to a trained model (before the test)."""
+    from fastrobust.train import Trainer
+
+    start = {"cpu": time.process_time(), "wall": time.perf_counter()}
+    timing: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+
+    class TimedTrainer(Trainer):
+        def finish(self) -> dict[str, Any]:  # the model is trained when finish() starts
+            timing.update(cpu_seconds_to_trained=time.process_time() - start["cpu"],
+                          wall_seconds_to_trained=time.perf_counter() - start["wall"])
+            return super().finish()
+
+    TimedTrainer(config, dataset=data, progress=False, log=lambda _m: None).fit()
+    return timing
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="quickstart")
@@ -83,7 +100,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from fastrobust.data import load_dataset
     from fastrobust.evaluate import evaluate
     from fastrobust.presets import make_config
-    from fastrobust.train import Trainer
 
     options = {} if args.full_autoattack_fast else REDUCED_AA
     rows: list[dict[str, Any]] = []
@@ -98,17 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             timing_file = run / "time_to_trained.json"
             if not (run / "result.json").is_file():
                 print(f"training {run} ...", flush=True)
-                timing = {"cpu": time.process_time(), "wall": time.perf_counter()}
-
-                class TimedTrainer(Trainer):
-                    def finish(self) -> dict[str, Any]:  # the model is trained when finish() starts
-                        timing.update(cpu=time.process_time() - timing["cpu"], wall=time.perf_counter() - timing["wall"])
-                        return super().finish()
-
-                TimedTrainer(config, dataset=data, progress=False, log=lambda _m: None).fit()
-                timing_file.write_text(json.dumps({"cpu_seconds_to_trained": timing["cpu"],
-                                                   "wall_seconds_to_trained": timing["wall"],
-                                                   "torch_threads": torch.get_num_threads()}))
+                timing_file.write_text(json.dumps(train_timed(config, data)))
             timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
             metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             val = {"best_val_robust_acc": max((m.get("val_robust_acc", -1) for m in metrics), default=None),

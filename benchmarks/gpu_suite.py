@@ -461,7 +461,7 @@ class Suite:
         if not self.smoke and not isinstance(smi, dict):
             raise RuntimeError(f"no GPU: {smi}; run with --smoke on a CPU machine")
         try:
-            import pyautoattack  # noqa: F401
+            import pyautoattack
 
             info["pyautoattack"] = getattr(pyautoattack, "__file__", "importable")
         except ImportError:

@@ -237,3 +237,22 @@ def test_two_ranks_average_like_one_process(tmp_path):
     two, one = (load_file(str(tmp_path / name / "averaged.safetensors")) for name in ("two", "one"))
     assert_close_weights(two, one)
     assert json.loads((tmp_path / "two" / "result.json").read_text())["best_weights"] == "averaged"
+
+
+def test_averaging_effect_benchmark_evaluates_both_arms_of_one_run(tmp_path, monkeypatch, capsys, one_thread):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import averaging_effect
+    import gpu_suite
+
+    monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
+    root = gpu_suite.make_smoke_archive(tmp_path / "data", train_per_class=12, test_per_class=4).parents[1]
+    sets = [f"data_root={root}", "train_subset=64", "val_size=32", "test_subset=32", "epochs=2", "batch_size=32",
+            "ema_decay=0.5", "val_pgd_steps=1", "test_pgd_steps=1", "model.width=8"]
+    rows = averaging_effect.main(["--preset", "quickstart", "--seeds", "0", "--test-points", "16", "--attacks", "pgd20",
+                                  "--out", str(tmp_path / "runs"), *sum((["--set", s] for s in sets), [])])
+    assert [r["variant"] for r in rows] == list(averaging_effect.VARIANTS)
+    assert all(r["n"] == 16 and r["cpu_seconds_to_trained"] > 0 and r["ema_decay"] == 0.5 for r in rows)
+    assert rows[1]["file"].endswith("best.safetensors") and rows[3]["file"].endswith("averaged.safetensors")
+    assert "| backward_smoothing | averaged | 1 |" in capsys.readouterr().out

@@ -14,8 +14,9 @@ it and ``report.html`` (the same content, figures embedded as base64, self-conta
   starting points against the training epoch, from each run's hessian.json (``evaluate.hessian`` of a sweep).
 
 Every number comes from the records; the report states what was run (dataset and its source, model,
-epochs, schedule, device, torch version) and warns when the CIFAR-10 copy is a JPEG re-encoding. Paths in the report are relative to the data root
-(``<data root>/...``) or to the project, never a machine's absolute path.
+epochs, schedule, device, torch version) and warns when the CIFAR-10 copy is a JPEG re-encoding. Paths in
+the report are relative to the data root (``<data root>/...``) or to the project, never a machine's absolute
+path.
 """
 
 from __future__ import annotations
