@@ -18,17 +18,18 @@ from .numbers import parse_number
 from .train import TrainConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+ALIASES = {"speedrun": "cifar10-preactresnet18-speedrun", "speedrun-cpu": "cifar10-tinycnn-speedrun-cpu"}
 
 
 def available_presets() -> list[str]:
-    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+    return sorted([path.stem for path in PRESET_DIR.glob("*.yaml")] + list(ALIASES))
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """Read a preset by name (shipped with fastrobust) or by path to a YAML file."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = PRESET_DIR / f"{name_or_path}.yaml"
+        path = PRESET_DIR / f"{ALIASES.get(name_or_path, name_or_path)}.yaml"
     if not path.is_file():
         raise ConfigError(
             f"unknown preset {name_or_path!r}: give a YAML file or one of {', '.join(available_presets())}"

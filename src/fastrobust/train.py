@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import averaging
 from . import distributed as dist_lib
 from . import methods as methods_lib
 from . import training_state
@@ -81,6 +82,10 @@ class TrainConfig:
     on_collapse: str = "warn"
     collapse_margin: float = 0.1
     select_by: str = "auto"  # the validation metric that picks `best`: robust, clean, or auto (clean for natural)
+    ema_decay: float = 0.0  # weight averaging (fastrobust.averaging): EMA decay per optimiser step; 0 = off
+    ema_start_epoch: int = 0  # the average starts at the beginning of this epoch (0-based; 0 = first step)
+    ema_select: str = "averaged"  # the weights `best` is chosen from: averaged, model or either
+    save_epoch_models: int = 0  # also keep the weights of every N-th epoch in RUN/epochs/ (0 = never)
     out: str | None = None
 
     def validate(self) -> "TrainConfig":
@@ -91,7 +96,7 @@ class TrainConfig:
         self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
         for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every"):
             setattr(self, name, check_positive_int(getattr(self, name), name=name))
-        for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed"):
+        for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed", "save_epoch_models"):
             setattr(self, name, check_nonnegative_int(getattr(self, name), name=name))
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
@@ -108,6 +113,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        averaging.check_settings(self.ema_decay, self.ema_start_epoch, self.ema_select)
         if not isinstance(self.sync_bn, bool):
             raise ConfigError(f"sync_bn={self.sync_bn!r} must be true or false")
         if not 0 < self.collapse_margin <= 1:
@@ -261,6 +267,7 @@ class Trainer:
             self.grad_sync = dist_lib.GradientSync(self.model, buffers=not config.sync_bn)
             torch.manual_seed(dist_lib.rank_seed(config.seed, self.dist.rank))
         self._agreed_stop: int | None = None
+        self.averager = averaging.WeightAverager.from_config(config, self.model)  # None without averaging
         self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.method = config.build_method()
         self.optimizer = torch.optim.SGD(
@@ -305,11 +312,25 @@ class Trainer:
     def _method_state(self) -> dict[str, torch.Tensor]:
         return self.method.state_dict()
 
+    def _capture(self, info: dict[str, Any] | None = None) -> training_state.Snapshot:
+        """Everything needed to continue from here, the averaged model's state included."""
+        averaged = None
+        if self.averager is not None:
+            if self.dist.active:  # buffers may differ across ranks: keep rank 0's, as for the model
+                dist_lib.broadcast_module(self.averager.module)
+            averaged = self.averager.state_dict()
+        return training_state.capture(self.model, self.optimizer, self._method_state(), self.device,
+                                      self._info() if info is None else info, averaged)
+
+    def _restore_averaged(self, snapshot: training_state.Snapshot) -> None:
+        if self.averager is not None:
+            self.averager.load_state_dict(snapshot.averaged)
+
     def save_checkpoint(self) -> Path | None:
         """Every rank calls it; rank 0 writes the global state plus each rank's random state (returns None elsewhere)."""
         if self.grad_sync is not None:
             self.grad_sync.broadcast_buffers()
-        snapshot = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+        snapshot = self._capture()
         if self.dist.active:
             states = dist_lib.gather_objects(snapshot.rng)
             snapshot.rng = {**states[0], **{f"rng/rank{r}/{key[len('rng/'):]}": value.clone()
@@ -340,17 +361,19 @@ class Trainer:
             self.log(f"the checkpoint was written by {snapshot.info.get('world_size', 1)} rank(s), this run has "
                      f"{self.dist.world_size}: random streams reseeded (weights, optimiser and data order are exact)")
         self.method.load_state_dict({k: v.to(self.device) for k, v in snapshot.method.items()})
+        self._restore_averaged(snapshot)
         info = snapshot.info
         self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
         self.best, self.lr_scale, self.train_seconds = info["best"], info["lr_scale"], info["train_seconds"]
         self.peak_val_robust = info["peak_val_robust"]
-        self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, info)
+        self.last_good = self._capture(info)
         self.log(f"resumed {self.out} at epoch {self.epoch + 1}, batch {self.batch} (from {snapshot.path.name})")
 
     def _restore_last_good(self) -> None:
         assert self.last_good is not None
         training_state.restore(self.last_good, self.model, self.optimizer, self.device, rng=False)
         self.method.load_state_dict({k: v.to(self.device) for k, v in self.last_good.method.items()})
+        self._restore_averaged(self.last_good)
 
     # ---- the loop ----------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -396,6 +419,8 @@ class Trainer:
         start = time.perf_counter()
         for x, y in bar:
             stats = self._step(x, y)
+            if self.averager is not None:
+                self.averager.update(self.model, self.epoch)
             size = y.shape[0]
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + value.detach().float() * size
@@ -444,17 +469,26 @@ class Trainer:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Clean and PGD accuracy on the validation split of ``model`` (default: the trained model)."""
         if len(self.data.val.labels) == 0:
             return {}
-        if self.grad_sync is not None:
+        if model is None and self.grad_sync is not None:
             self.grad_sync.broadcast_buffers()
         result = pgd_accuracy(
-            self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
+            model if model is not None else self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
             steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,
             batch_size=self.config.eval_batch_size, device=self.device, distributed=self.dist.active,
         )
         return {"val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
+
+    def _validate_averaged(self) -> dict[str, float]:
+        """The averaged model's validation metrics (``ema_val_*``), once averaging has started."""
+        if self.averager is None or not self.averager.started:
+            return {}
+        if self.dist.active:
+            dist_lib.broadcast_module(self.averager.module)
+        return {averaging.PREFIX + key: value for key, value in self.validate(self.averager.module).items()}
 
     def _handle_collapse(self, record: dict[str, Any]) -> None:
         """Catastrophic overfitting: validation robust accuracy falling far below its best."""
@@ -483,7 +517,7 @@ class Trainer:
         if self.dist.is_main:
             (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
         if self.last_good is None:
-            self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+            self.last_good = self._capture()
         rollbacks = 0
         with _StopFlag() as stop:
             while self.epoch < config.epochs:
@@ -505,6 +539,7 @@ class Trainer:
                 epoch_seconds = time.perf_counter() - epoch_start
                 record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_metrics}
                 record.update(self.validate())
+                record.update(self._validate_averaged())
                 record.update(epoch_seconds=epoch_seconds, images_per_second=train_metrics["train_images"] / epoch_seconds)
                 if method_info:
                     record["method"] = method_info
@@ -514,16 +549,20 @@ class Trainer:
                 self.epoch += 1
                 self.batch = 0
                 metric = config.selection_metric
-                improved = record.get(metric, 0.0) > self.best["value"] or self.best["epoch"] is None
+                weights, value = averaging.best_candidate(record, metric, config.ema_select, self.averager)
+                improved = (value if value is not None else 0.0) > self.best["value"] or self.best["epoch"] is None
                 if "collapse" not in record and (improved or len(self.data.val.labels) == 0):
-                    self.best = {"epoch": self.epoch, "metric": metric, "value": record.get(metric, -1.0)}
+                    self.best = {"epoch": self.epoch, "metric": metric, "value": -1.0 if value is None else value,
+                                 **({"weights": weights} if self.averager is not None else {})}
                     if self.dist.is_main:
-                        save_model(self.model, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out)})
+                        chosen = self.model if weights == "model" else self.averager.module
+                        save_model(chosen, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out), "weights": weights})
                 if "collapse" not in record:
                     self.peak_val_robust = max(self.peak_val_robust, record.get("val_robust_acc", -1.0))
-                    self.last_good = training_state.capture(self.model, self.optimizer, self._method_state(), self.device, self._info())
+                    self.last_good = self._capture()
                 if self.dist.is_main:
                     save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
+                    self._save_extra_models()
                 self.save_checkpoint()
                 if self.dist.is_main:
                     append_jsonl(self.out / "metrics.jsonl", record)
@@ -532,6 +571,18 @@ class Trainer:
                 if self._stop_signal(stop, sync=True) is not None:
                     raise TrainingStopped(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
         return self.finish()
+
+    def _save_extra_models(self) -> None:
+        """``averaged.safetensors`` (the averaged model now) and, with ``save_epoch_models`` N, the trained
+        weights of every N-th epoch as ``epochs/epoch-NNN.safetensors`` (for per-epoch analyses)."""
+        meta = {"epoch": self.epoch, "run": str(self.out)}
+        if self.averager is not None and self.averager.started:
+            save_model(self.averager.module, self.out / "averaged.safetensors", {**meta, "weights": "averaged",
+                       "ema_decay": self.averager.decay, "ema_updates": self.averager.updates})
+        every = self.config.save_epoch_models
+        if every and self.epoch % every == 0:
+            (self.out / "epochs").mkdir(exist_ok=True)
+            save_model(self.model, self.out / "epochs" / f"epoch-{self.epoch:03d}.safetensors", meta)
 
     def _handle_nonfinite(self, rollbacks: int) -> int:
         where = f"epoch {self.epoch + 1}, batch {self.batch}"
@@ -586,6 +637,7 @@ class Trainer:
             "best_epoch": self.best["epoch"],
             "best_selected_by": self.best["metric"],
             "best_val_value": self.best["value"],
+            "best_weights": self.best.get("weights", "model"),
             "peak_val_robust_acc": self.peak_val_robust,
             "test": {"clean_acc": test["clean_acc"], f"pgd{self.config.test_pgd_steps}_acc": test["robust_acc"],
                      "n": test["n"], "eps": self.config.attack_eps, "step_size": self.config.eval_step_size},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ KEEP = 2
 
 @dataclass
 class Snapshot:
-    """What a checkpoint restores: positions, weights, optimiser, RNG and method tensors."""
+    """What a checkpoint restores: positions, weights, optimiser, RNG, method tensors and the averaged
+    model's state (``fastrobust.averaging``; empty without weight averaging)."""
 
     info: dict[str, Any]
     model: dict[str, torch.Tensor]
@@ -34,6 +35,7 @@ class Snapshot:
     rng: dict[str, torch.Tensor]
     method: dict[str, torch.Tensor]
     path: Path | None = None
+    averaged: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,7 +77,7 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def capture(model: nn.Module, optimizer: torch.optim.Optimizer, method_state: dict[str, torch.Tensor],
-            device: torch.device, info: dict[str, Any]) -> Snapshot:
+            device: torch.device, info: dict[str, Any], averaged: dict[str, torch.Tensor] | None = None) -> Snapshot:
     """A detached CPU copy of everything needed to continue from here (used in memory and on disk)."""
     return Snapshot(
         info=dict(info),
@@ -83,6 +85,7 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer, method_state: di
         optimizer=_copy_optimizer_state(optimizer.state_dict()),
         rng=rng_state(device),
         method={k: v.detach().to("cpu", copy=True) for k, v in method_state.items()},
+        averaged={k: v.detach().to("cpu", copy=True) for k, v in (averaged or {}).items()},
     )
 
 
@@ -101,7 +104,8 @@ def write(run_dir: Path, snapshot: Snapshot, model: nn.Module) -> Path:
     model_bytes = tensors_to_bytes(snapshot.model, {"fastrobust_model": json.dumps(model_config(model))})
     atomic_write_bytes(folder / "model.safetensors", model_bytes)
     optim_tensors, optim_meta = _flatten_optimizer(snapshot.optimizer)
-    extra = {**optim_tensors, **snapshot.rng, **{f"method/{k}": v for k, v in snapshot.method.items()}}
+    extra = {**optim_tensors, **snapshot.rng, **{f"method/{k}": v for k, v in snapshot.method.items()},
+             **{f"averaged/{k}": v for k, v in snapshot.averaged.items()}}
     atomic_write_bytes(folder / "train_state.safetensors", tensors_to_bytes(extra))
     atomic_write_json(
         folder / "state.json",
@@ -166,6 +170,7 @@ def load_latest(run_dir: Path, *, warn=print) -> Snapshot:
             rng={k: v for k, v in extra.items() if k.startswith("rng/")},
             method={k[len("method/"):]: v for k, v in extra.items() if k.startswith("method/")},
             path=folder,
+            averaged={k[len("averaged/"):]: v for k, v in extra.items() if k.startswith("averaged/")},
         )
     raise FastRobustError(f"no checkpoint of {run_dir} verifies: every one is damaged; start a new run")
 

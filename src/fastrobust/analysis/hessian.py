@@ -16,6 +16,7 @@ initialisation) and returns one eigenvalue per example.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -135,3 +136,73 @@ def input_hessian_eigenvalues(model: nn.Module, x: Tensor, y: Tensor, *, eps: fl
     finally:
         model.train(was_training)
     return values  # torch.autograd.grad w.r.t. the input leaves every p.grad untouched
+
+
+# ----------------------------------------------------------------------------------------- models over training
+def summarise(values: Tensor) -> dict[str, float]:
+    """mean, std, median and max of per-example eigenvalues."""
+    values = values.detach().double().cpu()
+    return {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 else 0.0,
+            "median": float(values.median()), "max": float(values.max())}
+
+
+def model_eigenvalues(model: nn.Module, images: Tensor, labels: Tensor, *, eps: float,
+                      inits: tuple[str, ...] | list[str] = ("random", "backward_smoothing"), loss: str = "kl",
+                      iterations: int = 20, gamma: float = 1.0, batch_size: int = 128, seed: int = 0,
+                      device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """Per init, the summary (mean/std/median/max over the images) of the top input-Hessian eigenvalue of the
+    inner-max loss at that starting point. ``images`` uint8 or float [N, C, H, W] in [0, 1] pixel units."""
+    from ..evaluate import iterate_split
+
+    out: dict[str, dict[str, float]] = {}
+    for init in inits:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        values = [input_hessian_eigenvalues(model, x, y, eps=eps, init=init, loss=loss, iterations=iterations,
+                                            gamma=gamma, generator=generator).cpu()
+                  for x, y in iterate_split(images, labels, batch_size, device)]
+        out[init] = summarise(torch.cat(values))
+    return out
+
+
+def epoch_model_files(run_dir: Path) -> list[tuple[str, int | None, Path]]:
+    """(label, epoch, file) of every per-epoch model of a run: ``epochs/epoch-NNN.safetensors`` (the trainer's
+    ``save_epoch_models``), else the kept checkpoints ``checkpoints/step-*/model.safetensors``; oldest first."""
+    import json
+    import re
+
+    files: list[tuple[str, int | None, Path]] = []
+    for file in sorted(run_dir.glob("epochs/epoch-*.safetensors")):
+        epoch = int(re.sub(r"\D", "", file.stem) or 0)
+        files.append((f"epoch {epoch}", epoch, file))
+    if files:
+        return files
+    for folder in sorted(run_dir.glob("checkpoints/step-*")):
+        state, model = folder / "state.json", folder / "model.safetensors"
+        if not (state.is_file() and model.is_file()):
+            continue
+        try:
+            epoch = json.loads(state.read_text()).get("epoch")
+        except json.JSONDecodeError:
+            continue
+        step = int(re.sub(r"\D", "", folder.name) or 0)
+        files.append((f"epoch {epoch} (step {step})", epoch, model))
+    return files
+
+
+def load_any_model(file: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A model from a fastrobust model file or a training checkpoint's model.safetensors, in eval mode."""
+    from ..checkpoint import load_model, read_model_file
+    from ..models import create
+
+    if file.name == "model.safetensors":  # a training checkpoint: config in its metadata, no extra metadata
+        from ..errors import FastRobustError
+        from ..models.custom import is_module_config
+
+        state, config, _ = read_model_file(file)
+        if is_module_config(config):
+            raise FastRobustError(f"{file} holds a module fastrobust did not build (class {config.get('class')}): "
+                                  "analyse it in Python with fastrobust.analysis on the module loaded with its weights")
+        model = create(**config)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+    return load_model(file, device=device)[0]

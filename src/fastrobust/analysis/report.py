@@ -9,10 +9,14 @@ it and ``report.html`` (the same content, figures embedded as base64, self-conta
 - stability over seeds (paper Figs. 1, 2, 5): box plots with mean, and mean / std / median / best;
 - sensitivity tables for gamma, step size, beta (and eps) when a method was run with several values;
 - training curves: validation robust accuracy and training loss per epoch;
-- robust accuracy against eps when eval.json holds evaluations at several eps.
+- robust accuracy against eps when eval.json holds evaluations at several eps;
+- loss smoothness (paper Fig. 3): the top input-Hessian eigenvalue at the random and the backward-smoothing
+  starting points against the training epoch, from each run's hessian.json (``evaluate.hessian`` of a sweep).
 
 Every number comes from the records; the report states what was run (dataset and its source, model,
-epochs, schedule, device, torch version) and warns when the CIFAR-10 copy is a JPEG re-encoding.
+epochs, schedule, device, torch version) and warns when the CIFAR-10 copy is a JPEG re-encoding. Paths in
+the report are relative to the data root (``<data root>/...``) or to the project, never a machine's absolute
+path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import base64
 import html
 import json
 import math
+import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,7 @@ from ..records import read_jsonl
 METHOD_ORDER = ("natural", "pgd_at", "trades", "fast_at", "fast_at_2step", "fast_trades", "fast_at_plus",
                 "backward_smoothing", "backward_smoothing_at", "sprout", "slat")
 IGNORED_KEYS = {"seed", "out", "data_root", "device", "method"}
-SENSITIVITY_KEYS = ("method.gamma", "method.step_size", "method.beta", "eps")
+SENSITIVITY_KEYS = ("method.gamma", "method.step_size", "method.beta", "eps", "ema_decay")
 JPEG_NOTE = ("The CIFAR-10 copy used offline here is a lossy JPEG re-encoding of the original (mean PSNR about "
              "30.5 dB, per-image RMSE about 7.9/255, the size of the attack budget): accuracies are comparable "
              "between the methods run here, not digit for digit with published CIFAR-10 tables.")
@@ -47,6 +53,7 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     eval_meta: dict[str, Any] = field(default_factory=dict)
+    hessian: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -151,7 +158,14 @@ def collect_runs(runs_dir: str | Path) -> tuple[list[Run], list[dict[str, Any]]]
                 evaluations = list(meta.get("evaluations", []))
             except json.JSONDecodeError:
                 missing.append({"name": _rel(run_dir, runs_dir), "reason": "eval.json unreadable"})
-        runs.append(Run(_rel(run_dir, runs_dir), run_dir, result.get("config", {}), result, metrics, evaluations, meta))
+        hessian: dict[str, Any] = {}
+        if (run_dir / "hessian.json").is_file():
+            try:
+                hessian = json.loads((run_dir / "hessian.json").read_text())
+            except json.JSONDecodeError:
+                missing.append({"name": _rel(run_dir, runs_dir), "reason": "hessian.json unreadable"})
+        runs.append(Run(_rel(run_dir, runs_dir), run_dir, result.get("config", {}), result, metrics, evaluations, meta,
+                        hessian))
     done = {run.path for run in runs}
     for config_file in sorted(runs_dir.rglob("config.json")):
         if config_file.parent not in done:
@@ -341,7 +355,10 @@ def figure_stability(groups: list[tuple[str, list[Run]]], out: Path) -> Path | N
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         data = [(label, [v * 100 for v in _values(g, metric)]) for label, g in groups if len(_values(g, metric)) >= 2]
-        ax.boxplot([d for _, d in data], showmeans=True)
+        ax.boxplot([d for _, d in data], showmeans=True, showfliers=False)  # every seed is drawn as a point below
+        for i, (_, values) in enumerate(data, start=1):  # every seed as a point (strip plot over the box)
+            offsets = [((j % 5) - 2) * 0.04 for j in range(len(values))]
+            ax.scatter([i + o for o in offsets], values, s=12, color="black", alpha=0.6, zorder=3)
         ax.set_xticks(range(1, len(data) + 1), [label for label, _ in data], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{_METRIC_NAMES[metric]} accuracy (%)")
         ax.set_title(f"{_METRIC_NAMES[metric]} over seeds")
@@ -350,6 +367,107 @@ def figure_stability(groups: list[tuple[str, list[Run]]], out: Path) -> Path | N
 
 
 _METRIC_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack"}
+_INIT_NAMES = {"random": "random start", "backward_smoothing": "backward-smoothing start", "clean": "clean point"}
+
+
+def hessian_curves(groups: list[tuple[str, list[Run]]]) -> list[tuple[str, dict[str, dict[int, list[float]]]]]:
+    """Per group: init -> epoch -> the mean eigenvalue of each run (from hessian.json records with an epoch)."""
+    curves = []
+    for label, group in groups:
+        per_init: dict[str, dict[int, list[float]]] = {}
+        for run in group:
+            for record in run.hessian.get("records", []):
+                if record.get("epoch") is None:
+                    continue
+                for init, summary in record.items():
+                    if isinstance(summary, dict) and _number(summary.get("mean")) is not None:
+                        per_init.setdefault(init, {}).setdefault(int(record["epoch"]), []).append(float(summary["mean"]))
+        if per_init:
+            curves.append((label, per_init))
+    return curves
+
+
+def hessian_table(curves: list[tuple[str, dict[str, dict[int, list[float]]]]]) -> tuple[list[str], list[list[str]]]:
+    """First and last epoch's mean eigenvalue per init, and last-epoch random / backward-smoothing ratio."""
+    inits = [i for i in _INIT_NAMES if any(i in c for _, c in curves)]
+    header = ["Method", "Runs", "Epochs"] + [f"{_INIT_NAMES[i]} (first → last epoch)" for i in inits]
+    if {"random", "backward_smoothing"} <= set(inits):
+        header += ["random / backward-smoothing (last epoch)", "epochs with the backward-smoothing start lower"]
+    rows = []
+    for label, per_init in curves:
+        epochs = sorted({e for values in per_init.values() for e in values})
+        runs = max(len(v) for values in per_init.values() for v in values.values())
+        row = [label, str(runs), f"{epochs[0]}-{epochs[-1]}"]
+        for init in inits:
+            values = per_init.get(init, {})
+            row.append(f"{statistics.fmean(values[epochs[0]]):.4g} → {statistics.fmean(values[epochs[-1]]):.4g}"
+                       if epochs[0] in values and epochs[-1] in values else "-")
+        if len(header) > len(row):
+            last = epochs[-1]
+            rnd, bs = per_init.get("random", {}).get(last), per_init.get("backward_smoothing", {}).get(last)
+            row.append(f"{statistics.fmean(rnd) / statistics.fmean(bs):.2f}" if rnd and bs and statistics.fmean(bs) else "-")
+            both = [e for e in epochs if e in per_init.get("random", {}) and e in per_init.get("backward_smoothing", {})]
+            lower = sum(statistics.fmean(per_init["backward_smoothing"][e]) < statistics.fmean(per_init["random"][e]) for e in both)
+            row.append(f"{lower} of {len(both)}")
+        rows.append(row)
+    return header, rows
+
+
+def figure_hessian(curves: list[tuple[str, dict[str, dict[int, list[float]]]]], out: Path) -> Path | None:
+    """Paper Fig. 3: top input-Hessian eigenvalue against the epoch, random vs backward-smoothing start
+    (one panel per method; line: mean over seeds, band: ± one std)."""
+    if not curves:
+        return None
+    plt = _pyplot()
+    cols = min(4, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (label, per_init) in zip(axes.flat, curves):
+        for init, style in (("random", "-o"), ("backward_smoothing", "--s"), ("clean", ":^")):
+            if init not in per_init:
+                continue
+            epochs = sorted(per_init[init])
+            means = [statistics.fmean(per_init[init][e]) for e in epochs]
+            ax.plot(epochs, means, style, markersize=4, label=_INIT_NAMES[init])
+            if any(len(per_init[init][e]) > 1 for e in epochs):
+                stds = [statistics.stdev(per_init[init][e]) if len(per_init[init][e]) > 1 else 0.0 for e in epochs]
+                ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
+        ax.set_title(label, fontsize=9), ax.set_xlabel("epoch"), ax.grid(alpha=0.3)
+        ax.set_ylabel("top Hessian eigenvalue (input)")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "hessian.png")
+
+
+def portable_path(text: str, data_roots: list[str | Path] | None = None, project: str | Path | None = None) -> str:
+    """``text`` with every absolute path made relative: ``<data root>/...`` under a data root, the path relative
+    to ``project`` (default: the working folder) under it, else only its last two parts (``.../parent/name``)."""
+    roots = [Path(r).expanduser().resolve() for r in (data_roots or []) if r]
+    base = Path(project).resolve() if project is not None else Path.cwd().resolve()
+
+    def shorten(match: re.Match) -> str:
+        path = Path(match.group(0)).resolve()
+        for root in roots:
+            if path == root or root in path.parents:
+                return "<data root>/" + path.relative_to(root).as_posix()
+        if base in path.parents:
+            return path.relative_to(base).as_posix()
+        return ".../" + "/".join(path.parts[-2:])
+
+    return re.sub(r"(?:^|(?<=[\s(\[='\"]))/[^\s()\[\],;'\"]+", shorten, text)
+
+
+def _data_roots(runs: list[Run]) -> list[str]:
+    """Where the runs' datasets were looked for: each run's data_root, $FASTROBUST_DATA, the default root."""
+    from ..data.datasets import resolve_root
+
+    roots = [r.config.get("data_root") for r in runs] + [os.environ.get("FASTROBUST_DATA")]
+    try:
+        roots.append(str(resolve_root(None)))
+    except Exception:  # noqa: BLE001 - only a hint for shortening paths
+        pass
+    return [r for r in dict.fromkeys(roots) if r]
 
 
 def _curve(group: list[Run], key: str) -> tuple[list[int], list[float]]:
@@ -439,7 +557,9 @@ def describe_runs(runs: list[Run]) -> tuple[list[str], bool]:
     datasets = distinct(f"{r.result.get('dataset', {}).get('name', r.config.get('dataset'))} "
                         f"(train {r.result.get('dataset', {}).get('train', '?')}, val {r.result.get('dataset', {}).get('val', '?')}, "
                         f"test {r.result.get('dataset', {}).get('test', '?')} images)" for r in runs)
-    sources = distinct(r.result.get("dataset", {}).get("source") for r in runs)
+    roots = _data_roots(runs)
+    sources = distinct(portable_path(str(r.result.get("dataset", {}).get("source")), roots)
+                       for r in runs if r.result.get("dataset", {}).get("source"))
     env = [r.result.get("environment", {}) for r in runs]
     total_minutes = sum(float(r.result.get("train_seconds") or 0) for r in runs) / 60
     lines = [
@@ -511,6 +631,9 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
     groups = group_runs(runs)
     title = title or f"fastrobust report: {runs_dir.name}"
     described, jpeg = describe_runs(runs)
+    roots = _data_roots(runs)
+    notes = [portable_path(note, roots) for note in notes or []]
+    missing = [dict(m, reason=portable_path(str(m["reason"]), roots)) for m in missing]
 
     # each section: (heading, markdown text, html text)
     sections: list[tuple[str, str, str]] = []
@@ -552,6 +675,22 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
         sections.append(("Stability over seeds (paper Figs. 1, 2, 5)", "\n\n".join(stab_md), "".join(stab_html)))
     if stab_fig:
         figures.append(("Robust accuracy over seeds (box: quartiles, line: median, triangle: mean)", stab_fig))
+
+    hess = hessian_curves(groups)
+    if hess:
+        header, rows = hessian_table(hess)
+        settings = next(r.hessian for r in runs if r.hessian)
+        hs = settings.get("settings", {})
+        caption = (f"Top eigenvalue of the Hessian of the {str(hs.get('loss', 'kl')).upper()} inner-maximisation loss "
+                   f"with respect to the input, at the attack's starting point, mean over the first "
+                   f"{settings.get('n', '?')} test points ({hs.get('iterations', '?')} power iterations; hessian.json "
+                   "of each run); mean over seeds. A smaller value is a smoother loss: the paper's Fig. 3 shows the "
+                   "backward-smoothing start below the random one throughout training.")
+        sections.append(("Loss smoothness (paper Fig. 3)", _md_table(header, rows) + "\n\n" + caption,
+                         _html_table(header, rows) + f"<p>{html.escape(caption)}</p>"))
+        hess_fig = figure_hessian(hess, out)
+        if hess_fig:
+            figures.append(("Top input-Hessian eigenvalue against the epoch: random vs backward-smoothing start", hess_fig))
 
     sens = sensitivity(runs)
     if sens:

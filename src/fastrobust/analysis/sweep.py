@@ -16,7 +16,12 @@ A spec (YAML, parsed with ``yaml.safe_load``; nothing is evaluated)::
     evaluate: [pgd100, autoattack-fast]             # optional: extra attacks on each run's best model
     # or, with settings:
     # evaluate: {attacks: [pgd100], eps: [4/255, 8/255], test_subset: 500, batch_size: 256,
-    #            options: {autoattack-fast: {apgd-t: {n_targets: 3}}}}
+    #            options: {autoattack-fast: {apgd-t: {n_targets: 3}}},
+    #            hessian: {n: 64, per_epoch: true}}     # loss smoothness per epoch (needs save_epoch_models)
+
+``grid`` may also be a list of such mappings: the runs are then the union of their cross products (for
+example every method once, plus more seeds for some of them); a run planned twice with the same settings
+runs once.
 
 Method parameters of one run, later ones winning: ``base.method_params`` (only for runs of the base's
 method, or for every run when the base names no method), then ``methods[METHOD]``, then ``method.PARAM``
@@ -48,9 +53,27 @@ from ..checkpoint import atomic_write_json
 from ..errors import ConfigError, FastRobustError
 
 SPEC_KEYS = ("description", "preset", "base", "methods", "grid", "evaluate")
-EVAL_KEYS = ("attacks", "eps", "test_subset", "batch_size", "options", "seed")
+EVAL_KEYS = ("attacks", "eps", "test_subset", "batch_size", "options", "seed", "hessian")
+HESSIAN_KEYS = ("n", "inits", "loss", "iterations", "gamma", "batch_size", "seed", "per_epoch")
 SWEEP_FILE = "sweep.json"
 EVAL_FILE = "eval.json"
+HESSIAN_FILE = "hessian.json"
+
+
+@dataclass
+class HessianSpec:
+    """Loss smoothness of each run (paper Fig. 3): the top input-Hessian eigenvalue of the inner-max loss at
+    the attack's starting points, on the first ``n`` test points, for ``best`` or (``per_epoch``) every
+    per-epoch model the run kept (``save_epoch_models``). Written to ``RUN/hessian.json``."""
+
+    n: int = 64
+    inits: list[str] = field(default_factory=lambda: ["random", "backward_smoothing"])
+    loss: str = "kl"
+    iterations: int = 20
+    gamma: float = 1.0
+    batch_size: int = 128
+    seed: int = 0
+    per_epoch: bool = True
 
 
 @dataclass
@@ -63,17 +86,23 @@ class EvalSpec:
     batch_size: int = 256
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
+    hessian: HessianSpec | None = None
 
 
 @dataclass
 class SweepSpec:
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]]
     base: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluate: EvalSpec | None = None
     description: str = ""
     source: str = "<spec>"
+
+    @property
+    def grids(self) -> list[dict[str, list[Any]]]:
+        """The grid as a list of mappings (one mapping when ``grid`` is a single one)."""
+        return self.grid if isinstance(self.grid, list) else [self.grid]
 
 
 @dataclass
@@ -110,20 +139,24 @@ def load_spec(path_or_mapping: str | Path | dict[str, Any]) -> SweepSpec:
     if not isinstance(base, dict):
         raise ConfigError(f"sweep spec {source}: base must be a mapping of TrainConfig settings")
     grid = data.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise ConfigError(f"sweep spec {source}: grid must be a mapping of setting -> list of values")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep spec {source}: grid.{key} must be a non-empty list, e.g. {key}: [{values!r}]")
-        if any(isinstance(v, (dict, list)) for v in values) and key not in ("model_params", "method_params"):
-            raise ConfigError(f"sweep spec {source}: grid.{key} values must be plain values, got {values!r}")
+    grids = grid if isinstance(grid, list) else [grid]
+    if not grids or not all(isinstance(g, dict) for g in grids):
+        raise ConfigError(f"sweep spec {source}: grid must be a mapping of setting -> list of values, "
+                          "or a list of such mappings")
+    for one in grids:
+        for key, values in one.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep spec {source}: grid.{key} must be a non-empty list, e.g. {key}: [{values!r}]")
+            if any(isinstance(v, (dict, list)) for v in values) and key not in ("model_params", "method_params"):
+                raise ConfigError(f"sweep spec {source}: grid.{key} values must be plain values, got {values!r}")
     methods = data.get("methods") or {}
     if not isinstance(methods, dict) or any(not isinstance(v, dict) for v in methods.values()):
         raise ConfigError(f"sweep spec {source}: methods must map a method name to a mapping of its parameters")
     preset = data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"sweep spec {source}: preset must be a preset name or a YAML path")
-    return SweepSpec(grid={str(k): v for k, v in grid.items()}, base=dict(base), preset=preset,
+    normalised = [{str(k): v for k, v in one.items()} for one in grids]
+    return SweepSpec(grid=normalised if isinstance(grid, list) else normalised[0], base=dict(base), preset=preset,
                      methods={str(k): dict(v) for k, v in methods.items()},
                      evaluate=_parse_evaluate(data.get("evaluate"), source),
                      description=str(data.get("description") or ""), source=source)
@@ -142,8 +175,9 @@ def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
     if unknown:
         raise ConfigError(f"sweep spec {source}: evaluate has unknown key(s) {', '.join(sorted(unknown))}: "
                           f"allowed are {', '.join(EVAL_KEYS)}")
-    attacks = value.get("attacks")
-    if not isinstance(attacks, list) or not attacks or not all(isinstance(a, str) for a in attacks):
+    hessian = _parse_hessian(value.get("hessian"), source)
+    attacks = value.get("attacks", [] if hessian is not None else None)
+    if not isinstance(attacks, list) or not (attacks or hessian) or not all(isinstance(a, str) for a in attacks):
         raise ConfigError(f"sweep spec {source}: evaluate.attacks must be a non-empty list of attack names")
     eps_values = value.get("eps")
     if eps_values is None:
@@ -159,7 +193,7 @@ def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
     spec = EvalSpec(attacks=list(dict.fromkeys(attacks)), eps=eps_list, test_subset=test_subset,
                     batch_size=check_positive_int(value.get("batch_size", 256), name="evaluate.batch_size"),
                     options={str(k): dict(v) for k, v in options.items()},
-                    seed=check_nonnegative_int(value.get("seed", 0), name="evaluate.seed"))
+                    seed=check_nonnegative_int(value.get("seed", 0), name="evaluate.seed"), hessian=hessian)
     for key in spec.options:
         if key not in spec.attacks:
             raise ConfigError(f"sweep spec {source}: evaluate.options names {key!r}, which is not among the attacks {spec.attacks}")
@@ -172,6 +206,38 @@ def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
             raise ConfigError(f"sweep spec {source}: evaluate attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
         attack_settings(name, 8 / 255, "linf", spec.options.get(name))
     return spec
+
+
+def _parse_hessian(value: Any, source: str) -> HessianSpec | None:
+    from ..numbers import check_nonnegative_int, check_positive_int, parse_number
+    from .hessian import INITS, LOSSES
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"sweep spec {source}: evaluate.hessian must be true or a mapping with {', '.join(HESSIAN_KEYS)}")
+    unknown = set(value) - set(HESSIAN_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep spec {source}: evaluate.hessian has unknown key(s) {', '.join(sorted(map(str, unknown)))}: "
+                          f"allowed are {', '.join(HESSIAN_KEYS)}")
+    spec = HessianSpec()
+    inits = value.get("inits", spec.inits)
+    if not isinstance(inits, list) or not inits or any(i not in INITS for i in inits):
+        raise ConfigError(f"sweep spec {source}: evaluate.hessian.inits={inits!r} must be a list of {', '.join(INITS)}")
+    if value.get("loss", spec.loss) not in LOSSES:
+        raise ConfigError(f"sweep spec {source}: evaluate.hessian.loss={value.get('loss')!r} is not one of {', '.join(LOSSES)}")
+    per_epoch = value.get("per_epoch", spec.per_epoch)
+    if not isinstance(per_epoch, bool):
+        raise ConfigError(f"sweep spec {source}: evaluate.hessian.per_epoch={per_epoch!r} must be true or false")
+    return HessianSpec(n=check_positive_int(value.get("n", spec.n), name="evaluate.hessian.n"), inits=list(inits),
+                       loss=value.get("loss", spec.loss),
+                       iterations=check_positive_int(value.get("iterations", spec.iterations), name="evaluate.hessian.iterations"),
+                       gamma=float(parse_number(value.get("gamma", spec.gamma), name="evaluate.hessian.gamma")),
+                       batch_size=check_positive_int(value.get("batch_size", spec.batch_size), name="evaluate.hessian.batch_size"),
+                       seed=check_nonnegative_int(value.get("seed", spec.seed), name="evaluate.hessian.seed"),
+                       per_epoch=per_epoch)
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -230,17 +296,22 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
             base[key] = {**(base.get(key) or {}), **value}
         else:
             base[key] = value
-    if "out" in base or "out" in spec.grid:
+    if "out" in base or any("out" in grid for grid in spec.grids):
         raise ConfigError(f"sweep spec {spec.source}: 'out' cannot be set in a sweep: each run goes to --out DIR/<run name>")
-    for key in spec.grid:
+    for key in (k for grid in spec.grids for k in grid):
         if "." in key and not key.startswith(("method.", "model.")):
             raise ConfigError(f"sweep spec {spec.source}: grid key {key!r} is not a setting, method.PARAM or model.PARAM")
-    keys = list(spec.grid)
-    varied_keys = [k for k in keys if len(spec.grid[k]) > 1]
     runs: list[PlannedRun] = []
     names: set[str] = set()
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
-        assignment = dict(zip(keys, combo))
+    planned: list[dict[str, Any]] = []  # the config of each run so far, to plan a repeated run once
+    combos = [(grid, dict(zip(grid, combo))) for grid in spec.grids for combo in itertools.product(*grid.values())]
+    values: dict[str, list[str]] = {}  # a key names the runs when it takes several values over all grids
+    for grid in spec.grids:
+        for key, options in grid.items():
+            values.setdefault(key, [])
+            values[key] += [json.dumps(v, sort_keys=True, default=str) for v in options if json.dumps(v, sort_keys=True, default=str) not in values[key]]
+    for grid, assignment in combos:
+        varied_keys = [k for k in grid if len(values[k]) > 1]
         settings = _settings_for(spec, assignment, base)
         varied = {k: assignment[k] for k in varied_keys}
         name = run_name(varied)
@@ -259,6 +330,15 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
             raise ConfigError(f"{where}: {error}") from None
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{where}: {error}") from None
+        same = _comparable(asdict(config))
+        if same in planned:  # planned by an earlier grid with the same settings: run once
+            names.discard(name)
+            continue
+        planned.append(same)
+        hessian = spec.evaluate.hessian if spec.evaluate is not None else None
+        if hessian is not None and hessian.per_epoch and not config.save_epoch_models:
+            raise ConfigError(f"{where}: evaluate.hessian.per_epoch needs the per-epoch models: set "
+                              "save_epoch_models: 1 in base (or per_epoch: false for the best model only)")
         runs.append(PlannedRun(name=name, varied=varied, config=config))
     for method in spec.methods:
         from ..methods import method_class
@@ -297,6 +377,10 @@ def _check_same_config(run: PlannedRun, saved: dict[str, Any], where: Path) -> N
 def _eval_done(run_dir: Path, eval_spec: EvalSpec | None, default_eps: float) -> bool:
     if eval_spec is None:
         return True
+    if eval_spec.hessian is not None and not _hessian_done(run_dir, eval_spec.hessian):
+        return False
+    if not eval_spec.attacks:
+        return True
     path = run_dir / EVAL_FILE
     if not path.is_file():
         return False
@@ -333,9 +417,15 @@ def run_state(run: PlannedRun, eval_spec: EvalSpec | None) -> str:
 # ----------------------------------------------------------------------------------------- evaluation
 def evaluate_run(run_dir: Path, config: Any, dataset: Any, eval_spec: EvalSpec, *, progress: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the spec's attacks on ``run_dir``'s best model for every eps; writes and returns ``eval.json``."""
+    """Run the spec's attacks on ``run_dir``'s best model for every eps; writes and returns ``eval.json``
+    (and ``hessian.json`` when the spec asks for the loss smoothness)."""
     from ..checkpoint import load_model
     from ..train import resolve_device
+
+    if eval_spec.hessian is not None and not _hessian_done(run_dir, eval_spec.hessian):
+        hessian_run(run_dir, config, dataset, eval_spec.hessian, log=log)
+    if not eval_spec.attacks:
+        return {}
 
     try:
         from ..evaluate import evaluate
@@ -367,6 +457,44 @@ def evaluate_run(run_dir: Path, config: Any, dataset: Any, eval_spec: EvalSpec, 
         atomic_write_json(path, {"model": "best.safetensors", "test_subset": eval_spec.test_subset,
                                  "dataset": getattr(dataset, "name", config.dataset), "evaluations": records})
     return json.loads(path.read_text())
+
+
+def _hessian_done(run_dir: Path, spec: HessianSpec) -> bool:
+    try:
+        stored = json.loads((run_dir / HESSIAN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return stored.get("settings") == asdict(spec)
+
+
+def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Top input-Hessian eigenvalues of ``run_dir``'s models (per epoch, or best); writes ``hessian.json``.
+
+    Model paths in the records are relative to the run folder."""
+    from ..train import resolve_device
+    from .hessian import epoch_model_files, load_any_model, model_eigenvalues
+
+    device = resolve_device(config.device)
+    if spec.per_epoch:
+        files = epoch_model_files(run_dir)
+        if not files:
+            raise FastRobustError(f"{run_dir} kept no per-epoch models for evaluate.hessian.per_epoch "
+                                  "(train with save_epoch_models: 1)")
+    else:
+        files = [("best", None, run_dir / "best.safetensors")]
+    images, labels = dataset.test.images[: spec.n], dataset.test.labels[: spec.n]
+    log(f"{run_dir.name}: Hessian eigenvalues ({', '.join(spec.inits)}) of {len(files)} model(s) on {len(labels)} test points")
+    records = []
+    for label, epoch, file in files:
+        model = load_any_model(file, device)
+        values = model_eigenvalues(model, images, labels, eps=config.attack_eps, inits=spec.inits, loss=spec.loss,
+                                   iterations=spec.iterations, gamma=spec.gamma, batch_size=spec.batch_size,
+                                   seed=spec.seed, device=device)
+        records.append({"label": label, "epoch": epoch, "model": str(file.relative_to(run_dir)), **values})
+    record = {"settings": asdict(spec), "n": len(labels), "eps": config.attack_eps, "records": records}
+    atomic_write_json(run_dir / HESSIAN_FILE, record)
+    return record
 
 
 def _eval_done_for(records: list[dict[str, Any]], eps: float, attacks: list[str]) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_files(checkpoint: str, all_epochs: bool) -> list[tuple[str, Path]]:
+    from ..analysis.hessian import epoch_model_files
     from ..checkpoint import resolve_model_file
 
     path = Path(checkpoint)
@@ -50,47 +50,18 @@ def _model_files(checkpoint: str, all_epochs: bool) -> list[tuple[str, Path]]:
         return [("model", resolve_model_file(path))]
     if not path.is_dir():
         raise ConfigError(f"--all-epochs needs a run folder, got {path}")
-    files = []
-    for folder in sorted((path / "checkpoints").glob("step-*")):
-        state = folder / "state.json"
-        model = folder / "model.safetensors"
-        if not (state.is_file() and model.is_file()):
-            continue
-        try:
-            epoch = json.loads(state.read_text()).get("epoch")
-        except json.JSONDecodeError:
-            continue
-        step = int(re.sub(r"\D", "", folder.name) or 0)
-        files.append((f"epoch {epoch} (step {step})", model))
+    files = [(label, file) for label, _, file in epoch_model_files(path)]
     if not files:
-        raise FastRobustError(f"{path} has no checkpoints/step-*/model.safetensors to analyse")
+        raise FastRobustError(f"{path} has no epochs/epoch-*.safetensors (train with --set save_epoch_models=1) "
+                              "and no checkpoints/step-*/model.safetensors to analyse")
     return files
-
-
-def _load(file: Path, device: Any):
-    from ..checkpoint import load_model, read_model_file
-    from ..models import create
-
-    if file.name == "model.safetensors":  # a training checkpoint: config in its metadata, no extra metadata
-        from ..models.custom import is_module_config
-
-        state, config, _ = read_model_file(file)
-        if is_module_config(config):
-            raise FastRobustError(f"{file} holds a module fastrobust did not build (class {config.get('class')}): "
-                                  "analyse it in Python with fastrobust.analysis on the module loaded with its weights")
-        model = create(**config)
-        model.load_state_dict(state)
-        return model.to(device).eval()
-    model, _ = load_model(file, device=device)
-    return model
 
 
 def run_hessian(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis.hessian import input_hessian_eigenvalues
+    from ..analysis.hessian import load_any_model, model_eigenvalues
     from ..data import load_dataset
-    from ..evaluate import iterate_split
     from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number
 
     eps = check_eps(args.eps, name="--eps")
@@ -105,18 +76,12 @@ def run_hessian(args: argparse.Namespace) -> int:
     images, labels = dataset.test.images[:n], dataset.test.labels[:n]
     records = []
     for label, file in _model_files(args.checkpoint, args.all_epochs):
-        model = _load(file, device)
+        model = load_any_model(file, device)
         entry: dict[str, Any] = {"checkpoint": str(file), "label": label, "n": len(labels), "eps": eps,
                                  "loss": args.loss, "iterations": iterations}
-        for init in inits:
-            generator = torch.Generator(device=device).manual_seed(seed)
-            values = []
-            for x, y in iterate_split(images, labels, batch_size, device):
-                values.append(input_hessian_eigenvalues(model, x, y, eps=eps, init=init, loss=args.loss,
-                                                        iterations=iterations, gamma=gamma, generator=generator).cpu())
-            all_values = torch.cat(values)
-            entry[init] = {"mean": float(all_values.mean()), "std": float(all_values.std()) if len(all_values) > 1 else 0.0,
-                           "median": float(all_values.median()), "max": float(all_values.max())}
+        entry.update(model_eigenvalues(model, images, labels, eps=eps, inits=inits, loss=args.loss,
+                                       iterations=iterations, gamma=gamma, batch_size=batch_size, seed=seed,
+                                       device=device))
         records.append(entry)
         if not args.json:
             parts = [f"{init} {entry[init]['mean']:.4g} (median {entry[init]['median']:.4g})" for init in inits]
