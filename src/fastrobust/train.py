@@ -25,6 +25,7 @@ from torch import nn
 
 from . import distributed as dist_lib
 from . import methods as methods_lib
+from . import precision
 from . import training_state
 from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
@@ -67,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
+    attack_precision: str = "auto"  # the attacks' precision inside a step (fastrobust.precision)
     channels_last: str = "auto"
     compile: bool = False
     sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
@@ -101,7 +103,8 @@ class TrainConfig:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be zero or positive")
-        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "on_nan": NAN_ACTIONS,
+        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "attack_precision": precision.ATTACK_PRECISIONS,
+                   "on_nan": NAN_ACTIONS,
                    "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off"),
                    "select_by": ("auto", "robust", "clean")}
         for name, allowed in choices.items():
@@ -231,6 +234,7 @@ class Trainer:
         dist_lib.on_main(lambda: check_writable(self.out), self.dist)  # only rank 0 writes
         self.autocast_dtype, needs_scaler = autocast_settings(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
+        self.attack_policy = precision.resolve(config.attack_precision, self.device.type, self.autocast_dtype)
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
 
         torch.manual_seed(config.seed)
@@ -364,7 +368,7 @@ class Trainer:
         custom_step = getattr(self.method, "train_step", None)
         if custom_step is not None:  # methods that own several updates per batch (SPROUT)
             return custom_step(self.forward_model, x, y, self.optimizer, autocast=self._autocast, scaler=self.scaler)[1]
-        with self._autocast():
+        with self._autocast(), precision.attack_precision(self.attack_policy):
             loss, stats = self.method(self.forward_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

@@ -15,7 +15,7 @@ _FLAGS = {
     "method": "method", "model": "model", "dataset": "dataset", "data_root": "data_root", "epochs": "epochs",
     "batch_size": "batch_size", "lr": "lr", "schedule": "schedule", "eps": "eps", "train_subset": "train_subset",
     "test_subset": "test_subset", "val_size": "val_size", "seed": "seed", "out": "out", "activation": "activation",
-    "device": "device", "amp": "amp", "on_nan": "on_nan", "on_collapse": "on_collapse",
+    "device": "device", "amp": "amp", "attack_precision": "attack_precision", "on_nan": "on_nan", "on_collapse": "on_collapse",
     "checkpoint_every": "checkpoint_every", "channels_last": "channels_last",
 }
 
@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="run folder (default runs/METHOD-MODEL-DATASET-TIME)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", help="auto, off, bf16 or fp16")
+    parser.add_argument("--attack-precision", help="auto, fp32, bf16 or fp16: the precision of the attack inside "
+                        "each training step, apart from --amp (docs/training.md)")
     parser.add_argument("--channels-last", help="auto, on or off")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--on-nan", help="stop or rollback when the loss becomes NaN/Inf")

@@ -180,5 +180,7 @@ def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
     """Logits of the clean batch with the model in eval mode and no graph (the attacks' reference)."""
     from ..attacks import model_mode
 
-    with model_mode(model, training=False), torch.no_grad():
+    from ..precision import attack_autocast
+
+    with model_mode(model, training=False), torch.no_grad(), attack_autocast():
         return model(x).detach()

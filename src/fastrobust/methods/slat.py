@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..attacks import project
 from ..attacks._common import upcast
 from ..errors import ConfigError
+from ..precision import attack_autocast, attack_gradients
 from .base import Cost, Method, MethodConfig, Stats, accuracy, register
 
 
@@ -151,13 +152,14 @@ class SLAT(Method):
             for name, module in targets:
                 handles.append(module.register_forward_hook(make_hook(name)))
             x_in = x.detach().clone().requires_grad_(True)
-            logits = model(x_in)
-            clean_loss = F.cross_entropy(upcast(logits), y)
+            with attack_autocast():  # the gradient pass is the attack: its precision (fastrobust.precision)
+                logits = upcast(model(x_in))
+            clean_loss = F.cross_entropy(logits, y)
             missing = [name for name in names if name not in recorded]
             if missing:
                 raise ConfigError(f"slat: latent module(s) {', '.join(missing)} never ran in the forward pass")
             latents = [recorded[name] for name in names]
-            grads = torch.autograd.grad(clean_loss, [x_in, *latents])
+            grads = attack_gradients(clean_loss, logits, [x_in, *latents])
             x_adv = project(x.detach() + c.step_ratio * c.eps * grads[0].sign(), x.detach(), c.eps).detach()
             for name, h, grad in zip(names, latents, grads[1:]):
                 low, high = _channel_range(h)
