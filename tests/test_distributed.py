@@ -248,3 +248,24 @@ def test_two_nodes_on_localhost_and_a_killed_rank_restarts_from_the_checkpoint(t
         assert epochs == [1, 2]
     # the restarted job continued the same global state: the same weights as the uninterrupted 2-rank job
     assert_close_weights(final_weights(tmp_path / "restarted"), final_weights(tmp_path / "nodes"), atol=1e-6)
+
+
+# ---- a method's own parameters under several ranks (SPROUT's u) --------------------------------------------
+def _sprout_job(rank: int, out: str) -> None:
+    trainer = Trainer(train_config(Path(out), "sprout", method_params={"n_aug": 1}), dataset=dataset16(),
+                      progress=False, log=lambda _message: None)
+    trainer.fit()
+    torch.save(trainer.method.state_dict(), Path(out) / f"sprout-state-rank{rank}.pt")
+
+
+def test_sprout_label_parameter_follows_the_global_batch_on_every_rank(tmp_path):
+    """u's gradient is averaged over the ranks like the weights': every rank takes the same step, so u (and its
+    momentum) is identical on both ranks and in the checkpoint (before, each rank stepped on its own shard)."""
+    spawn("_sprout_job", str(tmp_path))
+    states = [torch.load(tmp_path / f"sprout-state-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(states[0]["u"], torch.ones(4)), "u never moved"
+    for key in ("u", "u_momentum_buffer"):
+        assert torch.equal(states[0][key], states[1][key]), (key, states[0][key], states[1][key])
+    newest = sorted((tmp_path / "checkpoints").iterdir())[-1]
+    saved = load_file(str(newest / "train_state.safetensors"))
+    assert torch.equal(saved["method/u"], states[1]["u"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,9 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     description: ClassVar[str] = ""
+    # Set by a trainer running several ranks: averages, in place, gradients of parameters the method owns (such
+    # as SPROUT's u) over the global batch with the weights' averaging, so that every rank takes the same step.
+    gradient_reduce: Callable[[list[Tensor]], None] | None = None
 
     def __init__(self, config: MethodConfig | None = None, /, **overrides: Any) -> None:
         config = config if config is not None else self.Config()
