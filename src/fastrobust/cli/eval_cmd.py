@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10 (see `fastrobust data`)")
     parser.add_argument("--data-root", default=None, help="where the dataset lies (default: $FASTROBUST_DATA)")
     parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
-                        help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)}")
+                        help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)} "
+                        "(gaussian-noise and spatial are invariance evaluations, see docs/evaluation.md)")
     parser.add_argument("--eps", default="8/255", help="perturbation size in [0,1] pixel units; 8/255 accepted (default 8/255)")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
     parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
@@ -194,6 +195,10 @@ def print_summary(record: dict, file=sys.stdout) -> None:
             notes += f"queries {entry['queries_mean']:.0f} (mean)"
         elif "broken_by" in entry and entry["broken_by"]:
             notes = ", ".join(f"{k} {v}" for k, v in entry["broken_by"].items())
+        elif "by_std" in entry:  # invariance: not an eps-ball attack, not in the worst case
+            notes = "noise std " + ", ".join(f"{std} {acc:.1%}" for std, acc in entry["by_std"].items())
+        elif "transformations" in entry:
+            notes = f"all of {entry['transformations']} rotations/translations (not in the worst case)"
         print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)
     if record["robust_acc"] is not None:
         print(f"{'worst case':<20} {record['robust_acc']:>9.2%}", file=file)
