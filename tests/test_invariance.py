@@ -129,3 +129,17 @@ def test_cli_eval_runs_the_invariance_evaluations(tmp_path, capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "noise std 0.02" in table and "all of 775 rotations/translations" in table, table
+
+
+def test_the_documented_snippet_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    section = text[text.index("## Invariance evaluations"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    namespace: dict = {}
+    exec(compile(code, "docs/evaluation.md", "exec"), namespace)
+    record = namespace["record"]
+    assert set(record["attacks"]) == {"pgd20", "gaussian-noise", "spatial"}
+    assert record["attacks"]["spatial"]["transformations"] == 7 * 3 * 3

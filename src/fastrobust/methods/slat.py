@@ -128,7 +128,8 @@ class SLAT(Method):
     Config = SLATConfig
     description = (
         "Park & Lee SLAT: one pass gives the gradients of the input and of conv1/layer1 outputs; CE on the "
-        "input step 0.9*eps plus signed latent steps eps_latent (clipped to the channels' clean range)."
+        "input step 0.9*eps plus signed latent steps eps_latent (None: eps, as the authors; clipped to the "
+        "channels' clean range)."
     )
 
     @property
