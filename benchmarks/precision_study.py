@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="run folders (default: a temporary folder, deleted)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json-out", default=None, help="append one JSON line per run and a summary line")
+    parser.add_argument("--table-from", default=None, metavar="FILE.jsonl",
+                        help="train nothing: print the table of every run and timing record in FILE (several "
+                             "invocations' seeds pooled)")
     return parser.parse_args(argv)
 
 
@@ -154,10 +157,11 @@ def summarise(runs: list[dict[str, Any]], timings: list[dict[str, Any]], precisi
             return f"{values[0]:.3f}"
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
-    lines = ["| method | attack | clean | PGD-20 | AutoAttack (reduced) | PGD-20 diff vs fp32 (paired, per seed) | step time / fp32 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | attack | seeds | clean | PGD-20 | AutoAttack (reduced) | PGD-20 minus fp32's (mean; per seed) "
+             "| best epoch per seed | step time / fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in runs):
-        timing = next((t for t in timings if t["method"] == method), None)
+        timing = next((t for t in reversed(timings) if t["method"] == method), None)
         for precision in precisions:
             mine = [r for r in runs if r["method"] == method and r["attack_precision"] == precision]
             fp32 = {r["seed"]: r for r in runs if r["method"] == method and r["attack_precision"] == "fp32"}
@@ -165,14 +169,23 @@ def summarise(runs: list[dict[str, Any]], timings: list[dict[str, Any]], precisi
             diff = "-" if precision == "fp32" or not diffs else (
                 f"{statistics.mean(diffs):+.3f} ({', '.join(f'{d:+.3f}' for d in diffs)})")
             ratio = f"{timing['ratio_to_fp32'][precision]:.2f}" if timing else "-"
-            lines.append(f"| {method} | {precision} | {mean_std([r['clean_acc'] for r in mine])} | "
+            lines.append(f"| {method} | {precision} | {len(mine)} | {mean_std([r['clean_acc'] for r in mine])} | "
                          f"{mean_std([r['pgd20_acc'] for r in mine])} | "
-                         f"{mean_std([r['aa_acc'] for r in mine if 'aa_acc' in r])} | {diff} | {ratio} |")
+                         f"{mean_std([r['aa_acc'] for r in mine if 'aa_acc' in r])} | {diff} | "
+                         f"{', '.join(str(r['best_epoch']) for r in mine)} | {ratio} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.table_from:
+        records = [json.loads(line) for line in Path(args.table_from).read_text().splitlines() if line.strip()]
+        runs = [r for r in records if r.get("kind") == "run"]
+        timings = [r for r in records if r.get("kind") == "timing"]
+        precisions = list(dict.fromkeys(r["attack_precision"] for r in runs))
+        table = summarise(runs, [t for t in timings if t["method"] in {r["method"] for r in runs}], precisions)
+        print("\n".join(table))
+        return {"table": table}
     bu.set_threads(args.threads)
     from fastrobust.data import load_dataset
     from fastrobust.train import resolve_device

@@ -127,3 +127,25 @@ def test_trainer_runs_the_attack_at_its_own_precision(tmp_path):
         handle.remove()
         assert dtypes[False] == {expected_attack_dtype}, (attack, dtypes)
         assert dtypes[True] == {torch.bfloat16}, (attack, dtypes)
+
+
+def test_precision_study_script_runs_and_tabulates(shared_data, tmp_path):
+    """benchmarks/precision_study.py end to end at toy size (the GPU suite runs its PreActResNet-18 version)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_study.py"
+    spec = importlib.util.spec_from_file_location("precision_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study.jsonl"
+    summary = study.main(["--methods", "fast_trades", "--seeds", "0", "--train-subset", "60", "--val-size", "20",
+                          "--test-subset", "20", "--epochs", "1", "--batch-size", "30", "--aa-n", "10", "--aa-iters", "2",
+                          "--timing-rounds", "1", "--timing-block", "1", "--data-root", str(shared_data),
+                          "--json-out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["run", "run", "timing", "summary"]
+    assert {r["attack_precision"] for r in records[:2]} == {"fp32", "bf16"} and "aa_acc" in records[0]
+    assert len(summary["table"]) == 4 and summary["table"][2].startswith("| fast_trades | fp32 | 1 |")
+    assert study.main(["--table-from", str(out)])["table"] == summary["table"]
