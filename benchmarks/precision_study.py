@@ -5,9 +5,10 @@ real trainer (``fastrobust.train.train``) with ``amp=--amp`` (bf16: the GPU defa
 ``attack_precision=fp32|bf16`` on a class-balanced CIFAR-10 subset; the only difference between the arms of a
 seed is the precision of the attack inside each training step (same data order, same initial weights, same
 random draws). Each run reports the test clean and PGD-20 accuracy of its best checkpoint (chosen on the
-validation split) and, with ``--aa-n N``, a reduced AutoAttack (APGD-CE + APGD-T, ``--aa-iters`` iterations,
-3 targets) on the first N test images. Then the training step time of the two precisions is measured
-INTERLEAVED in one process (round-robin blocks, the same batch), CPU process time on CPU, CUDA events on GPU.
+validation split) and of its last epoch, and, with ``--aa-n N``, a reduced AutoAttack (APGD-CE + APGD-T,
+``--aa-iters`` iterations, 3 targets) of the best checkpoint on N test images spread evenly over the
+(class-sorted) test split. Then the training step time of the two precisions is measured INTERLEAVED in one
+process (round-robin blocks, the same batch), CPU process time on CPU, CUDA events on GPU.
 
 On CPU, torch's bf16 autocast emulates the GPU's bf16 numerics (the rounding of every product and sum);
 its speed says nothing about a GPU, where bf16 is the fast path. One JSON line per run and one summary line
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--schedule", default="cosine")
-    parser.add_argument("--aa-n", type=int, default=200, help="AutoAttack-fast on the first N test images (0: skip)")
+    parser.add_argument("--aa-n", type=int, default=200, help="AutoAttack-fast on N test images spread over the split (0: skip)")
     parser.add_argument("--aa-iters", type=int, default=25, help="APGD iterations of the reduced AutoAttack")
     parser.add_argument("--timing-rounds", type=int, default=10, help="interleaved timed blocks per precision")
     parser.add_argument("--timing-block", type=int, default=3, help="steps per timed block")
@@ -97,13 +98,21 @@ def train_one(args: argparse.Namespace, data: Any, out: Path, method: str, seed:
         "best_epoch": result["best_epoch"], "train_seconds": result["train_seconds"],
         "process_seconds": time.process_time() - cpu0,
     }
-    if args.aa_n:
-        from fastrobust.checkpoint import load_model
+    from fastrobust.checkpoint import load_model
+    from fastrobust.evaluate import pgd_accuracy
 
+    # the last epoch's model too: the paired runs share data order and draws up to the attack's rounding, while
+    # the best epoch is picked on 200 validation images, a noisy choice that can differ between the arms
+    last, _ = load_model(Path(config.out) / "last.safetensors", device=trainer.device)
+    final = pgd_accuracy(last, data.test.images, data.test.labels, eps=8 / 255, steps=20, step_size=2 / 255,
+                         batch_size=config.eval_batch_size, device=trainer.device)
+    record.update(clean_acc_last=final["clean_acc"], pgd20_acc_last=final["robust_acc"])
+    if args.aa_n:
         model, _ = load_model(Path(config.out) / "best.safetensors", device=trainer.device)
         n = min(args.aa_n, len(data.test.labels))
+        spread = torch.linspace(0, len(data.test.labels) - 1, n).round().long()  # the split is sorted by class
         iters = {"n_iter": args.aa_iters}
-        aa = evaluate(model, (data.test.images[:n], data.test.labels[:n]), ["autoattack-fast"], eps=8 / 255,
+        aa = evaluate(model, (data.test.images[spread], data.test.labels[spread]), ["autoattack-fast"], eps=8 / 255,
                       batch_size=max(n, 1), progress=False, seed=seed,
                       attack_options={"autoattack-fast": {"apgd-ce": iters, "apgd-t": {**iters, "n_targets": 3}}})
         record.update(aa_acc=aa["robust_acc"], aa_n=n, aa_clean_acc=aa["clean_acc"])
@@ -157,22 +166,24 @@ def summarise(runs: list[dict[str, Any]], timings: list[dict[str, Any]], precisi
             return f"{values[0]:.3f}"
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
-    lines = ["| method | attack | seeds | clean | PGD-20 | AutoAttack (reduced) | PGD-20 minus fp32's (mean; per seed) "
-             "| best epoch per seed | step time / fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | attack | seeds | best: clean | best: PGD-20 | best: AutoAttack (reduced) | best epoch per seed "
+             "| last: clean | last: PGD-20 | last PGD-20 minus fp32's (mean; per seed) | step time / fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in runs):
         timing = next((t for t in reversed(timings) if t["method"] == method), None)
         for precision in precisions:
             mine = [r for r in runs if r["method"] == method and r["attack_precision"] == precision]
             fp32 = {r["seed"]: r for r in runs if r["method"] == method and r["attack_precision"] == "fp32"}
-            diffs = [r["pgd20_acc"] - fp32[r["seed"]]["pgd20_acc"] for r in mine if r["seed"] in fp32]
+            diffs = [r["pgd20_acc_last"] - fp32[r["seed"]]["pgd20_acc_last"] for r in mine if r["seed"] in fp32]
             diff = "-" if precision == "fp32" or not diffs else (
                 f"{statistics.mean(diffs):+.3f} ({', '.join(f'{d:+.3f}' for d in diffs)})")
             ratio = f"{timing['ratio_to_fp32'][precision]:.2f}" if timing else "-"
             lines.append(f"| {method} | {precision} | {len(mine)} | {mean_std([r['clean_acc'] for r in mine])} | "
                          f"{mean_std([r['pgd20_acc'] for r in mine])} | "
-                         f"{mean_std([r['aa_acc'] for r in mine if 'aa_acc' in r])} | {diff} | "
-                         f"{', '.join(str(r['best_epoch']) for r in mine)} | {ratio} |")
+                         f"{mean_std([r['aa_acc'] for r in mine if 'aa_acc' in r])} | "
+                         f"{', '.join(str(r['best_epoch']) for r in mine)} | "
+                         f"{mean_std([r['clean_acc_last'] for r in mine])} | {mean_std([r['pgd20_acc_last'] for r in mine])} | "
+                         f"{diff} | {ratio} |")
     return lines
 
 
