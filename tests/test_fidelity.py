@@ -105,8 +105,10 @@ def test_cli_schedule_parameters_and_a_schedule_flag_over_a_preset():
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["train", "--preset", "cifar10-resnet18-fast_at-accelerated", "--set", "schedule.peak=0.3"])
-    assert make_config(collect_settings(args)).validate().schedule_params == {"peak": 0.3}
+    args = parser.parse_args(["train", "--preset", "cifar10-resnet18-fast_at-accelerated", "--set", "schedule.peak=0.3",
+                              "--attack-precision", "fp32"])
+    config = make_config(collect_settings(args)).validate()
+    assert config.schedule_params == {"peak": 0.3} and config.attack_precision == "fp32" and config.amp == "bf16"
     # another schedule on the command line does not inherit the preset's cyclic peak
     args = parser.parse_args(["train", "--preset", "cifar10-resnet18-fast_at-accelerated", "--schedule", "cosine"])
     assert make_config(collect_settings(args)).validate().schedule_params == {}

@@ -182,7 +182,6 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
 def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
     """Logits of the clean batch with the model in eval mode and no graph (the attacks' reference)."""
     from ..attacks import model_mode
-
     from ..precision import attack_autocast
 
     with model_mode(model, training=False), torch.no_grad(), attack_autocast():
