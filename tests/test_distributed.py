@@ -248,3 +248,50 @@ def test_two_nodes_on_localhost_and_a_killed_rank_restarts_from_the_checkpoint(t
         assert epochs == [1, 2]
     # the restarted job continued the same global state: the same weights as the uninterrupted 2-rank job
     assert_close_weights(final_weights(tmp_path / "restarted"), final_weights(tmp_path / "nodes"), atol=1e-6)
+
+
+# ---- a method's own parameters (SPROUT's u) and the invariance evaluations under several ranks ----------------
+INVARIANCE_OPTIONS = {"gaussian-noise": {"stds": [0.1, 0.4], "draws": 2}, "spatial": {"rotations": 3, "translations": 3}}
+
+
+def _method_state_and_invariance_job(rank: int, out: str) -> None:
+    trainer = Trainer(train_config(Path(out), "sprout", method_params={"n_aug": 1}), dataset=dataset16(),
+                      progress=False, log=lambda _message: None)
+    trainer.fit()
+    torch.save(trainer.method.state_dict(), Path(out) / f"sprout-state-rank{rank}.pt")
+    torch.manual_seed(0)
+    model = create_model("tinycnn", num_classes=4, image_size=8).eval()
+    record = evaluate(model, synthetic_dataset(test=37).test, list(INVARIANCE_OPTIONS), eps=8 / 255, batch_size=8,
+                      progress=False, seed=5, attack_options=INVARIANCE_OPTIONS, distributed=True)
+    (Path(out) / f"invariance{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-rank-sprout")
+    spawn("_method_state_and_invariance_job", str(out))
+    return out
+
+
+def test_sprout_label_parameter_follows_the_global_batch_on_every_rank(two_rank_run):
+    """u's gradient is averaged over the ranks like the weights': every rank takes the same step, so u (and its
+    momentum) is identical on both ranks and in the checkpoint (before, each rank stepped on its own shard)."""
+    states = [torch.load(two_rank_run / f"sprout-state-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(states[0]["u"], torch.ones(4)), "u never moved"
+    for key in ("u", "u_momentum_buffer"):
+        assert torch.equal(states[0][key], states[1][key]), (key, states[0][key], states[1][key])
+    newest = sorted((two_rank_run / "checkpoints").iterdir())[-1]
+    saved = load_file(str(newest / "train_state.safetensors"))
+    assert torch.equal(saved["method/u"], states[1]["u"])
+
+
+def test_sharded_invariance_evaluations_equal_one_process(two_rank_run):
+    torch.manual_seed(0)
+    model = create_model("tinycnn", num_classes=4, image_size=8).eval()
+    single = evaluate(model, synthetic_dataset(test=37).test, list(INVARIANCE_OPTIONS), eps=8 / 255, batch_size=8,
+                      progress=False, seed=5, attack_options=INVARIANCE_OPTIONS)
+    for rank in (0, 1):
+        record = json.loads((two_rank_run / f"invariance{rank}.json").read_text())
+        for name in INVARIANCE_OPTIONS:
+            for key in ("robust_acc", "robust", "broken", "by_std"):
+                assert record["attacks"][name].get(key) == single["attacks"][name].get(key), (rank, name, key)

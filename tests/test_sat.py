@@ -138,7 +138,7 @@ def test_new_presets_are_valid_and_carry_the_published_settings(name):
         assert config.activation == name.rsplit("-", 1)[1] == "silu"
     if name.endswith("-slat"):  # SLAT authors: cyclic lr, peak 0.2, 30 epochs (WRN-28-10)
         assert (config.schedule, config.lr, config.epochs) == ("cyclic", 0.2, 30)
-        assert method.config.step_ratio == 0.9 and method.config.eps_latent == pytest.approx(8 / 255)
+        assert method.config.step_ratio == 0.9 and method.config.latent_step == pytest.approx(8 / 255)
     if name.endswith("-sprout"):
         c = method.config
         assert (c.n_aug, c.sigma, c.alpha, c.label_concentration, c.u_init) == (3, 0.1, 0.2, 10.0, 1.0)

@@ -270,9 +270,15 @@ class GradientSync:
     def reduce(self) -> None:
         """All-reduce the gradients (and BatchNorm statistics) now; every rank must call it."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        tensors = grads + self.buffers
+        if self.all_reduce(grads + self.buffers):
+            self.reductions += 1
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> bool:
+        """``t = sum_r weight_r * t_r`` over ranks, in place, for each tensor (every rank calls it with tensors
+        of the same shapes, in the same order). Also what a method uses for gradients of parameters it owns
+        (``Method.gradient_reduce``: SPROUT's u). Returns whether there was anything to reduce."""
         if not tensors:
-            return
+            return False
         with torch.no_grad():
             for bucket in self._buckets(tensors):
                 dtype = bucket[0].dtype
@@ -288,7 +294,7 @@ class GradientSync:
                     n = t.numel()
                     t.copy_(flat[offset:offset + n].view(t.shape))
                     offset += n
-        self.reductions += 1
+        return True
 
     def broadcast_buffers(self) -> None:
         """Make every rank's BatchNorm statistics rank 0's (they are equal already unless a forward ran in

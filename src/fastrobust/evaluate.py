@@ -28,6 +28,8 @@ from .attacks import model_mode, pgd
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
 from .inputs import check_split, finite_rows, predicts, prepare_model, validated
+from .invariance import EVALUATIONS as INVARIANCE
+from .invariance import evaluate_invariance
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -136,6 +138,9 @@ ATTACKS = (
     "clean", "fgsm", "pgd20", "pgd100", "cw20", "apgd-ce", "apgd-t", "fab-t", "square",
     "autoattack", "autoattack-fast", "rays", "autoattack-official",
 )
+# named invariance evaluations (fastrobust.invariance): same record format, not eps-ball attacks, so not part of
+# the worst case and not kept in the state file
+ATTACKS += tuple(INVARIANCE)
 STATE_VERSION = 2  # 2: model in the fingerprint, non-finite flags per point
 AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_options["autoattack"]
 
@@ -154,6 +159,8 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
 
     if name not in ATTACKS:
         raise ConfigError(f"attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
+    if name in INVARIANCE:
+        return INVARIANCE[name].settings(options)
     if name == "clean":
         base: dict[str, Any] = {}
     elif name == "fgsm":
@@ -395,6 +402,8 @@ def evaluate(
         if key not in names:
             raise ConfigError(f"attack_options names {key!r}, which is not among the attacks {names}")
     settings = {name: attack_settings(name, eps, norm, attack_options.get(name)) for name in names}
+    invariance = {name: settings.pop(name) for name in names if name in INVARIANCE}
+    names = [name for name in names if name not in invariance]
     if "rays" in names and norm != "linf":
         raise ConfigError(f"attack 'rays' is l_inf only but norm={norm!r}: drop rays or use --norm linf")
     if device is None:
@@ -518,6 +527,11 @@ def evaluate(
                 bar.close()
     record = _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device,
                      time.perf_counter() - started, num_classes, images[0].numel() if n else 0)
+    if invariance:  # the prepared model: inputs cast to a half-precision model's dtype, logits in fp32
+        clean = [v for b in range(n_batches) for v in state["clean"][str(b)]]
+        record["attacks"].update(evaluate_invariance(checked, images, labels, invariance, clean=clean,
+                                                     batch_size=batch_size, device=device, seed=seed,
+                                                     distributed=ctx.active))
     record["warnings"] = warned + _non_finite_warnings(record)
     if ctx.is_main:
         for text in record["warnings"]:

@@ -90,7 +90,8 @@ def make_config(settings: dict[str, Any]) -> TrainConfig:
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """``--set key=value``: top-level settings, or ``method.NAME=value`` / ``model.NAME=value``."""
+    """``--set key=value``: top-level settings, or ``method.NAME=value`` / ``model.NAME=value`` /
+    ``schedule.NAME=value`` (``--set schedule.peak=0.5``, ``--set schedule.milestones=0.4,0.7,0.9``)."""
     settings: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -98,6 +99,8 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
         key, value = (part.strip() for part in item.split("=", 1))
         if key.startswith("method."):
             settings.setdefault("method_params", {})[key[len("method."):]] = value
+        elif key.startswith("schedule."):
+            settings.setdefault("schedule_params", {})[key[len("schedule."):]] = _yaml_scalar(value)
         elif key.startswith("model."):
             settings.setdefault("model_params", {})[key[len("model."):]] = _yaml_scalar(value)
         else:

@@ -26,18 +26,39 @@ from torch import nn
 from . import averaging
 from . import distributed as dist_lib
 from . import methods as methods_lib
+from . import precision
 from . import training_state
 from . import user_model
 from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
 from .evaluate import pgd_accuracy
 from .numbers import check_eps, check_nonnegative_int, check_positive_int
+from .optim import parameter_groups
 from .records import append_jsonl, environment
 from .schedules import SCHEDULES, lr_schedule
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 NAN_ACTIONS = ("stop", "rollback")
 COLLAPSE_ACTIONS = ("warn", "stop", "restore")
+
+
+_NEEDS_VALIDATION = ("method {method} needs a validation split (its PGD check after every epoch triggers the fallback) "
+                     "but val_size=0 leaves none, so it would silently train fast_at: set val_size > 0 (default 1000)")
+
+
+def collapse_overrides(config: TrainConfig, method: methods_lib.Method) -> list[str]:
+    """One line per collapse setting of ``config`` that ``method`` overrides with its own (Fast AT+)."""
+    notes = []
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    action = getattr(method, "collapse_action", None)
+    if action is not None and config.on_collapse not in (action, defaults["on_collapse"]):
+        notes.append(f"on_collapse={config.on_collapse!r} is not used: {method.name} always does {action!r} "
+                     "(restore the last good weights, then its PGD fallback)")
+    margin = getattr(method, "collapse_margin", None)
+    if margin is not None and config.collapse_margin not in (margin, defaults["collapse_margin"]):
+        notes.append(f"collapse_margin={config.collapse_margin:g} is not used: {method.name} uses its own "
+                     f"method.collapse_margin={margin:g} (set it with --set method.collapse_margin=...)")
+    return notes
 
 
 class TrainingStopped(FastRobustError):
@@ -63,12 +84,15 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # never on activation parameters (SmoothReLU's b): fastrobust.optim
+    decay_norm_and_bias: bool = True  # false: no weight decay on BatchNorm parameters and biases either
     nesterov: bool = False
     schedule: str = "piecewise"
+    schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"peak": 0.5}; see schedules.lr_schedule
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
+    attack_precision: str = "auto"  # the attacks' precision inside a step (fastrobust.precision)
     channels_last: str = "auto"
     compile: bool = False
     sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
@@ -107,18 +131,23 @@ class TrainConfig:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay} must be zero or positive")
-        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "on_nan": NAN_ACTIONS,
+        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "attack_precision": precision.ATTACK_PRECISIONS,
+                   "on_nan": NAN_ACTIONS,
                    "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off"),
                    "select_by": ("auto", "robust", "clean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         averaging.check_settings(self.ema_decay, self.ema_start_epoch, self.ema_select)
-        if not isinstance(self.sync_bn, bool):
-            raise ConfigError(f"sync_bn={self.sync_bn!r} must be true or false")
+        for name in ("sync_bn", "decay_norm_and_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        lr_schedule(self.schedule, self.lr, self.epochs, **self.schedule_params)  # checks the schedule's parameters
         if not 0 < self.collapse_margin <= 1:
             raise ConfigError(f"collapse_margin={self.collapse_margin} must be in (0, 1] (an accuracy drop)")
         self.build_method()  # validates the method's own parameters
+        if self.val_size == 0 and getattr(methods_lib.method_class(self.method), "needs_validation", False):
+            raise ConfigError(_NEEDS_VALIDATION.format(method=self.method))
         return self
 
     def build_method(self) -> methods_lib.Method:
@@ -239,6 +268,7 @@ class Trainer:
         dist_lib.on_main(lambda: check_writable(self.out), self.dist)  # only rank 0 writes
         self.autocast_dtype, needs_scaler = autocast_settings(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
+        self.attack_policy = precision.resolve(config.attack_precision, self.device.type, self.autocast_dtype)
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
 
         torch.manual_seed(config.seed)
@@ -270,9 +300,15 @@ class Trainer:
         self.averager = averaging.WeightAverager.from_config(config, self.model)  # None without averaging
         self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
         self.method = config.build_method()
+        if self.grad_sync is not None:  # parameters the method owns (SPROUT's u) follow the global batch too
+            self.method.gradient_reduce = self.grad_sync.all_reduce
+        for note in collapse_overrides(config, self.method):
+            self.log(note)
+        if getattr(self.method, "needs_validation", False) and len(self.data.val.labels) == 0:
+            raise ConfigError(_NEEDS_VALIDATION.format(method=config.method) + " (the dataset given has no val split)")
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.lr, momentum=config.momentum,
-            weight_decay=config.weight_decay, nesterov=config.nesterov,
+            parameter_groups(self.model, config.weight_decay, decay_norm_and_bias=config.decay_norm_and_bias),
+            lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
             **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
         )
         rest = len(self.data.train.labels) % config.batch_size  # drop a last batch that leaves a rank one image
@@ -284,7 +320,7 @@ class Trainer:
         )
         if len(self.loader) == 0:
             raise ConfigError(f"batch_size={config.batch_size} leaves no batch of {len(self.data.train.labels)} training images")
-        self.schedule = lr_schedule(config.schedule, config.lr, config.epochs)
+        self.schedule = lr_schedule(config.schedule, config.lr, config.epochs, **config.schedule_params)
         self.lr_scale = 1.0
         self.epoch = 0
         self.batch = 0
@@ -394,7 +430,7 @@ class Trainer:
         custom_step = getattr(self.method, "train_step", None)
         if custom_step is not None:  # methods that own several updates per batch (SPROUT)
             return custom_step(self.forward_model, x, y, self.optimizer, autocast=self._autocast, scaler=self.scaler)[1]
-        with self._autocast():
+        with self._autocast(), precision.attack_precision(self.attack_policy):
             loss, stats = self.method(self.forward_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

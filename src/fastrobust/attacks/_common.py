@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..precision import attack_autocast, attack_gradients
 
 NORMS = ("linf", "l2")
 
@@ -127,7 +128,8 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> t
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x)
+        with attack_autocast():  # the training step's attack precision (fastrobust.precision), if one is set
+            logits = upcast(model(x))
         losses = loss_fn(logits, y)
-        (grad,) = torch.autograd.grad(losses.sum(), x)
+        (grad,) = attack_gradients(losses.sum(), logits, [x])
     return grad.detach(), losses.detach(), logits.detach()

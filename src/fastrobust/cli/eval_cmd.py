@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                         help="where the dataset lies (default: $FASTROBUST_DATA, else ~/.cache/fastrobust/data, "
                              "where a missing dataset is downloaded once)")
     parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
-                        help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)}")
+                        help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)} "
+                        "(gaussian-noise and spatial are invariance evaluations, see docs/evaluation.md)")
     parser.add_argument("--eps", default="8/255",
                         help="perturbation size in [0,1] pixel units: l_inf in (0, 1], 8/255 accepted (default 8/255); "
                              "l2 any positive radius (0.5 is the usual CIFAR-10 budget)")
@@ -224,6 +225,10 @@ def print_summary(record: dict, file=sys.stdout) -> None:
             notes += f"queries {entry['queries_mean']:.0f} (mean)"
         elif "broken_by" in entry and entry["broken_by"]:
             notes = ", ".join(f"{k} {v}" for k, v in entry["broken_by"].items())
+        elif "by_std" in entry:  # invariance: not an eps-ball attack, not in the worst case
+            notes = "noise std " + ", ".join(f"{std} {acc:.1%}" for std, acc in entry["by_std"].items())
+        elif "transformations" in entry:
+            notes = f"all of {entry['transformations']} rotations/translations (not in the worst case)"
         if entry.get("non_finite"):
             notes += f"{', ' if notes else ''}{entry['non_finite']} non-finite (counted as broken)"
         print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)

@@ -15,7 +15,7 @@ _FLAGS = {
     "method": "method", "model": "model", "dataset": "dataset", "data_root": "data_root", "epochs": "epochs",
     "batch_size": "batch_size", "lr": "lr", "schedule": "schedule", "eps": "eps", "train_subset": "train_subset",
     "test_subset": "test_subset", "val_size": "val_size", "seed": "seed", "out": "out", "activation": "activation",
-    "device": "device", "amp": "amp", "on_nan": "on_nan", "on_collapse": "on_collapse",
+    "device": "device", "amp": "amp", "attack_precision": "attack_precision", "on_nan": "on_nan", "on_collapse": "on_collapse",
     "checkpoint_every": "checkpoint_every", "channels_last": "channels_last",
 }
 
@@ -46,10 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="run folder (default runs/METHOD-MODEL-DATASET-TIME)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", help="auto, off, bf16 or fp16")
+    parser.add_argument("--attack-precision", help="auto, fp32, bf16 or fp16: the precision of the attack inside "
+                        "each training step, apart from --amp (docs/training.md)")
     parser.add_argument("--channels-last", help="auto, on or off")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     parser.add_argument("--on-nan", help="stop or rollback when the loss becomes NaN/Inf")
-    parser.add_argument("--on-collapse", help="warn, stop or restore on catastrophic overfitting")
+    parser.add_argument("--on-collapse", help="warn, stop or restore on catastrophic overfitting (fast_at_plus "
+                        "always restores and uses its own method.collapse_margin; the run says so)")
     parser.add_argument("--checkpoint-every", type=str, help="also checkpoint every N steps inside an epoch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, or method.PARAM=VALUE / model.PARAM=VALUE (repeatable)")
@@ -73,15 +76,17 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile:
         settings["compile"] = True
     extra = parse_assignments(args.set)
-    for key in ("method_params", "model_params"):
+    given = {key: dict(extra.get(key, {})) for key in ("method_params", "schedule_params")}
+    for key in ("method_params", "model_params", "schedule_params"):
         if key in extra:
             settings[key] = {**settings.get(key, {}), **extra.pop(key)}
     settings.update(extra)
-    if "method" in settings and args.preset and getattr(args, "method", None) and "method_params" in settings:
-        # a method chosen on the command line does not inherit the preset method's parameters
-        preset_method = load_preset(args.preset).get("method")
-        if preset_method != args.method:
-            settings["method_params"] = extra.get("method_params", {})
+    preset = load_preset(args.preset) if args.preset else {}
+    for flag, key in (("method", "method_params"), ("schedule", "schedule_params")):
+        # a method (schedule) chosen on the command line does not inherit the preset's parameters of another one
+        chosen = getattr(args, flag, None)
+        if chosen and key in settings and preset.get(flag) != chosen:
+            settings[key] = given[key]
     return settings
 
 

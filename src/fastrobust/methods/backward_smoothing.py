@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..attacks import model_mode, project
 from ..attacks._common import input_gradient, per_example_loss, upcast
+from ..precision import attack_autocast, attack_gradients
 from .base import Cost, Method, MethodConfig, Stats, clean_logits_eval, register
 from .standard import adversarial_ce, trades_objective
 
@@ -61,10 +62,11 @@ def _clean_logits_and_backward_step(
     backward step's gradient (z does not depend on the graph, so this equals a separate no-grad forward)."""
     x_grad = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x_grad)
+        with attack_autocast():
+            logits = upcast(model(x_grad))
         z = logits.detach()
         target = smoothed_target(z, gamma, num_points, psi)
-        (grad,) = torch.autograd.grad(_kl_from_target(target, logits).sum(), x_grad)
+        (grad,) = attack_gradients(_kl_from_target(target, logits).sum(), logits, [x_grad])
     return z, project(x - step_size * grad.sign(), x, eps)
 
 

@@ -102,6 +102,9 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     description: ClassVar[str] = ""
+    # Set by a trainer running several ranks: averages, in place, gradients of parameters the method owns (such
+    # as SPROUT's u) over the global batch with the weights' averaging, so that every rank takes the same step.
+    gradient_reduce: Callable[[list[Tensor]], None] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -235,6 +238,7 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
 def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
     """Logits of the clean batch with the model in eval mode and no graph (the attacks' reference)."""
     from ..attacks import model_mode
+    from ..precision import attack_autocast
 
-    with model_mode(model, training=False), torch.no_grad():
+    with model_mode(model, training=False), torch.no_grad(), attack_autocast():
         return model(x).detach()

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..attacks import pgd
 from ..attacks._common import random_start
+from ..errors import ConfigError
 from .base import Cost, Method, MethodConfig, Stats, register
 from .standard import PGDAT, TRADES, PGDATConfig, adversarial_ce
 
@@ -99,10 +101,13 @@ class FastATPlus(Method):
     )
     collapse_action = "restore"
 
+    needs_validation = True  # the trainer refuses val_size=0: without the check this would be fast_at
+
     def __init__(self, config: FastATPlusConfig | None = None, /, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self.fallback_epochs_left = 0
         self._in_fallback = False
+        self._started_epoch = -1  # the epoch whose attack was last decided (a resumed epoch keeps its decision)
 
     @property
     def collapse_margin(self) -> float:
@@ -117,10 +122,30 @@ class FastATPlus(Method):
         self.fallback_epochs_left = self.config.fallback_epochs
 
     def start_epoch(self, epoch: int) -> dict[str, Any]:
-        self._in_fallback = self.fallback_epochs_left > 0
-        if self._in_fallback:
-            self.fallback_epochs_left -= 1
+        if epoch != self._started_epoch:  # a new epoch (not one resumed in its middle): decide its attack
+            self._started_epoch = epoch
+            self._in_fallback = self.fallback_epochs_left > 0
+            if self._in_fallback:
+                self.fallback_epochs_left -= 1
         return {"attack": f"pgd{self.config.fallback_steps}" if self._in_fallback else "fgsm_rs"}
+
+    _STATE = ("fallback_epochs_left", "in_fallback", "started_epoch")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The fallback schedule, so that a resumed run trains each epoch with the attack the uninterrupted run
+        uses (a checkpoint written after a collapse holds the pending PGD epoch)."""
+        values = (self.fallback_epochs_left, int(self._in_fallback), self._started_epoch)
+        return {name: torch.tensor(value, dtype=torch.int64) for name, value in zip(self._STATE, values)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not state:  # a checkpoint written before this state was saved: no fallback pending
+            self.fallback_epochs_left, self._in_fallback, self._started_epoch = 0, False, -1
+            return
+        if set(state) != set(self._STATE):
+            raise ConfigError(f"fast_at_plus keeps {', '.join(self._STATE)}, but the checkpoint holds {sorted(state)}")
+        self.fallback_epochs_left = int(state["fallback_epochs_left"])
+        self._in_fallback = bool(int(state["in_fallback"]))
+        self._started_epoch = int(state["started_epoch"])
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
         c = self.config

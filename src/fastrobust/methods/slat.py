@@ -7,7 +7,7 @@ Per batch, in the mode the model is in (the trainer's train mode):
      gradient is ever accumulated), gives grad_x and grad_{h_m} of CE(f(x), y);
   2. x' = Pi(x + step_ratio * eps * sign(grad_x))  (eps-ball and [0, 1]; step_ratio = 0.9; no random start);
   3. a second forward on x' in which each chosen module's output h (as computed in this forward) is replaced
-     by h + delta, delta = sign(grad_h) * eps_latent clipped so that h + delta stays in that channel's
+     by h + delta, delta = sign(grad_h) * eps_latent (default: eps, as the authors) clipped so that h + delta stays in that channel's
      [min, max] over the clean forward's batch and |delta| <= eps_latent per element (where h already lies
      outside the clean range, delta moves it back towards the range by at most eps_latent);
   4. loss = CE on that second forward.
@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from ..attacks import project
 from ..attacks._common import upcast
 from ..errors import ConfigError
+from ..numbers import parse_number
+from ..precision import attack_autocast, attack_gradients
 from .base import Cost, Method, MethodConfig, Stats, accuracy, register
 
 
@@ -95,17 +97,29 @@ def _channel_range(h: Tensor) -> tuple[Tensor, Tensor]:
 class SLATConfig(MethodConfig):
     eps: float = 8 / 255
     step_ratio: float = 0.9          # input step = step_ratio * eps
-    eps_latent: float = 8 / 255      # latent step (units of the activations)
+    eps_latent: float | None = None  # latent step (units of the activations); None: eps (the authors' one eta)
     latent_modules: str = "auto"     # "auto", "none" or comma-separated module names
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (isinstance(self.step_ratio, (int, float)) and math.isfinite(self.step_ratio) and self.step_ratio > 0):
             raise ConfigError(f"slat step_ratio={self.step_ratio!r} must be a positive number (paper: 0.9)")
-        if not (isinstance(self.eps_latent, (int, float)) and math.isfinite(self.eps_latent) and self.eps_latent >= 0):
-            raise ConfigError(f"slat eps_latent={self.eps_latent!r} must be a number >= 0 (paper: 8/255)")
+        if isinstance(self.eps_latent, str):  # from the command line or a preset: "8/255", or none
+            text = self.eps_latent.strip().lower()
+            value = None if text in ("none", "null", "") else parse_number(text, name="slat eps_latent")
+            object.__setattr__(self, "eps_latent", value)
+        if self.eps_latent is not None and not (isinstance(self.eps_latent, (int, float)) and not isinstance(
+                self.eps_latent, bool) and math.isfinite(self.eps_latent) and self.eps_latent >= 0):
+            raise ConfigError(f"slat eps_latent={self.eps_latent!r} must be a number >= 0, or none for eps (authors)")
         if not isinstance(self.latent_modules, str):
             raise ConfigError(f"slat latent_modules={self.latent_modules!r} must be a comma-separated string")
+
+    @property
+    def latent_step(self) -> float:
+        """The latent perturbation size: ``eps_latent``, or ``eps`` when it is None. The SLAT authors derive
+        the input and latent perturbations from one ``eta`` (model/hidden_module.py), so the latent step
+        follows eps (8/255 in the paper)."""
+        return float(self.eps if self.eps_latent is None else self.eps_latent)
 
 
 @register
@@ -114,7 +128,8 @@ class SLAT(Method):
     Config = SLATConfig
     description = (
         "Park & Lee SLAT: one pass gives the gradients of the input and of conv1/layer1 outputs; CE on the "
-        "input step 0.9*eps plus signed latent steps eps_latent (clipped to the channels' clean range)."
+        "input step 0.9*eps plus signed latent steps eps_latent (None: eps, as the authors; clipped to the "
+        "channels' clean range)."
     )
 
     @property
@@ -142,7 +157,7 @@ class SLAT(Method):
                     return None
                 applied.add(name)
                 sign, low, high = plan[name]
-                return output + latent_delta(output, sign, low, high, c.eps_latent)
+                return output + latent_delta(output, sign, low, high, c.latent_step)
 
             return hook
 
@@ -151,13 +166,14 @@ class SLAT(Method):
             for name, module in targets:
                 handles.append(module.register_forward_hook(make_hook(name)))
             x_in = x.detach().clone().requires_grad_(True)
-            logits = model(x_in)
-            clean_loss = F.cross_entropy(upcast(logits), y)
+            with attack_autocast():  # the gradient pass is the attack: its precision (fastrobust.precision)
+                logits = upcast(model(x_in))
+            clean_loss = F.cross_entropy(logits, y)
             missing = [name for name in names if name not in recorded]
             if missing:
                 raise ConfigError(f"slat: latent module(s) {', '.join(missing)} never ran in the forward pass")
             latents = [recorded[name] for name in names]
-            grads = torch.autograd.grad(clean_loss, [x_in, *latents])
+            grads = attack_gradients(clean_loss, logits, [x_in, *latents])
             x_adv = project(x.detach() + c.step_ratio * c.eps * grads[0].sign(), x.detach(), c.eps).detach()
             for name, h, grad in zip(names, latents, grads[1:]):
                 low, high = _channel_range(h)

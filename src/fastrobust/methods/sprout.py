@@ -8,11 +8,17 @@ to ``min_concentration`` > 0), and
     L(y; x) = -(1/B) * sum_i r_i . log s(f(x))_i.
 
 Per batch (``train_step``, what the trainer calls):
-  1. ``n_aug`` (3) network updates; each draws x' = clamp(x + sigma * N(0, 1), 0, 1) (sigma = 0.1), a
-     mixup of x' with a shuffled copy, lambda ~ Beta(alpha, alpha) (alpha = 0.2), and minimises
-     lambda * L(y_a; x_mix) + (1 - lambda) * L(y_b; x_mix) with u held fixed;
+  1. ``n_aug`` (3) network updates; each draws x' = x + sigma * N(0, 1) (sigma = 0.1; not clamped to [0, 1],
+     as in the authors' ``mixup_data``; ``clamp_noise=True`` clamps), a mixup of x' with a shuffled copy,
+     lambda ~ Beta(alpha, alpha) (alpha = 0.2), and minimises lambda * L(y_a; x_mix) + (1 - lambda) * L(y_b; x_mix)
+     with u held fixed;
   2. one update of u by gradient ASCENT of L(y; x) on the clean batch (SGD on u alone, its learning rate
-     the network optimiser's current one times ``u_lr_scale``, momentum ``u_momentum``).
+     the network optimiser's current one times ``u_lr_scale``, momentum ``u_momentum`` = 0.9 and weight decay
+     ``u_weight_decay`` = 5e-4, as the authors' ``optimizer_u = SGD([u], lr, momentum=0.9, weight_decay=5e-4)``).
+
+Under several ranks (torchrun) u follows the global batch: the trainer sets ``gradient_reduce``, which
+averages u's gradient over the ranks with the same weights as the network's gradients, so every rank takes the
+same step and holds the same u.
 
 The gradient of L with respect to u flows through the Dirichlet sample only, so step 2 needs a forward
 of the network but no backward through it: the declared cost is ``n_aug`` passes plus one forward.
@@ -59,13 +65,16 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets * F.log_softmax(upcast(logits), dim=1)).sum(dim=1).mean()
 
 
-def noisy_mixup(x: Tensor, sigma: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_mix, lam, perm): Gaussian noise (clamped to [0,1]), then mixup with a shuffled copy of the batch.
+def noisy_mixup(x: Tensor, sigma: float, alpha: float, *, clamp: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_mix, lam, perm): Gaussian noise (not clamped, as the authors; ``clamp`` keeps it in [0, 1]), then mixup
+    with a shuffled copy of the noisy batch.
 
     ``lam`` ~ Beta(alpha, alpha) is a 0-d tensor on x's device (no host synchronisation); alpha = 0 means
     no mixup (lam = 1).
     """
-    noisy = (x + sigma * torch.randn_like(x)).clamp(0.0, 1.0) if sigma > 0 else x
+    noisy = x + sigma * torch.randn_like(x) if sigma > 0 else x
+    if clamp:
+        noisy = noisy.clamp(0.0, 1.0)
     perm = torch.randperm(x.shape[0], device=x.device)
     if alpha > 0:
         concentration = torch.tensor(float(alpha), device=x.device, dtype=torch.float32)
@@ -83,9 +92,11 @@ class SPROUTConfig(MethodConfig):
     alpha: float = 0.2              # mixup lambda ~ Beta(alpha, alpha); 0 turns mixup off
     label_concentration: float = 10.0  # Dirichlet concentration added on the true class
     u_init: float = 1.0             # initial value of every entry of u
-    u_lr_scale: float = 1.0         # u's learning rate = this * the network optimiser's current lr
-    u_momentum: float = 0.0         # momentum of u's SGD optimiser
+    u_lr_scale: float = 1.0         # u's learning rate = this * the network optimiser's current lr (authors: 1)
+    u_momentum: float = 0.9         # momentum of u's SGD optimiser (authors: 0.9)
+    u_weight_decay: float = 5e-4    # weight decay of u's SGD optimiser (authors: 5e-4)
     min_concentration: float = 1e-3  # the Dirichlet concentration is clamped to at least this
+    clamp_noise: bool = False       # clamp the noisy images to [0, 1] (the authors do not)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +105,7 @@ class SPROUTConfig(MethodConfig):
         checks = {
             "sigma": self.sigma >= 0, "alpha": self.alpha >= 0, "label_concentration": self.label_concentration > 0,
             "u_lr_scale": self.u_lr_scale >= 0, "u_momentum": 0 <= self.u_momentum < 1,
+            "u_weight_decay": self.u_weight_decay >= 0,
             "min_concentration": self.min_concentration > 0,
         }
         for name, ok in checks.items():
@@ -122,7 +134,7 @@ class SPROUT(Method):
     def _set_u(self, value: Tensor, momentum: Tensor | None = None) -> None:
         self.u = value.detach().to(torch.float32).clone().requires_grad_(True)
         self._u_optimizer = torch.optim.SGD(
-            [self.u], lr=1.0, momentum=self.config.u_momentum, maximize=True,
+            [self.u], lr=1.0, momentum=self.config.u_momentum, weight_decay=self.config.u_weight_decay, maximize=True,
         )
         if momentum is not None:
             self._u_optimizer.state[self.u]["momentum_buffer"] = momentum.detach().to(self.u).clone()
@@ -178,7 +190,7 @@ class SPROUT(Method):
                        autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> tuple[Tensor, Stats]:
         """One network update's loss: noisy mixup batch, Dirichlet targets at the current (fixed) u."""
         c = self.config
-        x_mix, lam, perm = noisy_mixup(x, c.sigma, c.alpha)
+        x_mix, lam, perm = noisy_mixup(x, c.sigma, c.alpha, clamp=c.clamp_noise)
         with (autocast or contextlib.nullcontext)():
             logits = model(x_mix)
         u = self.label_parameter(logits.shape[1], x.device).detach()
@@ -206,6 +218,8 @@ class SPROUT(Method):
         objective = self.label_objective(log_probs, y)
         assert self.u is not None and self._u_optimizer is not None
         (grad,) = torch.autograd.grad(objective, self.u)
+        if self.gradient_reduce is not None:  # several ranks: the gradient of the global batch's objective
+            self.gradient_reduce([grad])
         self.u.grad = grad
         for group in self._u_optimizer.param_groups:
             group["lr"] = float(lr) * self.config.u_lr_scale

@@ -1,0 +1,130 @@
+"""The numeric precision of the attacks inside a training step, set apart from the training forward/backward.
+
+Under mixed precision (``amp``) a method's whole call runs in autocast, attack included. The attack's
+input gradient is more fragile than the training gradient: TRADES' first step starts from x + 0.001*N(0,1),
+where the KL and its gradient are tiny, so in bf16 its sign is rounding noise on about half of the pixels,
+and in fp16 a third of those gradients underflow to exactly zero (docs/training.md, "Attack precision").
+``attack_precision`` chooses the attack's precision on its own:
+
+* ``fp32``: the attack's forwards and input gradients run without autocast (float32), whatever ``amp`` is;
+* ``bf16`` / ``fp16``: the attack runs under autocast of that type (fp16 input gradients are loss-scaled,
+  see :func:`attack_gradients`);
+* ``auto``: the attack follows the training precision (``amp``), except that an fp16 attack is
+  loss-scaled. This is the default; the measured study behind it is in docs/training.md.
+
+The trainer sets the precision with :func:`attack_precision` around each method call; the attack code
+(``fastrobust.attacks._common.input_gradient``, the methods' own gradient passes) asks for it through
+:func:`attack_autocast` and :func:`attack_gradients`. Outside such a block nothing changes: the attack
+inherits whatever autocast is active, and gradients are plain ``torch.autograd.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+ATTACK_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the loss scale brings the largest logit gradient of the batch to this power of two: the size of a
+# cross-entropy gradient, which fp16 attacks already handle without overflow
+SCALE_TARGET_LOG2 = 0
+MAX_SCALE_LOG2 = 64
+
+
+@dataclass(frozen=True)
+class AttackPrecision:
+    """How the attacks of a training step compute: ``dtype`` None means float32 (autocast off)."""
+
+    device_type: str
+    dtype: torch.dtype | None
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.dtype == torch.float16
+
+
+_CURRENT: ContextVar[AttackPrecision | None] = ContextVar("fastrobust_attack_precision", default=None)
+
+
+def check_attack_precision(mode: str) -> str:
+    if mode not in ATTACK_PRECISIONS:
+        raise ConfigError(f"attack_precision={mode!r} is not one of {', '.join(ATTACK_PRECISIONS)}")
+    return mode
+
+
+def resolve(mode: str, device_type: str, training_dtype: torch.dtype | None) -> AttackPrecision:
+    """The attack precision for ``mode`` given the training autocast dtype (None: float32 training)."""
+    mode = check_attack_precision(mode)
+    dtype = training_dtype if mode == "auto" else _DTYPES[mode]
+    return AttackPrecision(device_type, dtype)
+
+
+@contextlib.contextmanager
+def attack_precision(policy: AttackPrecision | None) -> Iterator[None]:
+    """Run the attacks inside this block at ``policy`` (None: inherit the surrounding autocast)."""
+    token = _CURRENT.set(policy)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current() -> AttackPrecision | None:
+    return _CURRENT.get()
+
+
+def attack_autocast() -> contextlib.AbstractContextManager:
+    """The autocast context an attack's forward runs in: the policy's, or the caller's when none is set."""
+    policy = _CURRENT.get()
+    if policy is None:
+        return contextlib.nullcontext()
+    if policy.dtype is None:
+        return torch.autocast(policy.device_type, enabled=False)
+    return torch.autocast(policy.device_type, dtype=policy.dtype)
+
+
+def loss_scale(logit_grad: Tensor) -> Tensor:
+    """A power of two (a 0-d float32 tensor, >= 1) that brings ``max |logit_grad|`` up to 2**SCALE_TARGET_LOG2.
+
+    A power of two is undone exactly; the scale never shrinks a gradient, so it adds no overflow risk beyond
+    that of a cross-entropy attack gradient. Computed on the device (no host synchronisation).
+    """
+    largest = logit_grad.detach().abs().amax().float()
+    exponent = torch.floor(SCALE_TARGET_LOG2 - torch.log2(largest.clamp_min(torch.finfo(torch.float32).tiny)))
+    return torch.exp2(exponent.clamp(0, MAX_SCALE_LOG2))
+
+
+def attack_gradients(loss: Tensor, logits: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Gradients of the scalar ``loss`` with respect to ``inputs``, where ``loss`` is computed from ``logits``.
+
+    ``logits`` must be the float32 tensor the loss was computed from (``upcast(model(x))``). Under an fp16
+    attack precision the backward through the network is loss-scaled: the gradient at the logits is computed
+    in float32, multiplied by :func:`loss_scale`, sent through the fp16 network, and the input gradients are
+    divided by the same power of two (exact). Without it, small gradients (TRADES' first KL step) underflow
+    to zero in fp16. Otherwise this is ``torch.autograd.grad(loss, inputs)``.
+    """
+    policy = _CURRENT.get()
+    if policy is None:
+        return torch.autograd.grad(loss, list(inputs))
+    # the backward runs outside autocast, as torch recommends (a CPU backward inside an active bf16 autocast
+    # changes the fp32 gradient's rounding); its ops follow the precision of the recorded forward
+    with torch.autocast(policy.device_type, enabled=False):
+        if not policy.loss_scaling:
+            return torch.autograd.grad(loss, list(inputs))
+        (logit_grad,) = torch.autograd.grad(loss, logits)
+        scale = loss_scale(logit_grad)
+        grads = torch.autograd.grad(logits, list(inputs), grad_outputs=logit_grad * scale)
+        return tuple(g.float() / scale for g in grads)
+
+
+__all__ = [
+    "ATTACK_PRECISIONS", "AttackPrecision", "attack_autocast", "attack_gradients", "attack_precision",
+    "check_attack_precision", "current", "loss_scale", "resolve",
+]
