@@ -732,6 +732,21 @@ def balanced_take(labels: np.ndarray, count: int, num_classes: int, *, seed: int
     return np.sort(chosen)
 
 
+def balanced_head(images: torch.Tensor, labels: torch.Tensor, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` points of a split taken round-robin over its classes (the first of each class,
+    then the second, ...), kept in split order; the whole split when ``count`` is None or not smaller.
+
+    Use this instead of ``images[:count]``: the test splits here are sorted by class (CIFAR-10's first 1,000
+    test images are all airplanes), so a plain prefix evaluates a few classes only.
+    """
+    if count is None or count >= len(labels):
+        return images, labels
+    y = labels.detach().cpu().numpy()
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    idx = torch.from_numpy(balanced_take(y, count, num_classes, seed=None)).to(labels.device)
+    return images[idx.to(images.device)], labels[idx]
+
+
 def _check_count(value, *, name: str, allow_zero: bool) -> int | None:
     if value is None:
         return None
