@@ -7,6 +7,7 @@ with the same strict grammar as the command line.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,30 @@ ALIASES = {"speedrun": "cifar10-preactresnet18-speedrun", "speedrun-cpu": "cifar
 
 def available_presets() -> list[str]:
     return sorted([path.stem for path in PRESET_DIR.glob("*.yaml")] + list(ALIASES))
+
+
+def preset_descriptions() -> dict[str, str]:
+    """Every shipped preset (and alias) with its ``description:`` (one line; aliases name their preset)."""
+    described = {}
+    for name in available_presets():
+        if name in ALIASES:
+            described[name] = f"alias of {ALIASES[name]}"
+            continue
+        try:
+            text = (yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}).get("description", "")
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError):
+            text = ""
+        described[name] = " ".join(str(text or "").split())
+    return described
+
+
+def summary_line(description: str, width: int = 110) -> str:
+    """The description's first sentence (up to ". " or " -- "), cut after a word to ``width`` characters."""
+    head = re.split(r" -- |\. ", description, maxsplit=1)[0].rstrip(".")
+    if len(head) <= width:
+        return head
+    cut = max(head.rfind(", ", 0, width - 3), head.rfind("; ", 0, width - 3), head.rfind(" ", 0, width - 3))
+    return head[:cut].rstrip(" ,;(") + "..."
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:

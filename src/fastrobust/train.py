@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from . import averaging
 from . import distributed as dist_lib
 from . import methods as methods_lib
 from . import precision
+from . import run_folder
 from . import training_state
 from . import user_model
 from .checkpoint import atomic_write_json, save_model
@@ -115,6 +117,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Reject bad values before any work starts, each with the reason and the fix."""
         methods_lib.method_class(self.method)
+        # stored resolved, so a resume (or an evaluation) from another working directory finds the data
+        self.data_root = str(Path(self.data_root).expanduser().resolve()) if self.data_root not in (None, "") else None
         if self.eps is not None:
             self.eps = check_eps(self.eps)
         self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
@@ -225,6 +229,26 @@ def default_out(config: TrainConfig) -> str:
     return str(Path("runs") / f"{config.method}-{config.model}-{config.dataset}-{stamp}")
 
 
+def check_can_write(folder: Path) -> None:
+    """Fail before any work when ``folder`` could not be created and written, or the disk is nearly full;
+    creates nothing (``check_writable`` later makes the folder and probes it)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FastRobustError(f"cannot write to output folder {folder}: {existing} is not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FastRobustError(f"cannot write to output folder {folder}: permission denied on {existing}; "
+                              "choose another --out")
+    _check_free_space(folder, existing)
+
+
+def _check_free_space(folder: Path, existing: Path) -> None:
+    free = os_free_bytes(existing)
+    if free is not None and free < 50 * 2**20:
+        raise FastRobustError(f"only {free / 2**20:.0f} MiB free under {folder}: free some disk space or choose another --out")
+
+
 def check_writable(folder: Path) -> None:
     """Fail before training when the output folder cannot be written or the disk is nearly full."""
     try:
@@ -234,9 +258,7 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise FastRobustError(f"cannot write to output folder {folder}: {error.strerror or error}; choose another --out") from None
-    free = os_free_bytes(folder)
-    if free is not None and free < 50 * 2**20:
-        raise FastRobustError(f"only {free / 2**20:.0f} MiB free under {folder}: free some disk space or choose another --out")
+    _check_free_space(folder, folder)
 
 
 def os_free_bytes(folder: Path) -> int | None:
@@ -252,6 +274,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, dataset: Any = None, progress: bool = True,
                  log: Callable[[str], None] = print, resume: bool = False, model: nn.Module | None = None) -> None:
+        """``resume``: continue the run in ``config.out`` from its newest checkpoint. Otherwise ``config.out``
+        must hold no other run (ConfigError, ``fastrobust.run_folder``): nothing saved there is touched.
+        Every setting is checked, the data loaded and the model and method built before the folder is made."""
         from .data import DeviceLoader, load_dataset
         from .models import create as create_model
 
@@ -265,7 +290,15 @@ class Trainer:
         if self.dist.active:  # every rank uses rank 0's folder name (default_out holds a timestamp)
             self.out = Path(dist_lib.broadcast_object(str(self.out)))
         self.config.out = str(self.out)
-        dist_lib.on_main(lambda: check_writable(self.out), self.dist)  # only rank 0 writes
+        if not resume and self.dist.restart_count > 0:  # torchrun --max-restarts: continue where the job died
+            resume = dist_lib.on_main(lambda: any((self.out / "checkpoints").glob("step-*")), self.dist)
+            if resume:
+                self.log(f"torchrun restart {self.dist.restart_count}: resuming {self.out} from its last checkpoint")
+        self.resumed = resume
+        defaults = asdict(TrainConfig())
+        self._folder_use = None if resume else dist_lib.on_main(  # only rank 0 reads and writes the folder
+            lambda: run_folder.check(self.out, asdict(self.config), defaults), self.dist)
+        dist_lib.on_main(lambda: check_can_write(self.out), self.dist)
         self.autocast_dtype, needs_scaler = autocast_settings(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
         self.attack_policy = precision.resolve(config.attack_precision, self.device.type, self.autocast_dtype)
@@ -306,6 +339,9 @@ class Trainer:
             self.log(note)
         if getattr(self.method, "needs_validation", False) and len(self.data.val.labels) == 0:
             raise ConfigError(_NEEDS_VALIDATION.format(method=config.method) + " (the dataset given has no val split)")
+        check_model = getattr(self.method, "check_model", None)  # settings that name parts of the model (SLAT)
+        if check_model is not None:
+            check_model(self.model)
         self.optimizer = torch.optim.SGD(
             parameter_groups(self.model, config.weight_decay, decay_norm_and_bias=config.decay_norm_and_bias),
             lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
@@ -329,12 +365,21 @@ class Trainer:
         self.peak_val_robust = -1.0  # the best validation robust accuracy so far: the collapse reference
         self.train_seconds = 0.0
         self.last_good: training_state.Snapshot | None = None
-        if not resume and self.dist.restart_count > 0:  # torchrun --max-restarts: continue where the job died
-            resume = dist_lib.on_main(lambda: any((self.out / "checkpoints").glob("step-*")), self.dist)
-            if resume:
-                self.log(f"torchrun restart {self.dist.restart_count}: resuming {self.out} from its last checkpoint")
+        self.partial: dict[str, Any] | None = None  # the sums of the epoch's batches before a mid-epoch checkpoint
+        self.data_fingerprint = training_state.data_fingerprint(self.data)
         if resume:
             self._resume()
+        self._created_out = dist_lib.on_main(self._make_folder, self.dist)
+
+    def _make_folder(self) -> bool:
+        """Make (or, to restart the same run's checkpoint-less start, clear) the run folder now that every
+        setting is checked; returns whether this run created it."""
+        created = not self.out.exists()
+        if self._folder_use == run_folder.RESTART:
+            run_folder.clear(self.out)
+            self.log(f"{self.out}: restarting a run of the same settings that never reached a checkpoint")
+        check_writable(self.out)
+        return created
 
     # ---- checkpoints -------------------------------------------------------------------
     def _info(self) -> dict[str, Any]:
@@ -343,6 +388,7 @@ class Trainer:
             "peak_val_robust": self.peak_val_robust,
             "lr_scale": self.lr_scale, "train_seconds": self.train_seconds, "config": asdict(self.config),
             "world_size": self.dist.world_size, "model_source": self.model_source,
+            "data_fingerprint": self.data_fingerprint, "partial_epoch": self.partial if self.batch else None,
         }
 
     def _method_state(self) -> dict[str, torch.Tensor]:
@@ -366,6 +412,8 @@ class Trainer:
         """Every rank calls it; rank 0 writes the global state plus each rank's random state (returns None elsewhere)."""
         if self.grad_sync is not None:
             self.grad_sync.broadcast_buffers()
+        if self.batch:  # mid-epoch: the sums of the epoch so far go with it (metrics.jsonl covers the whole epoch)
+            self.partial = self._partial_totals()
         snapshot = self._capture()
         if self.dist.active:
             states = dist_lib.gather_objects(snapshot.rng)
@@ -374,6 +422,15 @@ class Trainer:
             if not self.dist.is_main:
                 return None
         return training_state.write(self.out, snapshot, self.model)
+
+    def _partial_totals(self) -> dict[str, Any]:
+        """The epoch so far over every rank: stat sums, images and seconds (JSON-able, for a checkpoint)."""
+        sums, keys = self._running["sums"], sorted(self._running["sums"])
+        totals = [float(sums[key]) for key in keys] + [float(self._running["seen"])]
+        if self.dist.active:
+            totals = dist_lib.sum_counts(totals, device=self.device)
+        return {"sums": dict(zip(keys, totals[:-1])), "images": int(totals[-1]),
+                "seconds": self._epoch_before + time.perf_counter() - self._epoch_start}
 
     def _rank_rng(self, snapshot: training_state.Snapshot) -> dict[str, torch.Tensor] | None:
         """This rank's saved random state, or None when the checkpoint was written by another number of ranks."""
@@ -399,7 +456,21 @@ class Trainer:
         self.method.load_state_dict({k: v.to(self.device) for k, v in snapshot.method.items()})
         self._restore_averaged(snapshot)
         info = snapshot.info
+        saved_data = info.get("data_fingerprint")  # absent in checkpoints written before it was recorded
+        if saved_data is not None and saved_data != self.data_fingerprint:
+            raise FastRobustError(
+                f"the {self.data.name} data loaded now ({self.data.source}) is not the data {self.out} was trained on "
+                f"(data fingerprint {self.data_fingerprint}, the checkpoint's {saved_data}): give --data-root the "
+                "folder that holds the run's data")
+        if info["epoch"] > self.config.epochs:
+            raise ConfigError(f"{self.out} has trained {info['epoch']} epochs already: epochs={self.config.epochs} "
+                              f"would end it before that; give --epochs {info['epoch']} or more (or leave it out)")
         self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
+        self.partial = info.get("partial_epoch") if self.batch else None
+        if self.dist.is_main:  # epochs after the checkpoint are trained again: their old lines go
+            dropped = run_folder.keep_epochs_through(self.out / "metrics.jsonl", self.epoch)
+            if dropped:
+                self.log(f"metrics.jsonl: dropped {dropped} line(s) after epoch {self.epoch} (trained again from the checkpoint)")
         self.best, self.lr_scale, self.train_seconds = info["best"], info["lr_scale"], info["train_seconds"]
         self.peak_val_robust = info["peak_val_robust"]
         self.last_good = self._capture(info)
@@ -446,12 +517,17 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
+        # the batches before a mid-epoch checkpoint count once: rank 0 starts from their (global) sums
+        carried, self.partial = self.partial, None
+        sums: dict[str, Any] = {key: (value if self.dist.is_main else 0.0) for key, value in (carried or {}).get("sums", {}).items()}
+        seen = int((carried or {}).get("images", 0)) if self.dist.is_main else 0
+        self._running = {"sums": sums, "seen": seen}
+        fresh = 0  # images of this call (for images/s)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         batches = self.loader.epoch(self.epoch, start_batch=self.batch)
         bar = tqdm(batches, total=len(self.loader), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not self.progress, leave=False, unit="batch", dynamic_ncols=True)
+                   disable=not (self.progress and _is_terminal(sys.stderr)), leave=False, unit="batch",
+                   dynamic_ncols=True)
         start = time.perf_counter()
         for x, y in bar:
             stats = self._step(x, y)
@@ -462,13 +538,15 @@ class Trainer:
                 sums[key] = sums.get(key, 0) + value.detach().float() * size
             nonfinite |= ~torch.isfinite(stats["loss"])
             seen += size
+            fresh += size
+            self._running["seen"] = seen
             self.batch += 1
             self.global_step += 1
             if self.global_step % self.config.nan_check_every == 0 and self._agree(nonfinite):
                 raise _NonFinite()
-            if self.progress and self.global_step % 20 == 0:
+            if not bar.disable and self.global_step % 20 == 0:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+                bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", img_s=f"{fresh / max(elapsed, 1e-9):.0f}")
             if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0 and self.batch < len(self.loader):
                 if self._agree(bool(nonfinite) or not self._weights_finite()):  # never checkpoint NaN/Inf weights
                     raise _NonFinite()
@@ -549,6 +627,16 @@ class Trainer:
             self.log(f"{message}; continuing (use --on-collapse restore or stop)")
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``config.epochs`` (or to a requested stop: TrainingStopped), then ``finish()``. A new run
+        that fails on a setting before its first checkpoint leaves no half-made run folder behind."""
+        try:
+            return self._fit()
+        except ConfigError:
+            if not self.resumed and self.dist.is_main:
+                run_folder.undo_start(self.out, created=self._created_out)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         config = self.config
         if self.dist.is_main:
             (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
@@ -558,7 +646,8 @@ class Trainer:
         with _StopFlag() as stop:
             while self.epoch < config.epochs:
                 method_info = self.method.start_epoch(self.epoch)
-                epoch_start = time.perf_counter()
+                self._epoch_start = time.perf_counter()
+                self._epoch_before = float((self.partial or {}).get("seconds", 0.0))  # before a mid-epoch checkpoint
                 try:
                     train_metrics = self._train_epoch(stop)
                 except _NonFinite:
@@ -572,7 +661,7 @@ class Trainer:
                         f"{name} received: stopped at epoch {self.epoch + 1}, batch {self.batch}; checkpoint saved. "
                         f"Resume with: fastrobust train --resume {self.out}"
                     )
-                epoch_seconds = time.perf_counter() - epoch_start
+                epoch_seconds = self._epoch_before + time.perf_counter() - self._epoch_start
                 record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_metrics}
                 record.update(self.validate())
                 record.update(self._validate_averaged())
@@ -584,12 +673,15 @@ class Trainer:
                 self._handle_collapse(record)
                 self.epoch += 1
                 self.batch = 0
+                self.partial = None
                 metric = config.selection_metric
                 weights, value = averaging.best_candidate(record, metric, config.ema_select, self.averager)
                 improved = (value if value is not None else 0.0) > self.best["value"] or self.best["epoch"] is None
-                if "collapse" not in record and (improved or len(self.data.val.labels) == 0):
+                new_best = "collapse" not in record and (improved or len(self.data.val.labels) == 0)
+                if new_best:
                     self.best = {"epoch": self.epoch, "metric": metric, "value": -1.0 if value is None else value,
-                                 **({"weights": weights} if self.averager is not None else {})}
+                                 **({"weights": weights} if self.averager is not None else {}),
+                                 "val": {key: record[key] for key in _VAL_KEYS if key in record}}
                     if self.dist.is_main:
                         chosen = self.model if weights == "model" else self.averager.module
                         save_model(chosen, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out), "weights": weights})
@@ -599,11 +691,12 @@ class Trainer:
                 if self.dist.is_main:
                     save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
                     self._save_extra_models()
-                self.save_checkpoint()
-                if self.dist.is_main:
+                if self.dist.is_main:  # before the checkpoint: a resume drops lines after its epoch, never lacks one
                     append_jsonl(self.out / "metrics.jsonl", record)
+                self.save_checkpoint()
                 if self.progress:
-                    self.log(_epoch_line(record))
+                    self.log(_epoch_line(record, best=weights if new_best else None,
+                                         averaged=self.averager is not None))
                 if self._stop_signal(stop, sync=True) is not None:
                     raise TrainingStopped(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
         return self.finish()
@@ -633,6 +726,7 @@ class Trainer:
         assert self.last_good is not None
         self._restore_last_good()
         self.epoch, self.batch = self.last_good.info["epoch"], self.last_good.info["batch"]
+        self.partial = self.last_good.info.get("partial_epoch") if self.batch else None
         self.global_step = self.last_good.info["global_step"]
         self.lr_scale *= 0.5
         self.log(f"the loss became NaN or Inf at {where}: rolled back to epoch {self.epoch} with lr x{self.lr_scale:g}")
@@ -674,6 +768,7 @@ class Trainer:
             "best_selected_by": self.best["metric"],
             "best_val_value": self.best["value"],
             "best_weights": self.best.get("weights", "model"),
+            "best_val": self.best.get("val", {}),  # the validation accuracies of the best epoch (ema_: averaged)
             "peak_val_robust_acc": self.peak_val_robust,
             "test": {"clean_acc": test["clean_acc"], f"pgd{self.config.test_pgd_steps}_acc": test["robust_acc"],
                      "n": test["n"], "eps": self.config.attack_eps, "step_size": self.config.eval_step_size},
@@ -689,12 +784,47 @@ class _NonFinite(Exception):
     pass
 
 
-def _epoch_line(record: dict[str, Any]) -> str:
+_VAL_KEYS = ("val_clean_acc", "val_robust_acc", averaging.PREFIX + "val_clean_acc", averaging.PREFIX + "val_robust_acc")
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal: progress bars only there (in a log file they are kilobytes of noise)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _epoch_line(record: dict[str, Any], *, best: str | None = None, averaged: bool = False) -> str:
+    """One epoch on the console. With weight averaging (``averaged``) the averaged model's validation accuracy
+    is shown beside the trained one's; ``best``: the weights this epoch made ``best`` ("model" or "averaged")."""
     parts = [f"epoch {record['epoch']}", f"lr {record['lr']:.4g}", f"loss {record.get('train_loss', float('nan')):.4f}"]
     if "val_robust_acc" in record:
-        parts.append(f"val clean {record['val_clean_acc']:.3f} robust {record['val_robust_acc']:.3f}")
+        parts.append(f"{'trained ' if averaged else ''}val clean {record['val_clean_acc']:.3f} robust {record['val_robust_acc']:.3f}")
+    prefix = averaging.PREFIX
+    if averaged and prefix + "val_robust_acc" in record:
+        parts.append(f"averaged val clean {record[prefix + 'val_clean_acc']:.3f} robust {record[prefix + 'val_robust_acc']:.3f}")
     parts.append(f"{record['epoch_seconds']:.1f}s ({record['images_per_second']:.0f} img/s)")
+    if best is not None:
+        parts.append(f"new best ({'averaged' if best == 'averaged' else 'trained'} weights)" if averaged else "new best")
     return " | ".join(parts)
+
+
+def describe_best(result: dict[str, Any]) -> str:
+    """The final summary's account of ``best.safetensors`` for a result record: its epoch, with weight
+    averaging which weights it holds (trained or averaged), and the validation accuracies of that epoch
+    (with averaging, of both the trained and the averaged weights), e.g.
+    ``best: epoch 6, averaged weights; val trained clean 0.412 robust 0.231, averaged clean 0.430 robust 0.260``."""
+    averaged = float(result.get("config", {}).get("ema_decay") or 0) > 0
+    head = f"best: epoch {result['best_epoch']}"
+    if averaged:
+        head += f", {'averaged' if result.get('best_weights') == 'averaged' else 'trained'} weights"
+    val = result.get("best_val") or {}
+    shown = []
+    for label, prefix in (("trained ", ""), ("averaged ", averaging.PREFIX)) if averaged else (("", ""),):
+        if prefix + "val_robust_acc" in val:
+            shown.append(f"{label}clean {val[prefix + 'val_clean_acc']:.3f} robust {val[prefix + 'val_robust_acc']:.3f}")
+    return head + (f"; val {', '.join(shown)}" if shown else "")
 
 
 def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
@@ -702,8 +832,34 @@ def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
     """Train a model as ``config`` says and return the result record (also in ``RUN/result.json``).
 
     ``model``: train this ``nn.Module`` (pixels in [0, 1] -> logits; trained in place) instead of building
-    ``config.model`` from the registry; ``config.model`` then reads ``"module"`` (docs/models.md)."""
+    ``config.model`` from the registry; ``config.model`` then reads ``"module"`` (docs/models.md).
+    ``config.out`` must not hold another run (ConfigError): ``resume(out)`` continues one."""
     return Trainer(config, dataset=dataset, progress=progress, log=log, model=model).fit()
+
+
+RESUME_OVERRIDES = ("epochs", "device", "data_root")  # what a resumed run may change: nothing of its result
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The settings a run folder was started with (its ``config.json``); FastRobustError when it has none or
+    the file is damaged."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FastRobustError(f"{run_dir} is not a fastrobust run folder (no config.json)")
+    try:
+        saved = json.loads(config_file.read_text())
+    except ValueError as error:  # UnicodeDecodeError too
+        from .filekind import looks_like
+
+        kind = looks_like(config_file)
+        raise FastRobustError(f"{config_file} is damaged or not a fastrobust config "
+                              f"({f'it looks like {kind}' if kind else error}); "
+                              "restore it from a checkpoint's state.json 'config' or start a new run") from None
+    if not isinstance(saved, dict):
+        raise FastRobustError(f"{config_file} is damaged or not a fastrobust config (not a mapping); "
+                              "restore it from a checkpoint's state.json 'config' or start a new run")
+    return saved
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
@@ -711,27 +867,20 @@ def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], N
            model: nn.Module | None = None) -> dict[str, Any]:
     """Continue a run from its newest intact checkpoint (same data order and random streams).
 
+    ``overrides`` may only hold what does not change the run (``RESUME_OVERRIDES``): ``epochs`` (train longer;
+    not fewer than already trained), ``device`` and ``data_root`` (the same data in another place: the data
+    fingerprint in the checkpoint must match). Anything else is a ConfigError: start a new run for it.
     A run that trained a module passed as ``train(config, model=...)`` needs the same module again (``model``).
     Under torchrun, rank 0 reads the run folder and every rank gets its config; the checkpoint may come from
     any number of ranks (docs/distributed.md says what is exact)."""
     run_dir = Path(run_dir)
+    changing = sorted(set(overrides or {}) - set(RESUME_OVERRIDES))
+    if changing:
+        raise ConfigError(f"resume continues {run_dir}'s own settings; {', '.join(changing)} cannot change them: "
+                          f"start a new run (only {', '.join(RESUME_OVERRIDES)} apply to a resumed run)")
     config_file = run_dir / "config.json"
     ctx = dist_lib.setup((overrides or {}).get("device", "auto"))
-
-    def read_config() -> dict[str, Any]:
-        if not config_file.is_file():
-            raise FastRobustError(f"{run_dir} is not a fastrobust run folder (no config.json)")
-        try:
-            return json.loads(config_file.read_text())
-        except ValueError as error:  # UnicodeDecodeError too
-            from .filekind import looks_like
-
-            kind = looks_like(config_file)
-            raise FastRobustError(f"{config_file} is damaged or not a fastrobust config "
-                                  f"({f'it looks like {kind}' if kind else error}); "
-                                  "restore it from a checkpoint's state.json 'config' or start a new run") from None
-
-    saved = dist_lib.on_main(read_config, ctx)
+    saved = dist_lib.on_main(lambda: read_run_config(run_dir), ctx)
     try:
         saved.update(overrides or {})
         saved["out"] = str(run_dir)

@@ -7,6 +7,7 @@ without a verifiable ``state.json`` is ignored, and resume falls back to the new
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -36,6 +37,22 @@ class Snapshot:
     method: dict[str, torch.Tensor]
     path: Path | None = None
     averaged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def data_fingerprint(data: Any) -> str:
+    """A short hash of a dataset's content (a ``fastrobust.data.Dataset``): name, classes, image shape, every
+    label of every split and 256 evenly spaced images of each. Stored in checkpoints, so that a run resumed
+    with data from another place (``--data-root``) is refused when the data is not the same; the place itself
+    is not part of it."""
+    digest = hashlib.sha256(json.dumps([data.name, int(data.num_classes), list(data.image_shape)]).encode())
+    for split in (data.train, data.val, data.test):
+        count = len(split.labels)
+        digest.update(f"|{count}|".encode())
+        digest.update(split.labels.detach().cpu().numpy().tobytes())
+        if count:
+            picks = torch.linspace(0, count - 1, steps=min(count, 256)).round().long()
+            digest.update(split.images[picks.to(split.images.device)].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train with any method; eps and step sizes accept fractions such as 8/255.",
     )
     parser.add_argument("--preset", help="a shipped preset name (see --list-presets) or a YAML file")
-    parser.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="print the shipped presets with what each is (--json: the full descriptions) and exit")
     parser.add_argument("--method", help="training method (fastrobust methods lists them)")
     parser.add_argument("--model", help="model name (fastrobust models lists them)")
     parser.add_argument("--activation", help="activation for every ReLU of the model (SAT: silu, gelu, ...)")
@@ -56,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-every", type=str, help="also checkpoint every N steps inside an epoch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, or method.PARAM=VALUE / model.PARAM=VALUE (repeatable)")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue the run in this folder with its own settings (only --epochs, --device and "
+                             "--data-root apply)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the result record as JSON")
     parser.add_argument("--nproc", type=str, default=None, metavar="N",
@@ -90,12 +93,61 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..presets import available_presets
+def list_presets(as_json: bool) -> None:
+    """Each shipped preset with the first clause of its description (``as_json``: the full descriptions)."""
+    from ..presets import preset_descriptions, summary_line
 
+    described = preset_descriptions()
+    if as_json:
+        print(json.dumps(described, indent=2, sort_keys=True))
+        return
+    width = max(map(len, described))
+    for name, text in described.items():
+        print(f"{name:<{width}}  {summary_line(text)}".rstrip())
+    print("(--list-presets --json prints the full descriptions; use one with --preset NAME)")
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """With --resume: ConfigError naming every setting that the other flags (a preset, flags, --set) would
+    change, stored vs given. --epochs, --device and --data-root apply to a resumed run (train.RESUME_OVERRIDES);
+    flags that repeat the stored value are accepted."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..presets import make_config
+    from ..train import RESUME_OVERRIDES, TrainConfig, read_run_config
+
+    given = collect_settings(args)
+    for key in RESUME_OVERRIDES:
+        given.pop(key, None)
+    out = given.pop("out", None)
+    differ = []
+    if out is not None and Path(out).resolve() != Path(args.resume).resolve():
+        differ.append(f"out (stored {args.resume}, given {out})")
+    if given:
+        stored = {**asdict(TrainConfig()), **read_run_config(args.resume)}
+        wanted = make_config({**{key: stored[key] for key in ("method", "model", "dataset")}, **given})
+        if wanted.eps is not None:
+            wanted.eps = parse_number(wanted.eps, name="eps")
+        wanted = asdict(wanted.validate())
+        differ += [f"{key} (stored {_shown(stored.get(key))}, given {_shown(wanted[key])})" for key in sorted(given)
+                   if wanted[key] != stored.get(key)]
+    if differ:
+        raise ConfigError(f"--resume {args.resume} continues the run with its stored settings, and the flags given "
+                          f"would change {'; '.join(differ)}: leave them out (only --epochs, --device and "
+                          "--data-root apply to a resumed run), or start a new run with a new --out")
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.list_presets:
-        print("\n".join(available_presets()))
+        list_presets(args.json)
         return 0
+    if args.resume:
+        check_resume_flags(args)
     if args.nproc is not None:
         from ..distributed import relaunch
 
@@ -135,7 +187,7 @@ def _out_of(args: argparse.Namespace) -> str | None:
 def _train(args: argparse.Namespace) -> int:
     from .. import distributed as dist_lib
     from ..presets import make_config
-    from ..train import Trainer, resume
+    from ..train import Trainer, describe_best, resume
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     if args.resume:
@@ -144,6 +196,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides["epochs"] = check_positive_int(args.epochs, name="epochs")
         if args.device is not None:
             overrides["device"] = args.device
+        if args.data_root is not None:
+            overrides["data_root"] = args.data_root
         result = resume(args.resume, progress=not args.quiet, log=log, overrides=overrides)
     else:
         config = make_config(collect_settings(args))
@@ -162,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
         robust_key = next(key for key in test if key.startswith("pgd"))
         print(
             f"{result['config']['method']}: test clean {test['clean_acc']:.4f}, {robust_key[:-4].upper()} "
-            f"{test[robust_key]:.4f} (n={test['n']}, eps={test['eps']:.4f}); best epoch {result['best_epoch']}; "
+            f"{test[robust_key]:.4f} (n={test['n']}, eps={test['eps']:.4f}); {describe_best(result)}; "
             f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
         )
     return 0

@@ -136,6 +136,11 @@ class SLAT(Method):
     def cost(self) -> Cost:
         return Cost(2)
 
+    def check_model(self, model: nn.Module) -> None:
+        """ConfigError now (before the trainer writes anything) when ``latent_modules`` names no module of
+        ``model``; the trainer calls it once after building the model."""
+        resolve_latent_modules(model, self.config.latent_modules)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Stats]:
         c = self.config
         targets = resolve_latent_modules(model, c.latent_modules)
