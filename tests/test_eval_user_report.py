@@ -128,6 +128,7 @@ def test_l2_without_eps_uses_the_l2_budget(cli, model_file):
     code, _, err, seen = cli(model_file, "--norm", "l2")
     assert code == 0, err
     assert seen["eps"] == 0.5 and seen["norm"] == "l2"
+    assert "--eps 0.5 (the usual l2 budget" in err
 
 
 def test_l2_eps_beyond_the_image_box_is_refused_everywhere(cli, model_file):
@@ -321,7 +322,7 @@ def test_checkpoint_folder_and_dataset_from_the_run(cli, model_file, tmp_path):
     step.mkdir(parents=True)
     (step / "model.safetensors").write_bytes(model_file.read_bytes())
     (run / "config.json").write_text(json.dumps({"dataset": "cifar10"}))
-    code, out, err, seen = cli(step, "--json", dataset=False)
+    code, out, err, _ = cli(step, "--json", dataset=False)
     assert code == 0, err
     assert "--dataset cifar10 (the dataset of run" in err
     assert json.loads(out)["dataset"] == "cifar10"
@@ -333,3 +334,14 @@ def test_eval_names_the_model_it_loaded_at_the_start(cli, model_file):
     assert code == 0, err
     params = sum(p.numel() for p in create("tinycnn", num_classes=10).parameters())
     assert f"model tinycnn, {params:,} parameters, input normalisation from the weights" in err
+
+
+def test_ctrl_c_during_eval_says_how_to_resume(cli, model_file, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastrobust.evaluate, "evaluate", interrupted)
+    code, _, err, _ = cli(model_file)
+    assert code == 130 and "add --state FILE" in err
+    code, _, err, _ = cli(model_file, "--state", tmp_path / "s.json")
+    assert code == 130 and f"kept in --state {tmp_path / 's.json'}: run the same command again" in err

@@ -195,6 +195,9 @@ def _run(args: argparse.Namespace) -> int:
     device = dist_lib.local_device(device, ctx)
     attacks = args.attack or ["pgd20"]
     _check_files(args)
+    if args.eps is None and args.norm == "l2" and ctx.is_main:
+        print(f"fastrobust eval: --eps {DEFAULT_EPS['l2']} (the usual l2 budget, RobustBench's for CIFAR-10; "
+              "give --eps for another)", file=sys.stderr)
     trained_on, run_folder = _trained_on(Path(args.checkpoint))
     if args.dataset is None:
         if trained_on is None:
