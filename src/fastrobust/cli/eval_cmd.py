@@ -195,9 +195,6 @@ def _run(args: argparse.Namespace) -> int:
     device = dist_lib.local_device(device, ctx)
     attacks = args.attack or ["pgd20"]
     _check_files(args)
-    if args.eps is None and args.norm == "l2" and ctx.is_main:
-        print(f"fastrobust eval: --eps {DEFAULT_EPS['l2']} (the usual l2 budget, RobustBench's for CIFAR-10; "
-              "give --eps for another)", file=sys.stderr)
     trained_on, run_folder = _trained_on(Path(args.checkpoint))
     if args.dataset is None:
         if trained_on is None:
@@ -254,6 +251,9 @@ def _run(args: argparse.Namespace) -> int:
     model_file = metadata.get("path", str(args.checkpoint))
     if ctx.is_main and not args.quiet:
         print(f"fastrobust eval: {_model_text(model, source)}", file=sys.stderr)
+    if args.eps is None and args.norm == "l2" and ctx.is_main:  # said once every check has passed
+        print(f"fastrobust eval: --eps {DEFAULT_EPS['l2']} (the usual l2 budget, RobustBench's for CIFAR-10; "
+              "give --eps for another)", file=sys.stderr)
     try:
         record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
                           device=device, state_file=args.state, progress=not args.quiet, seed=seed,
