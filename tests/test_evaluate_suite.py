@@ -83,8 +83,8 @@ class Masked(nn.Module):
         return self.inner(Quantise.apply(x))
 
 
-class Stops(Exception):
-    pass
+class Stops(KeyboardInterrupt):
+    """An interruption (Ctrl-C) inside the model; any other exception of the model is a ModelError line."""
 
 
 @contextlib.contextmanager

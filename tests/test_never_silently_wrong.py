@@ -158,8 +158,8 @@ def test_non_finite_logits_never_count_as_correct_or_robust(nan_case, capsys):
         entry = record["attacks"][name]
         assert (entry["robust"], entry["broken"], entry["non_finite"]) == (1, 1, 1), name
     assert record["robust"] == 1
-    assert any("non-finite clean logits" in w for w in record["warnings"])
-    assert "non-finite" in capsys.readouterr().err
+    assert any("NaN or inf logits on 1 of 3 clean points" in w for w in record["warnings"])
+    assert "NaN or inf logits" in capsys.readouterr().err
     result = pgd_accuracy(model, x, y, eps=0.03, steps=5, step_size=0.01)
     assert (result["clean_acc"], result["robust_acc"]) == (2 / 3, 1 / 3)
     assert clean_and_robust_counts(model, x, y, None) == (2, 2, 3)
@@ -492,7 +492,7 @@ def test_cli_counts_nan_logits_as_misclassified(cli_setup, capsys, monkeypatch, 
     assert code == 0, err
     record = json.loads(out)
     assert record["clean_acc"] == 0.0 and record["clean_non_finite"] == 20 and record["robust_acc"] == 0.0
-    assert "20 of 20 points give non-finite clean logits" in err
+    assert "NaN or inf logits on 20 of 20 clean points" in err
 
 
 def test_cli_l2_sanity_checks_run_end_to_end(cli_setup, capsys, monkeypatch, tmp_path):

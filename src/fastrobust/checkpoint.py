@@ -93,13 +93,15 @@ def save_model(model: nn.Module, path: str | Path, metadata: dict[str, Any] | No
 
 
 def resolve_model_file(path: str | Path) -> Path:
-    """Accept a .safetensors file or a run directory (its best, else last, model)."""
+    """Accept a .safetensors file, a run directory (its best, else last, model) or one of its checkpoint folders
+    (``RUN/checkpoints/step-N``: its model.safetensors)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
+        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
             if (path / name).is_file():
                 return path / name
-        raise FastRobustError(f"{path} holds no best.safetensors or last.safetensors: is it a fastrobust run folder?")
+        raise FastRobustError(f"{path} holds no best.safetensors or last.safetensors (a run folder) and no "
+                              "model.safetensors (a checkpoint folder RUN/checkpoints/step-N): is it a fastrobust run?")
     if not path.is_file():
         raise FastRobustError(f"checkpoint {path} does not exist: give a run folder or a .safetensors file")
     return path
@@ -156,7 +158,7 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Pickles that name anything but tensors and plain containers are refused with a FastRobustError naming
     the file and the refused global; a file that is no checkpoint at all (an HTML page saved by a failed
     download, text, a truncated archive) is reported as such. ``{"state_dict": ...}``, ``{"model": ...}``,
-    ``{"net": ...}`` wrappers and DataParallel's ``module.`` prefix are unwrapped. Convert the result with
+    ``{"net": ...}`` wrappers, DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are unwrapped. Convert the result with
     ``save_model`` to get a safe .safetensors file (``fastrobust.thirdparty`` maps public key layouts).
     """
     import pickle
@@ -170,9 +172,17 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise FastRobustError(not_a_checkpoint(path) or (
-            f"refused to load {path}: {_load_reason(error)}; only tensors and plain containers "
-            "are accepted (weights_only=True), nothing in the file was run")) from None
+        reason = _load_reason(error)
+        problem = not_a_checkpoint(path)
+        if problem:
+            raise FastRobustError(problem) from None
+        if "Unsupported operand" in reason:  # an opcode no pickle has: damaged bytes, not a refused global
+            raise FastRobustError(f"{path} is not a recognised checkpoint format: it starts like a pickle but is "
+                                  f"damaged ({reason}); fetch or copy the file again") from None
+        hint = ("; if the file is yours, save the weights alone, torch.save(model.state_dict(), PATH), or the "
+                "program, torch.export.save" if "GLOBAL" in reason else "")
+        raise FastRobustError(f"refused to load {path}: {reason}; only tensors and plain containers are accepted "
+                              f"(weights_only=True), nothing in the file was run{hint}") from None
     except Exception as error:  # truncated zip, not a torch file, ...
         raise FastRobustError(not_a_checkpoint(path) or (
             f"cannot read {path} as a torch state dict ({type(error).__name__}: "
@@ -187,8 +197,19 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for name, value in loaded.items():
         if not (isinstance(name, str) and torch.is_tensor(value)):
             raise FastRobustError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor: not a state dict")
-        state[name[len("module."):] if name.startswith("module.") else name] = value
+        state[strip_wrapper_prefixes(name)] = value
     return state
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """A state-dict key without the prefixes DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``) add,
+    in any nesting (``module._orig_mod.conv1.weight`` -> ``conv1.weight``)."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def _load_reason(error: BaseException) -> str:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .attacks import model_mode, pgd
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
-from .inputs import check_split, finite_rows, predicts, prepare_model, validated
+from .inputs import check_model_images, check_split, finite_rows, predicts, prepare_model, validated
 from .invariance import EVALUATIONS as INVARIANCE
 from .invariance import evaluate_invariance
 
@@ -79,6 +79,7 @@ def clean_and_robust_counts(
     as one process, as long as ``attack`` depends on its batch only.
     """
     images, labels, label_max = check_split(images, labels, where="clean_and_robust_counts")
+    check_model_images(model, tuple(images.shape[1:]), where="clean_and_robust_counts")
     checked = prepare_model(model, label_max, "clean_and_robust_counts")
     clean = torch.zeros((), dtype=torch.long, device=device)
     robust = torch.zeros((), dtype=torch.long, device=device)
@@ -119,7 +120,11 @@ def pgd_accuracy(
     """Clean and PGD accuracy (in [0,1]) of ``model`` on a split: the trainer's validation metric.
 
     ``distributed``: shard the batches across the ranks of the process group (see clean_and_robust_counts).
+    ``eps`` (l_inf, pixel units in [0, 1]; 0 gives the clean accuracy twice) is checked by ``check_eps``.
     """
+    from .numbers import check_eps
+
+    eps = check_eps(eps, allow_zero=True)
     step_size = step_size if step_size is not None else 2 / 255 if eps >= 2 / 255 else eps / 4
 
     def attack(model_: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -295,18 +300,48 @@ def _fresh_state(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
     return {"version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "clean_non_finite": {}, "attacks": {}}
 
 
-def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    if not path.exists():
-        return _fresh_state(fingerprint)
+STATE_FIELDS = ("version", "fingerprint", "clean", "attacks")
+
+
+def read_state_file(path: str | Path) -> dict[str, Any] | None:
+    """The evaluation state saved at ``path`` (None when there is none yet: no file, or an empty one).
+
+    Raises FastRobustError when ``path`` is not an evaluation state file -- a folder, a model, a run's config,
+    any other file -- saying so and asking for another path (such a file is never overwritten), or when it is a
+    state file of another format version (which may then be deleted)."""
+    path = Path(path)
+    other = "choose another --state path (a new state file is created there)"
+    if path.is_dir():
+        raise FastRobustError(f"state file {path} is a folder, not an evaluation state file: {other}, e.g. "
+                              f"{path / 'eval-state.json'}")
+    if not path.exists() or path.stat().st_size == 0:
+        return None
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise FastRobustError(f"state file {path} is not readable JSON ({error}): delete it to start over") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise FastRobustError(f"state file {path} was not written by this version of evaluate (state version "
-                              f"{STATE_VERSION}): delete it to start over")
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        from .filekind import checkpoint_format, looks_like
+
+        kind = checkpoint_format(path)
+        what = f"a model file ({kind})" if kind else (looks_like(path) or "not JSON")
+        raise FastRobustError(f"state file {path} is not an evaluation state file (it looks like {what}): {other}") from None
+    except OSError as error:
+        raise FastRobustError(f"state file {path} cannot be read ({error.strerror or error}): {other}") from None
+    if not isinstance(state, dict) or not all(key in state for key in STATE_FIELDS):
+        raise FastRobustError(f"state file {path} is not an evaluation state file (a JSON file without the fields "
+                              f"{', '.join(STATE_FIELDS)}): {other}")
+    if state["version"] != STATE_VERSION:
+        raise FastRobustError(f"state file {path} was written by another version of evaluate (state version "
+                              f"{state['version']}, this one reads {STATE_VERSION}): delete that state file to start "
+                              f"over, or {other}")
+    return state
+
+
+def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    state = read_state_file(path)
+    if state is None:
+        return _fresh_state(fingerprint)
     if state.get("fingerprint") != fingerprint:
-        old = state.get("fingerprint", {})
+        old = state.get("fingerprint") or {}
         diff = [_FINGERPRINT_NAMES.get(k, k) for k in fingerprint if old.get(k) != fingerprint.get(k)]
         raise FastRobustError(
             f"state file {path} belongs to another evaluation (different {', '.join(diff)}): "
@@ -387,16 +422,24 @@ def evaluate(
     """
     from .attacks._common import check_norm
     from .attacks.autoattack import OFFICIAL_MISSING, official_available
-    from .numbers import check_eps, check_nonnegative_int, check_positive_int
+    from .numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
+    from .output_files import check_writable
 
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
     batch_size = check_positive_int(batch_size, name="batch_size")
     seed = check_nonnegative_int(seed, name="seed")
     images, labels, label_max = _as_split(data)
-    names = list(dict.fromkeys(attacks))  # keep order, drop repeats
+    if len(labels) == 0:
+        raise ConfigError("evaluate: data holds no images: nothing to evaluate (check the split or the subset size)")
+    check_eps_fits(eps, norm, images.shape[1:])
+    check_model_images(model, tuple(images.shape[1:]), where="evaluate")
+    names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
+    names = list(dict.fromkeys(names))  # keep order, drop repeats
     if not names:
         raise ConfigError("attacks is empty: name at least one attack, e.g. ['pgd20']")
+    if any(not isinstance(name, str) for name in names):
+        raise ConfigError(f"attacks={attacks!r} must be attack names, e.g. ['pgd20', 'autoattack']")
     attack_options = dict(attack_options or {})
     for key in attack_options:
         if key not in names:
@@ -411,7 +454,8 @@ def evaluate(
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     model.to(device)
-    checked = prepare_model(model, label_max, "evaluate")  # casts inputs to a bf16/fp16 model's dtype
+    # casts inputs to a bf16/fp16 model's dtype; a failure of the model is one ModelError line
+    checked = prepare_model(model, label_max, "evaluate", guard=True)
     skipped: dict[str, str] = {}
     if "autoattack-official" in names and not official_available():
         skipped["autoattack-official"] = OFFICIAL_MISSING
@@ -424,7 +468,7 @@ def evaluate(
     n_batches = (n + batch_size - 1) // batch_size
     with model_mode(model, training=False), validated():
         warned, num_classes = _prechecks(checked, images[:batch_size], device)
-    path = Path(state_file) if state_file is not None else None
+    path = check_writable(state_file, what="state file", example="eval-state.json") if state_file is not None else None
     loaded: Any = None
     if ctx.is_main:  # only rank 0 reads the state file (other machines need not see it)
         try:
@@ -568,11 +612,12 @@ def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[
 def _non_finite_warnings(record: dict[str, Any]) -> list[str]:
     out = []
     if record["clean_non_finite"]:
-        out.append(f"{record['clean_non_finite']} of {record['n']} points give non-finite clean logits "
-                   "(counted as misclassified)")
+        out.append(f"the model returns NaN or inf logits on {record['clean_non_finite']} of {record['n']} clean "
+                   "points: counted as misclassified (check the model's numerics, e.g. its precision)")
     for name, entry in record["attacks"].items():
-        if entry.get("non_finite"):
-            out.append(f"{entry['non_finite']} adversarials of {name!r} give non-finite logits (counted as broken)")
+        if name != "clean" and entry.get("non_finite"):  # the clean pass: said above
+            out.append(f"the model returns NaN or inf logits on {entry['non_finite']} adversarial examples of "
+                       f"{name!r}: counted as broken (not robust)")
     return out
 
 
@@ -662,7 +707,8 @@ def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, bat
             for who in per_point(batches, "broken_by"):
                 if who is not None and who != "clean":
                     counts[who] = counts.get(who, 0) + 1
-            entry["broken_by"] = counts
+            order = [who for who in settings[name]["options"] if who in counts]  # the order the components ran
+            entry["broken_by"] = {who: counts[who] for who in order + sorted(set(counts) - set(order))}
         per_attack[name] = entry
     adversarial = [a for a in names if a != "clean" and a not in skipped]
     return {

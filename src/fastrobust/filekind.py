@@ -20,10 +20,13 @@ _MARKUP = (b"<!doctype html", b"<html", b"<head", b"<body", b"<meta", b"<title",
            b"<h1", b"<center", b"<a ")
 
 
+UNRECOGNISED = "data in no recognised checkpoint format (not safetensors, zip or pickle): a corrupt or unrelated file"
+
+
 def looks_like(path: str | Path) -> str | None:
-    """A short description ("an HTML page", "text", "a truncated zip archive", ...) when the file at ``path``
-    is certainly not a checkpoint of any kind fastrobust reads; None when it may be one (a complete zip, a
-    safetensors file, a pickle, unknown binary data) or cannot be read."""
+    """A short description ("an HTML page", "text", "a truncated zip archive", "data in no recognised checkpoint format",
+    ...) when the file at ``path`` is certainly not a checkpoint of any kind fastrobust reads; None when it may be
+    one (a complete zip, a safetensors file, a pickle stream) or cannot be read."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(_HEAD)
@@ -49,11 +52,11 @@ def describe(head: bytes, size: int, path: str | Path | None = None) -> str | No
     safetensors = _safetensors_problem(head, size)
     if safetensors is not None:
         return safetensors
-    if _is_pickle(head, size):
+    if _is_safetensors(head) or _is_pickle(head, size):
         return None
     text = _as_text(head)
     if text is None:
-        return None
+        return UNRECOGNISED
     stripped = text.lstrip("\ufeff \t\r\n").lower().encode()
     if stripped.startswith(b"<") and any(tag in stripped[:4096] for tag in _MARKUP):
         return "an HTML page (a failed or redirected download: fetch the file again)"
@@ -78,6 +81,14 @@ def _safetensors_problem(head: bytes, size: int) -> str | None:
     if 8 + length > size:
         return f"a truncated safetensors file ({size} bytes, its header alone needs {8 + length})"
     return None
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A plausible safetensors start: a u64 header length, then ``{`` (its completeness: ``_safetensors_problem``)."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= 100_000_000
 
 
 def _is_pickle(head: bytes, size: int) -> bool:

@@ -21,13 +21,14 @@ import contextvars
 import functools
 import itertools
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, FastRobustError
 
 _VALIDATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastrobust_inputs_validated", default=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,10 +65,19 @@ def _check_image_metadata(x: Tensor, *, where: str, name: str) -> None:
     if x.dim() < 2:
         raise ConfigError(f"{where}: {name} has shape {tuple(x.shape)}, expected a batch of images [B, C, H, W] "
                           "(add the batch dimension with x[None])")
+    _check_channels_first(x, where=where, name=name)
     if not x.is_floating_point():
         hint = " (evaluate and pgd_accuracy also take uint8 image splits)" if x.dtype == torch.uint8 else ""
         raise ConfigError(f"{where}: {name} has dtype {x.dtype}, expected float images in [0, 1]: "
                           f"use x.float() / 255{hint}")
+
+
+def _check_channels_first(x: Tensor, *, where: str, name: str) -> None:
+    """Images laid out [B, H, W, C] (numpy, PIL, TensorFlow) are refused: the last dimension 1 or 3 and the
+    second not (nor 4) reads as channels last; permute them to [B, C, H, W]."""
+    if x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3, 4):
+        raise ConfigError(f"{where}: {name} has shape {tuple(x.shape)}, which looks channels-last [B, H, W, C]; "
+                          f"fastrobust takes [B, C, H, W]: use {name}.permute(0, 3, 1, 2)")
 
 
 def check_labels(y: Tensor, batch: int, *, where: str, name: str = "y") -> Tensor:
@@ -90,11 +100,14 @@ def _check_values(images: Tensor, labels: Tensor, *, where: str, images_name: st
     if not labels.numel():
         return _NOT_CHECKED
     stats = [labels.amin().double(), labels.amax().double()]
-    if images.dtype != torch.uint8:
-        stats += [images.amin().double(), images.amax().double()]
+    stats += [images.amax().double()] if images.dtype == torch.uint8 else [images.amin().double(), images.amax().double()]
     values = torch.stack(stats).tolist()
     if len(values) == 4:
         _check_image_values(images, values[2], values[3], where=where, name=images_name)
+    elif values[2] <= 1:
+        warnings.warn(f"{where}: {images_name} are uint8 holding only 0 and 1: a mask, or [0, 1] floats cast to uint8? "
+                      "uint8 images are 0..255 pixel values (divided by 255 here), so these evaluate as black images; "
+                      "pass float images in [0, 1], or (x * 255).round().to(torch.uint8)", UserWarning, stacklevel=4)
     if values[0] < 0:
         raise ConfigError(f"{where}: {labels_name} has a negative label ({int(values[0])}): labels are class "
                           "indices in [0, C)")
@@ -147,6 +160,8 @@ def check_split(images: Tensor, labels: Tensor, *, where: str) -> tuple[Tensor, 
                           "(uint8, or float in [0, 1])")
     if images.dtype != torch.uint8:
         _check_image_metadata(images, where=where, name="images")
+    else:
+        _check_channels_first(images, where=where, name="images")
     labels = check_labels(labels, images.shape[0], where=where, name="labels")
     return images, labels, _check_values(images, labels, where=where, images_name="images", labels_name="labels")
 
@@ -177,43 +192,123 @@ def parameter_dtype(model: nn.Module) -> torch.dtype | None:
     return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
+class ModelError(FastRobustError):
+    """The model itself failed during an evaluation: it raised an error, or returned no ``[B, C]`` logits.
+    ``detail`` completes "the model ..." (the CLI names the model file there)."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"{where}: the model {detail}")
+        self.detail = detail
+
+
+def last_words(error: BaseException) -> str:
+    """The informative line of an error: TorchScript and export errors put a code traceback first."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1] if len(lines) > 1 and "Traceback" in lines[0] else lines[0]
+    return line.replace("Traceback", "trace")[:240]
+
+
+def check_logits(out: Any, x: Tensor, *, where: str) -> None:
+    """ModelError unless the model's output for the batch ``x`` is a logits tensor ``[B, C]`` (metadata only)."""
+    if not isinstance(out, Tensor):
+        raise ModelError(where, f"returned a {type(out).__name__}; fastrobust needs logits [B, C]: wrap it in a "
+                                "module whose forward returns the logits tensor alone (e.g. model(x)[0])")
+    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ModelError(where, f"returned shape {list(out.shape)} for a batch of {x.shape[0]} images: expected "
+                                f"logits [{x.shape[0]}, C], one row of class scores per image")
+
+
 class CheckedModel(nn.Module):
     """``model`` as an entry point hands it to the attack: inputs cast to its parameter dtype ``dtype`` (logits
     returned as float32, gradients flow through the cast) and, until the first output, the largest label
-    compared with the number of outputs."""
+    compared with the number of outputs. With ``guard`` (evaluations), an error raised by the model becomes one
+    ``ModelError`` line naming the batch shape and the cause, and every output must be logits ``[B, C]``."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None, label_max: int, where: str) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, label_max: int, where: str,
+                 guard: bool = False) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.label_max = label_max
         self.where = where
+        self.guard = guard
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.model(x if self.dtype is None else x.to(self.dtype))
+        out = self._guarded(x) if self.guard else self.model(x if self.dtype is None else x.to(self.dtype))
         if self.label_max != _NOT_CHECKED:
             check_num_classes(self.label_max, out, where=self.where)
             self.label_max = _NOT_CHECKED
         return out if self.dtype is None else out.float()
 
+    def _guarded(self, x: Tensor) -> Tensor:
+        try:
+            out = self.model(x if self.dtype is None else x.to(self.dtype))
+        except FastRobustError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of the model itself: one line with the cause
+            hint = "; lower the batch size" if isinstance(error, torch.cuda.OutOfMemoryError) else ""
+            raise ModelError(self.where, f"fails on a batch of images {list(x.shape)} "
+                                         f"({type(error).__name__}: {last_words(error)}){hint}") from error
+        check_logits(out, x, where=self.where)
+        return out
+
 
 def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = "model",
-                  input_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``model`` itself when its weights have the inputs' dtype (or it has none) and no label range is left to
-    check, else a ``CheckedModel`` around it. Refuses parameter dtypes other than float16/bfloat16/float32/
-    float64."""
+                  input_dtype: torch.dtype = torch.float32, guard: bool = False) -> nn.Module:
+    """``model`` itself when its weights have the inputs' dtype (or it has none), no label range is left to
+    check and no ``guard`` is asked for, else a ``CheckedModel`` around it. Refuses parameter dtypes other than
+    float16/bfloat16/float32/float64."""
     if isinstance(model, CheckedModel):  # prepared by an enclosing entry point (its label check may be pending)
-        if label_max == _NOT_CHECKED:
+        if label_max == _NOT_CHECKED and (model.guard or not guard):
             return model
+        guard = guard or model.guard
         model = model.model
     dtype = parameter_dtype(model)
     if dtype not in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ConfigError(f"{where}: the model's parameters have dtype {dtype}: give a float32, float16, bfloat16 "
                           "or float64 model (model.float() converts it)")
     cast = None if dtype in (None, input_dtype) else dtype
-    if cast is None and label_max == _NOT_CHECKED:
+    if cast is None and label_max == _NOT_CHECKED and not guard:
         return model
-    return CheckedModel(model, cast, label_max, where)
+    return CheckedModel(model, cast, label_max, where, guard)
+
+
+def fastrobust_config(model: nn.Module) -> dict[str, Any] | None:
+    """The ``fastrobust_config`` of a fastrobust model, also through the wrappers that pass the input on unchanged
+    (CheckedModel, DataParallel/DDP, torch.compile); None for any other module."""
+    for _ in range(8):
+        config = getattr(model, "fastrobust_config", None)
+        if isinstance(config, dict):
+            return config
+        if isinstance(model, CheckedModel):
+            model = model.model
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return None
+    return None
+
+
+def check_model_images(model: nn.Module, image_shape: tuple[int, ...], *, where: str) -> None:
+    """ConfigError when a fastrobust model was built for other images than ``image_shape`` (C, H, W): a
+    1-channel image on an RGB model would otherwise be broadcast to 3 channels by its mean/std and evaluated
+    silently wrong. Other modules are checked by their output (``check_logits``)."""
+    config = fastrobust_config(model)
+    if config is None or len(image_shape) != 3:
+        return
+    channels, size = config.get("in_channels"), config.get("image_size")
+    if channels is not None and int(channels) != image_shape[0]:
+        raise ConfigError(f"{where}: the images have {image_shape[0]} channel(s) {list(image_shape)} but the model "
+                          f"({config.get('name')}) takes in_channels={channels}: give it the images it was built for "
+                          "(or build the model for these)")
+    if size is not None and tuple(image_shape[1:]) != (int(size), int(size)):
+        raise ConfigError(f"{where}: the images are {image_shape[1]}x{image_shape[2]} but the model "
+                          f"({config.get('name')}) was built for {size}x{size} images (image_size={size}): give it the "
+                          "images it was built for (or build the model for these)")
 
 
 def entry_point(where: str) -> Callable[[F], F]:

@@ -9,7 +9,8 @@ model classifies the clean image correctly.
 * ``gaussian-noise``: x + std * N(0, 1), clamped to [0, 1], for each std of ``stds`` (default 0.02 ... 0.1 in
   pixel units), ``draws`` (10) independent draws per image, seeded per batch (the same numbers for any batch
   order or number of ranks). Per std: the fraction of (image, draw) pairs classified correctly, over all
-  images; ``robust_acc`` is the value at the largest std, ``by_std`` gives the curve.
+  images; ``robust_acc`` is the value at the largest std, ``by_std`` gives the curve. Its ``robust`` and
+  ``broken`` count (image, draw) pairs at the largest std, out of ``pairs`` = n * draws (whole numbers).
 * ``spatial``: the worst case over a grid of rotations and translations (Engstrom et al., "Exploring the
   Landscape of Spatial Robustness", ICML 2019: +-30 degrees and +-3 pixels on CIFAR-10; grid of 31 rotations x
   5 x 5 translations = 775 transformations). Each image is rotated about its centre, then translated, with
@@ -223,9 +224,9 @@ def evaluate_invariance(
                     totals = torch.tensor(dist_lib.sum_counts(totals.tolist(), device=device), dtype=torch.long)
                 draws = settings["draws"]
                 accs = [int(t) / max(n * draws, 1) for t in totals]
-                robust = int(totals[-1]) / draws
-                out[name] = {"robust_acc": accs[-1], "robust": robust, "broken": round(clean_correct - robust, 3),
-                             "by_std": {f"{std:g}": acc for std, acc in zip(settings["stds"], accs)}}
+                robust = int(totals[-1])  # counts of (image, draw) pairs, out of n * draws
+                out[name] = {"robust_acc": accs[-1], "robust": robust, "broken": clean_correct * draws - robust,
+                             "pairs": n * draws, "by_std": {f"{std:g}": acc for std, acc in zip(settings["stds"], accs)}}
             else:
                 grid = spatial_grid(settings["max_rotation"], settings["rotations"], settings["max_translation"],
                                     settings["translations"])

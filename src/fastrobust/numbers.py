@@ -15,9 +15,12 @@ def parse_number(value: str | float | int, *, name: str = "value") -> float:
     """Parse ``0.03``, ``8/255`` or ``2e-3`` into a float; anything else is an error.
 
     Only a decimal number, optionally divided by another, is accepted: no expressions,
-    no names, nothing is evaluated.
+    no names, nothing is evaluated. A single number held by a 0-dim tensor or a numpy scalar
+    (``torch.tensor(8 / 255)``, ``np.float32(0.5)``) is taken as that number.
     """
-    if isinstance(value, bool):
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # 0-dim tensor, numpy scalar
+        value = value.item()
+    if isinstance(value, bool) or isinstance(value, complex):
         raise ConfigError(f"{name}={value!r} is not a number")
     if isinstance(value, (int, float)):
         result = float(value)
@@ -62,6 +65,21 @@ def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False, norm
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ConfigError(f"{name}={value:g} is out of range {interval}: l_inf pixel units are [0,1]{hint}")
     return value
+
+
+def check_eps_fits(eps: float, norm: str, image_shape, *, name: str = "eps") -> None:
+    """ConfigError when an l_2 radius exceeds the diameter of the [0, 1] image box, ``sqrt(C*H*W)`` (the distance
+    from the all-black to the all-white image): no two images are farther apart, so the budget is a typo (l_inf
+    radii are bounded by 1 in ``check_eps``). ``image_shape``: (C, H, W) or any per-image shape."""
+    if norm != "l2":
+        return
+    size = math.prod(int(d) for d in image_shape)
+    diameter = math.sqrt(size)
+    if size and eps > diameter * (1 + 1e-9):
+        shape = "x".join(str(int(d)) for d in image_shape)
+        raise ConfigError(f"{name}={eps:g} is larger than the diameter of the [0, 1] image box for {shape} images, "
+                          f"sqrt({size}) = {diameter:.4g}: no two images are that far apart in l2; the usual "
+                          "CIFAR-10 l2 budget is 0.5")
 
 
 def check_positive_int(value: int | str, *, name: str) -> int:

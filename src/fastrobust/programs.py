@@ -45,6 +45,41 @@ class FixedMode(nn.Module):
         return self.program(x)
 
 
+class FixedBatch(nn.Module):
+    """A program exported for exactly ``batch`` images (no dynamic batch dimension), run on any batch: the images
+    are cut into chunks of ``batch``, the last padded with black images whose logits are dropped. In eval mode each
+    image's logits do not depend on the others in its batch, so the result is the program's on every image."""
+
+    def __init__(self, program: nn.Module, batch: int):
+        super().__init__()
+        self.program = program
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.batch:
+            return self.program(x)
+        out = []
+        for start in range(0, x.shape[0], self.batch):
+            chunk = x[start:start + self.batch]
+            short = self.batch - chunk.shape[0]
+            if short:
+                chunk = torch.cat([chunk, chunk.new_zeros(short, *chunk.shape[1:])])
+            out.append(self.program(chunk)[:self.batch - short])
+        return torch.cat(out)
+
+
+def static_batch(program: Any) -> int | None:
+    """The batch size an exported program is fixed to (its input's first dimension is a number, not a symbol,
+    because it was exported without ``dynamic_shapes``); None when that dimension is dynamic or unknown."""
+    users = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in users:
+            value = node.meta.get("val")
+            shape = getattr(value, "shape", None)
+            return int(shape[0]) if shape is not None and len(shape) == 4 and type(shape[0]) is int else None
+    return None
+
+
 # --------------------------------------------------------------------------- torch.export programs
 _TARGET = re.compile(r"^(torch\.ops\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,2}|_operator\.[a-z_]+|"
                      r"math\.[a-z_0-9]+|torch\._?sym_[a-z_]+)$")
@@ -133,7 +168,8 @@ def _refuse_pickle(*_args, **_kwargs):
 
 def load_export(path: Path) -> nn.Module:
     """``torch.export.load`` with every ``torch.load`` forced to ``weights_only=True`` and ``pickle.loads``
-    refused, after :func:`check_export_archive`; returns the program as a module (its mode fixed)."""
+    refused, after :func:`check_export_archive`; returns the program as a module (its mode fixed). A program
+    exported for one fixed batch size runs on any batch through ``FixedBatch``."""
     import pickle
 
     import torch.export.pt2_archive._package as package
@@ -163,7 +199,9 @@ def load_export(path: Path) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - version mismatch, damaged archive
         raise FastRobustError(f"cannot load {path} as a torch.export program ({type(error).__name__}: "
                               f"{' '.join(str(error).split())[:300]})") from None
-    return FixedMode(program.module())
+    batch = static_batch(program)
+    module = program.module() if batch is None else FixedBatch(program.module(), batch)
+    return FixedMode(module)
 
 
 def load_torchscript(path: Path) -> nn.Module:

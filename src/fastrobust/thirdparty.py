@@ -31,7 +31,7 @@ from torch import nn
 from .errors import ConfigError, FastRobustError
 from .filekind import checkpoint_format, not_a_checkpoint
 from .models.custom import check_pairing
-from .programs import load_export, load_torchscript
+from .programs import FixedBatch, load_export, load_torchscript
 
 NORMALIZATION_CHOICES = "none, dataset, or MEAN,STD (two numbers, or one mean and one std per channel)"
 
@@ -186,6 +186,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return import_state_dict(path)
 
 
+TRAINING_STATE_GROUPS = ("optim", "rng", "method", "averaged")  # fastrobust.training_state's tensor names
+
+
+def _training_state_problem(state: dict[str, torch.Tensor], path: Path) -> str | None:
+    """Why a state dict is a run's ``train_state.safetensors`` (optimiser, RNG and method state), not weights."""
+    if not state or not all(key.split("/", 1)[0] in TRAINING_STATE_GROUPS and "/" in key for key in state):
+        return None
+    beside = path.with_name("model.safetensors")
+    hint = (f"evaluate the model file beside it, --checkpoint {beside}" if beside.is_file()
+            else "evaluate the run folder or its best.safetensors")
+    return (f"{path} holds a training run's optimiser and random-number state (train_state.safetensors), not model "
+            f"weights, so no --model can load it: {hint}")
+
+
 def _fill_untracked(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """BatchNorm's ``num_batches_tracked`` (absent from checkpoints written before PyTorch 0.4.1) does not change
     what an evaluated model computes: take the model's own where the file has none."""
@@ -194,7 +208,8 @@ def _fill_untracked(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 
 def _fit_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state with ``module.``/``model.`` prefixes stripped, unless the keys fit the model as they are."""
+    """The state with ``module.``/``model.``/``_orig_mod.`` prefixes stripped, unless the keys fit the model as
+    they are."""
     from .models.layouts import strip_prefixes
 
     expected = set(model.state_dict())
@@ -334,11 +349,20 @@ def load_model(
         chosen = normalization or ASSUMED_NONE
         module = _normalized(program, chosen)
         info.update(format=kind, architecture=kind)
+        fixed = getattr(program.program, "batch", None) if isinstance(program.program, FixedBatch) else None
+        if fixed is not None:
+            info["fixed_batch"] = fixed
+            note(f"{path}: the program was exported for batches of exactly {fixed} images (no dynamic batch "
+                 f"dimension): it is run on chunks of {fixed}, padded; export it with dynamic_shapes="
+                 "({0: torch.export.Dim('batch')},) to run whole batches")
     else:
         problem = not_a_checkpoint(path) if kind is None else None
         if problem:
             raise FastRobustError(problem)
         state = read_state_dict(path)
+        problem = _training_state_problem(state, path)
+        if problem:
+            raise FastRobustError(problem)
         if build is not None:
             if model is not None:
                 raise ConfigError("give either --model NAME or --model-factory, not both")

@@ -20,8 +20,8 @@ def register(subparsers) -> None:
         "every correctly classified point; the overall robust accuracy is the per-example worst case.",
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="a run folder (best, else last model), a fastrobust .safetensors file, or a model "
-                             "trained elsewhere: a state dict (.pt/.pth/.safetensors, read with weights_only=True), "
+                        help="a run folder (best, else last model), one of its checkpoint folders "
+                             "(RUN/checkpoints/step-N), a fastrobust .safetensors file, or a model trained elsewhere: a state dict (.pt/.pth/.safetensors, read with weights_only=True), "
                              "a TorchScript archive or a torch.export .pt2 program (see docs/evaluation.md)")
     parser.add_argument("--model", default=None,
                         help="for a state dict: the model it fits (a zoo name, or one registered by --import); "
@@ -33,16 +33,19 @@ def register(subparsers) -> None:
                         help="input normalisation of a model trained elsewhere: none (it takes [0,1] pixels), "
                              "dataset (the dataset's mean/std), or MEAN,STD numbers (one pair, or one per channel: "
                              "means first); without it, none is assumed and said")
-    parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10 (see `fastrobust data`)")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset name, e.g. cifar10 (see `fastrobust data`); default for a fastrobust run: the "
+                             "dataset it was trained on")
     parser.add_argument("--data-root", default=None,
                         help="where the dataset lies (default: $FASTROBUST_DATA, else ~/.cache/fastrobust/data, "
                              "where a missing dataset is downloaded once)")
     parser.add_argument("--attack", action="extend", nargs="+", choices=ATTACKS, metavar="ATTACK",
                         help=f"attacks to run, e.g. --attack pgd20 autoattack (default: pgd20); any of {', '.join(ATTACKS)} "
                         "(gaussian-noise and spatial are invariance evaluations, see docs/evaluation.md)")
-    parser.add_argument("--eps", default="8/255",
-                        help="perturbation size in [0,1] pixel units: l_inf in (0, 1], 8/255 accepted (default 8/255); "
-                             "l2 any positive radius (0.5 is the usual CIFAR-10 budget)")
+    parser.add_argument("--eps", default=None,
+                        help="perturbation size in [0,1] pixel units: l_inf in (0, 1], 8/255 accepted; l2 a positive "
+                             "radius up to sqrt(C*H*W). Default: the CIFAR-10 budgets of AutoAttack and RobustBench, "
+                             "8/255 for linf and 0.5 for l2")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
     parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
     parser.add_argument("--batch-size", default="256", help="batch size (default 256)")
@@ -51,8 +54,11 @@ def register(subparsers) -> None:
                         help="query budget of square, rays and AutoAttack's Square (default 5000; rays 10000)")
     parser.add_argument("--sanity", action="store_true", help="also run the gradient-masking sanity checks")
     parser.add_argument("--json", action="store_true", help="print the record as one JSON object on stdout")
-    parser.add_argument("--out", default=None, help="append the record as one JSON line to this file")
-    parser.add_argument("--state", default=None, help="resumable state file (JSON): rerun the same command to resume")
+    parser.add_argument("--out", default=None,
+                        help="append the record as one JSON line to this file (new, or a JSON-lines file; checked "
+                             "before any attack runs)")
+    parser.add_argument("--state", default=None,
+                        help="resumable state file (JSON, created when missing): rerun the same command to resume")
     parser.add_argument("--seed", default="0", help="seed of the attacks' random starts (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--nproc", default=None, metavar="N",
@@ -73,6 +79,10 @@ def _device(name: str | None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name!r} asks for CUDA but torch sees no GPU: use --device cpu")
     return device
+
+
+# the usual CIFAR-10 budgets (AutoAttack, Croce & Hein 2020; RobustBench, Croce et al. 2021): l_inf 8/255, l_2 0.5
+DEFAULT_EPS = {"linf": "8/255", "l2": "0.5"}
 
 
 def _input_shape(model) -> tuple[int | None, int | None]:
@@ -97,6 +107,53 @@ def _own_checkpoint(args: argparse.Namespace) -> bool:
     if kind == "safetensors":
         return has_fastrobust_header(path, MODEL_KEY)
     return path.suffix == ".safetensors" and kind is None  # damaged: load_model says how
+
+
+def _run_folder(checkpoint: Path) -> Path | None:
+    """The fastrobust run folder a checkpoint belongs to (the folder itself, the folder of a model file, or the run
+    above RUN/checkpoints/step-N), None when it is not in one."""
+    start = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    for folder in (start, start.parent.parent):
+        if (folder / "config.json").is_file() and ((folder / "best.safetensors").exists()
+                                                   or (folder / "last.safetensors").exists()
+                                                   or (folder / "checkpoints").is_dir()):
+            return folder
+    return None
+
+
+def _trained_on(checkpoint: Path) -> tuple[str | None, Path | None]:
+    """(the dataset a fastrobust run was trained on, its run folder): from result.json (the data actually used),
+    else config.json; (None, None) outside a run or when unreadable."""
+    run = _run_folder(checkpoint)
+    if run is None:
+        return None, None
+    for name, field in (("result.json", lambda d: d["dataset"]["name"]), ("config.json", lambda d: d["dataset"])):
+        try:
+            value = field(json.loads((run / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str) and value:
+            return value, run
+    return None, run
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    """Every file argument, before any data is read or attack run: --checkpoint exists, --out is a new or
+    JSON-lines file that can be written, --state is an evaluation state file or a new file."""
+    from ..evaluate import read_state_file
+    from ..output_files import check_records_file, check_writable
+
+    if not Path(args.checkpoint).exists():
+        raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder, a checkpoint folder "
+                              "RUN/checkpoints/step-N, or a model file (.safetensors, a .pt/.pth state dict, a "
+                              "TorchScript archive or a .pt2 program)")
+    if args.out is not None:
+        check_records_file(args.out, what="--out")
+    if args.state is not None:
+        check_writable(args.state, what="--state", example="eval-state.json")
+        read_state_file(args.state)
+        if args.out is not None and Path(args.out).resolve() == Path(args.state).resolve():
+            raise ConfigError(f"--out and --state are the same file {args.out}: give two paths")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,9 +183,10 @@ def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..data import load_dataset
     from ..evaluate import evaluate
-    from ..numbers import check_eps, check_nonnegative_int, check_positive_int
+    from ..inputs import ModelError
+    from ..numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
 
-    eps = check_eps(args.eps, name="--eps", norm=args.norm)
+    eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
     seed = check_nonnegative_int(args.seed, name="--seed")
     test_subset = None if args.test_subset is None else check_positive_int(args.test_subset, name="--test-subset")
@@ -136,6 +194,15 @@ def _run(args: argparse.Namespace) -> int:
     ctx = dist_lib.setup(str(device))  # several ranks under torchrun: each takes its share of the batches
     device = dist_lib.local_device(device, ctx)
     attacks = args.attack or ["pgd20"]
+    _check_files(args)
+    trained_on, run_folder = _trained_on(Path(args.checkpoint))
+    if args.dataset is None:
+        if trained_on is None:
+            raise ConfigError("--dataset is needed (the checkpoint is not in a fastrobust run folder that names its "
+                              "dataset): e.g. --dataset cifar10")
+        args.dataset = trained_on
+        if ctx.is_main:
+            print(f"fastrobust eval: --dataset {trained_on} (the dataset of run {run_folder})", file=sys.stderr)
 
     own = _own_checkpoint(args)
     if own:  # read before the dataset: a bad checkpoint fails fast
@@ -143,9 +210,11 @@ def _run(args: argparse.Namespace) -> int:
         config = metadata.get("model") or {}
         source = {"format": "fastrobust", "normalization": {"mean": config.get("mean"), "std": config.get("std"),
                                                            "how": "from the weights (fastrobust model)"}}
-    elif not Path(args.checkpoint).exists():
-        raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder or a model file")
     dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=test_subset)  # only test is read
+    check_eps_fits(eps, args.norm, dataset.image_shape, name="--eps")
+    if trained_on is not None and dataset.name != trained_on and ctx.is_main:
+        print(f"fastrobust eval: warning: run {run_folder} was trained on {trained_on}, evaluated here on "
+              f"{dataset.name}", file=sys.stderr)
     if not own:
         from ..thirdparty import load_model as load_any, parse_normalization
 
@@ -179,18 +248,38 @@ def _run(args: argparse.Namespace) -> int:
                 options[name] = {"n_queries": queries}
             elif name == "autoattack":
                 options[name] = {"square": {"n_queries": queries}}
-    record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size, device=device,
-                      state_file=args.state, progress=not args.quiet, seed=seed, attack_options=options,
-                      distributed=ctx.active)
-    if not ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
-        return 0
-    if args.sanity:
-        from ..sanity import sanity_checks
+    model_file = metadata.get("path", str(args.checkpoint))
+    if ctx.is_main and not args.quiet:
+        print(f"fastrobust eval: {_model_text(model, source)}", file=sys.stderr)
+    if args.eps is None and args.norm == "l2" and ctx.is_main:  # said once every check has passed
+        print(f"fastrobust eval: --eps {DEFAULT_EPS['l2']} (the usual l2 budget, RobustBench's for CIFAR-10; "
+              "give --eps for another)", file=sys.stderr)
+    try:
+        record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
+                          device=device, state_file=args.state, progress=not args.quiet, seed=seed,
+                          attack_options=options, distributed=ctx.active)
+        if args.sanity and ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
+            from ..sanity import sanity_checks
 
-        record["sanity"] = sanity_checks(model, dataset.test, eps=eps, norm=args.norm, batch_size=batch_size,
-                                         device=device, seed=seed, progress=not args.quiet)
-    record = {"checkpoint": metadata.get("path", str(args.checkpoint)), "dataset": dataset.name,
-              "test_subset": test_subset, "model_source": source, **record}
+            record["sanity"] = sanity_checks(model, dataset.test, eps=eps, norm=args.norm, batch_size=batch_size,
+                                             device=device, seed=seed, progress=not args.quiet)
+    except ModelError as error:
+        raise FastRobustError(f"during the evaluation, the model {model_file} {error.detail}") from None
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            print("fastrobust eval: interrupted; " + (
+                f"the finished batches are kept in --state {args.state}: run the same command again to resume"
+                if args.state else "add --state FILE to make a long evaluation resumable (each finished batch is "
+                "kept, and the same command resumes)"), file=sys.stderr)
+        raise
+    if not ctx.is_main:
+        return 0
+    record = {"checkpoint": model_file, "dataset": dataset.name, "test_subset": test_subset, "model_source": source,
+              **record}
+    if args.json:  # printed first: a record is never lost to a failing --out
+        print(json.dumps(record, sort_keys=True))
+    else:
+        print_summary(record, file=sys.stdout)
     if args.out:
         out = Path(args.out)
         try:
@@ -198,12 +287,39 @@ def _run(args: argparse.Namespace) -> int:
             with open(out, "a") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as error:
-            raise FastRobustError(f"--out {out} cannot be written ({error}): choose a writable path") from None
-    if args.json:
-        print(json.dumps(record, sort_keys=True))
-    else:
-        print_summary(record, file=sys.stdout)
+            raise FastRobustError(f"--out {out} cannot be written ({error.strerror or error}): the results are "
+                                  "printed above" + ("" if args.json else " (--json prints the whole record)")) from None
     return 0
+
+
+def _model_text(model, source: dict) -> str:
+    """One line on the model about to be evaluated: architecture, parameter count, input normalisation."""
+    config = getattr(model, "fastrobust_config", None) or {}
+    architecture = config.get("name") or source.get("architecture") or type(model).__name__
+    params = sum(p.numel() for p in model.parameters())
+    normalization = source.get("normalization") or {}
+    values = "" if normalization.get("mean") is None else f" mean {normalization['mean']}, std {normalization['std']}"
+    return (f"model {architecture}, {params:,} parameters, input normalisation {normalization.get('how', 'none')}"
+            f"{values}")
+
+
+def _loaded_text(source: dict) -> str:
+    """One line on what a model trained elsewhere was loaded as (empty for fastrobust's own files)."""
+    if not source or source.get("format") in (None, "fastrobust"):
+        return ""
+    parts = [f"format {source['format']}"]
+    if source.get("architecture") and source.get("architecture") != source.get("format"):
+        parts.append(f"architecture {source['architecture']}")
+    if source.get("layout"):
+        parts.append(f"layout {source['layout']}")
+    if source.get("factory"):
+        parts.append(f"built by {source['factory']}")
+    normalization = source.get("normalization") or {}
+    if normalization.get("how"):
+        values = "" if normalization.get("mean") is None else \
+            f" (mean {normalization['mean']}, std {normalization['std']})"
+        parts.append(f"normalisation {normalization['how']}{values}")
+    return "loaded: " + "; ".join(parts)
 
 
 def print_summary(record: dict, file=sys.stdout) -> None:
@@ -212,6 +328,9 @@ def print_summary(record: dict, file=sys.stdout) -> None:
     eps_text = f"{eps:.4g}" + (f" ({eps * 255:.3g}/255)" if record["norm"] == "linf" else "")
     print(f"{record.get('checkpoint', record['model'])} on {record.get('dataset', '?')}: n={record['n']}, "
           f"{record['norm']} eps={eps_text}, device {record['device']}", file=file)
+    loaded = _loaded_text(record.get("model_source") or {})
+    if loaded:
+        print(loaded, file=file)
     print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9}  notes", file=file)
     print(f"{'clean':<20} {record['clean_acc']:>9.2%} {'':>7} {'':>9}", file=file)
     for name, entry in record["attacks"].items():
@@ -227,6 +346,8 @@ def print_summary(record: dict, file=sys.stdout) -> None:
             notes = ", ".join(f"{k} {v}" for k, v in entry["broken_by"].items())
         elif "by_std" in entry:  # invariance: not an eps-ball attack, not in the worst case
             notes = "noise std " + ", ".join(f"{std} {acc:.1%}" for std, acc in entry["by_std"].items())
+            if "pairs" in entry:
+                notes += f"; broken counts (image, draw) pairs of {entry['pairs']}"
         elif "transformations" in entry:
             notes = f"all of {entry['transformations']} rotations/translations (not in the worst case)"
         if entry.get("non_finite"):

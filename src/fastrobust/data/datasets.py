@@ -766,7 +766,8 @@ def _how_to_provide(spec: Spec) -> str:
     urls = ", ".join(d.url for d in spec.downloads)
     return (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
             f"--data-root DIR or FASTROBUST_DATA=DIR, or, with a network, leave both unset to download them once "
-            f"into ~/.cache/fastrobust/data (or pass --download to fetch them into the root given)")
+            f"into ~/.cache/fastrobust/data (or run `fastrobust data {spec.name} --download --data-root DIR` to fetch "
+            f"them into the root given)")
 
 
 def locate(name: str, root: Path) -> tuple[Candidate | None, list[Candidate]]:

@@ -68,36 +68,39 @@ def mismatch(saved: dict[str, Any], state: dict[str, torch.Tensor], model: nn.Mo
     return None
 
 
-def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, what: str, dataset: str) -> None:
-    """One forward of two blank images (in eval mode, no gradient, the mode restored): a model that cannot take
-    ``image_shape`` (C, H, W) or returns another number of logits is one FastRobustError naming both sides."""
-    from ..errors import FastRobustError
+PROBE_BATCHES = (2, 3)  # two batch sizes: a program exported or traced for one fixed batch fails on the other
 
-    probe = torch.zeros(2, *image_shape, device=device)
+
+def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, what: str, dataset: str) -> None:
+    """Forwards of blank images in batches of 2 and 3 (in eval mode, no gradient, the mode restored): a model that
+    cannot take ``image_shape`` (C, H, W), takes only one batch size, or returns another number of logits is one
+    FastRobustError naming both sides."""
+    from ..errors import FastRobustError
+    from ..inputs import last_words
+
     training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            logits = model(probe)
-    except Exception as error:  # noqa: BLE001 - any failure of the model on this input
-        reason = _last_words(error)
-        raise FastRobustError(f"{what} fails on {dataset}'s {'x'.join(map(str, image_shape))} images "
-                              f"({type(error).__name__}: {reason})") from None
+        for batch in PROBE_BATCHES:
+            try:
+                with torch.no_grad():
+                    logits = model(torch.zeros(batch, *image_shape, device=device))
+            except Exception as error:  # noqa: BLE001 - any failure of the model on this input
+                reason = last_words(error)
+                if batch != PROBE_BATCHES[0]:
+                    raise FastRobustError(
+                        f"{what} runs on a batch of {PROBE_BATCHES[0]} but fails on a batch of {batch} "
+                        f"({type(error).__name__}: {reason}): it takes one fixed batch size; export it with a dynamic "
+                        "batch dimension, dynamic_shapes=({0: torch.export.Dim('batch')},)") from None
+                raise FastRobustError(f"{what} fails on {dataset}'s {'x'.join(map(str, image_shape))} images "
+                                      f"({type(error).__name__}: {reason})") from None
+            if not (torch.is_tensor(logits) and logits.dim() == 2 and logits.shape[0] == batch):
+                shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+                raise FastRobustError(f"{what} returns {shape} for a batch of {batch} images of {dataset}: expected "
+                                      f"logits [{batch}, {num_classes}]")
+            if logits.shape[1] != num_classes:
+                raise FastRobustError(f"{what} returns {logits.shape[1]} logits per image but {dataset} has "
+                                      f"{num_classes} classes: build it for that many classes (or use the dataset it "
+                                      "was trained for)")
     finally:
         model.train(training)
-    if not (torch.is_tensor(logits) and logits.dim() == 2 and logits.shape[0] == 2):
-        shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-        raise FastRobustError(f"{what} returns {shape} for a batch of 2 images of {dataset}: expected logits "
-                              f"[2, {num_classes}]")
-    if logits.shape[1] != num_classes:
-        raise FastRobustError(f"{what} returns {logits.shape[1]} logits per image but {dataset} has {num_classes} "
-                              "classes: build it for that many classes (or use the dataset it was trained for)")
-
-
-def _last_words(error: BaseException) -> str:
-    """The informative line of an error: TorchScript and export errors put a code traceback first."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    line = lines[-1] if len(lines) > 1 and "Traceback" in lines[0] else lines[0]
-    return line.replace("Traceback", "trace")[:240]

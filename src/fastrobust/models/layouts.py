@@ -33,7 +33,7 @@ import torch
 
 from ..errors import FastRobustError
 
-PREFIXES = ("module.", "model.")  # DataParallel / DDP, and wrappers that hold the network as .model
+PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel / DDP, wrappers holding the network as .model, torch.compile
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class Match:
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove ``module.`` / ``model.`` while every key carries it (DataParallel, DDP, wrapper modules)."""
+    """Remove ``module.`` / ``model.`` / ``_orig_mod.`` while every key carries it (DataParallel, DDP, wrapper
+    modules, torch.compile), in any nesting."""
     while state:
         prefix = next((p for p in PREFIXES if all(key.startswith(p) for key in state)), None)
         if prefix is None:

@@ -1,0 +1,77 @@
+"""Files an evaluation will write, checked before any work: a results file that cannot be written (or is a model,
+or a folder) must stop the command at once, not after hours of attacks, and never be appended to.
+
+``check_writable(path, what=...)``: not a folder, not named like a model file, and creatable (the nearest existing
+folder above it is a writable folder; missing folders are created when the file is written).
+``check_records_file(path, what=...)``: that, and an existing non-empty file must be JSON lines (one JSON object per
+line), as ``fastrobust eval --out`` appends. Both raise one ConfigError line naming the path and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+from .filekind import checkpoint_format, describe
+
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".ckpt", ".bin", ".onnx")
+_READ = 1 << 20  # bytes of an existing records file that are checked
+
+
+def check_writable(path: str | Path, *, what: str, example: str = "results.jsonl") -> Path:
+    """``path`` as a Path when a file can be written there; ConfigError otherwise (``what``: e.g. ``--out``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file: give a file path such as {path / example}")
+    if path.suffix.lower() in MODEL_SUFFIXES:
+        raise ConfigError(f"{what} {path} is named like a model file ({path.suffix}): fastrobust writes JSON there, "
+                          f"which would destroy a model; give another path such as {path.with_name(example)}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {folder} is a file, not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} is not writable: give a path you can write")
+    if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be created: the folder {folder} is not writable")
+    return path
+
+
+def check_records_file(path: str | Path, *, what: str) -> Path:
+    """``check_writable``, and an existing non-empty file must hold JSON lines (each line one JSON object): a
+    model, a pretty-printed JSON file, text or binary data is refused rather than appended to."""
+    path = check_writable(path, what=what)
+    if not path.is_file():
+        return path
+    with open(path, "rb") as handle:
+        head = handle.read(_READ)
+        size = handle.seek(0, 2)
+    if not head:
+        return path
+    refuse = f"{what} {path} exists and is not a JSON-lines records file"
+    fix = "records are appended to it; give a new path or a .jsonl file of earlier records"
+    kind = checkpoint_format(path)
+    if kind is not None:
+        raise ConfigError(f"{refuse}: it is a model file ({kind}); {fix}")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{refuse}: it looks like {describe(head, size) or 'binary data'}; {fix}") from None
+    lines = text.splitlines()
+    if size > len(head) and lines:
+        lines = lines[:-1]  # may be cut by the read
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            kind = describe(head, size)
+            looks = f"it looks like {kind}" if kind not in (None, "text") else f"line {number} is not a JSON object"
+            raise ConfigError(f"{refuse}: {looks}; {fix}")
+    return path

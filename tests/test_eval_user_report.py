@@ -1,0 +1,347 @@
+"""A new user's report on the evaluation side (CLI ``fastrobust eval``, ``evaluate``, ``sanity_checks``): files
+that must not be written into, the l2 budget, fixed-batch programs, messages, Python API inputs, record details.
+Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fastrobust.evaluate
+import fastrobust.sanity
+from fastrobust.checkpoint import save_model
+from fastrobust.cli import main
+from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.evaluate import evaluate
+from fastrobust.models import create
+
+from helpers import write_cifar10_archive
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 in the official archive format (10 test images)."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10_archive(root / "cifar-10-python.tar.gz", per_batch=10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    torch.manual_seed(0)
+    save_model(create("tinycnn", num_classes=10), path)
+    return path
+
+
+@pytest.fixture
+def cli(cifar_root, monkeypatch, capsys, one_thread):
+    """``fastrobust eval`` on the tiny CIFAR-10; returns (exit code, stdout, stderr, evaluate's keyword arguments)
+    -- the keyword arguments are empty when evaluate was never called."""
+    monkeypatch.setenv("FASTROBUST_CACHE", str(cifar_root / "cache"))
+    seen: dict = {}
+    real = fastrobust.evaluate.evaluate
+
+    def capture(model, *args, **kwargs):
+        seen.update(kwargs)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(fastrobust.evaluate, "evaluate", capture)
+
+    def run(checkpoint, *extra, dataset=True, quiet=True):
+        seen.clear()
+        argv = ["eval", "--checkpoint", str(checkpoint), *(["--dataset", "cifar10"] if dataset else []),
+                "--data-root", str(cifar_root), "--attack", "clean", "--device", "cpu", *(["--quiet"] if quiet else []), *map(str, extra)]
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err, dict(seen)
+
+    return run
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+
+
+# ----------------------------------------------------------------------------- 1. --out and --state
+def test_out_never_appends_to_a_model_or_other_file(cli, model_file, tmp_path):
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(model_file.read_bytes())
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"dataset": "cifar10", "epochs": 3}, indent=2))
+    blob = tmp_path / "weights.data"
+    blob.write_bytes(bytes(range(256)) * 4)
+    for target, needle in ((victim, "model file"), (config, "not a JSON-lines records file"),
+                           (blob, "not a JSON-lines records file")):
+        before = target.read_bytes()
+        code, _, err, seen = cli(model_file, "--out", target)
+        one_line_error(code, err, f"--out {target}")
+        assert needle in err
+        assert target.read_bytes() == before and not seen  # refused before any attack ran
+
+
+def test_unwritable_out_is_refused_before_the_evaluation(cli, model_file, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    code, _, err, seen = cli(model_file, "--out", tmp_path / "a-file" / "results.jsonl")
+    one_line_error(code, err, "cannot be created", "is a file, not a folder")
+    assert not seen
+    code, _, err, seen = cli(model_file, "--out", tmp_path)
+    one_line_error(code, err, "is a folder")
+    assert not seen
+
+
+def test_out_appends_to_its_own_records(cli, model_file, tmp_path):
+    out = tmp_path / "nested" / "results.jsonl"
+    for _ in range(2):
+        code, _, err, _ = cli(model_file, "--out", out)
+        assert code == 0, err
+    assert [json.loads(line)["attacks"]["clean"]["robust"] >= 0 for line in out.read_text().splitlines()] == [True] * 2
+
+
+def test_state_that_is_not_a_state_file_gets_one_line(cli, model_file, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"dataset": "cifar10"}))
+    garbage = tmp_path / "state.json"
+    garbage.write_bytes(model_file.read_bytes())  # a model under a state file's name
+    for state, needle in ((model_file, "named like a model file"), (tmp_path, "is a folder"),
+                          (config, "not an evaluation state file"), (garbage, "it looks like a model file")):
+        before = state.read_bytes() if state.is_file() else None
+        code, _, err, seen = cli(model_file, "--state", state)
+        one_line_error(code, err, str(state), needle)
+        assert "UnicodeDecodeError" not in err and "delete" not in err and not seen
+        assert before is None or state.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- 2. the l2 budget
+def test_l2_without_eps_uses_the_l2_budget(cli, model_file):
+    code, _, err, seen = cli(model_file, "--norm", "l2")
+    assert code == 0, err
+    assert seen["eps"] == 0.5 and seen["norm"] == "l2"
+    assert "--eps 0.5 (the usual l2 budget" in err
+
+
+def test_l2_eps_beyond_the_image_box_is_refused_everywhere(cli, model_file):
+    diameter = math.sqrt(3 * 32 * 32)
+    code, _, err, seen = cli(model_file, "--norm", "l2", "--eps", "60")
+    one_line_error(code, err, "--eps=60", f"{diameter:.4g}")
+    assert not seen
+    model = create("tinycnn", num_classes=10, image_size=8)
+    data = (torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    for call in (lambda: evaluate(model, data, ["clean"], eps=14, norm="l2", progress=False),
+                 lambda: fastrobust.sanity.sanity_checks(model, data, eps=14, norm="l2")):
+        with pytest.raises(ConfigError, match=r"larger than the diameter .* sqrt\(192\)"):
+            call()
+    evaluate(model, data, ["clean"], eps=13.8, norm="l2", progress=False)  # just inside: accepted
+
+
+# ----------------------------------------------------------------------------- 3. fixed-batch torch.export programs
+def test_fixed_batch_export_program_runs_on_any_batch(cli, tmp_path):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    torch.export.save(torch.export.export(net, (torch.rand(4, 3, 32, 32),)), str(tmp_path / "fixed.pt2"))
+    code, out, err, _ = cli(tmp_path / "fixed.pt2", "--batch-size", "3", "--json")
+    assert code == 0, err
+    assert "exactly 4 images" in err and "dynamic_shapes" in err
+    record = json.loads(out)
+    assert record["n"] == 10 and record["model_source"]["fixed_batch"] == 4
+    from fastrobust.programs import load_export
+
+    program = load_export(tmp_path / "fixed.pt2")
+    x = torch.rand(7, 3, 32, 32)
+    torch.testing.assert_close(program(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 4. messages
+def test_random_bytes_are_not_called_a_refused_pickle(cli, tmp_path):
+    (tmp_path / "noise.pt").write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
+                                                      dtype=torch.uint8).numpy().tobytes())
+    code, _, err, _ = cli(tmp_path / "noise.pt", "--model", "tinycnn")
+    one_line_error(code, err, "no recognised checkpoint format")
+    assert "refused" not in err and "pickle stream" not in err
+
+
+def test_a_pickled_whole_module_is_refused_with_the_state_dict_hint(cli, tmp_path):
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(3072, 10)), tmp_path / "whole.pt")
+    code, _, err, _ = cli(tmp_path / "whole.pt", "--model", "tinycnn")
+    one_line_error(code, err, "refused to load", "torch.save(model.state_dict(), PATH)")
+
+
+def test_torch_compile_prefix_is_stripped(tmp_path):
+    from fastrobust.checkpoint import import_state_dict
+    from fastrobust.models.layouts import strip_prefixes
+
+    net = nn.Linear(3, 2)
+    torch.save({f"_orig_mod.{k}": v for k, v in net.state_dict().items()}, tmp_path / "compiled.pt")
+    assert set(import_state_dict(tmp_path / "compiled.pt")) == {"weight", "bias"}
+    assert set(strip_prefixes({f"module._orig_mod.{k}": v for k, v in net.state_dict().items()})) == {"weight", "bias"}
+
+
+def test_train_state_file_points_to_the_model_file(cli, tmp_path):
+    from fastrobust import training_state
+
+    model = create("tinycnn", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    snap = training_state.capture(model, optimizer, {}, torch.device("cpu"), {"global_step": 5, "epoch": 0})
+    folder = training_state.write(tmp_path, snap, model)
+    code, _, err, _ = cli(folder / "train_state.safetensors", "--model", "tinycnn")
+    one_line_error(code, err, "not model weights", str(folder / "model.safetensors"))
+
+
+def test_no_hint_names_a_download_flag_that_eval_lacks(cli, model_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTROBUST_DATA", str(tmp_path / "none"))
+    code, _, err = cli(model_file, "--data-root", tmp_path / "none")[:3]
+    assert code == 2 and "Traceback" not in err
+    assert "pass --download" not in err and "fastrobust data cifar10 --download" in err
+
+
+# ----------------------------------------------------------------------------- 5. the Python API
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(1)
+    model = create("tinycnn", num_classes=4, image_size=8).eval()
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    return model, x, y
+
+
+def test_one_attack_name_as_a_string(small, one_thread):
+    model, x, y = small
+    assert list(evaluate(model, (x, y), "pgd20", eps=8 / 255, progress=False)["attacks"]) == ["pgd20"]
+
+
+def test_eps_as_a_zero_dim_tensor(small, one_thread):
+    model, x, y = small
+    record = evaluate(model, (x, y), ["fgsm"], eps=torch.tensor(8 / 255), progress=False)
+    assert record["eps"] == pytest.approx(8 / 255)
+
+
+def test_model_returning_a_tuple_is_one_clear_error(small):
+    model, x, y = small
+
+    class WithFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, images):
+            return self.inner(images), images.flatten(1)
+
+    with pytest.raises(FastRobustError, match=r"returned a tuple.*model\(x\)\[0\]"):
+        evaluate(WithFeatures(), (x, y), ["fgsm"], eps=8 / 255, progress=False)
+
+
+def test_channels_last_images_empty_data_and_wrong_channels_are_refused(small):
+    model, x, y = small
+    with pytest.raises(ConfigError, match=r"channels-last \[B, H, W, C\].*permute\(0, 3, 1, 2\)"):
+        evaluate(model, (x.permute(0, 2, 3, 1), y), ["clean"], eps=8 / 255, progress=False)
+    with pytest.raises(ConfigError, match="holds no images"):
+        evaluate(model, (x[:0], y[:0]), ["clean"], eps=8 / 255, progress=False)
+    with pytest.raises(ConfigError, match=r"1 channel\(s\).*in_channels=3"):
+        evaluate(model, (x[:, :1], y), ["clean"], eps=8 / 255, progress=False)
+    with pytest.raises(ConfigError, match="holds no images"):
+        fastrobust.sanity.sanity_checks(model, (x[:0], y[:0]), eps=8 / 255)
+
+
+def test_uint8_images_of_only_zeros_and_ones_warn(small):
+    model, x, y = small
+    mask = (x > 0.5).to(torch.uint8)
+    with pytest.warns(UserWarning, match="uint8 holding only 0 and 1: a mask"):
+        evaluate(model, (mask, y), ["clean"], eps=8 / 255, progress=False)
+
+
+# ----------------------------------------------------------------------------- 6. record details
+def test_broken_by_follows_the_attack_order(monkeypatch):
+    from fastrobust.evaluate import _record
+
+    monkeypatch.setattr(fastrobust.evaluate, "settings_used", lambda name, settings, *args: settings)
+    settings = {"autoattack": {"options": {"apgd-ce": {}, "apgd-t": {}, "fab-t": {}, "square": {}}}}
+    batch = {"robust": [False] * 4, "non_finite": [0] * 4, "seconds": 0.0,
+             "broken_by": ["square", "apgd-t", "apgd-ce", "square"]}
+    state = {"clean": {"0": [True] * 4}, "clean_non_finite": {"0": [0] * 4},
+             "attacks": {"autoattack": {"batches": {"0": batch}}}}
+    record = _record(nn.Identity(), state, ["autoattack"], settings, {}, 8 / 255, "linf", 4, 1, 4, 0, torch.device("cpu"), 0.0,
+                     10, 3072)
+    assert list(record["attacks"]["autoattack"]["broken_by"].items()) == [("apgd-ce", 1), ("apgd-t", 1), ("square", 2)]
+
+
+def test_gaussian_noise_counts_are_whole_numbers(small, one_thread):
+    model, x, y = small
+    entry = evaluate(model, (x, y), ["gaussian-noise"], eps=8 / 255, progress=False)["attacks"]["gaussian-noise"]
+    assert type(entry["robust"]) is int and type(entry["broken"]) is int and entry["pairs"] == 6 * 10
+
+
+# ----------------------------------------------------------------------------- 7. sanity checks on a balanced head
+def test_sanity_checks_take_a_class_balanced_head(small, monkeypatch):
+    model, _, _ = small
+    x = torch.rand(12, 3, 8, 8)
+    y = torch.tensor([0] * 6 + [1] * 6)  # class-sorted
+    seen = {}
+
+    def stop(model_, data, *args, **kwargs):
+        seen["labels"] = data[1]
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(fastrobust.sanity, "evaluate", stop)
+    with pytest.raises(RuntimeError, match="enough"):
+        fastrobust.sanity.sanity_checks(model, (x, y), eps=8 / 255, n=4)
+    assert seen["labels"].tolist() == [0, 0, 1, 1]
+
+
+def test_sanity_black_box_pass_text_says_what_was_compared(small, monkeypatch):
+    model, x, y = small
+    accs = {"fgsm": 0.5, "pgd20": 0.4, "pgd100": 0.4, "autoattack-fast": 0.375, "square": 0.45, "rays": 0.5}
+
+    def fake(model_, data, attacks, **kwargs):
+        return {"attacks": {name: {"robust_acc": accs[name] if name in accs else 0.0} for name in attacks},
+                "device": "cpu"}
+
+    monkeypatch.setattr(fastrobust.sanity, "evaluate", fake)
+    flags = {f["name"]: f for f in fastrobust.sanity.sanity_checks(model, (x, y), eps=8 / 255)}
+    detail = flags["black_box"]["detail"]
+    assert flags["black_box"]["passed"], detail
+    assert "square 0.4500, rays 0.5000" in detail and "lowest white-box accuracy 0.3750" in detail
+    assert "PGD-20, PGD-100, AutoAttack-fast" in detail and "no sign of gradient masking" in detail
+
+
+# ----------------------------------------------------------------------------- 8. run folders
+def test_checkpoint_folder_and_dataset_from_the_run(cli, model_file, tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000000005"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(model_file.read_bytes())
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10"}))
+    code, out, err, _ = cli(step, "--json", dataset=False)
+    assert code == 0, err
+    assert "--dataset cifar10 (the dataset of run" in err
+    assert json.loads(out)["dataset"] == "cifar10"
+
+
+
+def test_eval_names_the_model_it_loaded_at_the_start(cli, model_file):
+    code, _, err, _ = cli(model_file, "--json", quiet=False)
+    assert code == 0, err
+    params = sum(p.numel() for p in create("tinycnn", num_classes=10).parameters())
+    assert f"model tinycnn, {params:,} parameters, input normalisation from the weights" in err
+
+
+def test_ctrl_c_during_eval_says_how_to_resume(cli, model_file, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastrobust.evaluate, "evaluate", interrupted)
+    code, _, err, _ = cli(model_file)
+    assert code == 130 and "add --state FILE" in err
+    code, _, err, _ = cli(model_file, "--state", tmp_path / "s.json")
+    assert code == 130 and f"kept in --state {tmp_path / 's.json'}: run the same command again" in err
