@@ -280,7 +280,8 @@ def column_names(runs: list[Run]) -> dict[str, str]:
         return dict(_METRIC_NAMES)
     names = {}
     for metric, labels in sets.items():
-        counts = list(dict.fromkeys(re.sub(r"^first ", "", label).split(" ")[0] for label in labels))
+        counts = sorted({re.sub(r"^first ", "", label).split(" ")[0] for label in labels},
+                        key=lambda n: (-int(n), n) if n.isdigit() else (0, n))
         names[metric] = f"{_METRIC_NAMES[metric]} (n={'/'.join(counts)})" if counts else _METRIC_NAMES[metric]
     return names
 
