@@ -10,8 +10,9 @@ without it; tests/test_averaging.py checks that the trained weights are bit-iden
   (``best.safetensors`` with ``ema_select: averaged``);
 - ``model-last`` / ``averaged-last``: the final weights of each.
 
-Each is evaluated on the same first N test points (``fastrobust.evaluate.evaluate``: PGD-20, and a reduced
-AutoAttack-fast by default). Runs are kept under ``--out`` (an existing finished run is not trained again).
+Each is evaluated on the same N class-balanced test points (``fastrobust.data.balanced_head``: the test
+split is sorted by class) with ``fastrobust.evaluate.evaluate``: PGD-20, and a reduced AutoAttack-fast by
+default. Runs are kept under ``--out`` (an existing finished run is not trained again).
 One JSON line per run and variant goes to ``--json-out``; the table gives mean ± std over seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/averaging_effect.py --preset quickstart --methods backward_smoothing fast_at \
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--methods", nargs="+", default=["backward_smoothing"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as fastrobust train --set")
-    parser.add_argument("--test-points", type=int, default=1000, help="the first N test points of the run's test split")
+    parser.add_argument("--test-points", type=int, default=1000, help="N test points of the run's test split, taken round-robin over its classes")
     parser.add_argument("--attacks", nargs="+", default=["pgd20", "autoattack-fast"])
     parser.add_argument("--full-autoattack-fast", action="store_true",
                         help="AutoAttack-fast at its full strength (default: APGD-CE 25 it. + APGD-T 25 it., 3 targets)")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
 
     from fastrobust.checkpoint import load_model
-    from fastrobust.data import load_dataset
+    from fastrobust.data import balanced_head, load_dataset
     from fastrobust.evaluate import evaluate
     from fastrobust.presets import make_config
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             val = {"best_val_robust_acc": max((m.get("val_robust_acc", -1) for m in metrics), default=None),
                    "best_ema_val_robust_acc": max((m.get("ema_val_robust_acc", -1) for m in metrics), default=None)}
-            images, labels = data.test.images[: args.test_points], data.test.labels[: args.test_points]
+            images, labels = balanced_head(data.test.images, data.test.labels, args.test_points)
             result = json.loads((run / "result.json").read_text())
             for variant, file in model_files(run).items():
                 if variant not in args.variants:

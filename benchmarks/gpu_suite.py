@@ -207,7 +207,7 @@ def child_natural(params: dict[str, Any], result: Path) -> None:
 
 
 def child_train(params: dict[str, Any], result: Path) -> None:
-    """Train a preset (with overrides) under a deadline, then evaluate its best model on the first N test points.
+    """Train a preset (with overrides) under a deadline, then evaluate its best model on N class-balanced test points.
 
     The deadline sends SIGTERM to this process: the trainer finishes its step, checkpoints and stops; the
     finished epochs' best model is still evaluated. Times are wall-clock from ``launch_time`` (the parent's
@@ -216,7 +216,7 @@ def child_train(params: dict[str, Any], result: Path) -> None:
     import torch
 
     from fastrobust.checkpoint import load_model
-    from fastrobust.data import load_dataset
+    from fastrobust.data import balanced_head, load_dataset
     from fastrobust.evaluate import evaluate
     from fastrobust.presets import load_preset, make_config
     from fastrobust.records import read_jsonl
@@ -279,7 +279,7 @@ def child_train(params: dict[str, Any], result: Path) -> None:
         raise RuntimeError("no epoch finished: no model to evaluate")
     model, meta = load_model(run / "best.safetensors", device=trainer.device)
     n = params.get("eval_points", 1000)
-    images, labels = data.test.images[:n], data.test.labels[:n]
+    images, labels = balanced_head(data.test.images, data.test.labels, n)  # the split is sorted by class
     attacks = params.get("attacks", ["pgd20", "autoattack-fast"])
     record = evaluate(model, (images, labels), attacks, eps=config.attack_eps, batch_size=params.get("eval_batch_size", 500),
                       progress=False, seed=0, attack_options=params.get("attack_options") or None)
@@ -818,32 +818,15 @@ def markdown_summary(record: dict[str, Any]) -> str:
 
 
 def _aa_summary(data: Any) -> str:
-    """A short line from autoattack.py's record (its layout belongs to that script: read defensively)."""
-    record = _last(data)
-    if not record:
-        return "no record"
-    text = json.dumps(record, default=str)
-    for key in ("speedup", "ratio", "time_ratio"):
-        value = _find(record, key)
-        if isinstance(value, (int, float)):
-            return f"{key} {value:.2f} (full record in gpu_suite.json)"
-    return text[:160] + ("..." if len(text) > 160 else "")
-
-
-def _find(obj: Any, key: str) -> Any:
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for value in obj.values():
-            found = _find(value, key)
-            if found is not None:
-                return found
-    if isinstance(obj, list):
-        for value in obj:
-            found = _find(value, key)
-            if found is not None:
-                return found
-    return None
+    """The time ratio and robust counts from autoattack.py's record (its ``summary``: ``ratio_of_medians`` =
+    official / fastrobust median seconds, and each version's ``robust`` count); "-" when they are missing."""
+    summary = _last(data).get("summary") or {}
+    ratio = summary.get("ratio_of_medians")
+    official, ours = summary.get("official") or {}, summary.get("fastrobust") or {}
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+        return "-"
+    return (f"{ratio:.2f}x official / fastrobust time (robust {official.get('robust', '-')} vs "
+            f"{ours.get('robust', '-')} points)")
 
 
 # ---------------------------------------------------------------------------------------------- entry point

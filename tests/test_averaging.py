@@ -246,7 +246,13 @@ def test_averaging_effect_benchmark_evaluates_both_arms_of_one_run(tmp_path, mon
     import averaging_effect
     import gpu_suite
 
+    import fastrobust.evaluate
+
     monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
+    evaluated = []  # the labels of each evaluation's points
+    real_evaluate = fastrobust.evaluate.evaluate
+    monkeypatch.setattr(fastrobust.evaluate, "evaluate",
+                        lambda model, data, *a, **k: evaluated.append(data[1].tolist()) or real_evaluate(model, data, *a, **k))
     root = gpu_suite.make_smoke_archive(tmp_path / "data", train_per_class=12, test_per_class=4).parents[1]
     sets = [f"data_root={root}", "train_subset=64", "val_size=32", "test_subset=32", "epochs=2", "batch_size=32",
             "ema_decay=0.5", "val_pgd_steps=1", "test_pgd_steps=1", "model.width=8"]
@@ -256,3 +262,6 @@ def test_averaging_effect_benchmark_evaluates_both_arms_of_one_run(tmp_path, mon
     assert all(r["n"] == 16 and r["cpu_seconds_to_trained"] > 0 and r["ema_decay"] == 0.5 for r in rows)
     assert rows[1]["file"].endswith("best.safetensors") and rows[3]["file"].endswith("averaged.safetensors")
     assert "| backward_smoothing | averaged | 1 |" in capsys.readouterr().out
+    # every variant on the same class-balanced points (the class-sorted split's first 16 hold 4 classes only)
+    assert len(evaluated) == 4 and all(labels == evaluated[0] for labels in evaluated)
+    assert sorted(evaluated[0]) == sorted(list(range(10)) + list(range(6)))

@@ -3,8 +3,10 @@ the budget skips what does not fit, and the carry-prep script builds the folder 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +48,41 @@ def test_smoke_runs_every_stage_and_prints_the_table_last(tmp_path, capsys, one_
     printed = capsys.readouterr().out.rstrip()
     assert printed.endswith(table.rstrip())  # the Markdown table is the last thing printed
     assert "| natural img/s" in table and "speedrun (backward_smoothing)" in table and "SMOKE" in table
+    if importlib.util.find_spec("pyautoattack") is not None:  # the test extra: the official-AutoAttack row runs
+        assert stages["autoattack"]["status"] == "ok", stages["autoattack"]
+        assert_every_row_has_figures(table)
+    else:
+        assert_every_row_has_figures(table, except_rows=("official vs fastrobust AutoAttack",))
     assert "gpu_suite.log" in {p.name for p in (tmp_path / "out").iterdir()}
     assert len(list((tmp_path / "out").iterdir())) <= 8  # the device tool brings back at most 8 files
+
+
+# "-" (a figure read under a key the record lacks), None/nan, a stage not run, or a record dumped unparsed
+MISSING = re.compile(r"(?:^|[\s(/;,])-(?=$|[\s)/;,])|\bNone\b|\bnan\b|not run|skipped|no record|error|failed|[{}]|\.\.\.",
+                     re.I)
+
+
+def assert_every_row_has_figures(table: str, *, except_rows: tuple[str, ...] = ()) -> None:
+    """Every measurement row of gpu_suite.md (but those starting with ``except_rows``) shows a parsed figure."""
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[4:] if line.startswith("|")]
+    assert len(rows) >= 10, table
+    for what, value, _target in rows:
+        if what.strip().startswith(except_rows):
+            continue
+        assert re.search(r"\d", value) and not MISSING.search(value), f"row {what.strip()!r} has no figure: {value!r}"
+
+
+def test_the_table_check_catches_a_missing_figure():
+    record = {"suite": {"budget_seconds": 1, "smoke": True}, "stages": {
+        "autoattack": {"status": "ok", "record": {"summary": {"ratio": 2.0}}}}}  # a key autoattack.py never writes
+    row = next(line for line in gpu_suite.markdown_summary(record).splitlines() if "AutoAttack (autoattack.py)" in line)
+    assert row.split("|")[2].strip() == "-"
+    with pytest.raises(AssertionError, match="has no figure"):
+        assert_every_row_has_figures("\n".join(["h", "", "| a | b | c |", "|---|---|---|"] + [f"| r{i} | {i} s |  |" for i in range(10)] + [row]))
+    record["stages"]["autoattack"]["record"] = [{"summary": {"ratio_of_medians": 2.5, "official": {"robust": 3},
+                                                             "fastrobust": {"robust": 3}}}]
+    row = next(line for line in gpu_suite.markdown_summary(record).splitlines() if "AutoAttack (autoattack.py)" in line)
+    assert "2.50x" in row and "robust 3 vs 3" in row
 
 
 def test_a_spent_budget_skips_every_timed_stage(tmp_path, capsys, one_thread):

@@ -13,7 +13,11 @@ it and ``report.html`` (the same content, figures embedded as base64, self-conta
 - loss smoothness (paper Fig. 3): the top input-Hessian eigenvalue at the random and the backward-smoothing
   starting points against the training epoch, from each run's hessian.json (``evaluate.hessian`` of a sweep).
 
-Every number comes from the records; the report states what was run (dataset and its source, model,
+Every number comes from the records, and every number of a table row from the same test points: when the
+extra attacks of eval.json ran on fewer points than result.json's clean and PGD-20, the columns are labelled
+with their number of points (``PGD-100 (n=300)``) and the caption says which points; an eval.json written
+before sweeps took class-balanced points (no ``points`` key, fewer points than the test split: a prefix of a
+class-sorted split) is flagged. The report states what was run (dataset and its source, model,
 epochs, schedule, device, torch version) and warns when the CIFAR-10 copy is a JPEG re-encoding. Paths in
 the report are relative to the data root (``<data root>/...``) or to the project, never a machine's absolute
 path.
@@ -102,6 +106,27 @@ class Run:
                     return value
             return None
         raise KeyError(name)
+
+    def points(self, metric: str) -> str | None:
+        """The test points ``metric`` was measured on: ``"N"`` (all N points of the run's test split, those of
+        result.json), ``"N of M, class-balanced"`` (eval.json on a class-balanced subset) or ``"first N of M"``
+        (eval.json on a prefix of the class-sorted split, written before sweeps balanced it); None without a value."""
+        if self.metric(metric) is None:
+            return None
+        test = self.result.get("test", {})
+        test_n = test.get("n")
+        if metric == "clean" or (metric == "pgd20" and _number(test.get("pgd20_acc")) is not None):
+            return f"{test_n}"
+        return self.eval_points(self.eval_at() or {})
+
+    def eval_points(self, record: dict[str, Any]) -> str:
+        """The point set of one eval.json record (see ``points``)."""
+        n, test_n = record.get("n"), self.result.get("test", {}).get("n")
+        if test_n is None or n == test_n:
+            return f"{n}"
+        if (self.eval_meta.get("points") or {}).get("selection") == "balanced_head":
+            return f"{n} of {test_n}, class-balanced"
+        return f"first {n} of {test_n}"
 
     def autoattack_version(self) -> str | None:
         record = self.eval_at()
@@ -234,6 +259,57 @@ def _sort_key(run: Run, keys: list[str]) -> tuple:
     return tuple((0, flat[k], "") if isinstance(flat.get(k), (int, float)) else (1, 0, str(flat.get(k))) for k in keys)
 
 
+# ----------------------------------------------------------------------------------------- point sets
+ACCURACY_METRICS = ("clean", "pgd20", "pgd100", "autoattack")
+
+
+def point_sets(runs: list[Run]) -> dict[str, list[str]]:
+    """metric -> the distinct point sets (``Run.points``) its values come from, over ``runs``."""
+    found: dict[str, list[str]] = {}
+    for metric in ACCURACY_METRICS:
+        labels = [label for label in (run.points(metric) for run in runs) if label is not None]
+        found[metric] = list(dict.fromkeys(labels))
+    return found
+
+
+def column_names(runs: list[Run]) -> dict[str, str]:
+    """The accuracy columns' headers: the plain names when every value comes from the same points, else each
+    with its number of points (``PGD-100 (n=300)``) so that no row silently mixes point sets."""
+    sets = point_sets(runs)
+    if len({label for labels in sets.values() for label in labels}) <= 1:
+        return dict(_METRIC_NAMES)
+    names = {}
+    for metric, labels in sets.items():
+        counts = sorted({re.sub(r"^first ", "", label).split(" ")[0] for label in labels},
+                        key=lambda n: (-int(n), n) if n.isdigit() else (0, n))
+        names[metric] = f"{_METRIC_NAMES[metric]} (n={'/'.join(counts)})" if counts else _METRIC_NAMES[metric]
+    return names
+
+
+def points_caption(runs: list[Run]) -> str:
+    """One sentence saying which test points each accuracy column comes from, and a warning for prefixes."""
+    sets = point_sets(runs)
+    used = {m: labels for m, labels in sets.items() if labels}
+    if not used:
+        return ""
+    every = {label for labels in used.values() for label in labels}
+    if len(every) == 1:
+        return f" Every accuracy on the same {every.pop()} test points."
+    by_set: dict[str, list[str]] = {}
+    for metric, labels in used.items():
+        by_set.setdefault(", ".join(labels), []).append(_METRIC_NAMES[metric])
+    parts = [f"{' and '.join(names)} on {where} test points" for where, names in by_set.items()]
+    text = (" Columns on different test points (" + "; ".join(parts) + "): compare accuracies within a point set "
+            "only (n = the number of points).")
+    if any(label.startswith("first ") for label in every):
+        prefix = sorted(run.name for run in runs if any((run.points(m) or "").startswith("first ") for m in ACCURACY_METRICS))
+        who = "every run" if len(prefix) == len(runs) else ", ".join(prefix)
+        text += (f" Warning: eval.json of {who} was written on the first points of the class-sorted "
+                 "test split, i.e. a few classes only; run the same fastrobust sweep command again to re-evaluate "
+                 "on class-balanced points.")
+    return text
+
+
 # ----------------------------------------------------------------------------------------- statistics
 def _values(group: list[Run], metric: str) -> list[float]:
     return [v for v in (run.metric(metric) for run in group) if v is not None]
@@ -259,7 +335,8 @@ def _context(run: Run) -> tuple:
 
 def table2(groups: list[tuple[str, list[Run]]]) -> tuple[list[str], list[list[str]]]:
     """The paper's Table 2 layout: one row per method group; numbers in percent, time in minutes."""
-    header = ["Method", "Clean", "PGD-20", "PGD-100", "AutoAttack", "Time (min)", "Time / TRADES", "Runs",
+    names = column_names([run for _, group in groups for run in group])
+    header = ["Method", *(names[m] for m in ACCURACY_METRICS), "Time (min)", "Time / TRADES", "Runs",
               "Declared passes"]
     trades_time: dict[tuple, list[float]] = {}
     for _, group in groups:
@@ -320,12 +397,13 @@ def sensitivity(runs: list[Run]) -> list[tuple[str, str, list[str], list[list[st
             for run in members:
                 flat = run.flat()
                 buckets.setdefault((flat.get(key),) + tuple(_key_text(flat.get(k)) for k in others), []).append(run)
-            header = [_short(key)] + [_short(k) for k in others] + ["Runs", "Clean", "PGD-20", "PGD-100", "AutoAttack"]
+            names = column_names(members)
+            header = [_short(key)] + [_short(k) for k in others] + ["Runs", *(names[m] for m in ACCURACY_METRICS)]
             rows = []
             for bucket_key in sorted(buckets, key=lambda k: (k[0] is None, k[0] if isinstance(k[0], (int, float)) else 0, str(k))):
                 group = buckets[bucket_key]
                 rows.append([_key_text(bucket_key[0]), *bucket_key[1:], str(len(group)),
-                             *(_mean_cell(_values(group, m)) for m in ("clean", "pgd20", "pgd100", "autoattack"))])
+                             *(_mean_cell(_values(group, m)) for m in ACCURACY_METRICS)])
             tables.append((method, key, header, rows))
     return tables
 
@@ -351,6 +429,7 @@ def figure_stability(groups: list[tuple[str, list[Run]]], out: Path) -> Path | N
     metrics = [m for m in ("pgd20", "pgd100", "autoattack") if any(len(_values(g, m)) >= 2 for _, g in groups)]
     if not metrics:
         return None
+    names = column_names([run for _, group in groups for run in group])
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -360,8 +439,8 @@ def figure_stability(groups: list[tuple[str, list[Run]]], out: Path) -> Path | N
             offsets = [((j % 5) - 2) * 0.04 for j in range(len(values))]
             ax.scatter([i + o for o in offsets], values, s=12, color="black", alpha=0.6, zorder=3)
         ax.set_xticks(range(1, len(data) + 1), [label for label, _ in data], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"{_METRIC_NAMES[metric]} accuracy (%)")
-        ax.set_title(f"{_METRIC_NAMES[metric]} over seeds")
+        ax.set_ylabel(f"{names[metric]} accuracy (%)")
+        ax.set_title(f"{names[metric]} over seeds")
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "stability.png")
 
@@ -534,12 +613,13 @@ def figure_table(groups: list[tuple[str, list[Run]]], out: Path) -> Path | None:
     metrics = [m for m in ("clean", "pgd20", "pgd100", "autoattack") if any(_values(g, m) for _, g in groups)]
     if not metrics or not groups:
         return None
+    names = column_names([run for _, group in groups for run in group])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
         heights = [statistics.fmean(_values(g, metric)) * 100 if _values(g, metric) else 0 for _, g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], heights, width, label=_METRIC_NAMES[metric])
+        ax.bar([j + i * width for j in range(len(groups))], heights, width, label=names[metric])
     ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(groups))], [label for label, _ in groups],
                   rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)"), ax.legend(fontsize=8), ax.grid(axis="y", alpha=0.3)
@@ -588,10 +668,10 @@ def describe_runs(runs: list[Run]) -> tuple[list[str], bool]:
 
 def _eval_description(runs: list[Run]) -> str:
     attacks: dict[str, Any] = {}
-    ns = set()
+    ns: dict[str, None] = {}
     for run in runs:
         for record in run.evaluations:
-            ns.add(record.get("n"))
+            ns[run.eval_points(record)] = None
             for name, entry in record.get("attacks", {}).items():
                 attacks.setdefault(name, entry.get("settings"))
     if not attacks:
@@ -603,7 +683,7 @@ def _eval_description(runs: list[Run]) -> str:
             parts.append(f"{name}: {comps}")
         else:
             parts.append(name)
-    return f"Extra evaluation (eval.json) on {', '.join(str(n) for n in sorted(ns, key=str))} test points: " + "; ".join(parts)
+    return f"Extra evaluation (eval.json) on {' / '.join(ns)} test points: " + "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -649,11 +729,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
                "(train_seconds: training steps only, without validation); Time / TRADES relative to TRADES runs of the "
                "same dataset, model and epochs; Declared passes = the method's cost per step in forward+backward passes "
                "(a forward alone counts 1/3), the load-independent reference. \"-\": no record.")
-    test_n = sorted({r.result.get("test", {}).get("n") for r in runs} - {None})
-    eval_n = sorted({e.get("n") for r in runs for e in r.evaluations if e.get("n") is not None})
-    if test_n:
-        caption += f" Clean and PGD-20 on {', '.join(map(str, test_n))} test points (result.json)"
-        caption += (f"; PGD-100 and AutoAttack on {', '.join(map(str, eval_n))} test points (eval.json)." if eval_n else ".")
+    caption += points_caption(runs)
     if any("†" in row[4] for row in rows):
         caption += (" †: AutoAttack-fast (APGD-CE + APGD-T only, see the settings above), an upper bound of the "
                     "standard AutoAttack accuracy.")
@@ -665,11 +741,12 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
         figures.append(("Test accuracy by method", bar))
 
     stab_md, stab_html = [], []
+    names = column_names(runs)
     for metric in ("pgd20", "pgd100", "autoattack"):
         header, rows = stability(groups, metric)
         if rows:
-            stab_md.append(f"{_METRIC_NAMES[metric]} accuracy (%) over seeds:\n\n" + _md_table(header, rows))
-            stab_html.append(f"<p>{_METRIC_NAMES[metric]} accuracy (%) over seeds:</p>" + _html_table(header, rows))
+            stab_md.append(f"{names[metric]} accuracy (%) over seeds:\n\n" + _md_table(header, rows))
+            stab_html.append(f"<p>{html.escape(names[metric])} accuracy (%) over seeds:</p>" + _html_table(header, rows))
     stab_fig = figure_stability(groups, out)
     if stab_md:
         sections.append(("Stability over seeds (paper Figs. 1, 2, 5)", "\n\n".join(stab_md), "".join(stab_html)))
@@ -681,9 +758,13 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
         header, rows = hessian_table(hess)
         settings = next(r.hessian for r in runs if r.hessian)
         hs = settings.get("settings", {})
+        balanced = all((r.hessian.get("points") or {}).get("selection") == "balanced_head" for r in runs if r.hessian)
+        where = (f"{settings.get('n', '?')} class-balanced test points" if balanced else
+                 f"the first {settings.get('n', '?')} points of the class-sorted test split (a few classes only: "
+                 "hessian.json written before sweeps balanced the points; run the sweep command again to redo it)")
         caption = (f"Top eigenvalue of the Hessian of the {str(hs.get('loss', 'kl')).upper()} inner-maximisation loss "
-                   f"with respect to the input, at the attack's starting point, mean over the first "
-                   f"{settings.get('n', '?')} test points ({hs.get('iterations', '?')} power iterations; hessian.json "
+                   f"with respect to the input, at the attack's starting point, mean over {where} "
+                   f"({hs.get('iterations', '?')} power iterations; hessian.json "
                    "of each run); mean over seeds. A smaller value is a smoother loss: the paper's Fig. 3 shows the "
                    "backward-smoothing start below the random one throughout training.")
         sections.append(("Loss smoothness (paper Fig. 3)", _md_table(header, rows) + "\n\n" + caption,
@@ -712,7 +793,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
             run_rows.append([run.name, label, str(run.config.get("seed")), pct(run.metric("clean")), pct(run.metric("pgd20")),
                              pct(run.metric("pgd100")), pct(run.metric("autoattack")), str(run.result.get("best_epoch")),
                              f"{float(run.result.get('train_seconds') or 0):.0f}"])
-    run_header = ["Run", "Group", "Seed", "Clean", "PGD-20", "PGD-100", "AutoAttack", "Best epoch", "Train s"]
+    run_header = ["Run", "Group", "Seed", *(names[m] for m in ACCURACY_METRICS), "Best epoch", "Train s"]
     runs_md = _md_table(run_header, run_rows)
     runs_html = _html_table(run_header, run_rows)
     if missing:

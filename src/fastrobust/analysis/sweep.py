@@ -19,6 +19,12 @@ A spec (YAML, parsed with ``yaml.safe_load``; nothing is evaluated)::
     #            options: {autoattack-fast: {apgd-t: {n_targets: 3}}},
     #            hessian: {n: 64, per_epoch: true}}     # loss smoothness per epoch (needs save_epoch_models)
 
+The evaluation's ``test_subset: N`` and the Hessian's ``n`` take the first N points of the run's test split
+round-robin over its classes (``fastrobust.data.balanced_head``): the test splits are sorted by class, so a
+plain prefix would cover a few classes only. ``eval.json`` and ``hessian.json`` store that point set
+(``points``); one stored with another point set, or without one (written before the points were
+class-balanced), is evaluated again.
+
 ``grid`` may also be a list of such mappings: the runs are then the union of their cross products (for
 example every method once, plus more seeds for some of them); a run planned twice with the same settings
 runs once.
@@ -29,10 +35,13 @@ grid values. The whole spec is validated (every run's TrainConfig built and chec
 
 ``run_sweep(spec, out)`` runs every planned run in ``out/<name>`` where the name is made of the varied
 values (``trades_seed-1``). A run whose ``result.json`` exists (and ``eval.json`` with every requested
-attack and eps, when the spec asks for evaluation) is skipped; one with checkpoints but no result is
+attack and eps on the spec's point set, when the spec asks for evaluation) is skipped; one with a result
+but not that evaluation is only evaluated; one with checkpoints but no result is
 resumed from its newest checkpoint; a run folder whose saved config differs from the plan is an error
 (the spec changed: use another ``--out``). ``out/sweep.json`` lists the runs and their status, rewritten
-atomically after every change, so a crashed sweep is restarted by running the same command again.
+atomically after every change, so a crashed sweep is restarted by running the same command again. When the
+first runs of a sweep all fail with the same error (a broken data loader, a typo in code the runs share),
+the sweep stops after the second with that error instead of failing every run.
 """
 
 from __future__ import annotations
@@ -63,7 +72,7 @@ HESSIAN_FILE = "hessian.json"
 @dataclass
 class HessianSpec:
     """Loss smoothness of each run (paper Fig. 3): the top input-Hessian eigenvalue of the inner-max loss at
-    the attack's starting points, on the first ``n`` test points, for ``best`` or (``per_epoch``) every
+    the attack's starting points, on ``n`` class-balanced test points (``points_key``), for ``best`` or (``per_epoch``) every
     per-epoch model the run kept (``save_epoch_models``). Written to ``RUN/hessian.json``."""
 
     n: int = 64
@@ -82,7 +91,7 @@ class EvalSpec:
 
     attacks: list[str]
     eps: list[float | None] = field(default_factory=lambda: [None])  # None: the run's own attack eps
-    test_subset: int | None = None  # the first N points of the run's test split
+    test_subset: int | None = None  # N class-balanced points of the run's test split (None: all of it)
     batch_size: int = 256
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
@@ -351,6 +360,22 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
 
 
 # ----------------------------------------------------------------------------------------- state of a run
+POINT_SELECTION = "balanced_head"
+
+
+def points_key(count: int | None) -> dict[str, Any]:
+    """The test points an evaluation ran on, as stored in eval.json and hessian.json: ``count`` points of the
+    run's test split taken round-robin over its classes (``fastrobust.data.balanced_head``; None: all)."""
+    return {"split": "test", "selection": POINT_SELECTION, "count": count}
+
+
+def eval_points(dataset: Any, count: int | None) -> tuple[Any, Any]:
+    """``count`` class-balanced points of ``dataset``'s test split (images, labels); see ``points_key``."""
+    from ..data import balanced_head
+
+    return balanced_head(dataset.test.images, dataset.test.labels, count)
+
+
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(json.dumps(config))
     data.pop("out", None)
@@ -388,8 +413,8 @@ def _eval_done(run_dir: Path, eval_spec: EvalSpec | None, default_eps: float) ->
         stored = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    if stored.get("test_subset") != eval_spec.test_subset:
-        return False  # evaluated on other test points: redo
+    if stored.get("points") != points_key(eval_spec.test_subset):
+        return False  # evaluated on other test points (or on a class-sorted prefix, before "points"): redo
     records = stored.get("evaluations", [])
     return all(_eval_done_for(records, default_eps if eps is None else eps, eval_spec.attacks) for eps in eval_spec.eps)
 
@@ -436,25 +461,25 @@ def evaluate_run(run_dir: Path, config: Any, dataset: Any, eval_spec: EvalSpec, 
         return record
     device = resolve_device(config.device)
     model, _ = load_model(run_dir / "best.safetensors", device=device)
-    images, labels = dataset.test.images, dataset.test.labels
-    if eval_spec.test_subset is not None:
-        images, labels = images[: eval_spec.test_subset], labels[: eval_spec.test_subset]
+    images, labels = eval_points(dataset, eval_spec.test_subset)
+    points = points_key(eval_spec.test_subset)
     path = run_dir / EVAL_FILE
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    records = [r for r in stored.get("evaluations", [])] if stored.get("test_subset") == eval_spec.test_subset else []
+    records = [r for r in stored.get("evaluations", [])] if stored.get("points") == points else []
     for eps in eval_spec.eps:
         eps = config.attack_eps if eps is None else eps
         if _eval_done_for(records, eps, eval_spec.attacks):
             continue
         state_dir = run_dir / "eval-state"
         state_dir.mkdir(exist_ok=True)
-        state_file = state_dir / f"eps-{eps * 255:.4g}of255-n{len(labels)}-{'-'.join(eval_spec.attacks)}.json"
-        log(f"{run_dir.name}: evaluating {', '.join(eval_spec.attacks)} at eps {eps * 255:.3g}/255 on {len(labels)} test points")
+        state_file = state_dir / f"eps-{eps * 255:.4g}of255-balanced-n{len(labels)}-{'-'.join(eval_spec.attacks)}.json"
+        log(f"{run_dir.name}: evaluating {', '.join(eval_spec.attacks)} at eps {eps * 255:.3g}/255 on {len(labels)} "
+            "class-balanced test points")
         record = evaluate(model, (images, labels), eval_spec.attacks, eps=eps, batch_size=eval_spec.batch_size,
                           device=device, state_file=state_file, progress=progress, seed=eval_spec.seed,
                           attack_options={k: v for k, v in eval_spec.options.items()})
         records = [r for r in records if abs(float(r.get("eps", -1)) - eps) >= 1e-9] + [record]
-        atomic_write_json(path, {"model": "best.safetensors", "test_subset": eval_spec.test_subset,
+        atomic_write_json(path, {"model": "best.safetensors", "test_subset": eval_spec.test_subset, "points": points,
                                  "dataset": getattr(dataset, "name", config.dataset), "evaluations": records})
     return json.loads(path.read_text())
 
@@ -464,7 +489,7 @@ def _hessian_done(run_dir: Path, spec: HessianSpec) -> bool:
         stored = json.loads((run_dir / HESSIAN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return stored.get("settings") == asdict(spec)
+    return stored.get("settings") == asdict(spec) and stored.get("points") == points_key(spec.n)
 
 
 def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
@@ -483,8 +508,9 @@ def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
                                   "(train with save_epoch_models: 1)")
     else:
         files = [("best", None, run_dir / "best.safetensors")]
-    images, labels = dataset.test.images[: spec.n], dataset.test.labels[: spec.n]
-    log(f"{run_dir.name}: Hessian eigenvalues ({', '.join(spec.inits)}) of {len(files)} model(s) on {len(labels)} test points")
+    images, labels = eval_points(dataset, spec.n)
+    log(f"{run_dir.name}: Hessian eigenvalues ({', '.join(spec.inits)}) of {len(files)} model(s) on {len(labels)} "
+        "class-balanced test points")
     records = []
     for label, epoch, file in files:
         model = load_any_model(file, device)
@@ -492,7 +518,8 @@ def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
                                    iterations=spec.iterations, gamma=spec.gamma, batch_size=spec.batch_size,
                                    seed=spec.seed, device=device)
         records.append({"label": label, "epoch": epoch, "model": str(file.relative_to(run_dir)), **values})
-    record = {"settings": asdict(spec), "n": len(labels), "eps": config.attack_eps, "records": records}
+    record = {"settings": asdict(spec), "points": points_key(spec.n), "n": len(labels), "eps": config.attack_eps,
+              "records": records}
     atomic_write_json(run_dir / HESSIAN_FILE, record)
     return record
 
@@ -552,8 +579,10 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
 
     ``dataset_loader(config) -> fastrobust.data.Dataset`` replaces ``load_dataset`` (tests inject small
     synthetic data); datasets are loaded once per distinct (dataset, root, val_size, subsets).
-    A run that fails is recorded as ``failed`` (with the error) and the sweep goes on; Ctrl-C or
-    SIGTERM stops the sweep after saving the current run's checkpoint (status ``interrupted``).
+    A run that fails is recorded as ``failed`` (with the error) and the sweep goes on, except when the first
+    two runs started by this call fail with the same error: then it raises FastRobustError (one line) and
+    leaves the other runs ``pending``. Ctrl-C or SIGTERM stops the sweep after saving the current run's
+    checkpoint (status ``interrupted``).
     """
     from ..train import Trainer, TrainingStopped, resume
 
@@ -583,6 +612,20 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
             cache[key] = loader(config)
         return cache[key]
 
+    failures: list[str] | None = []  # the errors of the runs started by this call; None once one finishes
+
+    def failed(index: int, message: str) -> None:
+        sweep_file.set(index, status="failed", error=message)
+        log(f"[{index + 1}/{len(runs)}] {runs[index].name}: failed: {message}")
+        if failures is None:
+            return
+        failures.append(message)
+        if len(failures) == 2 and failures[0] == failures[1]:
+            sweep_file.data["stopped"] = f"the first two runs failed with the same error: {message}"
+            sweep_file.save()
+            raise FastRobustError(f"sweep stopped: its first two runs failed with the same error ({message}); the "
+                                  f"other runs would too: fix it and run the same command again (see {sweep_file.path})")
+
     for index, (run, state) in enumerate(zip(runs, states)):
         if state == "done":
             log(f"[{index + 1}/{len(runs)}] {run.name}: done, skipped")
@@ -610,14 +653,12 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
             if _is_signal_stop(error):
                 sweep_file.set(index, status="interrupted", error=str(error))
                 raise
-            sweep_file.set(index, status="failed", error=str(error))
-            log(f"[{index + 1}/{len(runs)}] {run.name}: failed: {error}")
+            failed(index, str(error))
             continue
         except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
-            message = f"{type(error).__name__}: {error}" if not isinstance(error, FastRobustError) else str(error)
-            sweep_file.set(index, status="failed", error=message)
-            log(f"[{index + 1}/{len(runs)}] {run.name}: failed: {message}")
+            failed(index, f"{type(error).__name__}: {error}" if not isinstance(error, FastRobustError) else str(error))
             continue
+        failures = None  # a run finished: later failures are the runs' own
         sweep_file.set(index, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(run_dir))
         log(f"[{index + 1}/{len(runs)}] {run.name}: done ({_short_summary(run_dir)})")
     sweep_file.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
