@@ -104,3 +104,34 @@ def test_bad_arguments(toy):
         pgd(model, x, y, eps=0.1, norm="l1")
     with pytest.raises(ConfigError, match="reference_logits"):
         pgd(model, x, y, eps=0.1, loss="kl")
+
+
+class _NarrowDip(torch.nn.Module):
+    """Two logits of a one-pixel image whose margin f(x) = 1 - 3 exp(-((x - c) / s)^2) dips below zero only
+    near c = 0.5 + 2.5/255 (s = 1/255). From x = 0.5, PGD with step 2/255 lands on 0.5 + 2/255 (fooled),
+    then on 0.5 + 4/255 (not fooled), and oscillates between the two: the last iterate of an even number of
+    steps is not adversarial although every odd one is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.flatten(1).sum(1)
+        margin = 1 - 3 * torch.exp(-(((v - (0.5 + 2.5 / 255)) * 255) ** 2))
+        return torch.stack([margin, torch.zeros_like(margin)], 1)
+
+
+def test_stop_at_fooled_keeps_the_first_adversarial_iterate():
+    from fastrobust.evaluate import evaluate
+
+    model = _NarrowDip()
+    x, y = torch.full((1, 1, 1, 1), 0.5), torch.tensor([0])
+    assert model(x).argmax(1).item() == 0  # clean-correct
+    kwargs = dict(eps=8 / 255, steps=20, step_size=2 / 255, random_init=False)
+    last = pgd(model, x, y, **kwargs)
+    first = pgd(model, x, y, stop_at_fooled=True, **kwargs)
+    assert model(last).argmax(1).item() == 0            # the last iterate stepped back out
+    assert model(first).argmax(1).item() == 1           # the fooled iterate is kept
+    assert torch.allclose(first, torch.full_like(x, 0.5 + 2 / 255), atol=1e-6)
+    # evaluate's PGD counts the point as broken, and PGD-100 never reports more robust points than PGD-20
+    record = evaluate(model, (x, y), ["pgd20", "pgd100"], eps=8 / 255, progress=False)
+    assert record["attacks"]["pgd20"]["robust"] == 0
+    assert record["attacks"]["pgd100"]["robust"] == 0
+    assert record["attacks"]["pgd20"]["settings"]["stop_at_fooled"] is True

@@ -121,6 +121,8 @@ def pgd_accuracy(
 
     ``distributed``: shard the batches across the ranks of the process group (see clean_and_robust_counts).
     ``eps`` (l_inf, pixel units in [0, 1]; 0 gives the clean accuracy twice) is checked by ``check_eps``.
+    A point counts as broken when any PGD iterate fools the model (``pgd(stop_at_fooled=True)``), as in
+    ``evaluate``, so the trainer's PGD-20 and an evaluation's PGD-20 agree.
     """
     from .numbers import check_eps
 
@@ -128,7 +130,8 @@ def pgd_accuracy(
     step_size = step_size if step_size is not None else 2 / 255 if eps >= 2 / 255 else eps / 4
 
     def attack(model_: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return pgd(model_, x, y, eps=eps, steps=steps, step_size=step_size, random_init=random_init, loss=loss)
+        return pgd(model_, x, y, eps=eps, steps=steps, step_size=step_size, random_init=random_init, loss=loss,
+                   stop_at_fooled=True)
 
     clean, robust, total = clean_and_robust_counts(model, images, labels, attack, batch_size=batch_size, device=device,
                                                    distributed=distributed)
@@ -173,7 +176,7 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
     elif name in ("pgd20", "pgd100", "cw20"):
         steps = 100 if name == "pgd100" else 20
         base = {"steps": steps, "step_size": default_step(eps, steps, norm), "random_init": False,
-                "loss": "cw" if name == "cw20" else "ce", "restarts": 1}
+                "loss": "cw" if name == "cw20" else "ce", "restarts": 1, "stop_at_fooled": True}
     elif name in ("apgd-ce", "apgd-t", "fab-t", "square"):
         base = dict(DEFAULTS[name])
     elif name in ("autoattack", "autoattack-fast"):

@@ -41,6 +41,7 @@ def pgd(
     target: Tensor | None = None,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
+    stop_at_fooled: bool = False,
 ) -> Tensor:
     """Return adversarial examples for ``(x, y)``: ``steps`` projected signed (l_inf) or normalised (l_2) ascent steps.
 
@@ -48,6 +49,10 @@ def pgd(
     point of the ball when ``random_init``, else ``x``. ``target`` turns the attack into a targeted one
     (descent of the loss towards ``target``). ``reference_logits`` are the clean logits for ``loss="kl"``.
     The model runs in eval mode (unless ``eval_mode=False``) and is restored to the mode it was in.
+    ``stop_at_fooled`` keeps each point at the first iterate whose (finite) logits are misclassified (hit
+    the target, when targeted) instead of the last iterate: the last iterate can step back out of a
+    misclassified region, so without it PGD-100 can report more robust points than PGD-20 on the same
+    trajectory. Training keeps the last iterate (Madry et al.); ``evaluate`` stops at the fooled one.
     """
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
@@ -80,9 +85,16 @@ def pgd(
                 x_adv = random_start(x, eps, norm, generator)
             else:
                 x_adv = x.clone()
+            frozen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for _ in range(steps):
-                grad, _, _ = input_gradient(model, x_adv, labels, objective)
-                x_adv = project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm)
+                grad, _, logits = input_gradient(model, x_adv, labels, objective)
+                stepped = project(x_adv + step_size * ascent_direction(grad, norm), x, eps, norm)
+                if stop_at_fooled:  # no host sync: rows that were fooled keep their point
+                    predicted = logits.argmax(1)
+                    fooled_now = (predicted != y) if target is None else (predicted == target)
+                    frozen |= fooled_now & torch.isfinite(logits).all(1)
+                    stepped = torch.where(frozen.view(-1, *([1] * (x.dim() - 1))), x_adv, stepped)
+                x_adv = stepped
             if restarts == 1:
                 return x_adv
             with torch.no_grad():
