@@ -167,12 +167,26 @@ def check_split(images: Tensor, labels: Tensor, *, where: str) -> tuple[Tensor, 
 
 
 def check_num_classes(label_max: int, logits: Tensor, *, where: str) -> None:
-    """ConfigError when a label is not below the model's number of outputs (no host sync)."""
+    """ConfigError when the model has fewer than 2 outputs (``check_class_count``) or a label is not below its
+    number of outputs (no host sync)."""
+    check_class_count(logits, where=where)
     classes = logits.shape[-1]
     if label_max >= classes:
         raise ConfigError(f"{where}: label {label_max} is out of range for a model with {classes} outputs: "
                           f"labels must be class indices in [0, {classes}); check the dataset and the model's "
                           "num_classes")
+
+
+def check_class_count(logits: Tensor, *, where: str) -> None:
+    """ConfigError when the logits ``[B, C]`` have fewer than 2 columns: the argmax of one column is always
+    class 0, so every label-0 point would count as correct and robust whatever the attack does."""
+    classes = logits.shape[-1] if logits.dim() else 0
+    if classes < 2:
+        hint = ("; a binary classifier with one logit z gives the 2-class logits torch.cat([-z / 2, z / 2], 1) "
+                "(same softmax as sigmoid(z))" if classes == 1 else "")
+        raise ConfigError(f"{where}: the model returned logits of shape {list(logits.shape)}, {classes} class "
+                          f"score(s) per image: fastrobust needs one score per class, C >= 2 (argmax of one "
+                          f"column is always class 0, so accuracy would be silently wrong){hint}")
 
 
 def finite_rows(logits: Tensor) -> Tensor:
@@ -218,6 +232,7 @@ def check_logits(out: Any, x: Tensor, *, where: str) -> None:
     if out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ModelError(where, f"returned shape {list(out.shape)} for a batch of {x.shape[0]} images: expected "
                                 f"logits [{x.shape[0]}, C], one row of class scores per image")
+    check_class_count(out, where=where)
 
 
 class CheckedModel(nn.Module):
