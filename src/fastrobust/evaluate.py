@@ -27,7 +27,8 @@ from tqdm import tqdm
 from .attacks import model_mode, pgd
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
-from .inputs import check_model_images, check_split, finite_rows, predicts, prepare_model, validated
+from .inputs import (check_model_images, check_split, finite_rows, predicts, prepare_model, small_l2_eps_note,
+                     validated)
 from .invariance import EVALUATIONS as INVARIANCE
 from .invariance import evaluate_invariance
 
@@ -437,6 +438,9 @@ def evaluate(
         raise ConfigError("evaluate: data holds no images: nothing to evaluate (check the split or the subset size)")
     check_eps_fits(eps, norm, images.shape[1:])
     check_model_images(model, tuple(images.shape[1:]), where="evaluate")
+    small_eps = small_l2_eps_note(eps, norm, tuple(images.shape[1:]))
+    if small_eps is not None:  # said before the (long) attack; also kept in record["warnings"]
+        warnings.warn(small_eps, UserWarning, stacklevel=2)
     names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
     names = list(dict.fromkeys(names))  # keep order, drop repeats
     if not names:
@@ -579,7 +583,7 @@ def evaluate(
         record["attacks"].update(evaluate_invariance(checked, images, labels, invariance, clean=clean,
                                                      batch_size=batch_size, device=device, seed=seed,
                                                      distributed=ctx.active))
-    record["warnings"] = warned + _non_finite_warnings(record)
+    record["warnings"] = ([small_eps] if small_eps else []) + warned + _non_finite_warnings(record)
     if ctx.is_main:
         for text in record["warnings"]:
             print(f"fastrobust evaluate: warning: {text}", file=sys.stderr)

@@ -191,6 +191,21 @@ def check_class_count(logits: Tensor, *, where: str) -> None:
                           f"column is always class 0, so accuracy would be silently wrong){hint}")
 
 
+SMALL_L2_EPS = 0.1  # below this an l2 radius on images of >= 100 values is most likely an l_inf budget (8/255)
+
+
+def small_l2_eps_note(eps: float, norm: str, image_shape: tuple[int, ...], *, linf: str = "norm='linf'") -> str | None:
+    """A one-line note when an l2 ``eps`` looks like an l_inf budget given with the wrong norm (eps < 0.1 on
+    images of at least 100 values, e.g. 8/255 on CIFAR-10, where the usual l2 budget is 0.5, RobustBench's), else
+    None. ``linf`` names the switch to suggest (``--norm linf`` on the command line)."""
+    values = math.prod(image_shape)
+    if norm != "l2" or eps >= SMALL_L2_EPS or values < 100:
+        return None
+    shape = "x".join(str(int(d)) for d in image_shape)
+    return (f"l2 radius {eps:.3g} is small for {shape} images (an l2 ball of that radius barely changes the image, so "
+            f"few points break); the usual CIFAR-10 l2 budget is 0.5 (did you mean {linf}?)")
+
+
 def finite_rows(logits: Tensor) -> Tensor:
     """Per row: every logit finite. A prediction from non-finite logits never counts as correct or robust."""
     return torch.isfinite(logits.flatten(1)).all(1)
