@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,66 @@ def test_ctrl_c_during_eval_says_how_to_resume(cli, model_file, tmp_path, monkey
     assert code == 130 and "add --state FILE" in err
     code, _, err, _ = cli(model_file, "--state", tmp_path / "s.json")
     assert code == 130 and f"kept in --state {tmp_path / 's.json'}: run the same command again" in err
+
+
+# ----------------------------------------------------------------------------- second trial: l2 eps in l_inf units
+def test_an_l2_eps_that_looks_like_an_linf_budget_warns_once_on_the_command_line(cli, model_file):
+    code, out, err, seen = cli(model_file, "--norm", "l2", "--eps", "8/255", "--json")
+    assert code == 0, err
+    assert seen["norm"] == "l2"
+    notes = [line for line in err.splitlines() if "l2 radius 0.0314 is small for 3x32x32 images" in line]
+    assert len(notes) == 2, err  # once before the attack, once among the record's warnings at the end
+    assert notes[0] == ("fastrobust eval: warning: l2 radius 0.0314 is small for 3x32x32 images (an l2 ball of that "
+                        "radius barely changes the image, so few points break); the usual CIFAR-10 l2 budget is 0.5 "
+                        "(did you mean --norm linf?)")
+    assert "UserWarning" not in err  # said in the command's words, not as a Python warning
+    assert any("is small for 3x32x32 images" in text for text in json.loads(out)["warnings"])
+    for extra in (("--norm", "l2", "--eps", "0.5"), ("--eps", "8/255")):
+        code, _, err, _ = cli(model_file, *extra)
+        assert code == 0 and "is small for" not in err, err
+
+
+def test_an_l2_eps_that_looks_like_an_linf_budget_warns_in_evaluate_and_sanity_checks(one_thread):
+    images = torch.randint(0, 256, (4, 3, 10, 10), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(300, 10))
+    with pytest.warns(UserWarning, match=r"l2 radius 0.0314 is small for 3x10x10 images.*did you mean norm='linf'"):
+        record = evaluate(model, (images, labels), ["clean"], eps=8 / 255, norm="l2", progress=False)
+    assert any("is small for 3x10x10" in text for text in record["warnings"])
+    with pytest.warns(UserWarning, match=r"l2 radius 0.0314 is small"):
+        fastrobust.sanity.sanity_checks(model, (images, labels), eps=8 / 255, norm="l2", n=4, square_queries=2, apgd_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(model, (images, labels), ["clean"], eps=0.5, norm="l2", progress=False)
+        tiny = nn.Sequential(nn.Flatten(), nn.Linear(25, 10))  # 25 values: a small radius can be meant
+        evaluate(tiny, (images[:, :1, :5, :5], labels), ["clean"], eps=0.05, norm="l2", progress=False)
+
+
+# ----------------------------------------------------------------------------- second trial: RUN/checkpoints
+def test_the_checkpoints_folder_of_a_run_names_its_step_folders(cli, model_file, tmp_path):
+    run = tmp_path / "run"
+    for step in ("step-000000005", "step-000000010"):
+        (run / "checkpoints" / step).mkdir(parents=True)
+        (run / "checkpoints" / step / "model.safetensors").write_bytes(model_file.read_bytes())
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10"}))
+    (run / "best.safetensors").write_bytes(model_file.read_bytes())
+    code, _, err, _ = cli(run / "checkpoints", dataset=False)
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("fastrobust eval: --dataset cifar10 (the dataset of run"), err  # RUN's dataset
+    assert code == 2 and "Traceback" not in err and len(lines) == 2, err
+    for needle in ("holds the checkpoint folders step-000000005, step-000000010: pass one, e.g. ",
+                   str(run / "checkpoints" / "step-000000010") + " (the latest)",
+                   f"or the run folder {run} for its best/last model"):
+        assert needle in lines[1], lines[1]
+    code, _, err, _ = cli(run / "checkpoints" / "step-000000010", "--json", dataset=False)
+    assert code == 0, err
+
+
+def test_a_folder_of_model_files_names_them(cli, model_file, tmp_path):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "tiny.safetensors").write_bytes(model_file.read_bytes())
+    code, _, err, _ = cli(folder)
+    one_line_error(code, err, "holds tiny.safetensors: pass the model file itself, e.g. "
+                              f"{folder / 'tiny.safetensors'}")

@@ -9,6 +9,8 @@ the units of its norm; bf16 models are evaluated in their own dtype.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -308,3 +310,18 @@ def test_an_unsupported_parameter_dtype_is_refused_in_one_line(batch):
     x, y = batch
     with pytest.raises(ConfigError, match="float8_e4m3fn"):
         pgd(model, x, y, eps=EPS)
+
+
+@pytest.mark.parametrize("entry", sorted(EVERY))
+@pytest.mark.parametrize("columns", [1, 0])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_logits_with_fewer_than_two_classes_are_refused(entry, columns):
+    """argmax of a single logit column is always 0: a [B, 1] model scored 100% clean and robust on label-0 data."""
+    if entry == "autoattack_official" and not official_available():
+        pytest.skip("the outputs are compared by the official package, which is missing")
+    torch.manual_seed(0)
+    one = nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 2, 3, padding=1), flat=nn.Flatten(),  # conv1: SLAT's latent
+                                    fc=nn.Linear(2 * H * H, columns)))
+    x = torch.rand(B, 3, H, H, generator=gen())
+    with pytest.raises(ConfigError, match=rf"logits of shape \[{B}, {columns}\].*C >= 2"):
+        EVERY[entry](one, x, torch.zeros(B, dtype=torch.long), EPS, "linf")

@@ -101,10 +101,29 @@ def resolve_model_file(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         raise FastRobustError(f"{path} holds no best.safetensors or last.safetensors (a run folder) and no "
-                              "model.safetensors (a checkpoint folder RUN/checkpoints/step-N): is it a fastrobust run?")
+                              "model.safetensors (a checkpoint folder RUN/checkpoints/step-N)" + _found_in(path))
     if not path.is_file():
         raise FastRobustError(f"checkpoint {path} does not exist: give a run folder or a .safetensors file")
     return path
+
+
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".bin", ".ckpt")
+
+
+def _found_in(folder: Path) -> str:
+    """The end of the message for a folder without a model: the checkpoint folders ``step-*`` and the model
+    files it does hold, and which to pass; else the question whether it is a fastrobust run."""
+    steps = sorted(p for p in folder.glob("step-*") if (p / "model.safetensors").is_file())
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in MODEL_SUFFIXES)
+    if steps:
+        shown = ", ".join(p.name for p in steps[-3:]) + (f" (and {len(steps) - 3} more)" if len(steps) > 3 else "")
+        run = folder.parent if folder.name == "checkpoints" else None
+        best = (f", or the run folder {run} for its best/last model" if run is not None and any(
+            (run / name).is_file() for name in ("best.safetensors", "last.safetensors")) else "")
+        return (f"; it holds the checkpoint folders {shown}: pass one, e.g. {steps[-1]} (the latest){best}")
+    if files:
+        return f"; it holds {', '.join(files[:5])}: pass the model file itself, e.g. {folder / files[0]}"
+    return ": is it a fastrobust run?"
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from .attacks import model_mode, pgd
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
-from .inputs import check_model_images, check_split, finite_rows, predicts, prepare_model, validated
+from .inputs import (check_model_images, check_split, finite_rows, predicts, prepare_model, small_l2_eps_note,
+                     validated)
 from .invariance import EVALUATIONS as INVARIANCE
 from .invariance import evaluate_invariance
 
@@ -415,7 +416,9 @@ def evaluate(
     (docs/evaluation.md, "Input contract"); a violation is a ConfigError. Non-finite logits never count as
     correct or robust (counted as ``non_finite``). Models with bf16/fp16 weights run in their own dtype.
     Pre-checks as the official AutoAttack's warn (in ``record["warnings"]`` and on stderr) when the outputs
-    look like probabilities or two forward passes differ (a randomised model).
+    look like probabilities or two forward passes differ (a randomised model). A model that is no ``nn.Module``
+    or returns fewer than 2 logits per image is a ConfigError; an l2 ``eps`` below 0.1 on images of >= 100
+    values (an l_inf budget such as 8/255 given with norm='l2') is a ``warnings.warn`` (and in the record).
 
     With ``distributed`` (every rank of an initialised process group calling with the same arguments) the
     batches are shared out across ranks in rounds of ``world_size``; each batch is computed exactly as in
@@ -437,6 +440,9 @@ def evaluate(
         raise ConfigError("evaluate: data holds no images: nothing to evaluate (check the split or the subset size)")
     check_eps_fits(eps, norm, images.shape[1:])
     check_model_images(model, tuple(images.shape[1:]), where="evaluate")
+    small_eps = small_l2_eps_note(eps, norm, tuple(images.shape[1:]))
+    if small_eps is not None:  # said before the (long) attack; also kept in record["warnings"]
+        warnings.warn(small_eps, UserWarning, stacklevel=2)
     names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
     names = list(dict.fromkeys(names))  # keep order, drop repeats
     if not names:
@@ -579,7 +585,7 @@ def evaluate(
         record["attacks"].update(evaluate_invariance(checked, images, labels, invariance, clean=clean,
                                                      batch_size=batch_size, device=device, seed=seed,
                                                      distributed=ctx.active))
-    record["warnings"] = warned + _non_finite_warnings(record)
+    record["warnings"] = ([small_eps] if small_eps else []) + warned + _non_finite_warnings(record)
     if ctx.is_main:
         for text in record["warnings"]:
             print(f"fastrobust evaluate: warning: {text}", file=sys.stderr)

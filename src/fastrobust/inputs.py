@@ -138,6 +138,8 @@ def check_batch(x: Tensor, y: Tensor, *, where: str, model: nn.Module | None = N
     Returns ``(x, y as int64, largest label)``; the largest label is -1 where the values were not checked
     (inside ``validated()``). Compare it with the model's outputs through ``prepare_model``.
     """
+    if model is not None:
+        check_module(model, where=where)
     x = check_images(x, where=where)
     y = check_labels(y, x.shape[0], where=where)
     if y.device != x.device:
@@ -167,12 +169,41 @@ def check_split(images: Tensor, labels: Tensor, *, where: str) -> tuple[Tensor, 
 
 
 def check_num_classes(label_max: int, logits: Tensor, *, where: str) -> None:
-    """ConfigError when a label is not below the model's number of outputs (no host sync)."""
+    """ConfigError when the model has fewer than 2 outputs (``check_class_count``) or a label is not below its
+    number of outputs (no host sync)."""
+    check_class_count(logits, where=where)
     classes = logits.shape[-1]
     if label_max >= classes:
         raise ConfigError(f"{where}: label {label_max} is out of range for a model with {classes} outputs: "
                           f"labels must be class indices in [0, {classes}); check the dataset and the model's "
                           "num_classes")
+
+
+def check_class_count(logits: Tensor, *, where: str) -> None:
+    """ConfigError when the logits ``[B, C]`` have fewer than 2 columns: the argmax of one column is always
+    class 0, so every label-0 point would count as correct and robust whatever the attack does."""
+    classes = logits.shape[-1] if logits.dim() else 0
+    if classes < 2:
+        hint = ("; a binary classifier with one logit z gives the 2-class logits torch.cat([-z / 2, z / 2], 1) "
+                "(same softmax as sigmoid(z))" if classes == 1 else "")
+        raise ConfigError(f"{where}: the model returned logits of shape {list(logits.shape)}, {classes} class "
+                          f"score(s) per image: fastrobust needs one score per class, C >= 2 (argmax of one "
+                          f"column is always class 0, so accuracy would be silently wrong){hint}")
+
+
+SMALL_L2_EPS = 0.1  # below this an l2 radius on images of >= 100 values is most likely an l_inf budget (8/255)
+
+
+def small_l2_eps_note(eps: float, norm: str, image_shape: tuple[int, ...], *, linf: str = "norm='linf'") -> str | None:
+    """A one-line note when an l2 ``eps`` looks like an l_inf budget given with the wrong norm (eps < 0.1 on
+    images of at least 100 values, e.g. 8/255 on CIFAR-10, where the usual l2 budget is 0.5, RobustBench's), else
+    None. ``linf`` names the switch to suggest (``--norm linf`` on the command line)."""
+    values = math.prod(image_shape)
+    if norm != "l2" or eps >= SMALL_L2_EPS or values < 100:
+        return None
+    shape = "x".join(str(int(d)) for d in image_shape)
+    return (f"l2 radius {eps:.3g} is small for {shape} images (an l2 ball of that radius barely changes the image, so "
+            f"few points break); the usual CIFAR-10 l2 budget is 0.5 (did you mean {linf}?)")
 
 
 def finite_rows(logits: Tensor) -> Tensor:
@@ -210,14 +241,34 @@ def last_words(error: BaseException) -> str:
     return line.replace("Traceback", "trace")[:240]
 
 
+def check_module(model: Any, *, where: str) -> None:
+    """ConfigError unless ``model`` is an ``nn.Module``: an entry point switches it to eval mode, moves it to the
+    data's device and reads its parameters (dtype, device, the evaluation state's fingerprint), which a plain
+    function (``lambda x: net(x)[0]``) does not have."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{where}: the model is a {type(model).__name__}, expected a torch.nn.Module (fastrobust "
+                          "switches it to eval mode, moves it and reads its parameters): wrap it, e.g. "
+                          "class Logits(nn.Module): def __init__(self, net): super().__init__(); self.net = net; "
+                          "def forward(self, x): return self.net(x)[0] -- then pass Logits(net) (docs/evaluation.md)")
+
+
 def check_logits(out: Any, x: Tensor, *, where: str) -> None:
-    """ModelError unless the model's output for the batch ``x`` is a logits tensor ``[B, C]`` (metadata only)."""
+    """ModelError unless the model's output for the batch ``x`` is a logits tensor ``[B, C]`` with ``C >= 2``
+    (metadata only)."""
     if not isinstance(out, Tensor):
+        if isinstance(out, dict):
+            keys = list(out)
+            key = "logits" if "logits" in keys else (keys[0] if keys else None)
+            pick = f"model(x)[{key!r}]" if key is not None else "the logits"
+            example = f"e.g. {pick}; its keys are {keys}"
+        else:
+            example = "e.g. model(x)[0]"
         raise ModelError(where, f"returned a {type(out).__name__}; fastrobust needs logits [B, C]: wrap it in a "
-                                "module whose forward returns the logits tensor alone (e.g. model(x)[0])")
+                                f"module whose forward returns the logits tensor alone ({example})")
     if out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ModelError(where, f"returned shape {list(out.shape)} for a batch of {x.shape[0]} images: expected "
                                 f"logits [{x.shape[0]}, C], one row of class scores per image")
+    check_class_count(out, where=where)
 
 
 class CheckedModel(nn.Module):
@@ -259,7 +310,8 @@ def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = 
                   input_dtype: torch.dtype = torch.float32, guard: bool = False) -> nn.Module:
     """``model`` itself when its weights have the inputs' dtype (or it has none), no label range is left to
     check and no ``guard`` is asked for, else a ``CheckedModel`` around it. Refuses parameter dtypes other than
-    float16/bfloat16/float32/float64."""
+    float16/bfloat16/float32/float64 and models that are no ``nn.Module``."""
+    check_module(model, where=where)
     if isinstance(model, CheckedModel):  # prepared by an enclosing entry point (its label check may be pending)
         if label_max == _NOT_CHECKED and (model.guard or not guard):
             return model
@@ -296,7 +348,9 @@ def fastrobust_config(model: nn.Module) -> dict[str, Any] | None:
 def check_model_images(model: nn.Module, image_shape: tuple[int, ...], *, where: str) -> None:
     """ConfigError when a fastrobust model was built for other images than ``image_shape`` (C, H, W): a
     1-channel image on an RGB model would otherwise be broadcast to 3 channels by its mean/std and evaluated
-    silently wrong. Other modules are checked by their output (``check_logits``)."""
+    silently wrong. Other modules are checked by their output (``check_logits``). A model that is no
+    ``nn.Module`` is refused (``check_module``)."""
+    check_module(model, where=where)
     config = fastrobust_config(model)
     if config is None or len(image_shape) != 3:
         return

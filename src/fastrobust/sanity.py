@@ -30,7 +30,7 @@ from .attacks._common import check_norm, cw_margin, input_gradient, model_mode, 
 from .data import balanced_head
 from .errors import ConfigError
 from .evaluate import _as_split, evaluate, iterate_split
-from .inputs import prepare_model, validated
+from .inputs import check_module, prepare_model, validated
 from .numbers import check_eps, check_eps_fits
 
 
@@ -66,6 +66,7 @@ def sanity_checks(
     the white-box accuracy a black-box accuracy may fall before the check fails, ``gradient_share`` the
     largest share of points allowed a zero/NaN input gradient. ``data``: as for ``evaluate`` (same input
     contract); ``eps`` and ``large_eps`` in the units of ``norm``."""
+    check_module(model, where="sanity_checks")
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
     images, labels, _ = _as_split(data, where="sanity_checks")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, FastRobustError
@@ -110,10 +111,11 @@ def _own_checkpoint(args: argparse.Namespace) -> bool:
 
 
 def _run_folder(checkpoint: Path) -> Path | None:
-    """The fastrobust run folder a checkpoint belongs to (the folder itself, the folder of a model file, or the run
-    above RUN/checkpoints/step-N), None when it is not in one."""
+    """The fastrobust run folder a checkpoint belongs to (the folder itself, the folder of a model file, the run
+    of RUN/checkpoints, or the run above RUN/checkpoints/step-N), None when it is not in one."""
     start = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    for folder in (start, start.parent.parent):
+    candidates = (start, start.parent) if start.name == "checkpoints" else (start, start.parent.parent)
+    for folder in candidates:
         if (folder / "config.json").is_file() and ((folder / "best.safetensors").exists()
                                                    or (folder / "last.safetensors").exists()
                                                    or (folder / "checkpoints").is_dir()):
@@ -183,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..data import load_dataset
     from ..evaluate import evaluate
-    from ..inputs import ModelError
+    from ..inputs import ModelError, small_l2_eps_note
     from ..numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
 
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
@@ -254,15 +256,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.eps is None and args.norm == "l2" and ctx.is_main:  # said once every check has passed
         print(f"fastrobust eval: --eps {DEFAULT_EPS['l2']} (the usual l2 budget, RobustBench's for CIFAR-10; "
               "give --eps for another)", file=sys.stderr)
+    small_eps = small_l2_eps_note(eps, args.norm, tuple(dataset.image_shape), linf="--norm linf")
+    if small_eps is not None and ctx.is_main:
+        print(f"fastrobust eval: warning: {small_eps}", file=sys.stderr)
     try:
-        record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
-                          device=device, state_file=args.state, progress=not args.quiet, seed=seed,
-                          attack_options=options, distributed=ctx.active)
-        if args.sanity and ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
-            from ..sanity import sanity_checks
+        with warnings.catch_warnings():  # said above in the command's words (and in the record's warnings)
+            warnings.filterwarnings("ignore", message=r"l2 radius .* is small for", category=UserWarning)
+            record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
+                              device=device, state_file=args.state, progress=not args.quiet, seed=seed,
+                              attack_options=options, distributed=ctx.active)
+            if args.sanity and ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
+                from ..sanity import sanity_checks
 
-            record["sanity"] = sanity_checks(model, dataset.test, eps=eps, norm=args.norm, batch_size=batch_size,
-                                             device=device, seed=seed, progress=not args.quiet)
+                record["sanity"] = sanity_checks(model, dataset.test, eps=eps, norm=args.norm,
+                                                 batch_size=batch_size, device=device, seed=seed,
+                                                 progress=not args.quiet)
     except ModelError as error:
         raise FastRobustError(f"during the evaluation, the model {model_file} {error.detail}") from None
     except KeyboardInterrupt:
