@@ -176,6 +176,23 @@ class TrainConfig:
         return float(getattr(self.build_method().config, "eps", 8 / 255))
 
 
+def recorded_data_root() -> str:
+    """The absolute data root a run without ``data_root`` reads (``$FASTROBUST_DATA``, else
+    ``~/.cache/fastrobust/data``; ``fastrobust.data.resolve_root``), as its config.json records it."""
+    from .data import resolve_root
+
+    return str(resolve_root(None).expanduser().resolve())
+
+
+def check_resume_epochs(run_dir: Path, epochs: int, *, trained: int | None = None) -> None:
+    """ConfigError when ``epochs`` is below the epochs already trained (``trained``, else read from the newest
+    checkpoint's state.json alone: cheap, so ``resume`` checks it before any data is found or loaded)."""
+    trained = training_state.trained_epochs(run_dir) if trained is None else trained
+    if trained is not None and trained > epochs:
+        raise ConfigError(f"{run_dir} has trained {trained} epochs already: epochs={epochs} "
+                          f"would end it before that; give --epochs {trained} or more (or leave it out)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +299,10 @@ class Trainer:
 
         user_model.adopt_config(config, model, resume=resume)  # model=: config.model becomes "module"
         self.config = config.validate()
+        load_root = config.data_root  # None: $FASTROBUST_DATA, else the default cache (downloaded there once)
+        if dataset is None and config.data_root is None and config.dataset != "imagefolder":
+            # recorded resolved whatever supplied it, so that a resume (or evaluation) reads the same data
+            config.data_root = recorded_data_root()
         self.dist = dist_lib.setup(config.device)  # one process unless torchrun started several
         self.log = log if self.dist.is_main else (lambda _message: None)
         self.progress = progress and self.dist.is_main
@@ -306,7 +327,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.data = dataset if dataset is not None else load_dataset(
-            config.dataset, config.data_root, val_size=config.val_size,
+            config.dataset, load_root, val_size=config.val_size,
             train_subset=config.train_subset, test_subset=config.test_subset,
         )
         channels, height, _ = self.data.image_shape
@@ -462,9 +483,7 @@ class Trainer:
                 f"the {self.data.name} data loaded now ({self.data.source}) is not the data {self.out} was trained on "
                 f"(data fingerprint {self.data_fingerprint}, the checkpoint's {saved_data}): give --data-root the "
                 "folder that holds the run's data")
-        if info["epoch"] > self.config.epochs:
-            raise ConfigError(f"{self.out} has trained {info['epoch']} epochs already: epochs={self.config.epochs} "
-                              f"would end it before that; give --epochs {info['epoch']} or more (or leave it out)")
+        check_resume_epochs(self.out, self.config.epochs, trained=info["epoch"])
         self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
         self.partial = info.get("partial_epoch") if self.batch else None
         if self.dist.is_main:  # epochs after the checkpoint are trained again: their old lines go
@@ -888,4 +907,6 @@ def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], N
     except (ValueError, TypeError, AttributeError) as error:  # damaged or hand-edited config.json
         raise FastRobustError(f"{config_file} is damaged or not a fastrobust config ({error}); "
                               "restore it from a checkpoint's state.json 'config' or start a new run") from None
+    if "epochs" in (overrides or {}):  # before any data is found, loaded or downloaded
+        dist_lib.on_main(lambda: check_resume_epochs(run_dir, config.epochs), ctx)
     return Trainer(config, dataset=dataset, progress=progress, log=log, resume=True, model=model).fit()
