@@ -34,6 +34,7 @@ from . import user_model
 from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
 from .evaluate import pgd_accuracy
+from .methods.step_scaling import scale_steps
 from .numbers import check_eps, check_nonnegative_int, check_positive_int
 from .optim import parameter_groups
 from .records import append_jsonl, environment
@@ -154,11 +155,17 @@ class TrainConfig:
             raise ConfigError(_NEEDS_VALIDATION.format(method=self.method))
         return self
 
-    def build_method(self) -> methods_lib.Method:
+    def method_settings(self) -> tuple[dict[str, Any], str | None]:
+        """The method's parameters as the run uses them -- ``eps`` overriding the method's, and the step sizes
+        not given scaled with it by each method's published rule (``methods.step_scaling``) -- and the line
+        that says which step sizes are used (None when nothing is scaled)."""
         params = dict(self.method_params)
         if self.eps is not None and "eps" in {f.name for f in dataclasses.fields(methods_lib.method_class(self.method).Config)}:
             params["eps"] = self.eps
-        return methods_lib.create(self.method, **params)
+        return scale_steps(self.method, params)
+
+    def build_method(self) -> methods_lib.Method:
+        return methods_lib.create(self.method, **self.method_settings()[0])
 
     @property
     def selection_metric(self) -> str:
@@ -358,6 +365,9 @@ class Trainer:
             self.method.gradient_reduce = self.grad_sync.all_reduce
         for note in collapse_overrides(config, self.method):
             self.log(note)
+        steps_note = config.method_settings()[1]
+        if steps_note is not None:
+            self.log(steps_note)
         if getattr(self.method, "needs_validation", False) and len(self.data.val.labels) == 0:
             raise ConfigError(_NEEDS_VALIDATION.format(method=config.method) + " (the dataset given has no val split)")
         check_model = getattr(self.method, "check_model", None)  # settings that name parts of the model (SLAT)

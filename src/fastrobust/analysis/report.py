@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FastRobustError
+from ..numbers import pixel_text
 from ..records import read_jsonl
 
 METHOD_ORDER = ("natural", "pgd_at", "trades", "fast_at", "fast_at_2step", "fast_trades", "fast_at_plus",
@@ -213,12 +214,7 @@ def _rel(path: Path, root: Path) -> str:
 
 # ----------------------------------------------------------------------------------------- grouping
 def _key_text(value: Any) -> str:
-    if isinstance(value, float):
-        scaled = value * 255
-        if 0 < value < 1 and abs(scaled - round(scaled)) < 1e-6:
-            return f"{round(scaled)}/255"
-        return f"{value:g}"
-    return str(value)
+    return pixel_text(value) if isinstance(value, float) else str(value)
 
 
 def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
