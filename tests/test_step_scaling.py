@@ -68,12 +68,16 @@ def test_a_step_size_without_a_rule_is_kept_with_a_notice(monkeypatch):
 
 def test_the_trainer_says_which_step_sizes_it_uses(tmp_path, one_thread):
     lines = []
-    settings = dict(model="tinycnn", dataset="synthetic", epochs=1, batch_size=32, device="cpu")
+    settings = dict(model="tinycnn", dataset="synthetic", epochs=1, batch_size=32, device="cpu",
+                    val_pgd_steps=1, test_pgd_steps=1)
     trainer = Trainer(TrainConfig(method="fast_at", eps=EPS16, out=str(tmp_path / "a"), **settings),
                       dataset=synthetic_dataset(), progress=False, log=lines.append)
     assert trainer.method.config.step_size == pytest.approx(20 / 255)
     said = [line for line in lines if "step_size" in line]
     assert said == ["fast_at at eps 16/255: step_size 20/255 (1.25*eps: Wong et al. 2020, FGSM-RS alpha = 1.25 eps)"]
+    result = trainer.fit()  # result.json records the parameters as used (the report labels runs with them)
+    assert result["method_config"]["step_size"] == pytest.approx(20 / 255)
+    assert result["config"]["method_params"] == {}
 
     lines.clear()
     Trainer(TrainConfig(method="fast_at", out=str(tmp_path / "b"), **settings), dataset=synthetic_dataset(),

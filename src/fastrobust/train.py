@@ -789,6 +789,7 @@ class Trainer:
             "model_source": self.model_source,
             "seed": self.config.seed,
             "method_cost_passes": self.method.cost.passes,
+            "method_config": asdict(self.method.config),  # every parameter as used: defaults, eps, scaled steps
             "environment": environment(self.device),
             "dataset": {"name": self.data.name, "source": self.data.source, "train": len(self.data.train.labels),
                         "val": len(self.data.val.labels), "test": len(self.data.test.labels)},
