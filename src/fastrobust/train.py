@@ -691,7 +691,9 @@ class Trainer:
                         f"Resume with: fastrobust train --resume {self.out}"
                     )
                 epoch_seconds = self._epoch_before + time.perf_counter() - self._epoch_start
-                record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_metrics}
+                lr_end = self.optimizer.param_groups[0]["lr"]  # the lr of the epoch's last step
+                record: dict[str, Any] = {"epoch": self.epoch + 1, "lr_start": self.schedule(self.epoch) * self.lr_scale,
+                                          "lr_end": lr_end, "lr": lr_end, **train_metrics}  # lr: = lr_end (older readers)
                 record.update(self.validate())
                 record.update(self._validate_averaged())
                 record.update(epoch_seconds=epoch_seconds, images_per_second=train_metrics["train_images"] / epoch_seconds)
@@ -825,10 +827,19 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
+def _lr_text(record: dict[str, Any]) -> str:
+    """The epoch's learning rate on the console: ``0.1->0.001`` (first step -> last step) when the schedule
+    moved it within the epoch, else the one value; records without ``lr_start`` (older) show ``lr``."""
+    start, end = record.get("lr_start"), record.get("lr_end", record.get("lr"))
+    if start is None or math.isclose(start, end, rel_tol=1e-9, abs_tol=0.0):
+        return f"{end:.4g}"
+    return f"{start:.4g}->{end:.4g}"
+
+
 def _epoch_line(record: dict[str, Any], *, best: str | None = None, averaged: bool = False) -> str:
     """One epoch on the console. With weight averaging (``averaged``) the averaged model's validation accuracy
     is shown beside the trained one's; ``best``: the weights this epoch made ``best`` ("model" or "averaged")."""
-    parts = [f"epoch {record['epoch']}", f"lr {record['lr']:.4g}", f"loss {record.get('train_loss', float('nan')):.4f}"]
+    parts = [f"epoch {record['epoch']}", f"lr {_lr_text(record)}", f"loss {record.get('train_loss', float('nan')):.4f}"]
     if "val_robust_acc" in record:
         parts.append(f"{'trained ' if averaged else ''}val clean {record['val_clean_acc']:.3f} robust {record['val_robust_acc']:.3f}")
     prefix = averaging.PREFIX
