@@ -191,6 +191,17 @@ def recorded_data_root() -> str:
     return str(resolve_root(None).expanduser().resolve())
 
 
+def split_sizes_note(train: int, val: int) -> str | None:
+    """One warning line when the validation split (``val`` images) is larger than the training set (``train``
+    images): each epoch's validation PGD then costs more than the training it checks (e.g. train_subset=100
+    with the default val_size=1000); None otherwise."""
+    if val <= train:
+        return None
+    return (f"warning: the validation split ({val} images, val_size) is larger than the training set ({train} "
+            f"images, train_subset): each epoch validates more than it trains; give --val-size {max(1, train // 5)} "
+            "or so, or a larger --train-subset")
+
+
 def check_resume_epochs(run_dir: Path, epochs: int, *, trained: int | None = None) -> None:
     """ConfigError when ``epochs`` is below the epochs already trained (``trained``, else read from the newest
     checkpoint's state.json alone: cheap, so ``resume`` checks it before any data is found or loaded)."""
@@ -337,6 +348,9 @@ class Trainer:
             config.dataset, load_root, val_size=config.val_size,
             train_subset=config.train_subset, test_subset=config.test_subset,
         )
+        split_note = split_sizes_note(len(self.data.train.labels), len(self.data.val.labels))
+        if split_note is not None:
+            self.log(split_note)
         channels, height, _ = self.data.image_shape
         model_kwargs = dict(config.model_params)
         model_kwargs.setdefault("activation", config.activation)
