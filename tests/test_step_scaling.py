@@ -41,6 +41,8 @@ def test_step_sizes_scale_with_eps(method, field, expected):
 def test_explicit_step_sizes_and_the_default_eps_are_untouched():
     assert built("trades", eps=EPS16, method_params={"step_size": 3 / 255}).step_size == pytest.approx(3 / 255)
     assert built("fast_at", method_params={"eps": EPS16, "step_size": 16 / 255}).step_size == pytest.approx(16 / 255)
+    assert built("fast_trades", method_params={"eps": "16/255", "step_size": "12/255"}).step_size == pytest.approx(12 / 255)
+    assert built("fast_at", method_params={"eps": "16/255"}).step_size == pytest.approx(20 / 255)  # as YAML gives it
     assert built("fast_at", method_params={"eps": EPS16}).step_size == pytest.approx(20 / 255)  # method.eps too
     assert built("fast_at", eps=8 / 255).step_size == pytest.approx(10 / 255)
     assert built("fast_at").step_size == pytest.approx(10 / 255)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..numbers import pixel_text
+from ..numbers import parse_number, pixel_text
 from .base import method_class
 
 # method -> step-size field -> (ratio to eps, the source of the rule)
@@ -42,14 +42,14 @@ def scale_steps(method: str, params: dict[str, Any]) -> tuple[dict[str, Any], st
     steps = step_fields(method)
     if "eps" not in params or "eps" not in config_fields or not steps:
         return params, None
-    eps, default_eps = float(params["eps"]), float(config_fields["eps"].default)
+    eps, default_eps = parse_number(params["eps"], name="eps"), float(config_fields["eps"].default)
     if abs(eps - default_eps) < 1e-12:
         return params, None
     scaled, parts, unscaled = dict(params), [], []
     for f in steps:
         rule = RULES.get(method, {}).get(f.name)
         if f.name in params:
-            parts.append(f"{f.name} {pixel_text(float(params[f.name]))} (as given)")
+            parts.append(f"{f.name} {pixel_text(parse_number(params[f.name], name=f.name))} (as given)")
         elif rule is not None:
             scaled[f.name] = eps * rule[0]
             parts.append(f"{f.name} {pixel_text(scaled[f.name])} ({rule[1]})")
