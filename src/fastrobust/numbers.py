@@ -102,3 +102,12 @@ def check_nonnegative_int(value: int | str, *, name: str) -> int:
     if number < 0:
         raise ConfigError(f"{name}={number} must be zero or positive")
     return number
+
+
+def pixel_text(value: float) -> str:
+    """A pixel-unit size as people write it: ``8/255`` when it is a whole number of 255ths in (0, 1),
+    else ``%g`` (``0.5``, ``0``)."""
+    scaled = value * 255
+    if 0 < value < 1 and abs(scaled - round(scaled)) < 1e-6:
+        return f"{round(scaled)}/255"
+    return f"{value:g}"

@@ -34,6 +34,7 @@ from . import user_model
 from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
 from .evaluate import pgd_accuracy
+from .methods.step_scaling import scale_steps
 from .numbers import check_eps, check_nonnegative_int, check_positive_int
 from .optim import parameter_groups
 from .records import append_jsonl, environment
@@ -154,11 +155,17 @@ class TrainConfig:
             raise ConfigError(_NEEDS_VALIDATION.format(method=self.method))
         return self
 
-    def build_method(self) -> methods_lib.Method:
+    def method_settings(self) -> tuple[dict[str, Any], str | None]:
+        """The method's parameters as the run uses them -- ``eps`` overriding the method's, and the step sizes
+        not given scaled with it by each method's published rule (``methods.step_scaling``) -- and the line
+        that says which step sizes are used (None when nothing is scaled)."""
         params = dict(self.method_params)
         if self.eps is not None and "eps" in {f.name for f in dataclasses.fields(methods_lib.method_class(self.method).Config)}:
             params["eps"] = self.eps
-        return methods_lib.create(self.method, **params)
+        return scale_steps(self.method, params)
+
+    def build_method(self) -> methods_lib.Method:
+        return methods_lib.create(self.method, **self.method_settings()[0])
 
     @property
     def selection_metric(self) -> str:
@@ -174,6 +181,34 @@ class TrainConfig:
         if self.eps is not None:
             return self.eps
         return float(getattr(self.build_method().config, "eps", 8 / 255))
+
+
+def recorded_data_root() -> str:
+    """The absolute data root a run without ``data_root`` reads (``$FASTROBUST_DATA``, else
+    ``~/.cache/fastrobust/data``; ``fastrobust.data.resolve_root``), as its config.json records it."""
+    from .data import resolve_root
+
+    return str(resolve_root(None).expanduser().resolve())
+
+
+def split_sizes_note(train: int, val: int) -> str | None:
+    """One warning line when the validation split (``val`` images) is larger than the training set (``train``
+    images): each epoch's validation PGD then costs more than the training it checks (e.g. train_subset=100
+    with the default val_size=1000); None otherwise."""
+    if val <= train:
+        return None
+    return (f"warning: the validation split ({val} images, val_size) is larger than the training set ({train} "
+            f"images, train_subset): each epoch validates more than it trains; give --val-size {max(1, train // 5)} "
+            "or so, or a larger --train-subset")
+
+
+def check_resume_epochs(run_dir: Path, epochs: int, *, trained: int | None = None) -> None:
+    """ConfigError when ``epochs`` is below the epochs already trained (``trained``, else read from the newest
+    checkpoint's state.json alone: cheap, so ``resume`` checks it before any data is found or loaded)."""
+    trained = training_state.trained_epochs(run_dir) if trained is None else trained
+    if trained is not None and trained > epochs:
+        raise ConfigError(f"{run_dir} has trained {trained} epochs already: epochs={epochs} "
+                          f"would end it before that; give --epochs {trained} or more (or leave it out)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -282,6 +317,10 @@ class Trainer:
 
         user_model.adopt_config(config, model, resume=resume)  # model=: config.model becomes "module"
         self.config = config.validate()
+        load_root = config.data_root  # None: $FASTROBUST_DATA, else the default cache (downloaded there once)
+        if dataset is None and config.data_root is None and config.dataset != "imagefolder":
+            # recorded resolved whatever supplied it, so that a resume (or evaluation) reads the same data
+            config.data_root = recorded_data_root()
         self.dist = dist_lib.setup(config.device)  # one process unless torchrun started several
         self.log = log if self.dist.is_main else (lambda _message: None)
         self.progress = progress and self.dist.is_main
@@ -306,9 +345,12 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.data = dataset if dataset is not None else load_dataset(
-            config.dataset, config.data_root, val_size=config.val_size,
+            config.dataset, load_root, val_size=config.val_size,
             train_subset=config.train_subset, test_subset=config.test_subset,
         )
+        split_note = split_sizes_note(len(self.data.train.labels), len(self.data.val.labels))
+        if split_note is not None:
+            self.log(split_note)
         channels, height, _ = self.data.image_shape
         model_kwargs = dict(config.model_params)
         model_kwargs.setdefault("activation", config.activation)
@@ -337,6 +379,9 @@ class Trainer:
             self.method.gradient_reduce = self.grad_sync.all_reduce
         for note in collapse_overrides(config, self.method):
             self.log(note)
+        steps_note = config.method_settings()[1]
+        if steps_note is not None:
+            self.log(steps_note)
         if getattr(self.method, "needs_validation", False) and len(self.data.val.labels) == 0:
             raise ConfigError(_NEEDS_VALIDATION.format(method=config.method) + " (the dataset given has no val split)")
         check_model = getattr(self.method, "check_model", None)  # settings that name parts of the model (SLAT)
@@ -462,9 +507,7 @@ class Trainer:
                 f"the {self.data.name} data loaded now ({self.data.source}) is not the data {self.out} was trained on "
                 f"(data fingerprint {self.data_fingerprint}, the checkpoint's {saved_data}): give --data-root the "
                 "folder that holds the run's data")
-        if info["epoch"] > self.config.epochs:
-            raise ConfigError(f"{self.out} has trained {info['epoch']} epochs already: epochs={self.config.epochs} "
-                              f"would end it before that; give --epochs {info['epoch']} or more (or leave it out)")
+        check_resume_epochs(self.out, self.config.epochs, trained=info["epoch"])
         self.epoch, self.batch, self.global_step = info["epoch"], info["batch"], info["global_step"]
         self.partial = info.get("partial_epoch") if self.batch else None
         if self.dist.is_main:  # epochs after the checkpoint are trained again: their old lines go
@@ -662,7 +705,9 @@ class Trainer:
                         f"Resume with: fastrobust train --resume {self.out}"
                     )
                 epoch_seconds = self._epoch_before + time.perf_counter() - self._epoch_start
-                record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **train_metrics}
+                lr_end = self.optimizer.param_groups[0]["lr"]  # the lr of the epoch's last step
+                record: dict[str, Any] = {"epoch": self.epoch + 1, "lr_start": self.schedule(self.epoch) * self.lr_scale,
+                                          "lr_end": lr_end, "lr": lr_end, **train_metrics}  # lr: = lr_end (older readers)
                 record.update(self.validate())
                 record.update(self._validate_averaged())
                 record.update(epoch_seconds=epoch_seconds, images_per_second=train_metrics["train_images"] / epoch_seconds)
@@ -760,6 +805,7 @@ class Trainer:
             "model_source": self.model_source,
             "seed": self.config.seed,
             "method_cost_passes": self.method.cost.passes,
+            "method_config": asdict(self.method.config),  # every parameter as used: defaults, eps, scaled steps
             "environment": environment(self.device),
             "dataset": {"name": self.data.name, "source": self.data.source, "train": len(self.data.train.labels),
                         "val": len(self.data.val.labels), "test": len(self.data.test.labels)},
@@ -795,10 +841,19 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
+def _lr_text(record: dict[str, Any]) -> str:
+    """The epoch's learning rate on the console: ``0.1->0.001`` (first step -> last step) when the schedule
+    moved it within the epoch, else the one value; records without ``lr_start`` (older) show ``lr``."""
+    start, end = record.get("lr_start"), record.get("lr_end", record.get("lr"))
+    if start is None or math.isclose(start, end, rel_tol=1e-9, abs_tol=0.0):
+        return f"{end:.4g}"
+    return f"{start:.4g}->{end:.4g}"
+
+
 def _epoch_line(record: dict[str, Any], *, best: str | None = None, averaged: bool = False) -> str:
     """One epoch on the console. With weight averaging (``averaged``) the averaged model's validation accuracy
     is shown beside the trained one's; ``best``: the weights this epoch made ``best`` ("model" or "averaged")."""
-    parts = [f"epoch {record['epoch']}", f"lr {record['lr']:.4g}", f"loss {record.get('train_loss', float('nan')):.4f}"]
+    parts = [f"epoch {record['epoch']}", f"lr {_lr_text(record)}", f"loss {record.get('train_loss', float('nan')):.4f}"]
     if "val_robust_acc" in record:
         parts.append(f"{'trained ' if averaged else ''}val clean {record['val_clean_acc']:.3f} robust {record['val_robust_acc']:.3f}")
     prefix = averaging.PREFIX
@@ -888,4 +943,6 @@ def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], N
     except (ValueError, TypeError, AttributeError) as error:  # damaged or hand-edited config.json
         raise FastRobustError(f"{config_file} is damaged or not a fastrobust config ({error}); "
                               "restore it from a checkpoint's state.json 'config' or start a new run") from None
+    if "epochs" in (overrides or {}):  # before any data is found, loaded or downloaded
+        dist_lib.on_main(lambda: check_resume_epochs(run_dir, config.epochs), ctx)
     return Trainer(config, dataset=dataset, progress=progress, log=log, resume=True, model=model).fit()

@@ -192,6 +192,17 @@ def load_latest(run_dir: Path, *, warn=print) -> Snapshot:
     raise FastRobustError(f"no checkpoint of {run_dir} verifies: every one is damaged; start a new run")
 
 
+def trained_epochs(run_dir: Path) -> int | None:
+    """The finished epochs recorded by the newest checkpoint of ``run_dir`` that verifies (the one a resume
+    continues from), read from its ``state.json`` alone; None when there is none. Cheap enough to check a
+    resume's settings before any data is loaded."""
+    for folder in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+        if verify(folder) is None:
+            epoch = json.loads((folder / "state.json").read_text()).get("epoch")
+            return epoch if isinstance(epoch, int) else None
+    return None
+
+
 def restore(snapshot: Snapshot, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
             *, rng: bool = True) -> None:
     """Load weights and optimiser state (and, with ``rng``, the random streams) from a snapshot."""

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FastRobustError
+from ..numbers import pixel_text
 from ..records import read_jsonl
 
 METHOD_ORDER = ("natural", "pgd_at", "trades", "fast_at", "fast_at_2step", "fast_trades", "fast_at_plus",
@@ -71,12 +72,40 @@ class Run:
         return float(self.config.get("eps") or 8 / 255)
 
     def flat(self) -> dict[str, Any]:
+        """The run's settings as one mapping (``method.X``, ``model.X``) with the values the run used where a
+        setting was left at its default: eps (the attacks' eps), every method parameter (result.json's
+        ``method_config``; older records: the method's defaults under the given ones), and the image counts of
+        ``result.json["dataset"]`` for ``train_subset``/``val_size``/``test_subset`` (a sweep's
+        ``dataset_loader`` may give other counts than the config says)."""
         flat = {k: v for k, v in self.config.items() if k not in ("method_params", "model_params")}
-        for key, value in (self.config.get("method_params") or {}).items():
-            flat[f"method.{key}"] = _as_number(value)
+        flat["eps"] = self.eps
+        for key, value in self.method_settings().items():
+            if key != "eps":  # the run's eps above
+                flat[f"method.{key}"] = _as_number(value)
+        counts = self.result.get("dataset") or {}
+        for key, split in (("train_subset", "train"), ("val_size", "val"), ("test_subset", "test")):
+            if isinstance(counts.get(split), int):
+                flat[key] = counts[split]
         for key, value in (self.config.get("model_params") or {}).items():
             flat[f"model.{key}"] = value
         return flat
+
+    def method_settings(self) -> dict[str, Any]:
+        """The method's parameters as the run used them: result.json's ``method_config`` when recorded, else
+        the given ``method_params`` over the method's defaults (when the method is known here)."""
+        recorded = self.result.get("method_config")
+        if isinstance(recorded, dict):
+            return dict(recorded)
+        given = dict(self.config.get("method_params") or {})
+        try:
+            from dataclasses import fields
+
+            from ..methods import method_class
+
+            defaults = {f.name: f.default for f in fields(method_class(self.method).Config)}
+        except Exception:  # noqa: BLE001 - a method unknown here: the given parameters only
+            defaults = {}
+        return {**defaults, **given}
 
     def eval_at(self, eps: float | None = None) -> dict[str, Any] | None:
         eps = self.eps if eps is None else eps
@@ -213,12 +242,7 @@ def _rel(path: Path, root: Path) -> str:
 
 # ----------------------------------------------------------------------------------------- grouping
 def _key_text(value: Any) -> str:
-    if isinstance(value, float):
-        scaled = value * 255
-        if 0 < value < 1 and abs(scaled - round(scaled)) < 1e-6:
-            return f"{round(scaled)}/255"
-        return f"{value:g}"
-    return str(value)
+    return pixel_text(value) if isinstance(value, float) else str(value)
 
 
 def group_runs(runs: list[Run]) -> list[tuple[str, list[Run]]]:
@@ -329,7 +353,7 @@ def _train_minutes(group: list[Run]) -> list[float]:
 
 
 def _context(run: Run) -> tuple:
-    c = run.config
+    c = run.flat()
     return (c.get("dataset"), c.get("model"), c.get("epochs"), c.get("train_subset"), c.get("batch_size"))
 
 
