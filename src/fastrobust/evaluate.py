@@ -566,7 +566,8 @@ def evaluate(
                 entry["seconds"] = time.perf_counter() - t0
                 return entry
 
-            bar = tqdm(total=n_batches, desc=name, unit="batch", disable=not progress or not ctx.is_main,
+            bar = tqdm(total=n_batches, desc=name, unit="batch",  # None: drawn only on a terminal, not in logs
+                       disable=True if not progress or not ctx.is_main else None,
                        file=sys.stderr, initial=sum(1 for b in range(n_batches) if str(b) in done))
             try:
                 pending = [b for b in range(n_batches) if str(b) not in done]

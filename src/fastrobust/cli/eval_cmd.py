@@ -300,13 +300,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounded(values) -> list:
+    """Per-channel statistics to 4 significant digits, for a line a person reads."""
+    return [float(f"{v:.4g}") for v in values] if isinstance(values, (list, tuple)) else values
+
+
 def _model_text(model, source: dict) -> str:
     """One line on the model about to be evaluated: architecture, parameter count, input normalisation."""
     config = getattr(model, "fastrobust_config", None) or {}
     architecture = config.get("name") or source.get("architecture") or type(model).__name__
     params = sum(p.numel() for p in model.parameters())
     normalization = source.get("normalization") or {}
-    values = "" if normalization.get("mean") is None else f" mean {normalization['mean']}, std {normalization['std']}"
+    values = "" if normalization.get("mean") is None else \
+        f" mean {_rounded(normalization['mean'])}, std {_rounded(normalization['std'])}"
     return (f"model {architecture}, {params:,} parameters, input normalisation {normalization.get('how', 'none')}"
             f"{values}")
 
