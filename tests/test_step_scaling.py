@@ -85,3 +85,27 @@ def test_the_trainer_says_which_step_sizes_it_uses(tmp_path, one_thread):
     Trainer(TrainConfig(method="fast_at", out=str(tmp_path / "b"), **settings), dataset=synthetic_dataset(),
             progress=False, log=lines.append)
     assert not [line for line in lines if "step_size" in line]  # the default eps: nothing to say
+
+
+def test_the_trainers_pgd_steps_follow_eps_as_evaluates_do(tmp_path, one_thread):
+    """At eps 0.3 twenty steps of the old fixed 2/255 move at most 0.157: the trainer's PGD-20 could never
+    reach the ball's edge and reported about twice eval's robust accuracy. Both now take default_step."""
+    from fastrobust.evaluate import default_step, evaluate
+    from fastrobust.checkpoint import load_model
+
+    settings = dict(model="tinycnn", dataset="synthetic", epochs=1, batch_size=32, device="cpu",
+                    val_pgd_steps=10, test_pgd_steps=20, eps=0.3)
+    data = synthetic_dataset()
+    result = Trainer(TrainConfig(method="natural", out=str(tmp_path / "r"), **settings), dataset=data,
+                     progress=False, log=lambda _: None).fit()
+    assert result["test"]["step_size"] == pytest.approx(default_step(0.3, 20, "linf")) == pytest.approx(0.0375)
+    model, _ = load_model(tmp_path / "r" / "best.safetensors")
+    record = evaluate(model, data.test, ["pgd20"], eps=0.3, progress=False)
+    assert record["attacks"]["pgd20"]["settings"]["step_size"] == pytest.approx(result["test"]["step_size"])
+    assert result["test"]["pgd20_acc"] == pytest.approx(record["attacks"]["pgd20"]["robust_acc"])
+    # an explicit eval_step_size is kept, and a run stored with the old 2/255 at eps 8/255 is the same run
+    from fastrobust.run_folder import without_legacy_eval_step
+    assert without_legacy_eval_step({"eps": None, "eval_step_size": 2 / 255, "val_pgd_steps": 10,
+                                     "test_pgd_steps": 20})["eval_step_size"] is None
+    assert without_legacy_eval_step({"eps": 0.3, "eval_step_size": 2 / 255, "val_pgd_steps": 10,
+                                     "test_pgd_steps": 20})["eval_step_size"] == 2 / 255

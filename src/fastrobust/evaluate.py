@@ -122,13 +122,14 @@ def pgd_accuracy(
 
     ``distributed``: shard the batches across the ranks of the process group (see clean_and_robust_counts).
     ``eps`` (l_inf, pixel units in [0, 1]; 0 gives the clean accuracy twice) is checked by ``check_eps``.
-    A point counts as broken when any PGD iterate fools the model (``pgd(stop_at_fooled=True)``), as in
+    ``step_size`` None: ``default_step`` (as ``evaluate``'s PGD: 2/255 at eps 8/255, larger for large eps, so
+    the steps can reach the eps-ball's edge). A point counts as broken when any PGD iterate fools the model (``pgd(stop_at_fooled=True)``), as in
     ``evaluate``, so the trainer's PGD-20 and an evaluation's PGD-20 agree.
     """
     from .numbers import check_eps
 
     eps = check_eps(eps, allow_zero=True)
-    step_size = step_size if step_size is not None else 2 / 255 if eps >= 2 / 255 else eps / 4
+    step_size = step_size if step_size is not None else default_step(eps, max(steps, 1), "linf") if eps > 0 else 0.0
 
     def attack(model_: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return pgd(model_, x, y, eps=eps, steps=steps, step_size=step_size, random_init=random_init, loss=loss,
@@ -136,7 +137,7 @@ def pgd_accuracy(
 
     clean, robust, total = clean_and_robust_counts(model, images, labels, attack, batch_size=batch_size, device=device,
                                                    distributed=distributed)
-    return {"clean_acc": clean / max(total, 1), "robust_acc": robust / max(total, 1), "n": total}
+    return {"clean_acc": clean / max(total, 1), "robust_acc": robust / max(total, 1), "n": total, "step_size": step_size}
 
 
 # --------------------------------------------------------------------------------------------------

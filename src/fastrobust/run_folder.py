@@ -42,6 +42,22 @@ def _has_checkpoint(folder: Path) -> bool:
     return any((step / "state.json").is_file() for step in (folder / "checkpoints").glob("step-*"))
 
 
+def without_legacy_eval_step(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a config.json) with an ``eval_step_size`` that runs stored before it defaulted to None (the
+    fixed 2/255) read as None when evaluate's rule gives that same step for the run's eps and PGD steps: such
+    a run is unchanged by the new default; one at another eps did validate with another step."""
+    step = saved.get("eval_step_size")
+    if step is None:
+        return saved
+    from .evaluate import default_step
+
+    eps = saved.get("eps") if saved.get("eps") is not None else 8 / 255
+    steps = [max(int(saved.get(k) or 1), 1) for k in ("val_pgd_steps", "test_pgd_steps")]
+    if all(abs(default_step(float(eps), n, "linf") - float(step)) < 1e-9 for n in steps):
+        return {**saved, "eval_step_size": None}
+    return saved
+
+
 def _differences(saved_file: Path, config: dict[str, Any], defaults: dict[str, Any]) -> list[str] | None:
     """The settings in which ``saved_file`` (a config.json) differs from ``config`` (``out`` aside); None
     when the file cannot be read. A setting the file lacks counts as its default (a field added since)."""
@@ -51,6 +67,7 @@ def _differences(saved_file: Path, config: dict[str, Any], defaults: dict[str, A
         return None
     if not isinstance(saved, dict):
         return None
+    saved = without_legacy_eval_step(saved)
     now = json.loads(json.dumps(config, default=str))
     return sorted(key for key in now if key != "out" and saved.get(key, defaults.get(key)) != now[key])
 

@@ -101,7 +101,7 @@ class TrainConfig:
     sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
     val_pgd_steps: int = 10
     test_pgd_steps: int = 20
-    eval_step_size: float = 2 / 255
+    eval_step_size: float | None = None  # None: evaluate's rule for the attack's eps (default_step; 2/255 at 8/255)
     eval_batch_size: int = 512
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     nan_check_every: int = 50
@@ -122,7 +122,8 @@ class TrainConfig:
         self.data_root = str(Path(self.data_root).expanduser().resolve()) if self.data_root not in (None, "") else None
         if self.eps is not None:
             self.eps = check_eps(self.eps)
-        self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
+        if self.eval_step_size is not None:
+            self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
         for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every"):
             setattr(self, name, check_positive_int(getattr(self, name), name=name))
         for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed", "save_epoch_models"):
@@ -634,7 +635,7 @@ class Trainer:
             self.grad_sync.broadcast_buffers()
         result = pgd_accuracy(
             model if model is not None else self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
-            steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,
+            steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,  # None: eps's rule
             batch_size=self.config.eval_batch_size, device=self.device, distributed=self.dist.active,
         )
         return {"val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
@@ -817,7 +818,7 @@ class Trainer:
             "best_val": self.best.get("val", {}),  # the validation accuracies of the best epoch (ema_: averaged)
             "peak_val_robust_acc": self.peak_val_robust,
             "test": {"clean_acc": test["clean_acc"], f"pgd{self.config.test_pgd_steps}_acc": test["robust_acc"],
-                     "n": test["n"], "eps": self.config.attack_eps, "step_size": self.config.eval_step_size},
+                     "n": test["n"], "eps": self.config.attack_eps, "step_size": test["step_size"]},
         }
         if self.dist.active:
             result["world_size"] = self.dist.world_size

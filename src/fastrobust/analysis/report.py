@@ -676,7 +676,7 @@ def describe_runs(runs: list[Run]) -> tuple[list[str], bool]:
         f"eps {distinct(_key_text(r.eps) for r in runs)}",
         f"Validation: PGD-{distinct(r.config.get('val_pgd_steps') for r in runs)} on the validation split after each epoch "
         f"(best epoch by validation robust accuracy; the test split is never used for selection)",
-        f"Test: clean and PGD-{distinct(r.config.get('test_pgd_steps') for r in runs)} (step {distinct(_key_text(r.config.get('eval_step_size')) for r in runs)}, "
+        f"Test: clean and PGD-{distinct(r.config.get('test_pgd_steps') for r in runs)} (step {distinct(_key_text(r.result.get('test', {}).get('step_size', r.config.get('eval_step_size'))) for r in runs)}, "
         f"no random start) of the best model, in result.json; extra attacks from eval.json",
         f"Device: {distinct(e.get('device') for e in env)}; torch {distinct(e.get('torch') for e in env)}; "
         f"fastrobust {distinct(e.get('fastrobust') for e in env)}; python {distinct(e.get('python') for e in env)}",

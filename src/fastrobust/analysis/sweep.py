@@ -388,8 +388,10 @@ def _check_same_config(run: PlannedRun, saved: dict[str, Any], where: Path) -> N
     (a field since removed) is ignored."""
     from ..train import TrainConfig
 
+    from ..run_folder import without_legacy_eval_step
+
     planned = _comparable(asdict(run.config))
-    saved = _comparable(saved)
+    saved = _comparable(without_legacy_eval_step(saved))
     defaults = _comparable(asdict(TrainConfig()))
     diff = sorted(k for k in planned if (planned[k] != saved[k] if k in saved else planned[k] != defaults.get(k)))
     if diff:
