@@ -409,3 +409,21 @@ def test_a_folder_of_model_files_names_them(cli, model_file, tmp_path):
     code, _, err, _ = cli(folder)
     one_line_error(code, err, "holds tiny.safetensors: pass the model file itself, e.g. "
                               f"{folder / 'tiny.safetensors'}")
+
+
+# ----------------------------------------------------------------------------- third trial: the run's eps
+def test_a_run_trained_at_another_eps_is_evaluated_at_its_eps(cli, model_file, tmp_path):
+    run = tmp_path / "run4"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(model_file.read_bytes())
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10", "eps": 4 / 255}))
+    (run / "result.json").write_text(json.dumps({"dataset": {"name": "cifar10"}, "test": {"eps": 4 / 255}}))
+    code, _, err, seen = cli(run)
+    assert code == 0, err
+    assert seen["eps"] == pytest.approx(4 / 255)  # not the 8/255 default, silently
+    assert "--eps 4/255 (the eps run" in err
+    code, _, err, seen = cli(run, "--eps", "8/255")  # given: kept
+    assert code == 0 and seen["eps"] == pytest.approx(8 / 255) and "the eps run" not in err
+    (run / "result.json").write_text(json.dumps({"dataset": {"name": "cifar10"}, "test": {"eps": 8 / 255}}))
+    code, _, err, seen = cli(run)  # the default eps: nothing to say
+    assert code == 0 and seen["eps"] == pytest.approx(8 / 255) and "the eps run" not in err

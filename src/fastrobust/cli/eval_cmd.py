@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                         "(gaussian-noise and spatial are invariance evaluations, see docs/evaluation.md)")
     parser.add_argument("--eps", default=None,
                         help="perturbation size in [0,1] pixel units: l_inf in (0, 1], 8/255 accepted; l2 a positive "
-                             "radius up to sqrt(C*H*W). Default: the CIFAR-10 budgets of AutoAttack and RobustBench, "
+                             "radius up to sqrt(C*H*W). Default: for a fastrobust run folder (linf) the eps it was "
+                             "trained and tested at, else the CIFAR-10 budgets of AutoAttack and RobustBench, "
                              "8/255 for linf and 0.5 for l2")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
     parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
@@ -139,6 +140,21 @@ def _trained_on(checkpoint: Path) -> tuple[str | None, Path | None]:
     return None, run
 
 
+def _run_eps(run: Path | None) -> float | None:
+    """The l_inf eps a fastrobust run was tested at (result.json), else trained at (config.json); None outside a
+    run, when unreadable, or when the run left eps to its method."""
+    if run is None:
+        return None
+    for name, field in (("result.json", lambda d: d["test"]["eps"]), ("config.json", lambda d: d["eps"])):
+        try:
+            value = field(json.loads((run / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+            return float(value)
+    return None
+
+
 def _check_files(args: argparse.Namespace) -> None:
     """Every file argument, before any data is read or attack run: --checkpoint exists, --out is a new or
     JSON-lines file that can be written, --state is an evaluation state file or a new file."""
@@ -186,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..evaluate import evaluate
     from ..inputs import ModelError, small_l2_eps_note
-    from ..numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
+    from ..numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int, pixel_text
 
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
@@ -205,6 +221,13 @@ def _run(args: argparse.Namespace) -> int:
         args.dataset = trained_on
         if ctx.is_main:
             print(f"fastrobust eval: --dataset {trained_on} (the dataset of run {run_folder})", file=sys.stderr)
+
+    run_eps = _run_eps(run_folder) if args.eps is None and args.norm == "linf" else None
+    if run_eps is not None and abs(run_eps - eps) > 1e-9:  # a run at another eps is evaluated at its own eps
+        eps = check_eps(run_eps, name="--eps", norm=args.norm)
+        if ctx.is_main:
+            print(f"fastrobust eval: --eps {pixel_text(eps)} (the eps run {run_folder} was trained and tested at; "
+                  "give --eps for another)", file=sys.stderr)
 
     own = _own_checkpoint(args)
     if own:  # read before the dataset: a bad checkpoint fails fast
