@@ -427,3 +427,18 @@ def test_a_run_trained_at_another_eps_is_evaluated_at_its_eps(cli, model_file, t
     (run / "result.json").write_text(json.dumps({"dataset": {"name": "cifar10"}, "test": {"eps": 8 / 255}}))
     code, _, err, seen = cli(run)  # the default eps: nothing to say
     assert code == 0 and seen["eps"] == pytest.approx(8 / 255) and "the eps run" not in err
+
+
+def test_out_refuses_a_training_log(cli, model_file, tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"epoch": 1, "lr_start": 0.1, "val_robust_acc": 0.2}) + "\n")
+    before = log.read_bytes()
+    code, _, err, seen = cli(model_file, "--out", log)
+    assert code == 2 and not seen, err  # refused before any attack
+    assert "line 1 is not an evaluation record" in err and "epoch" in err
+    assert log.read_bytes() == before
+    code, _, err, _ = cli(model_file, "--out", tmp_path / "results.jsonl")  # a new file, then appended to
+    assert code == 0, err
+    code, _, err, _ = cli(model_file, "--out", tmp_path / "results.jsonl")
+    assert code == 0, err
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2

@@ -40,9 +40,10 @@ def check_writable(path: str | Path, *, what: str, example: str = "results.jsonl
     return path
 
 
-def check_records_file(path: str | Path, *, what: str) -> Path:
-    """``check_writable``, and an existing non-empty file must hold JSON lines (each line one JSON object): a
-    model, a pretty-printed JSON file, text or binary data is refused rather than appended to."""
+def check_records_file(path: str | Path, *, what: str, record_keys: tuple[str, ...] = ()) -> Path:
+    """``check_writable``, and an existing non-empty file must hold JSON lines (each line one JSON object with
+    every key of ``record_keys``): a model, a pretty-printed JSON file, text, binary data or another tool's
+    JSON lines (a run's metrics.jsonl, say) is refused rather than appended to."""
     path = check_writable(path, what=what)
     if not path.is_file():
         return path
@@ -67,9 +68,14 @@ def check_records_file(path: str | Path, *, what: str) -> Path:
         if not line.strip():
             continue
         try:
-            ok = isinstance(json.loads(line), dict)
+            value = json.loads(line)
+            ok = isinstance(value, dict)
         except ValueError:
             ok = False
+        if ok and any(key not in value for key in record_keys):
+            keys = ", ".join(list(value)[:4]) + (", ..." if len(value) > 4 else "")
+            raise ConfigError(f"{refuse}: line {number} is not an evaluation record (its keys are {keys}; "
+                              f"records have {', '.join(record_keys)}); {fix}")
         if not ok:
             kind = describe(head, size)
             looks = f"it looks like {kind}" if kind not in (None, "text") else f"line {number} is not a JSON object"

@@ -166,7 +166,7 @@ def _check_files(args: argparse.Namespace) -> None:
                               "RUN/checkpoints/step-N, or a model file (.safetensors, a .pt/.pth state dict, a "
                               "TorchScript archive or a .pt2 program)")
     if args.out is not None:
-        check_records_file(args.out, what="--out")
+        check_records_file(args.out, what="--out", record_keys=("attacks", "clean_acc"))
     if args.state is not None:
         check_writable(args.state, what="--state", example="eval-state.json")
         read_state_file(args.state)
