@@ -109,3 +109,12 @@ def test_the_trainers_pgd_steps_follow_eps_as_evaluates_do(tmp_path, one_thread)
                                      "test_pgd_steps": 20})["eval_step_size"] is None
     assert without_legacy_eval_step({"eps": 0.3, "eval_step_size": 2 / 255, "val_pgd_steps": 10,
                                      "test_pgd_steps": 20})["eval_step_size"] == 2 / 255
+
+
+def test_two_different_budgets_are_refused():
+    from fastrobust.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eps 4/255 \(--eps / eps\) and the method's eps 16/255 .* disagree"):
+        TrainConfig(method="pgd_at", eps=4 / 255, method_params={"eps": "16/255"}).validate()
+    same = TrainConfig(method="pgd_at", eps=16 / 255, method_params={"eps": "16/255"}).validate()
+    assert same.build_method().config.eps == pytest.approx(16 / 255)

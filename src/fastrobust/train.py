@@ -35,7 +35,7 @@ from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
 from .evaluate import pgd_accuracy
 from .methods.step_scaling import scale_steps
-from .numbers import check_eps, check_nonnegative_int, check_positive_int
+from .numbers import check_eps, check_nonnegative_int, check_positive_int, pixel_text
 from .optim import parameter_groups
 from .records import append_jsonl, environment
 from .schedules import SCHEDULES, lr_schedule
@@ -151,6 +151,12 @@ class TrainConfig:
         lr_schedule(self.schedule, self.lr, self.epochs, **self.schedule_params)  # checks the schedule's parameters
         if not 0 < self.collapse_margin <= 1:
             raise ConfigError(f"collapse_margin={self.collapse_margin} must be in (0, 1] (an accuracy drop)")
+        if self.eps is not None and "eps" in self.method_params:  # two budgets: which one was meant?
+            given = check_eps(self.method_params["eps"], name="method eps")
+            if abs(given - self.eps) > 1e-9:
+                raise ConfigError(
+                    f"eps {pixel_text(self.eps)} (--eps / eps) and the method's eps {pixel_text(given)} (--set "
+                    "method.eps / method_params) disagree: give the budget once (--eps sets the method's too)")
         self.build_method()  # validates the method's own parameters
         if self.val_size == 0 and getattr(methods_lib.method_class(self.method), "needs_validation", False):
             raise ConfigError(_NEEDS_VALIDATION.format(method=self.method))
