@@ -827,7 +827,7 @@ def load_dataset(
         root_path = resolve_root(root)
         if explicit and not root_path.exists() and not download:
             raise DataError(f"data root {root_path} does not exist (given by "
-                            f"{'the root argument' if root is not None else 'FASTROBUST_DATA'}); "
+                            f"{'--data-root / the root argument' if root is not None else 'FASTROBUST_DATA'}); "
                             f"create it and put the {key} files there. {_how_to_provide(spec)}")
         if root_path.exists() and not root_path.is_dir():
             raise DataError(f"data root {root_path} is not a folder")
