@@ -219,7 +219,8 @@ def test_l2_evaluation_and_full_autoattack(setup):
 def test_trainer_helpers_still_work(setup):
     model, _, (images, labels), _ = setup
     result = pgd_accuracy(model, images, labels, eps=0.04, steps=5)
-    assert set(result) == {"clean_acc", "robust_acc", "n"} and result["robust_acc"] <= result["clean_acc"]
+    assert set(result) == {"clean_acc", "robust_acc", "n", "step_size"} and result["robust_acc"] <= result["clean_acc"]
+    assert result["step_size"] == pytest.approx(2.5 * 0.04 / 5)  # evaluate's default_step: 5 steps reach eps
     clean, robust, total = clean_and_robust_counts(model, images, labels, None)
     assert clean == robust and total == 48
 
@@ -286,11 +287,19 @@ def test_cli_eval_json_out_and_errors(run_folder, tmp_path, monkeypatch, capsys)
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_progress_bar_per_attack_and_silence(setup, capsys):
+def test_progress_bar_per_attack_and_silence(setup, capsys, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
     model, _, test_split, _ = setup
-    evaluate(model, test_split, ["fgsm", "pgd20"], eps=0.03, batch_size=16, progress=True)
-    err = capsys.readouterr().err
-    assert "fgsm" in err and "pgd20" in err
+    terminal = Terminal()
+    with monkeypatch.context() as patch:  # bars are drawn on a terminal only (tests/test_progress_bars.py)
+        patch.setattr("sys.stderr", terminal)
+        evaluate(model, test_split, ["fgsm", "pgd20"], eps=0.03, batch_size=16, progress=True)
+    assert "fgsm" in terminal.getvalue() and "pgd20" in terminal.getvalue()
     evaluate(model, test_split, ["fgsm", "pgd20"], eps=0.03, batch_size=16, progress=False)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
