@@ -391,7 +391,7 @@ def test_imagefolder_layout_errors(tmp_path, cache):
         load_dataset("imagefolder", tmp_path / "t2", cache_dir=cache)
     write_tree(tmp_path / "t3", ["a"], {"train": 2, "test": 1}, size=8)
     Image.new("RGB", (9, 8)).save(tmp_path / "t3" / "train" / "a" / "9.png")
-    with pytest.raises(DataError, match=r"9\.png.*size 9x8 differs"):
+    with pytest.raises(DataError, match=r"another size .*9\.png.*: 9x8 pixels where the others are 8x8"):
         load_dataset("imagefolder", tmp_path / "t3", cache_dir=cache)
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(gzip.compress(b"x" * 2000)[:50])
@@ -508,7 +508,7 @@ def test_download_verifies_md5(tmp_path, cache, monkeypatch):
     monkeypatch.setitem(ds.SPECS, "cifar10", dataclasses.replace(ds.SPECS["cifar10"], downloads=(bad,)))
     with pytest.raises(DataError, match=r"(?s)Looked at.*md5 [0-9a-f]{32}, expected 0{32}"):
         load_dataset("cifar10", tmp_path / "root2", download=True, cache_dir=cache)
-    assert not list((tmp_path / "root2").iterdir())  # nothing half-written is left
+    assert not (tmp_path / "root2").exists()  # nothing half-written is left, not even the folder it made
 
 
 def test_download_network_failure_is_a_data_error(tmp_path, cache, monkeypatch):
@@ -548,3 +548,36 @@ def test_cli_data_json_and_table(tmp_path, capsys, monkeypatch):
     assert main(["data", "nosuch", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'nosuch'" in err and "Traceback" not in err
+
+
+def test_an_empty_class_folder_is_named_not_dropped(tmp_path, cache):
+    write_tree(tmp_path / "tree", ["cat", "dog"], {"train": 2, "test": 1})
+    (tmp_path / "tree" / "train" / "ant").mkdir()  # sorts first: dropping it would renumber nothing but lose a class
+    (tmp_path / "tree" / "test" / "ant").mkdir()
+    with pytest.raises(DataError, match=r"empty class folder\(s\) train/ant/ \(no images\)"):
+        load_dataset("imagefolder", tmp_path / "tree", val_size=0, cache_dir=cache)
+
+
+def test_image_errors_say_what_is_wrong_in_words(tmp_path, cache):
+    write_tree(tmp_path / "t1", ["a", "b"], {"train": 2, "test": 1})
+    (tmp_path / "t1" / "train" / "b" / "1.png").write_bytes(b"not an image at all")
+    with pytest.raises(DataError) as caught:
+        load_dataset("imagefolder", tmp_path / "t1", val_size=0, cache_dir=cache)
+    assert "corrupt or unreadable image" in str(caught.value) and "BytesIO" not in str(caught.value)
+    write_tree(tmp_path / "t2", ["a", "b"], {"train": 2, "test": 1})
+    Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(tmp_path / "t2" / "train" / "b" / "1.png")
+    with pytest.raises(DataError, match=r"image of another size .*1\.png.*: 5x5 pixels where the others are 8x8"):
+        load_dataset("imagefolder", tmp_path / "t2", val_size=0, cache_dir=cache)
+
+
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, cache, monkeypatch):
+    def fail(url, timeout=None):
+        raise ds.urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(ds.urllib.request, "urlopen", fail)
+    root = tmp_path / "new" / "data"
+    with pytest.raises(DataError) as caught:
+        load_dataset("cifar10", root, download=True, cache_dir=cache)
+    assert not (tmp_path / "new").exists()  # made for the download, removed with its failure
+    assert "--download" not in str(caught.value)  # the download was just tried: no advice to run it again
+    assert "--data-root DIR" in str(caught.value)

@@ -107,7 +107,7 @@ def test_a_checksum_mismatch_is_refused_and_leaves_nothing(archive, fresh_machin
         with pytest.raises(DataError, match=r"(?s)Download failed: download of http://127\.0\.0\.1.* has md5 "
                                             r"[0-9a-f]{32}, expected 0{32}; the file was discarded"):
             load_dataset("cifar10", val_size=10)
-    assert list(fresh_machine.iterdir()) == []
+    assert not fresh_machine.exists() or list(fresh_machine.iterdir()) == []  # the folder it made is removed
 
 
 @pytest.mark.parametrize("ranges", [True, False], ids=["resumed", "restarted"])

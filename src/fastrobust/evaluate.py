@@ -377,9 +377,9 @@ def _versions() -> dict[str, str]:
 
     import numpy
 
-    from . import __version__
+    from .records import code_version
 
-    return {"fastrobust": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"fastrobust": code_version(), "torch": torch.__version__, "numpy": numpy.__version__,  # as training's
             "python": platform.python_version()}
 
 

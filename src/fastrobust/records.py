@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import subprocess
@@ -11,8 +12,9 @@ from typing import Any
 import torch
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The fastrobust version, plus the git commit when running from a checkout."""
+    """The fastrobust version, plus the git commit when running from a checkout (asked once per process)."""
     from . import __version__
 
     try:

@@ -361,6 +361,12 @@ def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: s
     for name in names:
         if not layout["train"].get(name):
             raise DataError(f"{path}: empty class {name!r}: no training images in train/{name}/")
+    if class_order is None and path.is_dir():  # a class folder without images would vanish from the classes
+        root = path.joinpath(*next(iter(prefixes)).split("/")) if next(iter(prefixes)) else path
+        empty = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and d.name not in layout["train"])
+        if empty:
+            raise DataError(f"{path}: empty class folder(s) {', '.join('train/' + e + '/' for e in empty)} (no "
+                            "images): add its images or remove the folder; class ids come from the sorted folder names")
     if mode is None:  # generic trees: RGB if any training image is stored in colour, whatever the file order
         files = [rel for name in names for rel in layout["train"][name]]
         mode = "RGB" if any(_stored_in_colour(members[rel], rel, path) for rel in files) else "L"
@@ -762,12 +768,16 @@ def _check_count(value, *, name: str, allow_zero: bool) -> int | None:
 
 
 # --------------------------------------------------------------------------- load_dataset
-def _how_to_provide(spec: Spec) -> str:
+def _how_to_provide(spec: Spec, *, downloaded: bool = False) -> str:
+    """The ways to provide ``spec``'s files; ``downloaded``: a download was just tried (and failed), so the
+    advice is to fetch the files elsewhere and point to them, not to download again."""
     urls = ", ".join(d.url for d in spec.downloads)
-    return (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
-            f"--data-root DIR or FASTROBUST_DATA=DIR, or, with a network, leave both unset to download them once "
-            f"into ~/.cache/fastrobust/data (or run `fastrobust data {spec.name} --download --data-root DIR` to fetch "
-            f"them into the root given)")
+    where = (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
+             f"--data-root DIR or FASTROBUST_DATA=DIR")
+    if downloaded:
+        return where + " (fetch them on a machine with a network if this one has none)"
+    return (where + f", or, with a network, leave both unset to download them once into ~/.cache/fastrobust/data "
+            f"(or run `fastrobust data {spec.name} --download --data-root DIR` to fetch them into the root given)")
 
 
 def locate(name: str, root: Path) -> tuple[Candidate | None, list[Candidate]]:
@@ -834,17 +844,21 @@ def load_dataset(
         candidate, looked = locate(key, root_path)
         failure = ""
         if candidate is None and download:
+            missing = [p for p in (root_path, *root_path.parents) if not p.exists()]  # made by the download
             try:
                 for item in spec.downloads:
                     download_file(item, root_path)
             except DataError as error:
                 failure = f" Download failed: {error}."
+                for folder in missing:  # innermost first; a partial download (FILE.part) stays, to be resumed
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             candidate, looked = locate(key, root_path)
         if candidate is None:
             places = "; ".join(f"{c.path}" + (f" (+ {', '.join(str(p.name) for p in c.requires)})" if c.requires else "")
                                for c in looked)
             raise DataError(f"{key} not found under data root {root_path}. Looked at: {places}.{failure} "
-                            f"{_how_to_provide(spec)}")
+                            f"{_how_to_provide(spec, downloaded=bool(failure))}")
 
     cache_root = resolve_cache_dir(cache_dir)
     meta, arrays = _load_or_decode(key, candidate, cache_root)

@@ -223,6 +223,15 @@ def read_members(path: str, keep: Callable[[str], bool]) -> dict[str, bytes]:
     return out
 
 
+SIZE_MISMATCH = "image of another size"
+
+
+def _decode_error(name: str, source: str, reason: str) -> DataError:
+    if reason.startswith(SIZE_MISMATCH):
+        return DataError(f"{reason.split(':', 1)[0]} {name} in {source}:{reason.split(':', 1)[1]}")
+    return DataError(f"corrupt or unreadable image {name} in {source}: {reason}")
+
+
 def decode_images(
     blobs: list[bytes], *, mode: str, size: tuple[int, int] | None
 ) -> tuple[np.ndarray | None, int, str]:
@@ -237,14 +246,16 @@ def decode_images(
                 image = image.convert(mode)
                 array = np.asarray(image, dtype=np.uint8)
         except Exception as error:  # PIL raises many types for corrupt data
-            return None, i, f"{type(error).__name__}: {error}"
+            text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(error))
+            return None, i, f"{type(error).__name__}: {text}"
         if array.ndim == 2:
             array = array[:, :, None]
         if out is None:
             height, width = size if size is not None else array.shape[:2]
             out = np.empty((len(blobs), channels, height, width), dtype=np.uint8)
         if array.shape[:2] != out.shape[2:]:
-            return None, i, f"size {array.shape[1]}x{array.shape[0]} differs from {out.shape[3]}x{out.shape[2]}"
+            return None, i, (f"{SIZE_MISMATCH}: {array.shape[1]}x{array.shape[0]} pixels where the others are "
+                             f"{out.shape[3]}x{out.shape[2]} (resize the images to one size)")
         out[i] = array.transpose(2, 0, 1)
     if out is None:
         out = np.empty((0, channels, *(size or (0, 0))), dtype=np.uint8)
@@ -267,7 +278,7 @@ def decode_many(
     if size is None:  # fix the size from the first image so that chunks agree
         first, index, reason = decode_images(blobs[:1], mode=mode, size=None)
         if first is None:
-            raise DataError(f"corrupt or unreadable image {names[0]} in {source}: {reason}")
+            raise _decode_error(names[0], source, reason)
         size = (first.shape[2], first.shape[3])
     chunk = 2000
     jobs = [(blobs[i : i + chunk], mode, size) for i in range(0, len(blobs), chunk)]
@@ -286,5 +297,5 @@ def decode_many(
         results = [_decode_chunk(job) for job in jobs]
     for j, (array, index, reason) in enumerate(results):
         if array is None:
-            raise DataError(f"corrupt or unreadable image {names[j * chunk + index]} in {source}: {reason}")
+            raise _decode_error(names[j * chunk + index], source, reason)
     return np.concatenate([r[0] for r in results], axis=0)
