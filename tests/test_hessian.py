@@ -84,3 +84,61 @@ def test_analyze_cli_on_a_model_file_and_on_saved_checkpoints(tmp_path, monkeypa
     assert [r["label"] for r in records] == ["epoch 1 (step 4)", "epoch 2 (step 8)"]
     assert main(args + ["--checkpoint", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _run_folder(tmp_path, *, dataset: str, eps: float, in_channels: int = 3):
+    torch.manual_seed(0)
+    model = create("tinycnn", num_classes=4, image_size=8, in_channels=in_channels)
+    run = tmp_path / "run"
+    save_model(model, run / "best.safetensors", {"epoch": 1})
+    (run / "config.json").write_text(json.dumps({"dataset": dataset, "eps": eps}))
+    return run
+
+
+def test_analyze_cli_defaults_to_the_runs_dataset_and_eps(tmp_path, monkeypatch, capsys):
+    import fastrobust.data
+
+    from helpers import synthetic_dataset
+
+    asked = []
+    monkeypatch.setattr(fastrobust.data, "load_dataset",
+                        lambda name, *a, **k: asked.append(name) or synthetic_dataset(train=8, val=8, test=8))
+    run = _run_folder(tmp_path, dataset="synthetic", eps=0.1)
+    args = ["analyze", "hessian", "--checkpoint", str(run), "--n", "4", "--iterations", "2", "--init", "random",
+            "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert asked == ["synthetic"] and json.loads(captured.out)["eps"] == 0.1
+    assert f"--dataset synthetic (the dataset of run {run})" in captured.err
+    assert f"--eps 0.1 (the eps run {run} was trained and tested at" in captured.err
+    assert main(args + ["--eps", "8/255"]) == 0  # an explicit --eps wins, silently
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["eps"] == 8 / 255 and "--eps" not in captured.err
+
+
+def test_analyze_cli_names_a_model_that_does_not_fit_the_data_in_one_line(tmp_path, monkeypatch, capsys):
+    import fastrobust.data
+
+    from helpers import synthetic_dataset
+
+    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: synthetic_dataset(train=8, val=8, test=8))
+    run = _run_folder(tmp_path, dataset="mnist", eps=0.1, in_channels=1)  # an MNIST run analysed on RGB images
+    assert main(["analyze", "hessian", "--checkpoint", str(run), "--dataset", "synthetic", "--n", "4",
+                 "--iterations", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "RuntimeError" not in err
+    assert f"run {run} was trained on mnist, analysed here on synthetic" in err
+    assert "takes in_channels=1, dataset 'synthetic' has 3-channel images" in err and "(--dataset mnist)" in err
+    outside = tmp_path / "model.safetensors"  # outside a run, --dataset is asked for
+    save_model(create("tinycnn", num_classes=4, image_size=8), outside, {})
+    assert main(["analyze", "hessian", "--checkpoint", str(outside)]) == 2
+    assert "--dataset is needed" in capsys.readouterr().err
+
+
+def test_analyze_help_says_where_all_epochs_reads(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["analyze", "hessian", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "RUN/epochs/epoch-NNN.safetensors" in text and "copy them aside" not in text

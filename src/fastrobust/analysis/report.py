@@ -11,7 +11,8 @@ it and ``report.html`` (the same content, figures embedded as base64, self-conta
 - training curves: validation robust accuracy and training loss per epoch;
 - robust accuracy against eps when eval.json holds evaluations at several eps;
 - loss smoothness (paper Fig. 3): the top input-Hessian eigenvalue at the random and the backward-smoothing
-  starting points against the training epoch, from each run's hessian.json (``evaluate.hessian`` of a sweep).
+  starting points against the training epoch, from each run's hessian.json (``evaluate.hessian`` of a sweep),
+  or, with ``per_epoch: false``, of the final (best) model only;
 
 Every number comes from the records, and every number of a table row from the same test points: when the
 extra attacks of eval.json ran on fewer points than result.json's clean and PGD-20, the columns are labelled
@@ -516,6 +517,67 @@ def hessian_table(curves: list[tuple[str, dict[str, dict[int, list[float]]]]]) -
     return header, rows
 
 
+def hessian_final(groups: list[tuple[str, list[Run]]]) -> list[tuple[str, dict[str, list[float]]]]:
+    """Per group: init -> the mean eigenvalue of each run's final model (hessian.json records without an epoch:
+    ``evaluate.hessian.per_epoch: false`` analyses the best model only)."""
+    finals = []
+    for label, group in groups:
+        per_init: dict[str, list[float]] = {}
+        for run in group:
+            for record in run.hessian.get("records", []):
+                if record.get("epoch") is not None:
+                    continue
+                for init, summary in record.items():
+                    if isinstance(summary, dict) and _number(summary.get("mean")) is not None:
+                        per_init.setdefault(init, []).append(float(summary["mean"]))
+        if per_init:
+            finals.append((label, per_init))
+    return finals
+
+
+def hessian_final_table(finals: list[tuple[str, dict[str, list[float]]]]) -> tuple[list[str], list[list[str]]]:
+    """The final model's mean eigenvalue per init (± std over seeds), and the random / backward-smoothing ratio."""
+    inits = [i for i in _INIT_NAMES if any(i in f for _, f in finals)]
+    header = ["Method", "Runs"] + [_INIT_NAMES[i] for i in inits]
+    both = {"random", "backward_smoothing"} <= set(inits)
+    if both:
+        header.append("random / backward-smoothing")
+    rows = []
+    for label, per_init in finals:
+        row = [label, str(max(len(v) for v in per_init.values()))]
+        for init in inits:
+            values = per_init.get(init, [])
+            row.append("-" if not values else f"{statistics.fmean(values):.4g}"
+                       + (f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""))
+        if both:
+            rnd, bs = per_init.get("random"), per_init.get("backward_smoothing")
+            row.append(f"{statistics.fmean(rnd) / statistics.fmean(bs):.2f}" if rnd and bs and statistics.fmean(bs) else "-")
+        rows.append(row)
+    return header, rows
+
+
+def figure_hessian_final(finals: list[tuple[str, dict[str, list[float]]]], out: Path) -> Path | None:
+    """The final model's top input-Hessian eigenvalue per method: bars per starting point (mean over seeds,
+    error bar: ± one std, dots: the seeds)."""
+    if not finals:
+        return None
+    plt = _pyplot()
+    inits = [i for i in _INIT_NAMES if any(i in f for _, f in finals)]
+    width = 0.8 / len(inits)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(finals) + 2), 3.6))
+    for k, init in enumerate(inits):
+        xs = [g + (k - (len(inits) - 1) / 2) * width for g in range(len(finals))]
+        values = [per_init.get(init, []) for _, per_init in finals]
+        means = [statistics.fmean(v) if v else 0.0 for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=_INIT_NAMES[init])
+        for x, v in zip(xs, values):
+            ax.plot([x] * len(v), v, "k.", markersize=3)
+    ax.set_xticks(range(len(finals)), [label for label, _ in finals], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("top Hessian eigenvalue (input)"), ax.grid(axis="y", alpha=0.3), ax.legend(fontsize=7)
+    return _save(fig, out / "hessian.png")
+
+
 def figure_hessian(curves: list[tuple[str, dict[str, dict[int, list[float]]]]], out: Path) -> Path | None:
     """Paper Fig. 3: top input-Hessian eigenvalue against the epoch, random vs backward-smoothing start
     (one panel per method; line: mean over seeds, band: ± one std)."""
@@ -777,9 +839,8 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
     if stab_fig:
         figures.append(("Robust accuracy over seeds (box: quartiles, line: median, triangle: mean)", stab_fig))
 
-    hess = hessian_curves(groups)
-    if hess:
-        header, rows = hessian_table(hess)
+    hess, finals = hessian_curves(groups), hessian_final(groups)
+    if hess or finals:
         settings = next(r.hessian for r in runs if r.hessian)
         hs = settings.get("settings", {})
         balanced = all((r.hessian.get("points") or {}).get("selection") == "balanced_head" for r in runs if r.hessian)
@@ -791,11 +852,26 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
                    f"({hs.get('iterations', '?')} power iterations; hessian.json "
                    "of each run); mean over seeds. A smaller value is a smoother loss: the paper's Fig. 3 shows the "
                    "backward-smoothing start below the random one throughout training.")
-        sections.append(("Loss smoothness (paper Fig. 3)", _md_table(header, rows) + "\n\n" + caption,
-                         _html_table(header, rows) + f"<p>{html.escape(caption)}</p>"))
-        hess_fig = figure_hessian(hess, out)
+        md, ht = [], []
+        if hess:
+            header, rows = hessian_table(hess)
+            md.append(_md_table(header, rows))
+            ht.append(_html_table(header, rows))
+        if finals:
+            header, rows = hessian_final_table(finals)
+            intro = ("Final (best) model only (evaluate.hessian.per_epoch: false), mean ± std over seeds:")
+            md.append(intro + "\n\n" + _md_table(header, rows))
+            ht.append(f"<p>{html.escape(intro)}</p>" + _html_table(header, rows))
+        sections.append(("Loss smoothness (paper Fig. 3)", "\n\n".join(md) + "\n\n" + caption,
+                         "".join(ht) + f"<p>{html.escape(caption)}</p>"))
+        if hess:
+            hess_fig = figure_hessian(hess, out)
+            title = "Top input-Hessian eigenvalue against the epoch: random vs backward-smoothing start"
+        else:
+            hess_fig = figure_hessian_final(finals, out)
+            title = "Top input-Hessian eigenvalue of the final (best) model: random vs backward-smoothing start"
         if hess_fig:
-            figures.append(("Top input-Hessian eigenvalue against the epoch: random vs backward-smoothing start", hess_fig))
+            figures.append((title, hess_fig))
 
     sens = sensitivity(runs)
     if sens:

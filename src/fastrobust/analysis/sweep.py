@@ -17,7 +17,8 @@ A spec (YAML, parsed with ``yaml.safe_load``; nothing is evaluated)::
     # or, with settings:
     # evaluate: {attacks: [pgd100], eps: [4/255, 8/255], test_subset: 500, batch_size: 256,
     #            options: {autoattack-fast: {apgd-t: {n_targets: 3}}},
-    #            hessian: {n: 64, per_epoch: true}}     # loss smoothness per epoch (needs save_epoch_models)
+    #            hessian: {n: 64, per_epoch: true}}     # loss smoothness per epoch (needs save_epoch_models;
+    #                                                   # per_epoch is true unless set, false: the best model only)
 
 The evaluation's ``test_subset: N`` and the Hessian's ``n`` take the first N points of the run's test split
 round-robin over its classes (``fastrobust.data.balanced_head``): the test splits are sorted by class, so a
@@ -60,6 +61,7 @@ import yaml
 
 from ..checkpoint import atomic_write_json
 from ..errors import ConfigError, FastRobustError
+from ..numbers import pixel_text
 
 SPEC_KEYS = ("description", "preset", "base", "methods", "grid", "evaluate")
 EVAL_KEYS = ("attacks", "eps", "test_subset", "batch_size", "options", "seed", "hessian")
@@ -155,7 +157,8 @@ def load_spec(path_or_mapping: str | Path | dict[str, Any]) -> SweepSpec:
     for one in grids:
         for key, values in one.items():
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"sweep spec {source}: grid.{key} must be a non-empty list, e.g. {key}: [{values!r}]")
+                raise ConfigError(f"sweep spec {source}: grid.{key} must be a non-empty list, e.g. "
+                                  f"{key}: {_grid_example(key, values)}")
             if any(isinstance(v, (dict, list)) for v in values) and key not in ("model_params", "method_params"):
                 raise ConfigError(f"sweep spec {source}: grid.{key} values must be plain values, got {values!r}")
     methods = data.get("methods") or {}
@@ -164,11 +167,38 @@ def load_spec(path_or_mapping: str | Path | dict[str, Any]) -> SweepSpec:
     preset = data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"sweep spec {source}: preset must be a preset name or a YAML path")
+    if not (data.get("preset") or base or any(grids)):
+        raise ConfigError(f"sweep spec {source} sets nothing (no preset, base or grid): it would train one run of every "
+                          "default (preactresnet18 on cifar10, 100 epochs); set e.g. grid: {method: [fast_at, "
+                          "backward_smoothing]} and base: {model: ..., epochs: ...} (see sweeps/ for examples)")
     normalised = [{str(k): v for k, v in one.items()} for one in grids]
     return SweepSpec(grid=normalised if isinstance(grid, list) else normalised[0], base=dict(base), preset=preset,
                      methods={str(k): dict(v) for k, v in methods.items()},
-                     evaluate=_parse_evaluate(data.get("evaluate"), source),
+                     evaluate=_prefixed(_parse_evaluate, data.get("evaluate"), source),
                      description=str(data.get("description") or ""), source=source)
+
+
+# a real example per grid key for "must be a non-empty list" (other keys: the value given, in a list)
+GRID_EXAMPLES = {"method": "[fast_at, backward_smoothing]", "seed": "[0, 1, 2]", "eps": "[4/255, 8/255]",
+                 "model": "[tinycnn, preactresnet18]", "epochs": "[10, 30]", "lr": "[0.05, 0.1]"}
+
+
+def _grid_example(key: str, values: Any) -> str:
+    """A YAML list for grid.KEY: the given plain value in a list, else a real example for KEY."""
+    if values is not None and not isinstance(values, (list, dict)):
+        return f"[{values}]"
+    return GRID_EXAMPLES.get(key, "[VALUE1, VALUE2]")
+
+
+def _prefixed(parse: Callable[[Any, str], Any], value: Any, source: str) -> Any:
+    """``parse(value, source)`` with "sweep spec SOURCE: " before a ConfigError that lacks it (the number checks
+    shared with the CLI name only the setting)."""
+    try:
+        return parse(value, source)
+    except ConfigError as error:
+        if str(error).startswith("sweep spec "):
+            raise
+        raise ConfigError(f"sweep spec {source}: {error}") from None
 
 
 def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
@@ -330,7 +360,7 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
                 suffix += 1
             name = f"{name}-{suffix}"
         names.add(name)
-        where = f"sweep spec {spec.source}, run {name}"
+        where = f"sweep spec {spec.source}, run {name}" if varied else f"sweep spec {spec.source}"
         try:
             config = make_config(settings)
             config.out = str(out / name)
@@ -346,8 +376,8 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
         planned.append(same)
         hessian = spec.evaluate.hessian if spec.evaluate is not None else None
         if hessian is not None and hessian.per_epoch and not config.save_epoch_models:
-            raise ConfigError(f"{where}: evaluate.hessian.per_epoch needs the per-epoch models: set "
-                              "save_epoch_models: 1 in base (or per_epoch: false for the best model only)")
+            raise ConfigError(f"{where}: evaluate.hessian.per_epoch (true unless set) needs the per-epoch models: "
+                              "set save_epoch_models: 1 in base (or per_epoch: false for the best model only)")
         runs.append(PlannedRun(name=name, varied=varied, config=config))
     for method in spec.methods:
         from ..methods import method_class
@@ -475,7 +505,7 @@ def evaluate_run(run_dir: Path, config: Any, dataset: Any, eval_spec: EvalSpec, 
         state_dir = run_dir / "eval-state"
         state_dir.mkdir(exist_ok=True)
         state_file = state_dir / f"eps-{eps * 255:.4g}of255-balanced-n{len(labels)}-{'-'.join(eval_spec.attacks)}.json"
-        log(f"{run_dir.name}: evaluating {', '.join(eval_spec.attacks)} at eps {eps * 255:.3g}/255 on {len(labels)} "
+        log(f"{run_dir.name}: evaluating {', '.join(eval_spec.attacks)} at eps {pixel_text(eps)} on {len(labels)} "
             "class-balanced test points")
         record = evaluate(model, (images, labels), eval_spec.attacks, eps=eps, batch_size=eval_spec.batch_size,
                           device=device, state_file=state_file, progress=progress, seed=eval_spec.seed,
@@ -678,7 +708,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / EVAL_FILE
     if path.is_file():
         try:
-            summary["eval"] = {f"{r['eps'] * 255:.3g}/255": {a: e.get("robust_acc") for a, e in r.get("attacks", {}).items()}
+            summary["eval"] = {pixel_text(float(r["eps"])): {a: e.get("robust_acc") for a, e in r.get("attacks", {}).items()}
                                for r in json.loads(path.read_text()).get("evaluations", [])}
         except (json.JSONDecodeError, KeyError, TypeError):
             pass

@@ -18,14 +18,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "hessian", help="largest Hessian eigenvalue of the inner-maximisation loss w.r.t. the input",
         description="Power iteration on Hessian-vector products (double backward) of the attack's loss w.r.t. "
         "the input, at the attack's starting point (random or backward-smoothing init), averaged over N test "
-        "images. With --all-epochs, every checkpoint kept in RUN/checkpoints/step-* (only the last 2 are kept "
-        "by training; copy them aside during training for a per-epoch curve).",
+        "images. With --all-epochs, every per-epoch model RUN/epochs/epoch-NNN.safetensors (train with --set "
+        "save_epoch_models=1), else every checkpoint kept in RUN/checkpoints/step-* (training keeps only the last "
+        "2). --dataset and --eps default to the run's.",
     )
     hessian.add_argument("--checkpoint", required=True, help="a run folder or a .safetensors model file")
-    hessian.add_argument("--dataset", required=True, help="dataset of the model, e.g. cifar10")
+    hessian.add_argument("--dataset", default=None,
+                         help="dataset to draw the test images from, e.g. cifar10 (default for a fastrobust run: the "
+                              "dataset it was trained on)")
     hessian.add_argument("--data-root", default=None, help="where the dataset lies (default: $FASTROBUST_DATA)")
     hessian.add_argument("--n", default="256", help="test images to average over (default 256)")
-    hessian.add_argument("--eps", default="8/255", help="ball radius of the random init / backward step (default 8/255)")
+    hessian.add_argument("--eps", default=None,
+                         help="l_inf ball radius of the random init / backward step in [0,1] pixel units, 8/255 "
+                              "accepted (default: the eps a fastrobust run was trained and tested at, else 8/255)")
     hessian.add_argument("--init", action="append", choices=("random", "backward_smoothing", "clean"),
                          help="starting point(s), repeatable (default: random and backward_smoothing)")
     hessian.add_argument("--loss", choices=("kl", "ce"), default="kl",
@@ -33,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hessian.add_argument("--gamma", default="1.0", help="backward smoothing's output noise scale (default 1)")
     hessian.add_argument("--iterations", default="20", help="power iterations (default 20)")
     hessian.add_argument("--batch-size", default="128", help="images per Hessian batch (default 128)")
-    hessian.add_argument("--all-epochs", action="store_true", help="analyse every saved checkpoint of the run")
+    hessian.add_argument("--all-epochs", action="store_true",
+                         help="analyse every per-epoch model of the run: RUN/epochs/epoch-NNN.safetensors (train with "
+                              "--set save_epoch_models=1), else the checkpoints kept in RUN/checkpoints/step-*")
     hessian.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     hessian.add_argument("--seed", default="0", help="seed of the random init and the power-iteration start")
     hessian.add_argument("--json", action="store_true", help="print the records as JSON")
@@ -57,26 +64,66 @@ def _model_files(checkpoint: str, all_epochs: bool) -> list[tuple[str, Path]]:
     return files
 
 
+def _check_fits(model, dataset, file: Path, run_dataset: str | None) -> None:
+    """One line when the model was built for other images or classes than the dataset has."""
+    from ..inputs import fastrobust_config
+
+    config = fastrobust_config(model) or {}
+    channels, size, classes = config.get("in_channels"), config.get("image_size"), config.get("num_classes")
+    c, h, w = dataset.image_shape
+    if channels is not None and int(channels) != c:
+        found = f"in_channels={channels}, dataset {dataset.name!r} has {c}-channel images"
+    elif size is not None and (h, w) != (int(size), int(size)):
+        found = f"image_size={size}, dataset {dataset.name!r} has {h}x{w} images"
+    elif classes is not None and int(classes) != dataset.num_classes:
+        found = f"num_classes={classes}, dataset {dataset.name!r} has {dataset.num_classes} classes"
+    else:
+        return
+    fix = f"--dataset {run_dataset}" if run_dataset else "--dataset"
+    raise FastRobustError(f"model {file} takes {found}: analyse it on the dataset it was trained on ({fix})")
+
+
 def run_hessian(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.hessian import load_any_model, model_eigenvalues
     from ..data import load_dataset
-    from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number
+    from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
+    from .run_info import run_eps, trained_on
 
-    eps = check_eps(args.eps, name="--eps")
     n = check_positive_int(args.n, name="--n")
     iterations = check_positive_int(args.iterations, name="--iterations")
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
     seed = check_nonnegative_int(args.seed, name="--seed")
     gamma = parse_number(args.gamma, name="--gamma")
     inits = args.init or ["random", "backward_smoothing"]
+    if not Path(args.checkpoint).exists():
+        raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder or a .safetensors "
+                              "model file")
+    run_dataset, run = trained_on(Path(args.checkpoint))
+    if args.dataset is None:
+        if run_dataset is None:
+            raise ConfigError("--dataset is needed (the checkpoint is not in a fastrobust run folder that names its "
+                              "dataset): e.g. --dataset cifar10")
+        args.dataset = run_dataset
+        print(f"fastrobust analyze: --dataset {run_dataset} (the dataset of run {run})", file=sys.stderr)
+    default_eps = run_eps(run) if args.eps is None else None
+    eps = check_eps(args.eps if args.eps is not None else default_eps if default_eps is not None else "8/255",
+                    name="--eps")
+    if default_eps is not None:
+        print(f"fastrobust analyze: --eps {pixel_text(eps)} (the eps run {run} was trained and tested at; give "
+              "--eps for another)", file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    files = _model_files(args.checkpoint, args.all_epochs)
     dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=n)
+    if run_dataset is not None and dataset.name != run_dataset:
+        print(f"fastrobust analyze: warning: run {run} was trained on {run_dataset}, analysed here on "
+              f"{dataset.name}", file=sys.stderr)
     images, labels = dataset.test.images[:n], dataset.test.labels[:n]
     records = []
-    for label, file in _model_files(args.checkpoint, args.all_epochs):
+    for label, file in files:
         model = load_any_model(file, device)
+        _check_fits(model, dataset, file, run_dataset)
         entry: dict[str, Any] = {"checkpoint": str(file), "label": label, "n": len(labels), "eps": eps,
                                  "loss": args.loss, "iterations": iterations}
         entry.update(model_eigenvalues(model, images, labels, eps=eps, inits=inits, loss=args.loss,

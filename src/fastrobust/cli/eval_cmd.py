@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, FastRobustError
+from .run_info import run_eps as _run_eps, trained_on as _trained_on
 
 
 def register(subparsers) -> None:
@@ -109,50 +110,6 @@ def _own_checkpoint(args: argparse.Namespace) -> bool:
     if kind == "safetensors":
         return has_fastrobust_header(path, MODEL_KEY)
     return path.suffix == ".safetensors" and kind is None  # damaged: load_model says how
-
-
-def _run_folder(checkpoint: Path) -> Path | None:
-    """The fastrobust run folder a checkpoint belongs to (the folder itself, the folder of a model file, the run
-    of RUN/checkpoints, or the run above RUN/checkpoints/step-N), None when it is not in one."""
-    start = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    candidates = (start, start.parent) if start.name == "checkpoints" else (start, start.parent.parent)
-    for folder in candidates:
-        if (folder / "config.json").is_file() and ((folder / "best.safetensors").exists()
-                                                   or (folder / "last.safetensors").exists()
-                                                   or (folder / "checkpoints").is_dir()):
-            return folder
-    return None
-
-
-def _trained_on(checkpoint: Path) -> tuple[str | None, Path | None]:
-    """(the dataset a fastrobust run was trained on, its run folder): from result.json (the data actually used),
-    else config.json; (None, None) outside a run or when unreadable."""
-    run = _run_folder(checkpoint)
-    if run is None:
-        return None, None
-    for name, field in (("result.json", lambda d: d["dataset"]["name"]), ("config.json", lambda d: d["dataset"])):
-        try:
-            value = field(json.loads((run / name).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(value, str) and value:
-            return value, run
-    return None, run
-
-
-def _run_eps(run: Path | None) -> float | None:
-    """The l_inf eps a fastrobust run was tested at (result.json), else trained at (config.json); None outside a
-    run, when unreadable, or when the run left eps to its method."""
-    if run is None:
-        return None
-    for name, field in (("result.json", lambda d: d["test"]["eps"]), ("config.json", lambda d: d["eps"])):
-        try:
-            value = field(json.loads((run / name).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
-            return float(value)
-    return None
 
 
 def _check_files(args: argparse.Namespace) -> None:
