@@ -89,7 +89,7 @@ def run_hessian(args: argparse.Namespace) -> int:
     from ..analysis.hessian import load_any_model, model_eigenvalues
     from ..data import load_dataset
     from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
-    from .run_info import run_eps, trained_on
+    from .run_info import dataset_or_run_dataset, run_eps, trained_on
 
     n = check_positive_int(args.n, name="--n")
     iterations = check_positive_int(args.iterations, name="--iterations")
@@ -101,12 +101,7 @@ def run_hessian(args: argparse.Namespace) -> int:
         raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder or a .safetensors "
                               "model file")
     run_dataset, run = trained_on(Path(args.checkpoint))
-    if args.dataset is None:
-        if run_dataset is None:
-            raise ConfigError("--dataset is needed (the checkpoint is not in a fastrobust run folder that names its "
-                              "dataset): e.g. --dataset cifar10")
-        args.dataset = run_dataset
-        print(f"fastrobust analyze: --dataset {run_dataset} (the dataset of run {run})", file=sys.stderr)
+    args.dataset = dataset_or_run_dataset(args.dataset, run_dataset, run, command="analyze")
     default_eps = run_eps(run) if args.eps is None else None
     eps = check_eps(args.eps if args.eps is not None else default_eps if default_eps is not None else "8/255",
                     name="--eps")

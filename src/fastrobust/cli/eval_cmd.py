@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, FastRobustError
-from .run_info import run_eps as _run_eps, trained_on as _trained_on
+from .run_info import dataset_or_run_dataset, run_eps as _run_eps, trained_on as _trained_on
 
 
 def register(subparsers) -> None:
@@ -171,13 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     attacks = args.attack or ["pgd20"]
     _check_files(args)
     trained_on, run_folder = _trained_on(Path(args.checkpoint))
-    if args.dataset is None:
-        if trained_on is None:
-            raise ConfigError("--dataset is needed (the checkpoint is not in a fastrobust run folder that names its "
-                              "dataset): e.g. --dataset cifar10")
-        args.dataset = trained_on
-        if ctx.is_main:
-            print(f"fastrobust eval: --dataset {trained_on} (the dataset of run {run_folder})", file=sys.stderr)
+    args.dataset = dataset_or_run_dataset(args.dataset, trained_on, run_folder, command="eval", say=ctx.is_main)
 
     run_eps = _run_eps(run_folder) if args.eps is None and args.norm == "linf" else None
     if run_eps is not None and abs(run_eps - eps) > 1e-9:  # a run at another eps is evaluated at its own eps

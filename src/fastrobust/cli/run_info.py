@@ -49,3 +49,21 @@ def run_eps(run: Path | None) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
             return float(value)
     return None
+
+
+def dataset_or_run_dataset(given: str | None, run_dataset: str | None, run: Path | None, *, command: str,
+                           say: bool = True) -> str:
+    """``--dataset`` when given, else the run's dataset (said on stderr as ``fastrobust COMMAND: ...``);
+    ConfigError when neither names one."""
+    import sys
+
+    from ..errors import ConfigError
+
+    if given is not None:
+        return given
+    if run_dataset is None:
+        raise ConfigError("--dataset is needed (the checkpoint is not in a fastrobust run folder that names its "
+                          "dataset): e.g. --dataset cifar10")
+    if say:
+        print(f"fastrobust {command}: --dataset {run_dataset} (the dataset of run {run})", file=sys.stderr)
+    return run_dataset
