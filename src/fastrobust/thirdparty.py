@@ -118,6 +118,62 @@ def _normalized(model: nn.Module, normalization: Normalization) -> nn.Module:
     return InputNormalization(model, normalization.mean, normalization.std)
 
 
+def _own_normalization_keys(names) -> tuple[str, str] | None:
+    """The ``(mean, std)`` names (``mean``/``std``, or ``P.mean``/``P.std`` of one submodule ``P``) under which a
+    state dict or module holds input-normalisation tensors that it applies itself; None when it holds none."""
+    names = set(names)
+    for name in sorted(names, key=lambda n: (n.count("."), n)):
+        if name == "mean" or name.endswith(".mean"):
+            std = name[: -len("mean")] + "std"
+            if std in names:
+                return name, std
+    return None
+
+
+def _is_identity(mean: torch.Tensor, std: torch.Tensor) -> bool:
+    """Whether stored mean/std buffers are 0 and 1 (``(x - 0) / 1``: no normalisation at all)."""
+    return bool(torch.all(mean == 0)) and bool(torch.all(std == 1))
+
+
+def _values(tensor: torch.Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in tensor.detach().flatten().tolist())
+
+
+def check_no_second_normalization(what: str, tensors: dict[str, torch.Tensor],
+                                  normalization: Normalization | None) -> tuple[str, str] | None:
+    """Refuse ``--normalization`` for a model that normalises its input itself (``mean``/``std`` tensors among
+    ``tensors``, a state dict or a module's buffers) unless those are the identity (then the given normalisation
+    is the only one). Returns the names of its own mean/std tensors (None when it has none).
+
+    Raises ConfigError ``WHAT carries its own input normalisation (...): drop --normalization``."""
+    keys = _own_normalization_keys(tensors)
+    if keys is None or normalization is None or _is_identity(tensors[keys[0]], tensors[keys[1]]):
+        return keys
+    raise ConfigError(f"{what} carries its own input normalisation ({keys[0]}/{keys[1]} buffers, mean "
+                      f"{_rounded(tensors[keys[0]])}, std {_rounded(tensors[keys[1]])}) that it applies itself: "
+                      "drop --normalization (it would normalise twice)")
+
+
+def _rounded(tensor: torch.Tensor) -> list[float]:
+    return [round(v, 4) for v in _values(tensor)]
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _outside_normalization(module: nn.Module, normalization: Normalization | None, what: str) -> Normalization:
+    """What to apply in front of a loaded user module / program: nothing when it has its own mean/std (the
+    record then says so and gives its values), else ``normalization`` or the assumed none."""
+    tensors = _module_tensors(module)
+    keys = check_no_second_normalization(what, tensors, normalization)
+    if keys is None or normalization is not None:
+        return normalization or ASSUMED_NONE
+    return Normalization(None, None, f"the module's own ({keys[0]}/{keys[1]} buffers, mean "
+                                     f"{_rounded(tensors[keys[0]])}, std {_rounded(tensors[keys[1]])}, "
+                                     "applied inside it; nothing added)")
+
+
 # --------------------------------------------------------------------------- user code
 def load_factory(spec: str) -> tuple[Callable[..., nn.Module], str]:
     """``FILE.py:FUNCTION`` -> (the function, its label). **Runs FILE.py** (as ``python FILE.py`` would, minus
@@ -273,21 +329,32 @@ def _layout_model(state: dict[str, torch.Tensor], path: Path, *, model_name: str
     else:
         name, options = wanted, {}
         info.update(architecture=wanted, layout="as named by --model")
-    own = "mean" in state and "std" in state
-    if own and normalization is not None:
-        raise ConfigError(f"{path} carries its own input normalisation (mean/std buffers): drop --normalization")
-    chosen = Normalization(tuple(state["mean"].flatten().tolist()), tuple(state["std"].flatten().tolist()),
-                           "from the weights (mean/std buffers)") if own else (normalization or ASSUMED_NONE)
+    own = "mean" in state and "std" in state  # fastrobust's layout: the model's own input normalisation
+    check_no_second_normalization(str(path), state, normalization)
+    if own and normalization is None:
+        chosen = Normalization(_values(state["mean"]), _values(state["std"]), "from the weights (mean/std buffers)")
+    else:  # none stored, or the identity (then the given normalisation is the only one)
+        chosen = normalization or ASSUMED_NONE
     channels, height = image_shape[0], image_shape[1]
     model = create(name, num_classes=num_classes, in_channels=channels, image_size=height,
                    mean=None if chosen.mean is None else list(chosen.mean),
                    std=None if chosen.std is None else list(chosen.std), **options)
-    if not own:  # normalisation lives in the model's buffers
+    applies = (getattr(model, "fastrobust_config", None) or {}).get("mean") is not None  # built with chosen mean/std
+    has_buffers = {"mean", "std"} <= set(model.state_dict())
+    if has_buffers and not applies and not own:  # a registered module normalising with its own initial buffers
+        check_no_second_normalization(f"{path} (--model {model_name})", model.state_dict(), normalization)
+    if own and not has_buffers:  # a registered module without them: the keys were fastrobust's normalisation
+        state = {k: v for k, v in state.items() if k not in ("mean", "std")}
+    elif has_buffers and (applies or not own):  # the model's buffers hold the chosen normalisation
         state = {**state, **{k: v for k, v in model.state_dict().items() if k in ("mean", "std")}}
+    # else: a registered module with its own mean/std buffers takes the stored ones and applies them itself
     named = f"--model {model_name}" if match is None else f"{name} ({match.description})"
     load_into(model, state, weights=str(path), architecture=f"{named} for {dataset}")
     info["model"] = dict(getattr(model, "fastrobust_config", {}) or {})
-    if chosen.mean is not None and info["model"].get("mean") is None:  # a registered factory without mean/std
+    if own and has_buffers and not applies and normalization is None:
+        chosen = Normalization(chosen.mean, chosen.std,
+                               "from the weights (mean/std buffers, applied by the module itself)")
+    elif chosen.mean is not None and not applies:  # a registered factory without mean/std arguments
         model = InputNormalization(model, chosen.mean, chosen.std)
     return model, info, chosen
 
@@ -346,7 +413,10 @@ def load_model(
             raise ConfigError(f"{path} is a {'TorchScript archive' if kind == 'torchscript' else 'torch.export program'}: "
                               "it holds its own architecture, drop --model / --model-factory")
         program = load_torchscript(path) if kind == "torchscript" else load_export(path)
-        chosen = normalization or ASSUMED_NONE
+        inner_program = program
+        while isinstance(getattr(inner_program, "program", None), nn.Module):  # FixedMode / FixedBatch wrappers
+            inner_program = inner_program.program
+        chosen = _outside_normalization(inner_program, normalization, f"{path} ({kind})")
         module = _normalized(program, chosen)
         info.update(format=kind, architecture=kind)
         fixed = getattr(program.program, "batch", None) if isinstance(program.program, FixedBatch) else None
@@ -368,7 +438,7 @@ def load_model(
                 raise ConfigError("give either --model NAME or --model-factory, not both")
             inner = call_factory(build, label, num_classes=num_classes, image_shape=image_shape)
             load_into(inner, _fit_keys(state, inner), weights=str(path), architecture=f"the module of {label}")
-            chosen = normalization or ASSUMED_NONE
+            chosen = _outside_normalization(inner, normalization, f"{path} (the module of {label})")
             module = _normalized(inner, chosen)
             info.update(format="state dict", architecture=type(inner).__qualname__)
         else:

@@ -304,8 +304,9 @@ def _loaded_text(source: dict) -> str:
         parts.append(f"built by {source['factory']}")
     normalization = source.get("normalization") or {}
     if normalization.get("how"):
-        values = "" if normalization.get("mean") is None else \
-            f" (mean {normalization['mean']}, std {normalization['std']})"
+        mean, std = normalization.get("mean"), normalization.get("std")
+        values = "" if mean is None or "mean [" in normalization["how"] else \
+            f" (mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]})"
         parts.append(f"normalisation {normalization['how']}{values}")
     return "loaded: " + "; ".join(parts)
 

@@ -21,7 +21,10 @@ fastrobust's classes (the layouts above were chosen because they compute the sam
 extra modules show up as keys and make the load fail with the keys named; ``avg_pool2d(out, 4 or 8)`` equals
 fastrobust's global average pooling only for 32x32 inputs, so third-party layouts are refused for other sizes;
 BatchNorm ``eps`` is not stored in a state dict: all these repositories use PyTorch's default (1e-5), as
-fastrobust does (``momentum`` does not matter in evaluation). fastrobust's own key names are accepted too.
+fastrobust does (``momentum`` does not matter in evaluation). fastrobust's own key names are accepted too (every
+zoo model; TinyCNN and SmallCNN are recognised by their key names). torchvision's ResNet layout (``downsample.0/1``
+shortcuts) is refused with a pointer to ``--model-factory``: its stem max-pooling leaves no key, so the weights
+cannot say whether it computes fastrobust's function.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torch
 
 from ..errors import FastRobustError
 
+BUILD_IT_YOURSELF = ("build the network with your own code, --model-factory FILE.py:FUNCTION "
+                     "(docs/evaluation.md, models trained elsewhere)")
 PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel / DDP, wrappers holding the network as .model, torch.compile
 
 
@@ -103,6 +108,9 @@ def identify(state: dict[str, torch.Tensor]) -> Match | None:
 
     Raises FastRobustError for a recognised layout whose function fastrobust cannot reproduce."""
     keys = set(state)
+    own_cnn = _own_cnn(state)
+    if own_cnn is not None:
+        return own_cnn
     head = "linear" if "linear.weight" in keys else "fc" if "fc.weight" in keys else None
     if head is None or "conv1.weight" not in keys:
         return None
@@ -110,7 +118,12 @@ def identify(state: dict[str, torch.Tensor]) -> Match | None:
     num_classes, in_channels = int(state[f"{head}.weight"].shape[0]), int(conv1.shape[1])
     if conv1.dim() == 4 and tuple(conv1.shape[2:]) != (3, 3):
         raise FastRobustError(f"conv1 is {conv1.shape[2]}x{conv1.shape[3]} (an ImageNet stem); fastrobust's networks "
-                              "have the 3x3 CIFAR stem")
+                              f"have the 3x3 CIFAR stem: {BUILD_IT_YOURSELF}")
+    if any(re.match(r"^layer\d\.\d+\.downsample\.", key) for key in keys):
+        raise FastRobustError("its blocks have `downsample.0/1` shortcuts (torchvision's ResNet layout): whether its "
+                              "stem max-pools (torchvision's does, CIFAR variants often remove it) is not stored in the "
+                              "weights, so fastrobust cannot tell which function it computes and does not map it onto "
+                              f"its resnet (`shortcut.0/1`): {BUILD_IT_YOURSELF}")
     if any(key.startswith("block1.layer.") for key in keys):
         counts = _stage_counts(keys, r"^block{stage}\.layer\.(\d+)\.", 3)
         return _wideresnet(state, LAYOUTS["wideresnet"], counts, num_classes, in_channels, "block1.layer.0.conv1.weight")
@@ -137,8 +150,24 @@ def identify(state: dict[str, torch.Tensor]) -> Match | None:
     if "bn.weight" not in keys:
         raise FastRobustError("this PreActResNet-18 has no final BatchNorm `bn` (the pytorch-cifar variant): "
                               "fastrobust's preactresnet18 applies BN-ReLU before pooling, so its logits would "
-                              "differ; build the network yourself with --model-factory FILE.py:FUNCTION")
+                              f"differ: {BUILD_IT_YOURSELF}")
     return Match(layout, "preactresnet18", {}, num_classes, in_channels, f"PreActResNet-18 (head {head})")
+
+
+def _own_cnn(state: dict[str, torch.Tensor]) -> Match | None:
+    """fastrobust's TinyCNN / SmallCNN under their own key names (with the ``mean``/``std`` buffers every
+    fastrobust model has); None for anything else. The strict load that follows checks every other key."""
+    keys = set(state)
+    if not {"mean", "std", "conv1.weight"} <= keys:
+        return None
+    in_channels = int(state["conv1.weight"].shape[1])
+    if {"layer1.conv.weight", "layer3.conv.weight", "fc.weight"} <= keys:
+        width = int(state["conv1.weight"].shape[0])
+        return Match(LAYOUTS["fastrobust"], "tinycnn", {} if width == 16 else {"width": width},
+                     int(state["fc.weight"].shape[0]), in_channels, f"TinyCNN (width {width})")
+    if {"layer2.conv2.weight", "fc1.weight", "fc3.weight"} <= keys:
+        return Match(LAYOUTS["fastrobust"], "smallcnn", {}, int(state["fc3.weight"].shape[0]), in_channels, "SmallCNN")
+    return None
 
 
 def _wideresnet(state, layout: Layout, counts, num_classes: int, in_channels: int, first_conv: str) -> Match:
