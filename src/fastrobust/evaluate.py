@@ -417,7 +417,9 @@ def evaluate(
     (docs/evaluation.md, "Input contract"); a violation is a ConfigError. Non-finite logits never count as
     correct or robust (counted as ``non_finite``). Models with bf16/fp16 weights run in their own dtype.
     Pre-checks as the official AutoAttack's warn (in ``record["warnings"]`` and on stderr) when the outputs
-    look like probabilities or two forward passes differ (a randomised model). A model that is no ``nn.Module``
+    look like probabilities or two forward passes differ (a randomised model); it also warns when clean accuracy
+    is at chance level (:func:`chance_warnings`). A Dataset whose ``num_classes`` differs from the model's number
+    of outputs is a ConfigError (:func:`class_count_warnings`). A model that is no ``nn.Module``
     or returns fewer than 2 logits per image is a ConfigError; an l2 ``eps`` below 0.1 on images of >= 100
     values (an l_inf budget such as 8/255 given with norm='l2') is a ``warnings.warn`` (and in the record).
 
