@@ -417,7 +417,9 @@ def evaluate(
     (docs/evaluation.md, "Input contract"); a violation is a ConfigError. Non-finite logits never count as
     correct or robust (counted as ``non_finite``). Models with bf16/fp16 weights run in their own dtype.
     Pre-checks as the official AutoAttack's warn (in ``record["warnings"]`` and on stderr) when the outputs
-    look like probabilities or two forward passes differ (a randomised model). A model that is no ``nn.Module``
+    look like probabilities or two forward passes differ (a randomised model); it also warns when clean accuracy
+    is at chance level (:func:`chance_warnings`). A Dataset whose ``num_classes`` differs from the model's number
+    of outputs is a ConfigError (:func:`class_count_warnings`). A model that is no ``nn.Module``
     or returns fewer than 2 logits per image is a ConfigError; an l2 ``eps`` below 0.1 on images of >= 100
     values (an l_inf budget such as 8/255 given with norm='l2') is a ``warnings.warn`` (and in the record).
 
@@ -478,6 +480,7 @@ def evaluate(
     n_batches = (n + batch_size - 1) // batch_size
     with model_mode(model, training=False), validated():
         warned, num_classes = _prechecks(checked, images[:batch_size], device)
+    warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
     path = check_writable(state_file, what="state file", example="eval-state.json") if state_file is not None else None
     loaded: Any = None
     if ctx.is_main:  # only rank 0 reads the state file (other machines need not see it)
@@ -587,7 +590,8 @@ def evaluate(
         record["attacks"].update(evaluate_invariance(checked, images, labels, invariance, clean=clean,
                                                      batch_size=batch_size, device=device, seed=seed,
                                                      distributed=ctx.active))
-    record["warnings"] = ([small_eps] if small_eps else []) + warned + _non_finite_warnings(record)
+    record["warnings"] = ([small_eps] if small_eps else []) + warned + _non_finite_warnings(record) + \
+        chance_warnings(record)
     if ctx.is_main:
         for text in record["warnings"]:
             if text != small_eps:  # that one was said before the attacks
@@ -619,6 +623,36 @@ def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[
                      "randomised, so these attacks underestimate its vulnerability; use EOT attacks "
                      "(the official AutoAttack's version='rand')")
     return found, first.shape[1] if first.dim() == 2 else 0
+
+
+def class_count_warnings(width: int, label_max: int, n: int, data_classes: int | None) -> list[str]:
+    """The model's number of outputs ``width`` against the data: a ConfigError when the data says its class count
+    (a Dataset's ``num_classes``) and it differs, as the CLI refuses it; without a class count (an ImageSet or a
+    tuple) a warning when ``width`` is at least 10 times the label range seen (``label_max + 1``): a model built
+    for another dataset (1000 ImageNet logits on CIFAR-10's 10 classes)."""
+    if data_classes is not None and width and width != data_classes:
+        raise ConfigError(f"evaluate: the model returns {width} logits per image but the data has {data_classes} "
+                          "classes: build it for that many classes (or use the dataset it was trained for)")
+    if data_classes is None and label_max >= 0 and width >= 10 * (label_max + 1) and n >= 10:
+        return [f"the model returns {width} logits per image but the {n} labels are in 0..{label_max}: if the "
+                f"data has {label_max + 1} classes the model was built for another dataset (pass the Dataset "
+                "to have its class count checked)"]
+    return []
+
+
+CHANCE_MIN_POINTS = 50  # below this a chance-level clean accuracy is too likely by luck to be worth a word
+
+
+def chance_warnings(record: dict[str, Any]) -> list[str]:
+    """A warning when clean accuracy is at or below chance (at most 1.5/C on at least 50 points): the model most
+    likely sees input on another scale than it expects (0..255, [-1, 1], normalised), and robust accuracy then
+    measures nothing."""
+    classes, n = record.get("num_classes") or 0, record["n"]
+    if classes < 2 or n < CHANCE_MIN_POINTS or record["clean_acc"] > 1.5 / classes:
+        return []
+    return [f"clean accuracy {100 * record['clean_acc']:.1f}% is at chance level for {classes} classes: check the "
+            "model's expected input range/normalisation (--normalization; a model for [-1,1] takes --normalization "
+            "0.5,0.5; one for 0..255 takes --normalization 0,1/255)"]
 
 
 def _non_finite_warnings(record: dict[str, Any]) -> list[str]:

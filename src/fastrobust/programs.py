@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 from unittest import mock
 
 import torch
@@ -30,8 +31,8 @@ from .filekind import not_a_checkpoint
 
 
 class FixedMode(nn.Module):
-    """Holds a program that runs as it was exported or scripted: ``train()``/``eval()`` do not reach it
-    (an exported program refuses them; a TorchScript archive keeps the mode it was saved in)."""
+    """Holds a program in eval mode: ``train()``/``eval()`` do not reach it (an exported program refuses them;
+    the loaders switch a TorchScript archive to eval mode and refuse a program whose training mode is baked in)."""
 
     def __init__(self, program: nn.Module):
         super().__init__()
@@ -78,6 +79,69 @@ def static_batch(program: Any) -> int | None:
             shape = getattr(value, "shape", None)
             return int(shape[0]) if shape is not None and len(shape) == 4 and type(shape[0]) is int else None
     return None
+
+
+# --------------------------------------------------------------------------- training mode
+_MODE_ARGS = ("training", "train")  # the schema's name of the mode flag: batch_norm & co, dropout & co, rrelu
+_ALWAYS_TRAINING = ("_batch_norm_with_update",)  # the batch-norm op torch.export records in training mode
+_RETRAIN = "save it again after model.eval() (torch.jit.trace / torch.export.export record the mode they run in)"
+
+
+def _training_op(name: str, values: dict[str, Any]) -> bool:
+    """Whether an operator call ``name`` with the (constant) arguments ``values`` runs in training mode: batch
+    statistics for a batch norm, random masks for a dropout of ``p > 0``. A non-constant flag is absent."""
+    if any(op in name for op in _ALWAYS_TRAINING):
+        return True
+    flag = next((values[key] for key in _MODE_ARGS if key in values), None)
+    if flag is not True:
+        return False
+    p = values.get("p")
+    return not (isinstance(p, (int, float)) and p == 0)
+
+
+def _describe(ops: Iterable[str]) -> str:
+    kinds = sorted({"dropout" if "drop" in op else "batch norm with batch statistics" if "norm" in op else op
+                    for op in ops})
+    return ", ".join(kinds)
+
+
+def export_training_ops(graph: Any) -> list[str]:
+    """Operators of a ``torch.export`` (FX) graph that run in training mode (see :func:`_training_op`)."""
+    found = []
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        values = {arg.name: node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
+                  for i, arg in enumerate(schema.arguments)}
+        if _training_op(str(node.target), values):
+            found.append(str(node.target))
+    return found
+
+
+def torchscript_mode_ops(module: Any) -> tuple[list[str], list[str]]:
+    """Operators of a TorchScript module that have a training flag: ``(fixed, switchable)``, those whose flag is a
+    constant True (a module traced in training mode: ``eval()`` does not change them) and those reading the
+    module's mode (a scripted module's ``self.training``)."""
+    fixed, switchable = [], []
+    for node in module.inlined_graph.nodes():
+        if not node.kind().startswith("aten::"):
+            continue
+        try:
+            arguments = torch._C.parse_schema(node.schema()).arguments
+        except RuntimeError:  # "(no schema)"
+            continue
+        inputs = {arg.name: value for arg, value in zip(arguments, node.inputs()) if arg.name in _MODE_ARGS + ("p",)}
+        values = {name: value.toIValue() for name, value in inputs.items()}
+        if _training_op(node.kind(), values):
+            fixed.append(node.kind())
+        elif any(key in inputs and values[key] is None for key in _MODE_ARGS):
+            switchable.append(node.kind())
+    return fixed, switchable
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- torch.export programs
@@ -199,16 +263,33 @@ def load_export(path: Path) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - version mismatch, damaged archive
         raise FastRobustError(f"cannot load {path} as a torch.export program ({type(error).__name__}: "
                               f"{' '.join(str(error).split())[:300]})") from None
+    training = export_training_ops(program.graph)
+    if training:
+        raise FastRobustError(f"refused to evaluate {path}: the torch.export program was exported in training mode "
+                              f"({_describe(training)}: its results would depend on the batch or be random) and "
+                              f"an exported program cannot be switched to eval mode; {_RETRAIN}")
     batch = static_batch(program)
     module = program.module() if batch is None else FixedBatch(program.module(), batch)
     return FixedMode(module)
 
 
-def load_torchscript(path: Path) -> nn.Module:
-    """``torch.jit.load`` on the CPU (see the module docstring for what it unpickles and runs)."""
+def load_torchscript(path: Path, note: Callable[[str], None] = _say) -> nn.Module:
+    """``torch.jit.load`` on the CPU (see the module docstring for what it unpickles and runs), switched to eval
+    mode (said through ``note`` when it was saved in training mode). A module traced in training mode (its
+    batch norms or dropouts fixed to training) is refused: ``eval()`` cannot reach it."""
     try:
         program = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:  # noqa: BLE001 - damaged archive, unknown operators
         raise FastRobustError(not_a_checkpoint(path) or f"cannot load {path} as a TorchScript archive "
                               f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
+    was_training = any(module.training for module in program.modules())
+    program.eval()
+    training, switched = torchscript_mode_ops(program)
+    if training:
+        raise FastRobustError(f"refused to evaluate {path}: the TorchScript program was traced in training mode "
+                              f"({_describe(training)}: its results would depend on the batch or be random) and "
+                              f"eval() cannot change a traced module; {_RETRAIN}")
+    if was_training and switched:
+        note(f"{path}: the TorchScript program was saved in training mode: switched to eval mode (batch norms use "
+             "their running statistics, dropout is off)")
     return FixedMode(program)

@@ -76,6 +76,10 @@ def parse_normalization(text: str | None, channels: int, *, dataset_stats=None, 
     mean, std = numbers[:half] * (channels if half == 1 else 1), numbers[half:] * (channels if half == 1 else 1)
     if any(s <= 0 for s in std):
         raise ConfigError(f"--normalization {text!r}: every std must be positive (it divides the input)")
+    if max(mean) > 1:  # (x - mean) / std of pixels in [0, 1]: a mean above 1 is in 0..255 units
+        scaled = ",".join(f"{v / 255:.4g}" for v in numbers)
+        raise ConfigError(f"--normalization {text!r}: mean {max(mean):g} is in 0..255 units but the model is fed "
+                          f"pixels in [0, 1]: divide mean and std by 255 ({scaled})")
     return Normalization(tuple(mean), tuple(std), f"given: mean {mean}, std {std}")
 
 
