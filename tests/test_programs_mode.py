@@ -8,6 +8,9 @@ from torch import nn
 from fastrobust.errors import FastRobustError
 from fastrobust.programs import load_export, load_torchscript
 
+# torch's own notices about TorchScript and tracing, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+
 
 def _bn_net(dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)

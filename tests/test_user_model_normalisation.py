@@ -19,6 +19,9 @@ from fastrobust.models import create, register, unregister
 from fastrobust.models.layouts import identify
 from fastrobust.thirdparty import load_model
 
+# torch's own notices about TorchScript and tracing, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 SHAPE = (3, 32, 32)
