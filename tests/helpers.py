@@ -1,8 +1,10 @@
-"""Test helpers: small synthetic data for fast trainer tests (learnable, class-dependent 8x8 colour patterns)
-and writers of the official CIFAR-10 format."""
+"""Test helpers: small synthetic data for fast trainer tests (learnable, class-dependent 8x8 colour patterns),
+writers of the official CIFAR-10 format and of image folders, a simulated trainer crash, and a small fitted
+classifier for attack tests."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
@@ -110,3 +112,62 @@ def write_cifar10_archive(archive: Path, per_batch: int = 10) -> dict:
     expected = write_cifar10(folder, per_batch=per_batch)
     make_tar(folder, archive, "cifar-10-batches-py")
     return expected
+
+
+def write_image_folder(root: Path, classes: list[str], counts: dict[str, int], *, size: int = 8,
+                       seed: int = 0) -> None:
+    """``root/<split>/<class>/<i>.png`` with random RGB pixels, ``counts[split]`` images per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@contextlib.contextmanager
+def crash_at_step(monkeypatch, step: int):
+    """Inside the block the trainer raises "simulated crash" at global step ``step`` (after the checkpoint
+    before it); the block must end in that crash."""
+    import pytest
+
+    from fastrobust.train import Trainer
+
+    original = Trainer._step
+
+    def crashing(self, x, y):
+        if self.global_step == step:
+            raise RuntimeError("simulated crash")
+        return original(self, x, y)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", crashing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+
+
+def fit_and_keep_correct(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                         y_test: torch.Tensor, *, epochs: int, min_accuracy: float,
+                         shuffle: torch.Generator | None = None):
+    """Adam (lr 1e-2, batches of 100) for ``epochs`` (in a new random order per epoch when ``shuffle`` is given),
+    then eval mode without gradients; asserts the test accuracy and returns (model, the correctly classified
+    test images, their labels): what attack tests start from."""
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(epochs):
+        order = torch.randperm(len(y_train), generator=shuffle) if shuffle is not None else torch.arange(len(y_train))
+        for i in range(0, len(y_train), 100):
+            idx = order[i:i + 100]
+            loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    with torch.no_grad():
+        correct = model(x_test).argmax(1) == y_test
+    assert correct.float().mean() > min_accuracy
+    return model, x_test[correct], y_test[correct]

@@ -21,6 +21,7 @@ from fastrobust.attacks.apgd import checkpoints
 from fastrobust.attacks.autoattack import official_available
 from fastrobust.attacks.fab import project_hyperplane_box
 from fastrobust.attacks.square import p_selection
+from helpers import fit_and_keep_correct
 from fastrobust.errors import ConfigError, FastRobustError
 
 C, H = 10, 8
@@ -53,23 +54,7 @@ def toy():
     protos = 0.5 + 0.25 * (torch.rand(C, 1, H, H, generator=g) - 0.5)
     x_train, y_train = make_data(2000, g, protos)
     x_test, y_test = make_data(64, g, protos)
-    model = Net()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(8):
-        perm = torch.randperm(len(y_train), generator=g)
-        for i in range(0, len(y_train), 100):
-            idx = perm[i : i + 100]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    with torch.no_grad():
-        correct = model(x_test).argmax(1) == y_test
-    assert correct.float().mean() > 0.95
-    return model, x_test[correct], y_test[correct]
+    return fit_and_keep_correct(Net(), x_train, y_train, x_test, y_test, epochs=8, min_accuracy=0.95, shuffle=g)
 
 
 def accuracy(model, x, y):

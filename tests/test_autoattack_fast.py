@@ -22,7 +22,7 @@ from fastrobust.attacks.apgd import checkpoints
 from fastrobust.attacks.fab import _hyperplane_t_newton, _hyperplane_t_sorted, project_hyperplane_box
 from fastrobust.attacks.square import p_selection
 from fastrobust.errors import ConfigError, FastRobustError
-from helpers import synthetic_split
+from helpers import fit_and_keep_correct, synthetic_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C = 6
@@ -49,23 +49,8 @@ def net():
     torch.manual_seed(0)
     train = synthetic_split(600, C, seed=0)
     test = synthetic_split(64, C, seed=1)
-    model = ConvNet()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    x_train, y_train = train.images.float() / 255, train.labels
-    for _ in range(6):
-        for i in range(0, len(y_train), 100):
-            loss = nn.functional.cross_entropy(model(x_train[i:i + 100]), y_train[i:i + 100])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    x, y = test.images.float() / 255, test.labels
-    with torch.no_grad():
-        correct = model(x).argmax(1) == y
-    assert correct.float().mean() > 0.8
-    return model, x[correct], y[correct]
+    return fit_and_keep_correct(ConvNet(), train.images.float() / 255, train.labels, test.images.float() / 255,
+                                test.labels, epochs=6, min_accuracy=0.8)
 
 
 def fooled(model, x_adv, y):

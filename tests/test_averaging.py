@@ -14,7 +14,7 @@ from fastrobust.averaging import WeightAverager, best_candidate
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
-from helpers import synthetic_dataset
+from helpers import crash_at_step, synthetic_dataset
 
 QUIET = dict(progress=False, log=lambda _: None)
 
@@ -120,17 +120,8 @@ def test_averaging_leaves_training_unchanged(tmp_path):
 def test_resume_with_averaging_is_exact(tmp_path, monkeypatch):
     data = synthetic_dataset()
     train(config(tmp_path, "straight", checkpoint_every=4), dataset=data, **QUIET)
-    original = Trainer._step
-
-    def crashing_step(self, x, y):
-        if self.global_step == 10:  # mid-epoch 2, after the checkpoint at step 8
-            raise RuntimeError("simulated crash")
-        return original(self, x, y)
-
-    monkeypatch.setattr(Trainer, "_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 10):  # mid-epoch 2, after the checkpoint at step 8
         train(config(tmp_path, "crashed", checkpoint_every=4), dataset=data, **QUIET)
-    monkeypatch.setattr(Trainer, "_step", original)
     result = resume(tmp_path / "crashed", dataset=data, **QUIET)
     for name in ("averaged.safetensors", "best.safetensors", "last.safetensors"):
         straight, resumed = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "crashed" / name))

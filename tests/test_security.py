@@ -21,6 +21,7 @@ from fastrobust.checkpoint import import_state_dict, load_model, save_model
 from fastrobust.cli import main
 from fastrobust.errors import FastRobustError
 from fastrobust.models import create
+from helpers import write_image_folder
 
 
 def _touch(path: str) -> None:  # a function with a side effect, reachable by name from a pickle
@@ -149,17 +150,8 @@ def test_truncated_torch_file_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- through the command line
 @pytest.fixture
 def imagefolder(tmp_path, monkeypatch):
-    import numpy as np
-    from PIL import Image
-
     monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("test", 3)):
-        for c in range(4):
-            folder = tmp_path / "data" / split / f"c{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_image_folder(tmp_path / "data", ["c0", "c1", "c2", "c3"], {"train": 4, "test": 3})
     return tmp_path / "data"
 
 

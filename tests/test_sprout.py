@@ -17,7 +17,7 @@ from fastrobust.errors import ConfigError
 from fastrobust.methods.sprout import SPROUT, dirichlet_targets, noisy_mixup
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
-from helpers import synthetic_dataset, train_tinycnn_once
+from helpers import crash_at_step, synthetic_dataset, train_tinycnn_once
 
 
 class Linear(nn.Module):
@@ -226,17 +226,8 @@ def test_u_survives_save_and_resume_through_the_trainer(tmp_path, monkeypatch):
     quiet = dict(progress=False, log=lambda _: None)
     train(_config(tmp_path, "straight"), dataset=data, **quiet)
 
-    original_step = Trainer._step
-
-    def crashing_step(self, x, y):
-        if self.global_step == 10:  # mid-epoch 2, after the checkpoint at step 8
-            raise RuntimeError("simulated crash")
-        return original_step(self, x, y)
-
-    monkeypatch.setattr(Trainer, "_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 10):  # mid-epoch 2, after the checkpoint at step 8
         train(_config(tmp_path, "crashed"), dataset=data, **quiet)
-    monkeypatch.setattr(Trainer, "_step", original_step)
 
     crashed = tmp_path / "crashed"
     newest = sorted((crashed / "checkpoints").iterdir())[-1]

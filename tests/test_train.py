@@ -13,7 +13,7 @@ from fastrobust.checkpoint import load_model
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.train import Trainer, TrainConfig, TrainingStopped, resume, train
 
-from helpers import synthetic_dataset
+from helpers import crash_at_step, synthetic_dataset
 
 
 def config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
@@ -54,17 +54,8 @@ def test_resume_after_a_crash_gives_the_same_final_weights(tmp_path, monkeypatch
     data = synthetic_dataset()
     train(config(tmp_path, "straight", checkpoint_every=4), dataset=data, progress=False, log=lambda _: None)
 
-    original_step = Trainer._step
-
-    def crashing_step(self, x, y):
-        if self.global_step == 10:  # mid-epoch 2 (6 batches per epoch), after the checkpoint at step 8
-            raise RuntimeError("simulated crash")
-        return original_step(self, x, y)
-
-    monkeypatch.setattr(Trainer, "_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 10):  # mid-epoch 2 (6 batches per epoch), after the checkpoint at step 8
         train(config(tmp_path, "crashed", checkpoint_every=4), dataset=data, progress=False, log=lambda _: None)
-    monkeypatch.setattr(Trainer, "_step", original_step)
     crashed = tmp_path / "crashed"
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir())[-1] == "step-000000008"
     resume(crashed, dataset=data, progress=False, log=lambda _: None)

@@ -17,7 +17,7 @@ from fastrobust.errors import ConfigError
 from fastrobust.run_folder import keep_epochs_through
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
-from helpers import synthetic_dataset
+from helpers import crash_at_step, synthetic_dataset
 
 QUIET = dict(progress=False, log=lambda _message: None)
 
@@ -135,17 +135,8 @@ def test_mid_epoch_resume_reports_the_whole_epoch_once(tmp_path, monkeypatch):
     settings = dict(epochs=2, checkpoint_every=4)  # 6 batches per epoch: a checkpoint at step 4 and 10
     train(config(tmp_path, "straight", **settings), dataset=data, **QUIET)
 
-    original_step = Trainer._step
-
-    def crashing_step(self, x, y):
-        if self.global_step == 5:  # mid-epoch 1, after the checkpoint at step 4
-            raise RuntimeError("simulated crash")
-        return original_step(self, x, y)
-
-    monkeypatch.setattr(Trainer, "_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 5):  # mid-epoch 1, after the checkpoint at step 4
         train(config(tmp_path, "crashed", **settings), dataset=data, **QUIET)
-    monkeypatch.setattr(Trainer, "_step", original_step)
     resume(tmp_path / "crashed", dataset=data, **QUIET)
 
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "crashed")

@@ -19,7 +19,7 @@ from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.models import available_models, create, plugins, register, unregister
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
-from helpers import synthetic_dataset
+from helpers import crash_at_step, synthetic_dataset, write_image_folder
 
 QUIET = dict(progress=False, log=lambda _message: None)
 
@@ -61,17 +61,8 @@ def test_a_user_module_trains_checkpoints_and_resumes_exactly(tmp_path, monkeypa
     assert json.loads((tmp_path / "straight" / "result.json").read_text())["model_source"] == source
     assert straight["best_epoch"] in (1, 2) and straight["test"]["n"] == 64
 
-    original = Trainer._step
-
-    def crash(self, x, y):
-        if self.global_step == 9:  # mid-epoch 2 (6 batches per epoch), after the checkpoint of step 8
-            raise RuntimeError("simulated crash")
-        return original(self, x, y)
-
-    monkeypatch.setattr(Trainer, "_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 9):  # mid-epoch 2 (6 batches per epoch), after the checkpoint of step 8
         train(config(tmp_path, "crashed"), dataset=data, model=fresh(), **QUIET)
-    monkeypatch.setattr(Trainer, "_step", original)
     resumed = resume(tmp_path / "crashed", dataset=data, model=fresh(seed=123), **QUIET)  # any start: weights reload
     a, b = load_file(str(tmp_path / "straight" / "last.safetensors")), load_file(str(tmp_path / "crashed" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -192,17 +183,8 @@ register("pluginnet", plugin_net)
 @pytest.fixture
 def plugin_folder(tmp_path, monkeypatch):
     """A plugin module ``my_plugin.py`` in the working folder, a tiny image folder, and a clean registry."""
-    import numpy as np
-    from PIL import Image
-
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("test", 4)):
-        for c in range(3):
-            folder = tmp_path / "images" / split / f"c{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_image_folder(tmp_path / "images", ["c0", "c1", "c2"], {"train": 12, "test": 4})
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "path", list(sys.path))
