@@ -223,6 +223,8 @@ def test_trainer_helpers_still_work(setup):
     assert result["step_size"] == pytest.approx(2.5 * 0.04 / 5)  # evaluate's default_step: 5 steps reach eps
     clean, robust, total = clean_and_robust_counts(model, images, labels, None)
     assert clean == robust and total == 48
+    no_attack = pgd_accuracy(model, images, labels, eps=0, steps=5)  # documented: the clean accuracy twice
+    assert no_attack["robust_acc"] == no_attack["clean_acc"] == clean / total
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -108,8 +108,10 @@ def test_import_state_dict_reads_plain_and_wrapped_state_dicts(tmp_path):
     torch.save(state, tmp_path / "plain.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 7, "arch": "tinycnn"},
                tmp_path / "wrapped.pth")
+    from fastrobust.models.layouts import strip_prefixes
+
     for name in ("plain.pt", "wrapped.pth"):
-        loaded = import_state_dict(tmp_path / name)
+        loaded = strip_prefixes(import_state_dict(tmp_path / name))  # the loader strips DataParallel's module.
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], state[k]) for k in state)
     # converted once, the weights live on as a safe .safetensors file
@@ -200,3 +202,31 @@ def test_checkpoints_are_written_without_pickle(tmp_path):
     assert load_file(str(tmp_path / "m.safetensors")).keys() == model.state_dict().keys()
     with pytest.raises(Exception):
         pickle.loads((tmp_path / "m.safetensors").read_bytes())
+
+
+def test_a_module_with_a_module_submodule_loads_from_pt_as_from_safetensors(tmp_path):
+    """Keys stay as stored until they meet the module: a `self.module` submodule is not a DataParallel prefix."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from fastrobust.thirdparty import load_model as load_any
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+            self.head = nn.Identity()
+
+        def forward(self, x):
+            return self.head(self.module(x))
+
+    torch.manual_seed(0)
+    net = Holder()
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / "holder.pt")
+    save_file(state, str(tmp_path / "holder.safetensors"))
+    x = torch.rand(2, 3, 4, 4)
+    for name in ("holder.pt", "holder.safetensors"):
+        loaded, _ = load_any(tmp_path / name, num_classes=3, image_shape=(3, 4, 4), factory=Holder,
+                             normalization="none", note=lambda _: None)
+        assert torch.allclose(loaded(x), net(x))

@@ -177,7 +177,8 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Pickles that name anything but tensors and plain containers are refused with a FastRobustError naming
     the file and the refused global; a file that is no checkpoint at all (an HTML page saved by a failed
     download, text, a truncated archive) is reported as such. ``{"state_dict": ...}``, ``{"model": ...}``,
-    ``{"net": ...}`` wrappers, DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are unwrapped. Convert the result with
+    ``{"net": ...}`` wrappers are unwrapped; keys keep DataParallel's ``module.`` and torch.compile's ``_orig_mod.``
+    prefixes (``models.layouts.strip_prefixes`` removes them where the keys meet a module). Convert the result with
     ``save_model`` to get a safe .safetensors file (``fastrobust.thirdparty`` maps public key layouts).
     """
     import pickle
@@ -216,19 +217,8 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for name, value in loaded.items():
         if not (isinstance(name, str) and torch.is_tensor(value)):
             raise FastRobustError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor: not a state dict")
-        state[strip_wrapper_prefixes(name)] = value
-    return state
-
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    """A state-dict key without the prefixes DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``) add,
-    in any nesting (``module._orig_mod.conv1.weight`` -> ``conv1.weight``)."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
+        state[name] = value  # keys as stored: wrapper prefixes are removed where the keys meet a module
+    return state  # (models.layouts.strip_prefixes), so a module that has a `module` submodule still loads
 
 
 def _load_reason(error: BaseException) -> str:

@@ -135,7 +135,8 @@ def pgd_accuracy(
         return pgd(model_, x, y, eps=eps, steps=steps, step_size=step_size, random_init=random_init, loss=loss,
                    stop_at_fooled=True)
 
-    clean, robust, total = clean_and_robust_counts(model, images, labels, attack, batch_size=batch_size, device=device,
+    clean, robust, total = clean_and_robust_counts(model, images, labels, attack if eps > 0 else None,
+                                                   batch_size=batch_size, device=device,
                                                    distributed=distributed)
     return {"clean_acc": clean / max(total, 1), "robust_acc": robust / max(total, 1), "n": total, "step_size": step_size}
 

@@ -13,10 +13,12 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import MODEL_SUFFIXES as LOADABLE_SUFFIXES
 from .errors import ConfigError
 from .filekind import checkpoint_format, describe
 
-MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".ckpt", ".bin", ".onnx")
+MODEL_SUFFIXES = (*LOADABLE_SUFFIXES, ".onnx")  # files never to write JSON into: the loadable ones and ONNX
+
 _READ = 1 << 20  # bytes of an existing records file that are checked
 
 

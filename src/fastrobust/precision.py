@@ -76,10 +76,6 @@ def attack_precision(policy: AttackPrecision | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def current() -> AttackPrecision | None:
-    return _CURRENT.get()
-
-
 def attack_autocast() -> contextlib.AbstractContextManager:
     """The autocast context an attack's forward runs in: the policy's, or the caller's when none is set."""
     policy = _CURRENT.get()
@@ -126,5 +122,5 @@ def attack_gradients(loss: Tensor, logits: Tensor, inputs: Sequence[Tensor]) -> 
 
 __all__ = [
     "ATTACK_PRECISIONS", "AttackPrecision", "attack_autocast", "attack_gradients", "attack_precision",
-    "check_attack_precision", "current", "loss_scale", "resolve",
+    "check_attack_precision", "loss_scale", "resolve",
 ]

@@ -194,8 +194,8 @@ def load_latest(run_dir: Path, *, warn=print) -> Snapshot:
 
 def trained_epochs(run_dir: Path) -> int | None:
     """The finished epochs recorded by the newest checkpoint of ``run_dir`` that verifies (the one a resume
-    continues from), read from its ``state.json`` alone; None when there is none. Cheap enough to check a
-    resume's settings before any data is loaded."""
+    continues from), read from its ``state.json``; None when there is none. It verifies checkpoints as the
+    resume will (hashing their files: seconds for a large model), but loads no data and builds no model."""
     for folder in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
         if verify(folder) is None:
             epoch = json.loads((folder / "state.json").read_text()).get("epoch")

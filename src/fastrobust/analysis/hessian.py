@@ -191,18 +191,6 @@ def epoch_model_files(run_dir: Path) -> list[tuple[str, int | None, Path]]:
 
 def load_any_model(file: Path, device: str | torch.device = "cpu") -> nn.Module:
     """A model from a fastrobust model file or a training checkpoint's model.safetensors, in eval mode."""
-    from ..checkpoint import load_model, read_model_file
-    from ..models import create
+    from ..checkpoint import load_model
 
-    if file.name == "model.safetensors":  # a training checkpoint: config in its metadata, no extra metadata
-        from ..errors import FastRobustError
-        from ..models.custom import is_module_config
-
-        state, config, _ = read_model_file(file)
-        if is_module_config(config):
-            raise FastRobustError(f"{file} holds a module fastrobust did not build (class {config.get('class')}): "
-                                  "analyse it in Python with fastrobust.analysis on the module loaded with its weights")
-        model = create(**config)
-        model.load_state_dict(state)
-        return model.to(device).eval()
     return load_model(file, device=device)[0]

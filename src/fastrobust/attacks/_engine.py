@@ -54,10 +54,6 @@ class Execution:
     def for_queries(self) -> nn.Module:
         return self.query_model if self.query_model is not None else self.model
 
-    @property
-    def precision(self) -> str:
-        return "fp32" if self.dtype is None else "bf16"
-
 
 def check_precision(name: str) -> str:
     if name not in PRECISIONS:

@@ -194,7 +194,8 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
         if not bool(done.any()):
             return s
         pos = rows.positions[done]
-        fooled_done = s["fooled"][done]
+        # rows retired with a confirmed row of their point: their own flag counts only if fp32 agrees too
+        fooled_done = confirm(execution, s["x_fool"][done], s["y"][done], s["fooled"][done])
         out[pos] = torch.where(fooled_done.view(shape), s["x_fool"][done], s["x_best"][done])
         out_loss[pos] = s["loss_best"][done]
         out_fooled[pos] = fooled_done

@@ -87,7 +87,7 @@ def run_hessian(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.hessian import load_any_model, model_eigenvalues
-    from ..data import load_dataset
+    from ..data import balanced_head, load_dataset
     from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
     from .run_info import dataset_or_run_dataset, run_eps, trained_on
 
@@ -114,7 +114,7 @@ def run_hessian(args: argparse.Namespace) -> int:
     if run_dataset is not None and dataset.name != run_dataset:
         print(f"fastrobust analyze: warning: run {run} was trained on {run_dataset}, analysed here on "
               f"{dataset.name}", file=sys.stderr)
-    images, labels = dataset.test.images[:n], dataset.test.labels[:n]
+    images, labels = balanced_head(dataset.test.images, dataset.test.labels, n)  # n points over the classes
     records = []
     for label, file in files:
         model = load_any_model(file, device)
