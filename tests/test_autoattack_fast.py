@@ -291,3 +291,14 @@ def test_frozen_copies_on_the_cpu_and_the_model_when_it_cannot_be_traced(net):
     bf16 = autoattack(model, x, y, eps=0.04, options=options, precision="bf16", return_details=True,
                       generator=torch.Generator().manual_seed(0))
     assert not any("frozen" in n for n in bf16.notes)
+
+
+def test_l2_square_stops_only_on_a_misclassification_fp32_confirms(net):
+    """Every bf16 forward of the liar says "misclassified": l_inf Square confirmed that in fp32, l_2 Square did not
+    and stopped each point after its first query."""
+    model, x, y = net
+    liar = LiesInBf16(model).eval()
+    x_adv, queries = square(liar, x, y, eps=1e-3, norm="l2", n_queries=20, precision="bf16", return_queries=True,
+                            generator=torch.Generator().manual_seed(0))
+    assert not bool(fooled(model, x_adv, y).any())  # nothing is broken at so small a radius
+    assert bool((queries == 20).all())              # every point searched to the end of its budget

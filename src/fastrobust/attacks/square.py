@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..inputs import entry_point
 from ..numbers import check_eps
 from ._common import check_norm, cw_margin, model_mode
-from ._engine import Execution, Rows, confirm, execution_for, forward_context
+from ._engine import Execution, Rows, execution_for, forward_context
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 
@@ -60,6 +60,14 @@ def _margin(execution: Execution, x: Tensor, y: Tensor) -> Tensor:
     with forward_context(execution):
         logits = execution.for_queries(x)
     return -cw_margin(logits.float(), y)  # f_y - max_{j != y} f_j: <= 0 when misclassified
+
+
+def _fp32_margins(ex: Execution, x_best: Tensor, y: Tensor, margin: Tensor, rows: Tensor) -> None:
+    """Recompute ``margin[rows]`` with the model itself in fp32 (in place): a point stops only on a
+    misclassification the model confirms, and one the query model got wrong keeps its true margin."""
+    if len(rows):
+        with torch.no_grad():
+            margin[rows] = -cw_margin(ex.model(x_best[rows]).float(), y[rows])
 
 
 def _keep_improvements(execution: Execution, candidate: Tensor, y: Tensor, active: Tensor, x_best: Tensor,
@@ -168,9 +176,8 @@ def _square_linf(ex, x, y, eps, n_queries, p_init, generator, rescale):
     def settle(s: dict[str, Tensor], final: bool = False) -> dict[str, Tensor]:
         done = s["margin"] <= 0
         if ex.approximate and bool(done.any()):  # stop only on a misclassification the model confirms
-            really = confirm(ex, s["xb"], s["y"], done)
-            s["margin"] = torch.where(done & ~really, torch.full_like(s["margin"], float("inf")), s["margin"])
-            done = really
+            _fp32_margins(ex, s["xb"], s["y"], s["margin"], done.nonzero().squeeze(1))
+            done = s["margin"] <= 0
         done = done | (s["it"] >= n_iter) if not final else torch.ones_like(done)
         if not bool(done.any()):
             return s
@@ -315,7 +322,11 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
     x_best = _l2_init(x, eps, generator)
     margin = _margin(ex, x_best, y)
     queries = torch.ones(b, dtype=torch.long, device=x.device)
+    confirmed = torch.zeros(b, dtype=torch.bool, device=x.device)  # fooled, as the model itself in fp32 says
     for it in range(1, n_queries):
+        if ex.approximate:  # stop only on a misclassification the model confirms
+            _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
+            confirmed = margin <= 0
         active = (margin > 0).nonzero().squeeze(1)
         if len(active) == 0:
             break
