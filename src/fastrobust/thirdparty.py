@@ -18,7 +18,6 @@ input normalisation and how it was chosen). What each format runs (see docs/eval
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import re
 import sys
 from dataclasses import dataclass
@@ -214,13 +213,11 @@ def _where(error: BaseException, path: Path) -> str:
 
 def call_factory(factory: Callable[..., nn.Module], label: str, *, num_classes: int, image_shape) -> nn.Module:
     """Call the factory with the keywords it declares among num_classes, in_channels, image_size."""
+    from .models.plugins import declared_keywords
+
     offered = {"num_classes": num_classes, "in_channels": image_shape[0], "image_size": image_shape[1]}
-    try:
-        parameters = inspect.signature(factory).parameters
-        accepted = {k: v for k, v in offered.items() if k in parameters
-                    or any(p.kind == p.VAR_KEYWORD for p in parameters.values())}
-    except (TypeError, ValueError):
-        accepted = {}
+    names, var_keyword = declared_keywords(factory) or (set(), False)  # unreadable signature: call it bare
+    accepted = {k: v for k, v in offered.items() if k in names or var_keyword}
     try:
         module = factory(**accepted)
     except Exception as error:  # noqa: BLE001 - the user's code

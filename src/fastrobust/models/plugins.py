@@ -29,6 +29,17 @@ COMMON = ("num_classes", "in_channels", "image_size", "activation", "mean", "std
 RESERVED = ("module",)  # TrainConfig.model of a run that trained a module passed as train(model=...)
 
 
+def declared_keywords(factory: Callable[..., object]) -> tuple[set[str], bool] | None:
+    """(the keyword names ``factory`` declares, whether it takes **kwargs); None when its signature cannot be
+    read (builtins, some C callables)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
 @dataclass(frozen=True)
 class Registered:
     name: str
@@ -37,13 +48,8 @@ class Registered:
     origin: str  # "module:function" of the factory, for records and hints
 
     def accepts(self) -> tuple[set[str], bool]:
-        """(keyword names the factory declares, whether it takes **kwargs)."""
-        try:
-            parameters = inspect.signature(self.factory).parameters.values()
-        except (TypeError, ValueError):  # builtins, some C callables
-            return set(), True
-        names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        return names, any(p.kind == p.VAR_KEYWORD for p in parameters)
+        """(keyword names the factory declares, whether it takes **kwargs); unknown signatures take all."""
+        return declared_keywords(self.factory) or (set(), True)
 
 
 _REGISTERED: dict[str, Registered] = {}
