@@ -293,6 +293,28 @@ def test_frozen_copies_on_the_cpu_and_the_model_when_it_cannot_be_traced(net):
     assert not any("frozen" in n for n in bf16.notes)
 
 
+def test_frozen_copies_choose_their_layouts_and_hand_back_contiguous_gradients(net):
+    """The gradient copy runs channels-last but returns contiguous input gradients equal to the model's; the query
+    copy is the fused oneDNN one for ReLU and the channels-last one for SiLU (which oneDNN cannot fuse)."""
+    from fastrobust.attacks._frozen import frozen_copies
+
+    model, x, y = net
+    relu = model.body
+    silu = nn.Sequential(*[nn.SiLU() if isinstance(m, nn.ReLU) else m for m in relu]).eval()
+    for body, kind in ((relu, "fused oneDNN queries"), (silu, "channels-last queries")):
+        copies = frozen_copies(body, x, y)
+        assert kind in copies.note
+        grads = []
+        for net_ in (body, copies.grad_model):
+            xr = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net_(xr), y), xr)
+            grads.append(grad)
+        assert grads[1].is_contiguous()
+        assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+        with torch.no_grad():
+            assert torch.allclose(copies.query_model(x), body(x), rtol=1e-4, atol=1e-5)
+
+
 def test_l2_square_stops_only_on_a_misclassification_fp32_confirms(net):
     """Every bf16 forward of the liar says "misclassified": l_inf Square confirmed that in fp32, l_2 Square did not
     and stopped each point after its first query."""
