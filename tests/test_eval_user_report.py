@@ -110,6 +110,28 @@ def test_out_appends_to_its_own_records(cli, model_file, tmp_path):
     assert [json.loads(line)["attacks"]["clean"]["robust"] >= 0 for line in out.read_text().splitlines()] == [True] * 2
 
 
+def test_a_failed_sanity_check_is_a_failing_exit_status_after_the_record_is_written(cli, model_file, tmp_path,
+                                                                                     monkeypatch):
+    """`eval --sanity` exited 0 when a check failed, so a script took a distrusted number for a pass."""
+    verdicts = {"passed": True}
+
+    def checks(*args, **kwargs):
+        return [{"name": "more_steps", "passed": True, "detail": "fine"},
+                {"name": "large_eps", "passed": verdicts["passed"], "detail": "PGD-20 at eps 0.5 leaves 40%"}]
+
+    monkeypatch.setattr(fastrobust.sanity, "sanity_checks", checks)
+    out = tmp_path / "results.jsonl"
+    code, stdout, err, _ = cli(model_file, "--sanity", "--out", out)
+    assert code == 0, err
+    verdicts["passed"] = False
+    code, stdout, err, _ = cli(model_file, "--sanity", "--out", out)
+    assert code == 3
+    assert "sanity FAIL large_eps" in stdout
+    assert "sanity check(s) failed: large_eps" in err and "Traceback" not in err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["sanity"][1]["passed"] for r in records] == [True, False]  # the failing record is kept too
+
+
 def test_state_that_is_not_a_state_file_gets_one_line(cli, model_file, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"dataset": "cifar10"}))

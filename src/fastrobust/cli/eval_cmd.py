@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--queries", default=None,
                         help="query budget of square, rays and AutoAttack's Square (default 5000; rays 10000)")
-    parser.add_argument("--sanity", action="store_true", help="also run the gradient-masking sanity checks")
+    parser.add_argument("--sanity", action="store_true",
+                        help=f"also run the gradient-masking sanity checks (exit status {SANITY_FAILED} when one fails)")
     parser.add_argument("--json", action="store_true", help="print the record as one JSON object on stdout")
     parser.add_argument("--out", default=None,
                         help="append the record as one JSON line to this file (new, or a JSON-lines file; checked "
@@ -86,6 +87,7 @@ def _device(name: str | None):
 
 # the usual CIFAR-10 budgets (AutoAttack, Croce & Hein 2020; RobustBench, Croce et al. 2021): l_inf 8/255, l_2 0.5
 DEFAULT_EPS = {"linf": "8/255", "l2": "0.5"}
+SANITY_FAILED = 3  # exit status of `eval --sanity` when a check fails (the record is still printed and written)
 
 
 def _input_shape(model) -> tuple[int | None, int | None]:
@@ -271,6 +273,12 @@ def _run(args: argparse.Namespace) -> int:
         except OSError as error:
             raise FastRobustError(f"--out {out} cannot be written ({error.strerror or error}): the results are "
                                   "printed above" + ("" if args.json else " (--json prints the whole record)")) from None
+    failed = [flag["name"] for flag in record.get("sanity", []) if not flag["passed"]]
+    if failed:  # a script or CI job must not take a number the checks distrust for a pass
+        print(f"fastrobust eval: sanity check(s) failed: {', '.join(failed)}; the robust accuracy above may be "
+              "overestimated (gradient masking?): see docs/evaluation.md, \"Sanity checks\" (exit status "
+              f"{SANITY_FAILED})", file=sys.stderr)
+        return SANITY_FAILED
     return 0
 
 
