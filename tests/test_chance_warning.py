@@ -63,6 +63,24 @@ def test_a_dataset_with_another_class_count_is_refused_like_the_cli():
     assert record["clean_acc"] == 1.0
 
 
+def test_a_split_that_knows_its_class_count_is_refused_like_its_dataset(tmp_path):
+    """`evaluate(model, load_dataset(...).test)` only warned: the split did not carry the dataset's class count."""
+    from fastrobust.data import load_dataset
+    from helpers import write_cifar10_archive
+
+    write_cifar10_archive(tmp_path / "cifar-10-python.tar.gz", per_batch=10)
+    split = load_dataset("cifar10", tmp_path, val_size=0).test
+    assert split.num_classes == 10
+    with pytest.raises(ConfigError, match="returns 1000 logits per image but the data has 10 classes"):
+        evaluate(ReadsTheLabel(width=1000), split, ["clean"], eps=8 / 255, progress=False)
+    images, labels = _data(20)
+    assert evaluate(ReadsTheLabel(), ImageSet(images, labels, num_classes=10), ["clean"], eps=8 / 255,
+                    progress=False)["clean_acc"] == 1.0
+    for bad in (0, 5, "10", True):  # labels reach 9, so 5 classes cannot hold them
+        with pytest.raises(Exception, match="num_classes"):
+            ImageSet(images, labels, num_classes=bad)
+
+
 def test_labels_alone_far_below_the_logits_width_get_a_warning():
     data = _data(20)
     record = evaluate(ReadsTheLabel(width=1000), data, ["clean"], eps=8 / 255, progress=False)

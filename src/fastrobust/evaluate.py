@@ -419,8 +419,8 @@ def evaluate(
     correct or robust (counted as ``non_finite``). Models with bf16/fp16 weights run in their own dtype.
     Pre-checks as the official AutoAttack's warn (in ``record["warnings"]`` and on stderr) when the outputs
     look like probabilities or two forward passes differ (a randomised model); it also warns when clean accuracy
-    is at chance level (:func:`chance_warnings`). A Dataset whose ``num_classes`` differs from the model's number
-    of outputs is a ConfigError (:func:`class_count_warnings`). A model that is no ``nn.Module``
+    is at chance level (:func:`chance_warnings`). A Dataset, or an ImageSet from ``load_dataset``, whose
+    ``num_classes`` differs from the model's number of outputs is a ConfigError (:func:`class_count_warnings`). A model that is no ``nn.Module``
     or returns fewer than 2 logits per image is a ConfigError; an l2 ``eps`` below 0.1 on images of >= 100
     values (an l_inf budget such as 8/255 given with norm='l2') is a ``warnings.warn`` (and in the record).
 
@@ -628,16 +628,16 @@ def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[
 
 def class_count_warnings(width: int, label_max: int, n: int, data_classes: int | None) -> list[str]:
     """The model's number of outputs ``width`` against the data: a ConfigError when the data says its class count
-    (a Dataset's ``num_classes``) and it differs, as the CLI refuses it; without a class count (an ImageSet or a
-    tuple) a warning when ``width`` is at least 10 times the label range seen (``label_max + 1``): a model built
+    (the ``num_classes`` of a Dataset or of one of its ImageSets) and it differs, as the CLI refuses it; without a
+    class count (a tuple, or an ImageSet built by hand) a warning when ``width`` is at least 10 times the label range seen (``label_max + 1``): a model built
     for another dataset (1000 ImageNet logits on CIFAR-10's 10 classes)."""
     if data_classes is not None and width and width != data_classes:
         raise ConfigError(f"evaluate: the model returns {width} logits per image but the data has {data_classes} "
                           "classes: build it for that many classes (or use the dataset it was trained for)")
     if data_classes is None and label_max >= 0 and width >= 10 * (label_max + 1) and n >= 10:
         return [f"the model returns {width} logits per image but the {n} labels are in 0..{label_max}: if the "
-                f"data has {label_max + 1} classes the model was built for another dataset (pass the Dataset "
-                "to have its class count checked)"]
+                f"data has {label_max + 1} classes the model was built for another dataset (pass the Dataset, "
+                "or an ImageSet with num_classes, to have its class count checked)"]
     return []
 
 

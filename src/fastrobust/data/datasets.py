@@ -27,10 +27,12 @@ VAL_SEED = 20240601  # fixed: the validation split never depends on the run seed
 # --------------------------------------------------------------------------- public dataclasses
 @dataclass(frozen=True)
 class ImageSet:
-    """One split: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
+    """One split: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N], and the dataset's class count when known
+    (``load_dataset`` sets it, so ``evaluate`` can refuse a model built for another number of classes)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    num_classes: int | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -39,6 +41,12 @@ class ImageSet:
             raise DataError(f"ImageSet.labels must be int64 [N], got {self.labels.dtype} {list(self.labels.shape)}")
         if len(self.images) != len(self.labels):
             raise DataError(f"mismatched counts: {len(self.images)} images but {len(self.labels)} labels")
+        if self.num_classes is not None:
+            if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+                raise DataError(f"ImageSet.num_classes must be a positive int or None, got {self.num_classes!r}")
+            if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+                raise DataError(f"ImageSet labels span {int(self.labels.min())}..{int(self.labels.max())}, outside "
+                                f"0..{self.num_classes - 1} for num_classes={self.num_classes}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -894,7 +902,8 @@ def load_dataset(
         test_x, test_y = test_x[idx], test_y[idx]
 
     def to_set(x: np.ndarray, y: np.ndarray) -> ImageSet:
-        return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
+        return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+                        num_classes=int(num_classes))
 
     image_shape = tuple(int(s) for s in arrays["train"][0].shape[1:])
     crop = spec.crop_padding if spec.crop_padding >= 0 else max(image_shape[1] // 8, 0)
