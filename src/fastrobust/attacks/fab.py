@@ -38,7 +38,7 @@ def _flat_norm(v: Tensor, norm: str) -> Tensor:
     return v.abs().amax(dim=1) if norm == "linf" else v.norm(dim=1)
 
 
-def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor:
+def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_free: bool | None = None) -> Tensor:
     """The minimal l_inf or l_2 perturbation ``d`` (flat ``[B, D]``) with ``w^T d = c`` and ``p + d`` in [0,1].
 
     Flipping the sign so that ``c >= 0``, each coordinate moves only along ``sign(w_i)`` up to its room
@@ -48,6 +48,8 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor
     once a step crosses no breakpoint (typically after a few steps); rows still moving after
     ``NEWTON_STEPS`` are solved by sorting the breakpoints (``_hyperplane_t_sorted``). When even the box
     corner does not reach the hyperplane, the corner (the box point closest to it) is returned.
+    ``sync_free`` (default: on CUDA) runs every Newton step and takes the sorted solution for the rows still
+    moving without asking the host which they are (the sort of every row costs the GPU less than the stall).
     """
     sign_c = torch.where(c < 0, -1.0, 1.0).to(w.dtype)
     w = w * sign_c[:, None]
@@ -63,9 +65,12 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str) -> Tensor
         slope = a * a
     const = a * cap  # contribution once coordinate i is saturated (= slope_i * brk_i)
     feasible = const.sum(1) >= c
-    t = _hyperplane_t_newton(brk, slope, const, c, feasible)
+    sync_free = p.device.type == "cuda" if sync_free is None else sync_free
+    t = _hyperplane_t_newton(brk, slope, const, c, feasible, early_exit=not sync_free)
     stuck = feasible & torch.isnan(t)
-    if bool(stuck.any()):
+    if sync_free:
+        t = torch.where(stuck, _hyperplane_t_sorted(brk, slope, const, c), t)
+    elif bool(stuck.any()):
         t[stuck] = _hyperplane_t_sorted(brk[stuck], slope[stuck], const[stuck], c[stuck])
     t = torch.where(feasible, t, torch.full_like(t, float("inf")))
     if norm == "linf":
@@ -79,19 +84,20 @@ NEWTON_STEPS = 12
 _FINITE_SLOPE = 1e15  # its square, summed over an image, stays finite in float32
 
 
-def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor) -> Tensor:
+def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor,
+                         early_exit: bool = True) -> Tensor:
     """Smallest ``t`` with ``sum_i min(t slope_i, const_i) = c`` (breakpoints ``brk_i = const_i / slope_i``);
     NaN where Newton has not settled within NEWTON_STEPS. Infeasible rows are left alone (any value).
 
     On the linear piece where the coordinates with ``brk_i > t`` are still free, ``h(s) = base + rate * s``;
     the step goes to where that line meets ``c``. It has settled when the free set (hence ``rate`` and
-    ``base``) does not change: ``t`` then lies on its own piece and is the solution."""
+    ``base``) does not change: ``t`` then lies on its own piece and is the solution. ``early_exit`` stops once
+    every row has settled (a host sync per step; without it all steps run)."""
     total = const.sum(1)
     t = torch.zeros_like(c)
     free = torch.sign(brk)  # 1 where brk_i > 0 (breakpoints are >= 0), as floats: masks are slow on CPU
     rate, base = (free * slope).sum(1), total - (free * const).sum(1)
     settled = ~feasible
-    early_exit = c.device.type != "cuda"  # on CUDA all steps run (cheap) rather than a host sync per step
     for _ in range(NEWTON_STEPS):
         t = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t)
         free = torch.sign(brk - t[:, None]).clamp_(min=0)
