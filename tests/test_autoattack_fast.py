@@ -10,6 +10,7 @@ acts on confirmed in fp32), channels_last (same flags, the model restored).
 from __future__ import annotations
 
 import importlib
+import threading
 
 import pytest
 import torch
@@ -317,6 +318,19 @@ def test_frozen_copies_choose_their_layouts_and_hand_back_contiguous_gradients(n
         assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
         with torch.no_grad():
             assert torch.allclose(copies.query_model(x), body(x), rtol=1e-4, atol=1e-5)
+    uncopyable = UncopyableReLU(relu).eval()  # no deep copy: the copies are traced from the model as it is
+    copies = frozen_copies(uncopyable, x, y)
+    assert "contiguous gradients" in copies.note and copies.grad_model is not None
+
+
+class UncopyableReLU(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.lock = threading.Lock()  # deepcopy cannot pickle a lock
+
+    def forward(self, x):
+        return self.inner(x)
 
 
 def test_l2_square_stops_only_on_a_misclassification_fp32_confirms(net):

@@ -78,20 +78,29 @@ def _build(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+ marks TorchScript deprecated
             warnings.simplefilter("error", torch.jit.TracerWarning)
             with torch.no_grad():
-                channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-                frozen_cl = torch.jit.freeze(torch.jit.trace(channels_last, x, check_trace=False))
+                channels_last = _channels_last_copy(model)
+                layout = "channels-last" if channels_last is not None else "contiguous"
+                frozen = torch.jit.freeze(torch.jit.trace(
+                    channels_last if channels_last is not None else model, x, check_trace=False))
                 optimized = torch.jit.optimize_for_inference(
                     torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)))
     except Exception as error:  # tracing is best effort: the model itself always works
         return FrozenCopies(None, None, f"not frozen: tracing failed ({type(error).__name__}: {str(error)[:120]})")
-    grad_model = ContiguousGradients(frozen_cl)
-    query_model, query_kind = ((optimized, "fused oneDNN") if _stays_in_onednn(optimized)
-                               else (frozen_cl, "channels-last"))
+    grad_model = ContiguousGradients(frozen)
+    query_model, query_kind = ((optimized, "fused oneDNN") if _stays_in_onednn(optimized) else (frozen, layout))
     problem = _disagreement(model, grad_model, query_model, x, y)
     if problem:
         return FrozenCopies(None, None, f"not frozen: {problem}")
     return FrozenCopies(grad_model, query_model,
-                        f"frozen TorchScript copies (BatchNorm folded; {query_kind} queries, channels-last gradients)")
+                        f"frozen TorchScript copies (BatchNorm folded; {query_kind} queries, {layout} gradients)")
+
+
+def _channels_last_copy(model: nn.Module) -> nn.Module | None:
+    """A channels-last deep copy of the model, or None when it cannot be copied (the contiguous model is traced)."""
+    try:
+        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    except Exception:  # e.g. a module holding a lock or an open file
+        return None
 
 
 def _stays_in_onednn(optimized: torch.jit.ScriptModule) -> bool:
