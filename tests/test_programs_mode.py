@@ -100,3 +100,48 @@ def test_exported_in_eval_mode_loads_and_a_zero_dropout_in_training_mode_is_no_t
     assert export_training_ops(torch.export.export(plain, (_images(),)).graph) == []
     plain[1].p = 0.5
     assert export_training_ops(torch.export.export(plain, (_images(),)).graph) == ["aten.dropout.default"]
+
+
+# ------------------------------------------------------------------ programs handed straight to the Python API
+def test_a_program_traced_in_training_mode_is_refused_at_every_entry_point_given_in_python():
+    """Only loaded files were checked: evaluate(torch.jit.trace(net.train(), x), ...) ran its batch norms on batch
+    statistics (results depending on the batch), and so did every attack."""
+    from fastrobust.attacks import autoattack, fab_t, pgd, square
+    from fastrobust.errors import ConfigError
+    from fastrobust.evaluate import evaluate
+    from fastrobust.sanity import sanity_checks
+
+    x, y = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
+    traced = torch.jit.trace(_bn_net().train(), x)
+    exported = torch.export.export(_bn_net().train(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    wrapped = nn.Sequential(nn.Identity(), traced)  # inside a module of the user's
+    calls = {"evaluate": lambda m: evaluate(m, (x, y), ["clean"], eps=8 / 255, progress=False),
+             "pgd": lambda m: pgd(m, x, y, eps=8 / 255),
+             "autoattack": lambda m: autoattack(m, x, y, eps=8 / 255),
+             "fab_t": lambda m: fab_t(m, x, y, eps=8 / 255),
+             "square": lambda m: square(m, x, y, eps=8 / 255),
+             "sanity_checks": lambda m: sanity_checks(m, (x, y), eps=8 / 255)}
+    for model in (traced, exported, wrapped):
+        for where, call in calls.items():
+            with pytest.raises(ConfigError, match=f"^{where}: the model holds a program traced in training mode "
+                                                  r"\(batch norm with batch statistics.*after model.eval\(\)"):
+                call(model)
+
+
+def test_programs_in_eval_mode_run_through_evaluate_and_a_fixed_batch_says_how_to_run_it():
+    """An exported module could not be switched to eval mode (NotImplementedError from evaluate); one exported
+    for a fixed batch failed with torch's guard message alone."""
+    from fastrobust.evaluate import evaluate
+    from fastrobust.inputs import ModelError
+
+    net = _bn_net().eval()
+    x, y = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        expected = (net(x).argmax(1) == y).float().mean().item()
+    dynamic = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    for model in (torch.jit.trace(net, x), dynamic):
+        record = evaluate(model, (x, y), ["clean", "pgd20"], eps=8 / 255, progress=False, batch_size=4)
+        assert record["clean_acc"] == pytest.approx(expected)
+    fixed = torch.export.export(net, (x,)).module()
+    with pytest.raises(ModelError, match="fixed to batches of 6: export it with a dynamic batch dimension"):
+        evaluate(fixed, (x, y), ["clean"], eps=8 / 255, progress=False, batch_size=4)

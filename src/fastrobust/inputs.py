@@ -21,7 +21,9 @@ import contextvars
 import functools
 import itertools
 import math
+import re
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -250,6 +252,42 @@ def check_module(model: Any, *, where: str) -> None:
                           "switches it to eval mode, moves it and reads its parameters): wrap it, e.g. "
                           "class Logits(nn.Module): def __init__(self, net): super().__init__(); self.net = net; "
                           "def forward(self, x): return self.net(x)[0] -- then pass Logits(net) (docs/evaluation.md)")
+    baked = baked_training_ops(model)
+    if baked:
+        from .programs import _RETRAIN, _describe
+
+        raise ConfigError(f"{where}: the model holds a program traced in training mode ({_describe(baked)}: its "
+                          "results would depend on the batch or be random) and eval() cannot change a traced "
+                          f"module; {_RETRAIN}")
+
+
+_BAKED: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def baked_training_ops(model: nn.Module) -> list[str]:
+    """Training-mode operators fixed into the traced TorchScript or exported (FX) modules inside ``model``
+    (``torch.jit.trace`` / ``torch.export`` record the mode they ran in; eval() cannot reach them). Each program
+    is read once (cached); other modules cost one isinstance check each."""
+    found: list[str] = []
+    inside: tuple[str, ...] = ()  # programs already read: their submodules are part of their graph
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(prefix) for prefix in inside):
+            continue
+        is_script = isinstance(module, torch.jit.ScriptModule)
+        if not is_script and not isinstance(module, torch.fx.GraphModule):
+            continue
+        inside += (f"{name}." if name else "",)
+        ops = _BAKED.get(module)
+        if ops is None:
+            from .programs import export_training_ops, torchscript_mode_ops
+
+            ops = torchscript_mode_ops(module)[0] if is_script else export_training_ops(module.graph)
+            try:
+                _BAKED[module] = ops
+            except TypeError:  # not weak-referenceable
+                pass
+        found += ops
+    return found
 
 
 def check_logits(out: Any, x: Tensor, *, where: str) -> None:
@@ -300,6 +338,11 @@ class CheckedModel(nn.Module):
             raise
         except Exception as error:  # noqa: BLE001 - any failure of the model itself: one line with the cause
             hint = "; lower the batch size" if isinstance(error, torch.cuda.OutOfMemoryError) else ""
+            fixed = re.search(r"Guard failed: \S*size\(\)\[0\] == (\d+)", str(error))
+            if fixed and isinstance(self.model, torch.fx.GraphModule):
+                hint = (f"; an exported program fixed to batches of {fixed.group(1)}: export it with a dynamic batch "
+                        "dimension (dynamic_shapes with torch.export.Dim), or save it (torch.export.save) and load the "
+                        "file with fastrobust.thirdparty.load_model, which runs it in chunks of that size")
             raise ModelError(self.where, f"fails on a batch of images {list(x.shape)} "
                                          f"({type(error).__name__}: {last_words(error)}){hint}") from error
         check_logits(out, x, where=self.where)

@@ -32,7 +32,11 @@ def model_mode(model: nn.Module, *, training: bool = False) -> Iterator[nn.Modul
     frozen BatchNorm layers inside a model in train mode.
     """
     flags = [(module, module.training) for module in model.modules()]
-    model.train(training)
+    try:
+        model.train(training)
+    except NotImplementedError:  # torch.export's .module(): its mode was fixed at export (see check_module)
+        for module, _ in flags:
+            module.training = training
     try:
         yield model
     finally:
