@@ -318,9 +318,21 @@ def test_frozen_copies_choose_their_layouts_and_hand_back_contiguous_gradients(n
         assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
         with torch.no_grad():
             assert torch.allclose(copies.query_model(x), body(x), rtol=1e-4, atol=1e-5)
-    uncopyable = UncopyableReLU(relu).eval()  # no deep copy: the copies are traced from the model as it is
-    copies = frozen_copies(uncopyable, x, y)
-    assert "contiguous gradients" in copies.note and copies.grad_model is not None
+    for odd in (UncopyableReLU(relu).eval(), ViewsItsWeight(C).eval()):  # traced as they are, contiguous
+        copies = frozen_copies(odd, x, y)
+        assert "contiguous gradients" in copies.note and copies.grad_model is not None
+
+
+class ViewsItsWeight(nn.Module):
+    """Reads its convolution weight with .view, which a channels-last weight refuses."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 3, padding=1)
+
+    def forward(self, x):
+        flat = self.conv.weight.view(self.conv.weight.shape[0], -1)
+        return self.conv(x).mean((2, 3)) + flat.sum(1)
 
 
 class UncopyableReLU(nn.Module):

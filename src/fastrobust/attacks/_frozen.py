@@ -78,10 +78,9 @@ def _build(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+ marks TorchScript deprecated
             warnings.simplefilter("error", torch.jit.TracerWarning)
             with torch.no_grad():
-                channels_last = _channels_last_copy(model)
-                layout = "channels-last" if channels_last is not None else "contiguous"
-                frozen = torch.jit.freeze(torch.jit.trace(
-                    channels_last if channels_last is not None else model, x, check_trace=False))
+                frozen, layout = _frozen_channels_last(model, x), "channels-last"
+                if frozen is None:
+                    frozen, layout = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)), "contiguous"
                 optimized = torch.jit.optimize_for_inference(
                     torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)))
     except Exception as error:  # tracing is best effort: the model itself always works
@@ -95,11 +94,14 @@ def _build(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:
                         f"frozen TorchScript copies (BatchNorm folded; {query_kind} queries, {layout} gradients)")
 
 
-def _channels_last_copy(model: nn.Module) -> nn.Module | None:
-    """A channels-last deep copy of the model, or None when it cannot be copied (the contiguous model is traced)."""
+def _frozen_channels_last(model: nn.Module, x: Tensor) -> torch.jit.ScriptModule | None:
+    """The frozen trace of a channels-last deep copy of the model, or None when the model cannot be copied (a
+    module holding a lock or an open file) or its copy not traced (code that needs contiguous weights, such as a
+    ``.view`` of one): the caller then traces the model as it is."""
     try:
-        return copy.deepcopy(model).to(memory_format=torch.channels_last)
-    except Exception:  # e.g. a module holding a lock or an open file
+        copied = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        return torch.jit.freeze(torch.jit.trace(copied, x, check_trace=False))
+    except Exception:  # noqa: BLE001 - any failure: the contiguous trace is the fallback
         return None
 
 
