@@ -16,7 +16,6 @@ import json
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .attacks import model_mode, pgd
+from .batching import batch_seed, indexed_batches
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
 from .inputs import (check_model_images, check_split, finite_rows, predicts, prepare_model, small_l2_eps_note,
@@ -41,16 +41,6 @@ def iterate_split(images: Tensor, labels: Tensor, batch_size: int, device: str |
         x = images[start : start + batch_size].to(device, non_blocking=True)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         yield x, labels[start : start + batch_size].to(device, non_blocking=True)
-
-
-def indexed_batches(images: Tensor, labels: Tensor, batch_size: int, device: str | torch.device,
-                    indices: Sequence[int]) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(b, x, y) for the batches ``indices`` of ``iterate_split`` (same batch boundaries, only those moved)."""
-    for b in indices:
-        start = b * batch_size
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        yield b, x, labels[start : start + batch_size].to(device, non_blocking=True)
 
 
 def _rank_batches(n: int, batch_size: int, distributed: bool) -> list[int]:
@@ -356,10 +346,6 @@ def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _seed_for(seed: int, name: str, batch: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + batch) % (2**62)
-
-
 def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> None:
     """RuntimeError (a bug in the attack) unless every adversarial is finite, in [0, 1] and in the eps-ball.
     Written so that NaN fails it: every comparison with NaN is False, so each test asks for the good case."""
@@ -553,7 +539,7 @@ def evaluate(
                 entry: dict[str, Any] = {}
                 idx = correct.nonzero().squeeze(1)
                 if len(idx):
-                    generator = torch.Generator(device=device).manual_seed(_seed_for(seed, name, b))
+                    generator = torch.Generator(device=device).manual_seed(batch_seed(seed, name, b))
                     x_adv, extras = _run_attack(name, settings[name], checked, x[idx], y[idx], eps=eps,
                                                 norm=norm, generator=generator, seed=seed, max_rows=len(x))
                     _check_ball(x_adv, x[idx], eps, norm, name)

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import model_mode
+from .batching import batch_seed, indexed_batches
 from .errors import ConfigError
 from .inputs import predicts
 
@@ -159,18 +159,6 @@ EVALUATIONS: dict[str, Evaluation] = {
 }
 
 
-def _batches(images: Tensor, labels: Tensor, batch_size: int, device: torch.device,
-             indices: Sequence[int]) -> Iterator[tuple[int, Tensor, Tensor]]:
-    for b in indices:
-        x = images[b * batch_size:(b + 1) * batch_size].to(device)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        yield b, x, labels[b * batch_size:(b + 1) * batch_size].to(device)
-
-
-def _batch_seed(seed: int, name: str, batch: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + batch) % (2**62)
-
-
 def evaluate_invariance(
     model: nn.Module,
     images: Tensor,
@@ -202,7 +190,7 @@ def evaluate_invariance(
         if clean is None:
             correct = torch.zeros(n, dtype=torch.long)
             with torch.no_grad():
-                for b, x, y in _batches(images, labels, batch_size, device, mine):
+                for b, x, y in indexed_batches(images, labels, batch_size, device, mine):
                     correct[b * batch_size:b * batch_size + len(y)] = predicts(model(x), y).long().cpu()
             if ctx.active:
                 correct = torch.tensor(dist_lib.sum_counts(correct.tolist()), dtype=torch.long)
@@ -215,9 +203,9 @@ def evaluate_invariance(
             start = time.perf_counter()
             if name == "gaussian-noise":
                 totals = torch.zeros(len(settings["stds"]), dtype=torch.long)
-                for b, x, y in _batches(images, labels, batch_size, device, mine):
+                for b, x, y in indexed_batches(images, labels, batch_size, device, mine):
                     keep = clean_t[b * batch_size:b * batch_size + len(y)].to(device)
-                    generator = torch.Generator(device=device).manual_seed(_batch_seed(seed, name, b))
+                    generator = torch.Generator(device=device).manual_seed(batch_seed(seed, name, b))
                     counts = noise_correct_counts(model, x, y, settings["stds"], settings["draws"], generator)
                     totals += (counts * keep).sum(1).cpu()
                 if ctx.active:
@@ -231,7 +219,7 @@ def evaluate_invariance(
                 grid = spatial_grid(settings["max_rotation"], settings["rotations"], settings["max_translation"],
                                     settings["translations"])
                 robust_count = 0
-                for b, x, y in _batches(images, labels, batch_size, device, mine):
+                for b, x, y in indexed_batches(images, labels, batch_size, device, mine):
                     keep = clean_t[b * batch_size:b * batch_size + len(y)].to(device)
                     if keep.any():
                         robust_count += int(spatial_robust(model, x[keep], y[keep], grid).sum())
