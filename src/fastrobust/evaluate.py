@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .attack_options import check_options
 from .attacks import model_mode, pgd
 from .batching import batch_seed, indexed_batches
 from .checkpoint import atomic_write_json
 from .errors import ConfigError, FastRobustError
-from .inputs import (check_model_images, check_split, finite_rows, predicts, prepare_model, small_l2_eps_note,
-                     validated)
+from .inputs import (check_device, check_gradients_allowed, check_model_images, check_split, finite_rows, predicts,
+                     prepare_model, small_l2_eps_note, validated)
 from .invariance import EVALUATIONS as INVARIANCE
 from .invariance import evaluate_invariance
 
@@ -70,6 +71,9 @@ def clean_and_robust_counts(
     as one process, as long as ``attack`` depends on its batch only.
     """
     images, labels, label_max = check_split(images, labels, where="clean_and_robust_counts")
+    device = check_device(device, where="clean_and_robust_counts")
+    if attack is not None:
+        check_gradients_allowed("clean_and_robust_counts")
     check_model_images(model, tuple(images.shape[1:]), where="clean_and_robust_counts")
     checked = prepare_model(model, label_max, "clean_and_robust_counts")
     clean = torch.zeros((), dtype=torch.long, device=device)
@@ -142,6 +146,7 @@ ATTACKS = (
 # named invariance evaluations (fastrobust.invariance): same record format, not eps-ball attacks, so not part of
 # the worst case and not kept in the state file
 ATTACKS += tuple(INVARIANCE)
+GRADIENT_FREE = ("clean", "square", "rays") + tuple(INVARIANCE)  # run inside torch.inference_mode() too
 STATE_VERSION = 2  # 2: model in the fingerprint, non-finite flags per point
 AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_options["autoattack"]
 
@@ -196,7 +201,19 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
     if unknown and name != "clean":
         raise ConfigError(f"attack {name!r} has no setting(s) {sorted(unknown)}: its settings are {sorted(base)}")
     base.update(options)
-    return base
+    return _checked(name, base, norm)
+
+
+def _checked(name: str, settings: dict[str, Any], norm: str) -> dict[str, Any]:
+    """The settings with every value checked and normalised before any work (``attack_options``), so that the
+    record shows what runs; an attack named for its steps (pgd20, cw20) must take at least one."""
+    where = f"attack {name!r}"
+    # with no step a PGD attack's robust accuracy would be the clean accuracy, under the attack's name
+    settings = check_options(where, settings, norm=norm, minimums={"steps": 1})
+    if isinstance(settings.get("options"), dict):  # AutoAttack's components
+        settings["options"] = {key: check_options(f"{where} ({key})", value, norm=norm) if isinstance(value, dict)
+                               else value for key, value in settings["options"].items()}
+    return settings
 
 
 def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
@@ -448,10 +465,12 @@ def evaluate(
     names = [name for name in names if name not in invariance]
     if "rays" in names and norm != "linf":
         raise ConfigError(f"attack 'rays' is l_inf only but norm={norm!r}: drop rays or use --norm linf")
+    if any(name not in GRADIENT_FREE for name in names):
+        check_gradients_allowed("evaluate")
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = check_device(device, where="evaluate")
     model.to(device)
     # casts inputs to a bf16/fp16 model's dtype; a failure of the model is one ModelError line
     checked = prepare_model(model, label_max, "evaluate", guard=True)
@@ -638,8 +657,9 @@ def chance_warnings(record: dict[str, Any]) -> list[str]:
     if classes < 2 or n < CHANCE_MIN_POINTS or record["clean_acc"] > 1.5 / classes:
         return []
     return [f"clean accuracy {100 * record['clean_acc']:.1f}% is at chance level for {classes} classes: check the "
-            "model's expected input range/normalisation (--normalization; a model for [-1,1] takes --normalization "
-            "0.5,0.5; one for 0..255 takes --normalization 0,1/255)"]
+            "model's expected input range/normalisation (a model for [-1,1] takes --normalization 0.5,0.5, in Python "
+            "normalization=(0.5, 0.5) of fastrobust.thirdparty.load_model; one for 0..255 takes --normalization "
+            "0,1/255, normalization=(0.0, 1 / 255)), or whether it is trained at all"]
 
 
 def _non_finite_warnings(record: dict[str, Any]) -> list[str]:
@@ -662,15 +682,12 @@ def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: in
     """The settings an attack actually ran with on a model of ``num_classes`` outputs and images of ``dim``
     values: targeted attacks use at most C - 1 targets, APGD-T's DLR loss needs 4 classes, RayS's default
     tolerance is the authors' 1e-3/sqrt(d)."""
-    from .attacks.apgd import targeted_loss_used, targets_used
+    from .attacks.apgd import targeted_settings_used
     from .attacks.rays import official_tol
 
     used = json.loads(json.dumps(settings))
     if name in ("apgd-t", "fab-t"):
-        used["n_targets"] = targets_used(used["n_targets"], num_classes)
-        loss = used.get("loss", "dlr-targeted")
-        if name == "apgd-t" and targeted_loss_used(loss, num_classes) != loss:
-            used["loss"] = targeted_loss_used(loss, num_classes)
+        used = targeted_settings_used(name, used, num_classes)
     elif name in ("autoattack", "autoattack-fast"):
         used["options"] = {key: settings_used(key, value, num_classes, dim) for key, value in used["options"].items()}
     elif name == "rays" and used.get("tol") is None:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .attack_options import check_options
 from .errors import ConfigError, FastRobustError
 
 _VALIDATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastrobust_inputs_validated", default=False)
@@ -408,13 +409,37 @@ def check_model_images(model: nn.Module, image_shape: tuple[int, ...], *, where:
                           "images it was built for (or build the model for these)")
 
 
-def entry_point(where: str) -> Callable[[F], F]:
-    """Decorator of a public ``fn(model, x, y, ...)``: checks the batch (values once, outside ``validated()``),
-    hands ``fn`` the model through ``prepare_model`` and runs it inside ``validated()``."""
+def check_device(device: Any, *, where: str) -> torch.device:
+    """``device`` as a torch.device; a ConfigError for a name torch does not know or a CUDA device on a machine
+    without one (torch's own AssertionError says "Torch not compiled with CUDA enabled" from deep inside)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{where}: device={device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: device={device!r} asked for CUDA but no GPU is visible: use device='cpu'")
+    return resolved
+
+
+def check_gradients_allowed(where: str) -> None:
+    """ConfigError inside ``torch.inference_mode()``: an attack needs input gradients, which that mode forbids for
+    good (unlike ``torch.no_grad()``, which the attacks lift themselves)."""
+    if torch.is_inference_mode_enabled():
+        raise ConfigError(f"{where}: called inside torch.inference_mode(), which forbids the input gradients an "
+                          "attack needs: call it outside that block (torch.no_grad() around it is fine)")
+
+
+def entry_point(where: str, *, gradients: bool = True) -> Callable[[F], F]:
+    """Decorator of a public ``fn(model, x, y, ...)``: refuses ``torch.inference_mode()`` unless the function
+    needs no ``gradients``, checks its keyword settings (``attack_options``), the batch (values once, outside
+    ``validated()``), hands ``fn`` the model through ``prepare_model`` and runs it inside ``validated()``."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def run(model: nn.Module, x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if gradients:
+                check_gradients_allowed(where)
+            kwargs = check_options(where, kwargs, norm=kwargs.get("norm", "linf"))
             x, y, label_max = check_batch(x, y, where=where, model=model)
             model = prepare_model(model, label_max, where, x.dtype)
             with validated():

@@ -20,6 +20,13 @@ def parse_number(value: str | float | int, *, name: str = "value") -> float:
     """
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # 0-dim tensor, numpy scalar
         value = value.item()
+    elif isinstance(getattr(value, "ndim", None), int) and callable(getattr(value, "item", None)):
+        shape = list(getattr(value, "shape", []))
+        if shape == [1]:  # a one-element tensor or array: that number
+            value = value.item()
+        else:  # never print the whole array into a one-line error
+            raise ConfigError(f"{name} is a {type(value).__name__} of shape {shape}: give one number (a Python "
+                              "float, a 0-dim tensor or .item()); one value per example is not supported")
     if isinstance(value, bool) or isinstance(value, complex):
         raise ConfigError(f"{name}={value!r} is not a number")
     if isinstance(value, (int, float)):

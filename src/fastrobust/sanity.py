@@ -30,7 +30,7 @@ from .attacks._common import check_norm, cw_margin, input_gradient, model_mode, 
 from .data import balanced_head
 from .errors import ConfigError
 from .evaluate import _as_split, evaluate, iterate_split
-from .inputs import check_module, prepare_model, validated
+from .inputs import check_device, check_gradients_allowed, check_module, prepare_model, validated
 from .numbers import check_eps, check_eps_fits
 
 
@@ -67,6 +67,9 @@ def sanity_checks(
     largest share of points allowed a zero/NaN input gradient. ``data``: as for ``evaluate`` (same input
     contract); ``eps`` and ``large_eps`` in the units of ``norm``."""
     check_module(model, where="sanity_checks")
+    check_gradients_allowed("sanity_checks")
+    if device is not None:
+        device = check_device(device, where="sanity_checks")
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
     images, labels, _ = _as_split(data, where="sanity_checks")

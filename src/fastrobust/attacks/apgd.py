@@ -272,6 +272,19 @@ def targeted_loss_used(loss: str, num_classes: int) -> str:
     return "ce-targeted" if loss == "dlr-targeted" and num_classes < 4 else loss
 
 
+def targeted_settings_used(name: str, settings: dict, num_classes: int) -> dict:
+    """APGD-T's and FAB-T's settings as they run on a model of ``num_classes`` outputs: at most C - 1 targets,
+    and APGD-T's loss CE where the targeted DLR has too few classes (other attacks' settings unchanged)."""
+    used = dict(settings)
+    if name in ("apgd-t", "fab-t") and "n_targets" in used:
+        used["n_targets"] = targets_used(used["n_targets"], num_classes)
+    if name == "apgd-t":
+        loss = used.get("loss", "dlr-targeted")
+        if targeted_loss_used(loss, num_classes) != loss:
+            used["loss"] = targeted_loss_used(loss, num_classes)
+    return used
+
+
 def ranked_targets(logits: Tensor, n_targets: int) -> list[Tensor]:
     """Target classes per run: the classes ranked 2nd, 3rd, ... by the clean logits (at most C - 1)."""
     order = logits.argsort(dim=1, descending=True)

@@ -31,7 +31,7 @@ from ..numbers import check_eps
 from ._common import check_norm, model_mode
 from ._engine import check_precision, execution_for
 from ._frozen import frozen_copies
-from .apgd import apgd_ce, apgd_t
+from .apgd import apgd_ce, apgd_t, targeted_settings_used
 from .fab import fab_t
 from .official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
 from .square import square
@@ -57,7 +57,7 @@ class AutoAttackResult:
     x_adv: Tensor                 # per-example worst case (the first adversarial found, else x)
     robust: Tensor                # bool [B]: correctly classified at x_adv
     broken_by: list[str | None]   # per example: "clean" (misclassified already), an attack name, or None
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # as they ran (targets at most C - 1)
     notes: list[str] = field(default_factory=list)  # how it ran: precision, frozen copies or why not
 
     def counts(self) -> dict[str, int]:
@@ -118,7 +118,9 @@ def autoattack(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            robust = predicts(model(x), y)
+            logits = model(x)
+        robust = predicts(logits, y)
+        settings = {name: targeted_settings_used(name, s, logits.shape[1]) for name, s in settings.items()}
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
         execution = execution_for(model, precision, x.device)

@@ -67,7 +67,7 @@ class RaySResult:
         return torch.where(keep, self.x_adv, x)
 
 
-@entry_point("rays")
+@entry_point("rays", gradients=False)
 def rays(
     model: nn.Module,
     x: Tensor,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..inputs import check_batch, check_num_classes, validated
+from ..inputs import check_batch, check_gradients_allowed, check_num_classes, validated
 from ..numbers import check_eps, parse_number
 
 Stats = dict[str, Tensor]
@@ -61,6 +61,7 @@ def _checks_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(self: Method, model: nn.Module, x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Any:
         where = f"method {self.name}"
+        check_gradients_allowed(where)
         first = not getattr(self, "_inputs_checked", False)
         if first:
             x, y, label_max = check_batch(x, y, where=where, model=model)
