@@ -25,7 +25,8 @@ from fastrobust.attacks.square import p_selection
 from fastrobust.errors import ConfigError, FastRobustError
 from helpers import fit_and_keep_correct, synthetic_split
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:precision='bf16' on a CPU without")]  # bf16 on purpose here
 C = 6
 
 
@@ -354,3 +355,19 @@ def test_l2_square_stops_only_on_a_misclassification_fp32_confirms(net):
                             generator=torch.Generator().manual_seed(0))
     assert not bool(fooled(model, x_adv, y).any())  # nothing is broken at so small a radius
     assert bool((queries == 20).all())              # every point searched to the end of its budget
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slower(monkeypatch):
+    from fastrobust.attacks import _engine
+
+    model = nn.Linear(2, 3)
+    monkeypatch.setattr(_engine, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="precision='bf16' on a CPU without AMX or avx512-bf16"):
+        _engine.execution_for(model, "bf16", torch.device("cpu"))
+    monkeypatch.setattr(_engine, "cpu_has_fast_bf16", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _engine.execution_for(model, "bf16", torch.device("cpu"))
+        _engine.execution_for(model, "auto", torch.device("cpu"))
