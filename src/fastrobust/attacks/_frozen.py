@@ -18,8 +18,10 @@ the attacks' confirmation: a point stops (counts as broken) only once the model 
 its adversarial, and AutoAttack's and evaluate's final flags come from the model. A copy is refused, and the
 model used as it is, when tracing fails or warns (data-dependent Python control flow), when the model is in
 train mode or its parameters are not float32, or when the copies' logits (on the batch and on one point) or
-input gradients differ from the model's beyond rounding. TorchScript is deprecated from torch 2.9 on; when
-it goes, the copies are refused and the attacks simply run on the model (same results, slower).
+input gradients differ from the model's beyond rounding. A model without an input gradient (its logits do
+not depend differentiably on the input) gets copies only when theirs is zero too.
+TorchScript is deprecated from torch 2.9 on; when it goes, the copies are refused and the attacks simply run on
+the model (same results, slower).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..gradients import grad_or_zeros
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy
@@ -149,8 +153,11 @@ def _disagreement(model: nn.Module, grad_model: nn.Module, query_model: nn.Modul
     for net in (model, grad_model):
         xr = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(F.cross_entropy(net(xr).float(), y), xr)
+            (grad,) = grad_or_zeros(F.cross_entropy(net(xr).float(), y), [xr])
         grads.append(grad)
     if float((grads[0] - grads[1]).norm()) > GRADIENT_TOLERANCE * float(grads[0].norm()) + 1e-12:
+        if not bool(grads[0].any()):
+            return ("the model's input gradient is zero (its logits do not depend differentiably on its input: a "
+                    "detach or no_grad) but its traced copy's is not")
         return "the gradient copy's input gradients differ from the model's"
     return ""
