@@ -179,6 +179,20 @@ def test_training_methods_attack_such_a_model(name):
 
 
 @pytest.mark.parametrize("cls", (Binarized, NoGradFn), ids=lambda c: c.__name__)
+def test_the_official_autoattack_sees_a_zero_gradient_too(cls):
+    """The authors' code calls torch.autograd.grad without allow_unused; the model it gets adds an exact zero
+    computed from x, so it runs (and warns about zero gradients, its own flag for such models)."""
+    from fastrobust.attacks.official import official_apgd_flags, official_available, run_official
+
+    if not official_available():
+        pytest.skip("pyautoattack is not installed")
+    model, x, y = batch(cls)
+    x_adv = run_official(model, x, y, eps=EPS, attacks=["apgd-ce"])
+    assert_valid(x_adv, x, EPS)
+    assert not bool(official_apgd_flags(model, x, y, eps=EPS, n_iter=3).any())  # from x, a zero step stays at x
+
+
+@pytest.mark.parametrize("cls", (Binarized, NoGradFn), ids=lambda c: c.__name__)
 def test_input_hessian_of_such_a_model_is_zero(cls):
     """The curvature analysis (fastrobust analyze) differentiates twice: both derivatives are zero."""
     from fastrobust.analysis.hessian import input_hessian_eigenvalues
