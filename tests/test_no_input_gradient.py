@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastrobust import methods
-from fastrobust.attacks import apgd_ce, apgd_t, autoattack, fab_t, fgsm, pgd, square
+from fastrobust.attacks import apgd_ce, apgd_t, autoattack, fab_t, fgsm, pgd
 from fastrobust.cli import main
 from fastrobust.evaluate import evaluate
 from fastrobust.gradients import grad_or_zeros

@@ -147,12 +147,12 @@ def official_apgd_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, l
     base = _component("autopgd_base")
     x, y = x.detach(), y.detach()
     if loss == "dlr-targeted":
-        attack = base.APGDAttack_targeted(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps, seed=0,
-                                          device=x.device)
+        attack = base.APGDAttack_targeted(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1,
+                                          eps=eps, seed=0, device=x.device)
         attack.y_target = target
     else:
-        attack = base.APGDAttack(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps, seed=0,
-                                 loss=loss, device=x.device)
+        attack = base.APGDAttack(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps,
+                                 seed=0, loss=loss, device=x.device)
     attack.init_hyperparam(x)
     with model_mode(model, training=False):
         _, robust, _, _ = attack.attack_single_run(x, y, x_init=x.clone())
@@ -165,8 +165,8 @@ def official_fab_t_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, 
     2 = the runner-up) fools within ``eps``, started at ``x`` (no random start). bool [B]."""
     fab = _component("fab_pt")
     x, y = x.detach(), y.detach()
-    attack = fab.FABAttack_PT(InputPath(model), norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps, seed=0,
-                              targeted=True, device=x.device)
+    attack = fab.FABAttack_PT(InputPath(model), norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps,
+                              seed=0, targeted=True, device=x.device)
     attack.target_class = target_rank
     with model_mode(model, training=False), _parameter_grads_kept(model), torch.no_grad():
         adv = attack.attack_single_run(x, y, use_rand_start=False, is_targeted=True)
