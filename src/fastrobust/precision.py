@@ -15,7 +15,8 @@ and in fp16 a third of those gradients underflow to exactly zero (docs/training.
 The trainer sets the precision with :func:`attack_precision` around each method call; the attack code
 (``fastrobust.attacks._common.input_gradient``, the methods' own gradient passes) asks for it through
 :func:`attack_autocast` and :func:`attack_gradients`. Outside such a block nothing changes: the attack
-inherits whatever autocast is active, and gradients are plain ``torch.autograd.grad``.
+inherits whatever autocast is active, and gradients are plain ``torch.autograd.grad`` (through
+:func:`fastrobust.gradients.grad_or_zeros`: zero for an input the loss does not depend on).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .gradients import grad_or_zeros
 
 ATTACK_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,19 +106,20 @@ def attack_gradients(loss: Tensor, logits: Tensor, inputs: Sequence[Tensor]) -> 
     attack precision the backward through the network is loss-scaled: the gradient at the logits is computed
     in float32, multiplied by :func:`loss_scale`, sent through the fp16 network, and the input gradients are
     divided by the same power of two (exact). Without it, small gradients (TRADES' first KL step) underflow
-    to zero in fp16. Otherwise this is ``torch.autograd.grad(loss, inputs)``.
+    to zero in fp16. Otherwise this is ``torch.autograd.grad(loss, inputs)``. An input the loss does not depend
+    on (a model without an input gradient) gets zeros (:func:`fastrobust.gradients.grad_or_zeros`).
     """
     policy = _CURRENT.get()
     if policy is None:
-        return torch.autograd.grad(loss, list(inputs))
+        return grad_or_zeros(loss, inputs)
     # the backward runs outside autocast, as torch recommends (a CPU backward inside an active bf16 autocast
     # changes the fp32 gradient's rounding); its ops follow the precision of the recorded forward
     with torch.autocast(policy.device_type, enabled=False):
         if not policy.loss_scaling:
-            return torch.autograd.grad(loss, list(inputs))
-        (logit_grad,) = torch.autograd.grad(loss, logits)
+            return grad_or_zeros(loss, inputs)
+        (logit_grad,) = grad_or_zeros(loss, [logits])
         scale = loss_scale(logit_grad)
-        grads = torch.autograd.grad(logits, list(inputs), grad_outputs=logit_grad * scale)
+        grads = grad_or_zeros(logits, inputs, grad_outputs=logit_grad * scale)
         return tuple(g.float() / scale for g in grads)
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..gradients import grad_or_zeros
 
 INITS = ("random", "backward_smoothing", "clean")
 LOSSES = ("kl", "ce")
@@ -37,11 +38,12 @@ def _normalise(v: Tensor, per_example: bool) -> Tensor:
 
 
 def hessian_vector_product(loss_fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
-    """H v for the Hessian of the scalar ``loss_fn(x)`` w.r.t. ``x`` (double backward)."""
+    """H v for the Hessian of the scalar ``loss_fn(x)`` w.r.t. ``x`` (double backward); zero where the loss or its
+    gradient does not depend on ``x`` through autograd (a model without an input gradient, a linear loss)."""
     x = x.detach().requires_grad_(True)
     loss = loss_fn(x)
-    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-    (hv,) = torch.autograd.grad(grad, x, grad_outputs=v, allow_unused=False)
+    (grad,) = grad_or_zeros(loss, [x], create_graph=True)
+    (hv,) = grad_or_zeros(grad, [x], grad_outputs=v)
     return hv.detach()
 
 

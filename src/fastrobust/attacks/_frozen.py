@@ -17,9 +17,12 @@ follows the same trajectories except where two candidates tie to that precision.
 the attacks' confirmation: a point stops (counts as broken) only once the model itself, in fp32, misclassifies
 its adversarial, and AutoAttack's and evaluate's final flags come from the model. A copy is refused, and the
 model used as it is, when tracing fails or warns (data-dependent Python control flow), when the model is in
-train mode or its parameters are not float32, or when the copies' logits (on the batch and on one point) or
-input gradients differ from the model's beyond rounding. TorchScript is deprecated from torch 2.9 on; when
-it goes, the copies are refused and the attacks simply run on the model (same results, slower).
+train mode or its parameters are not float32, or when the copies' logits (on the batch, on one point and on the
+batch with a row repeated: a trace can fix the batch size, e.g. by unrolling a loop over the rows) or input
+gradients differ from the model's beyond rounding, or a copy fails on one of those batches. A model without an
+input gradient (its logits do not depend differentiably on the input) gets copies only when theirs is zero too.
+TorchScript is deprecated from torch 2.9 on; when it goes, the copies are refused and the attacks simply run on
+the model (same results, slower).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..gradients import grad_or_zeros
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy
@@ -136,21 +141,51 @@ class ContiguousGradients(nn.Module):
         return self.inner(_ContiguousGradient.apply(x))
 
 
+def _row_counts(x: Tensor) -> tuple[Tensor, ...]:
+    """The batches the copies are compared on: the batch, one point, and the batch with its first row repeated
+    (B + 1 rows). A trace bakes in whatever Python did with the batch size it saw (a loop over the rows is
+    unrolled to that many), which neither of the first two shows: ``x[i:i + 1]`` of a row past the end is empty,
+    so a copy unrolled for B rows still returns one row for one point."""
+    return (x, x[:1], torch.cat([x, x[:1]]))
+
+
 def _disagreement(model: nn.Module, grad_model: nn.Module, query_model: nn.Module, x: Tensor, y: Tensor) -> str:
+    """Why the copies cannot stand in for the model on batches like ``(x, y)``, or "" when they can. Any exception
+    during the check (from a copy, or from the model on a batch it has not seen) refuses the copies: the model is
+    then used as it is, and whatever it does on such batches happens there, as without copies."""
+    copies = (("gradient copy", grad_model), ("query copy", query_model))
     with torch.no_grad():
-        for batch in (x, x[:1]):
-            reference = model(batch)
+        for batch in _row_counts(x):
+            outputs = {}
+            for name, net in (("model", model), *copies):
+                try:
+                    outputs[name] = net(batch)
+                except Exception as error:  # noqa: BLE001 - refused; the model itself is used
+                    return _fails(name, batch, error)
+            reference = outputs.pop("model")
             scale = max(1.0, float(reference.abs().max()))
-            for name, copy in (("gradient", grad_model), ("query", query_model)):
-                out = copy(batch)
-                if out.shape != reference.shape or float((out - reference).abs().max()) > LOGIT_TOLERANCE * scale:
-                    return f"the {name} copy's logits differ from the model's"
+            for name, out in outputs.items():
+                if out.shape != reference.shape:
+                    return (f"the {name} returns logits of shape {list(out.shape)} for a batch of {len(batch)} rows, "
+                            f"the model {list(reference.shape)} (the trace fixed a batch size)")
+                if float((out - reference).abs().max()) > LOGIT_TOLERANCE * scale:
+                    return f"the {name}'s logits differ from the model's"
     grads = []
-    for net in (model, grad_model):
+    for name, net in (("model", model), copies[0]):
         xr = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(F.cross_entropy(net(xr).float(), y), xr)
+        try:
+            with torch.enable_grad():
+                (grad,) = grad_or_zeros(F.cross_entropy(net(xr).float(), y), [xr])
+        except Exception as error:  # noqa: BLE001 - refused; the model itself is used
+            return _fails(f"input gradient of the {name}", x, error)
         grads.append(grad)
     if float((grads[0] - grads[1]).norm()) > GRADIENT_TOLERANCE * float(grads[0].norm()) + 1e-12:
+        if not bool(grads[0].any()):
+            return ("the model's input gradient is zero (its logits do not depend differentiably on its input: a "
+                    "detach or no_grad) but its traced copy's is not")
         return "the gradient copy's input gradients differ from the model's"
     return ""
+
+
+def _fails(name: str, batch: Tensor, error: Exception) -> str:
+    return f"the {name} fails on a batch of {len(batch)} rows ({type(error).__name__}: {str(error).strip()[:120]})"

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..gradients import grad_or_zeros
 from ..inputs import check_labels, entry_point
 from ..numbers import check_eps
 from ._common import check_norm, model_mode
@@ -206,7 +207,7 @@ def _jacobian_row(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Te
     with torch.enable_grad():
         logits = model(x)
         g = (logits.gather(1, t[:, None]) - logits.gather(1, y[:, None])).squeeze(1).float()
-        (grad,) = torch.autograd.grad(g.sum(), x)
+        (grad,) = grad_or_zeros(g.sum(), [x])  # zero when the logits do not depend on x
     # an infinite entry (e.g. sqrt at 0) becomes a large finite slope, so the linearised boundary still
     # moves that coordinate (by a tiny step) instead of turning the projection into NaN; NaN counts 0
     grad = torch.nan_to_num(grad.detach(), nan=0.0, posinf=_FINITE_SLOPE, neginf=-_FINITE_SLOPE)

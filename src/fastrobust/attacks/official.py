@@ -88,6 +88,21 @@ def _parameter_grads_kept(model: nn.Module) -> Iterator[None]:
             p.grad = g
 
 
+class InputPath(nn.Module):
+    """``model(x)`` plus an exact zero computed from ``x``, so that the official code's ``torch.autograd.grad``
+    (without ``allow_unused``) sees a zero input gradient, as fastrobust's attacks do (``fastrobust.gradients``),
+    instead of raising on a model whose logits have no autograd path to the input (bit-depth reduction, a
+    detach). The logits are the model's (x is finite); every other model's gradient is unchanged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return out + (x.flatten(1)[:, :1] * 0).to(out.dtype)
+
+
 def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version: str = "standard", seed: int = 0,
                     device: torch.device | str = "cpu", attacks: list[str] | None = None):
     """An official ``AutoAttack`` object (quiet), with ``attacks`` (e.g. ``["apgd-t"]``) replacing the
@@ -98,7 +113,7 @@ def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version
     kwargs = {"norm": NORM_NAMES[norm], "eps": eps, "version": version, "seed": seed, "device": device}
     if "verbose" in params:
         kwargs["verbose"] = False
-    runner = cls(model, **kwargs)
+    runner = cls(InputPath(model), **kwargs)
     runner.verbose = False
     if attacks is not None:
         runner.attacks_to_run = list(attacks)
@@ -132,12 +147,12 @@ def official_apgd_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, l
     base = _component("autopgd_base")
     x, y = x.detach(), y.detach()
     if loss == "dlr-targeted":
-        attack = base.APGDAttack_targeted(model, n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps, seed=0,
-                                          device=x.device)
+        attack = base.APGDAttack_targeted(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1,
+                                          eps=eps, seed=0, device=x.device)
         attack.y_target = target
     else:
-        attack = base.APGDAttack(model, n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps, seed=0,
-                                 loss=loss, device=x.device)
+        attack = base.APGDAttack(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps,
+                                 seed=0, loss=loss, device=x.device)
     attack.init_hyperparam(x)
     with model_mode(model, training=False):
         _, robust, _, _ = attack.attack_single_run(x, y, x_init=x.clone())
@@ -150,8 +165,8 @@ def official_fab_t_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, 
     2 = the runner-up) fools within ``eps``, started at ``x`` (no random start). bool [B]."""
     fab = _component("fab_pt")
     x, y = x.detach(), y.detach()
-    attack = fab.FABAttack_PT(model, norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps, seed=0,
-                              targeted=True, device=x.device)
+    attack = fab.FABAttack_PT(InputPath(model), norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps,
+                              seed=0, targeted=True, device=x.device)
     attack.target_class = target_rank
     with model_mode(model, training=False), _parameter_grads_kept(model), torch.no_grad():
         adv = attack.attack_single_run(x, y, use_rand_start=False, is_targeted=True)
