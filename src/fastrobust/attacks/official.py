@@ -103,17 +103,30 @@ class InputPath(nn.Module):
         return out + (x.flatten(1)[:, :1] * 0).to(out.dtype)
 
 
+def _for_official(model: nn.Module, x: Tensor | None) -> nn.Module:
+    """``InputPath(model)`` when the model's logits have no autograd path to its input (probed on one image of
+    ``x``), else the model itself: the reference runs on exactly the user's model whenever it can."""
+    if x is None or len(x) == 0:
+        return model
+    probe = x[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad(), model_mode(model, training=False):
+        out = model(probe)
+        connected = out.requires_grad and torch.autograd.grad(out.sum(), probe, allow_unused=True)[0] is not None
+    return model if connected else InputPath(model)
+
+
 def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version: str = "standard", seed: int = 0,
-                    device: torch.device | str = "cpu", attacks: list[str] | None = None):
+                    device: torch.device | str = "cpu", attacks: list[str] | None = None, x: Tensor | None = None):
     """An official ``AutoAttack`` object (quiet), with ``attacks`` (e.g. ``["apgd-t"]``) replacing the
-    version's list the way the authors' ``run_standard_evaluation_individual`` does."""
+    version's list the way the authors' ``run_standard_evaluation_individual`` does. With ``x`` (the points it
+    will attack) a model without an input gradient is wrapped in ``InputPath`` first."""
     module = _require()
     cls = module.AutoAttack
     params = inspect.signature(cls.__init__).parameters
     kwargs = {"norm": NORM_NAMES[norm], "eps": eps, "version": version, "seed": seed, "device": device}
     if "verbose" in params:
         kwargs["verbose"] = False
-    runner = cls(InputPath(model), **kwargs)
+    runner = cls(_for_official(model, x), **kwargs)
     runner.verbose = False
     if attacks is not None:
         runner.attacks_to_run = list(attacks)
@@ -128,7 +141,7 @@ def run_official(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     x = x.detach()
     if runner is None:
         runner = official_runner(model, eps=eps, norm=norm, version=version, seed=seed, device=x.device,
-                                 attacks=attacks)
+                                 attacks=attacks, x=x)
     run = runner.run_standard_evaluation
     bs = batch_size or max(len(x), 1)
     with model_mode(model, training=not eval_mode), _parameter_grads_kept(model):
@@ -147,11 +160,11 @@ def official_apgd_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, l
     base = _component("autopgd_base")
     x, y = x.detach(), y.detach()
     if loss == "dlr-targeted":
-        attack = base.APGDAttack_targeted(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1,
+        attack = base.APGDAttack_targeted(_for_official(model, x), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1,
                                           eps=eps, seed=0, device=x.device)
         attack.y_target = target
     else:
-        attack = base.APGDAttack(InputPath(model), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps,
+        attack = base.APGDAttack(_for_official(model, x), n_iter=n_iter, norm=NORM_NAMES[norm], n_restarts=1, eps=eps,
                                  seed=0, loss=loss, device=x.device)
     attack.init_hyperparam(x)
     with model_mode(model, training=False):
@@ -165,7 +178,7 @@ def official_fab_t_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, 
     2 = the runner-up) fools within ``eps``, started at ``x`` (no random start). bool [B]."""
     fab = _component("fab_pt")
     x, y = x.detach(), y.detach()
-    attack = fab.FABAttack_PT(InputPath(model), norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps,
+    attack = fab.FABAttack_PT(_for_official(model, x), norm=NORM_NAMES[norm], n_restarts=1, n_iter=n_iter, eps=eps,
                               seed=0, targeted=True, device=x.device)
     attack.target_class = target_rank
     with model_mode(model, training=False), _parameter_grads_kept(model), torch.no_grad():
