@@ -104,11 +104,12 @@ class InputPath(nn.Module):
 
 
 def _for_official(model: nn.Module, x: Tensor | None) -> nn.Module:
-    """``InputPath(model)`` when the model's logits have no autograd path to its input (probed on one image of
-    ``x``), else the model itself: the reference runs on exactly the user's model whenever it can."""
+    """``InputPath(model)`` when the model's logits have no autograd path to its input (probed on the batch
+    ``x``: one forward and backward, against the reference's hundreds), else the model itself: the reference
+    runs on exactly the user's model whenever it can."""
     if x is None or len(x) == 0:
         return model
-    probe = x[:1].detach().clone().requires_grad_(True)
+    probe = x.detach().clone().requires_grad_(True)
     with torch.enable_grad(), model_mode(model, training=False):
         out = model(probe)
         connected = out.requires_grad and torch.autograd.grad(out.sum(), probe, allow_unused=True)[0] is not None
