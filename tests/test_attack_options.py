@@ -34,8 +34,8 @@ def run(model, images, labels, name, options, **kwargs):
 
 @pytest.mark.parametrize("name, options, message", [
     # "False" is a non-empty string: it ran with a random start while the record said random_init 'False'
-    ("pgd20", {"random_init": "False"}, r"random_init='False' must be True or False, not a str"),
-    ("pgd20", {"stop_at_fooled": 1}, r"stop_at_fooled=1 must be True or False"),
+    ("pgd20", {"random_init": "False"}, r"random_init='False' must be True or False \(got type str\) \(any non-empty"),
+    ("pgd20", {"stop_at_fooled": 2}, r"stop_at_fooled=2 must be True or False"),
     # no step: "pgd20" reported the clean accuracy as its robust accuracy
     ("pgd20", {"steps": 0}, r"steps=0 must be at least 1"),
     ("cw20", {"steps": -3}, r"steps=-3 must be at least 1"),
@@ -135,3 +135,67 @@ def test_an_eps_tensor_of_many_values_is_one_short_line():
     assert str(info.value) == ("eps is a Tensor of shape [200]: give one number (a Python float, a 0-dim tensor "
                                "or .item()); one value per example is not supported")
     assert parse_number(torch.tensor([0.5]), name="eps") == 0.5
+
+
+def test_unambiguous_flag_values_pass_and_the_message_names_the_type(linear):
+    """numpy 2 names its bool type "bool": np.True_ was refused as "not a bool"."""
+    import numpy as np
+
+    model, images, labels = linear
+    x = images.float() / 255
+    reference = pgd(model, x, labels, eps=8 / 255, random_init=False, steps=2)
+    for value in (np.False_, np.bool_(False), torch.tensor(False), 0):
+        assert torch.equal(pgd(model, x, labels, eps=8 / 255, random_init=value, steps=2), reference)
+    for value, kind in ((None, "NoneType"), (2, "int"), (torch.tensor([True, False]), "torch.Tensor")):
+        with pytest.raises(ConfigError, match=rf"random_init=.* must be True or False \(got type {kind}\)$"):
+            pgd(model, x, labels, eps=8 / 255, random_init=value)
+
+
+def test_the_library_never_refuses_a_step_size_it_computed_itself(linear):
+    """pgd_accuracy(eps=0.5, steps=1) computed a default l_inf step of 1.25 and then refused it."""
+    from fastrobust.evaluate import default_step, pgd_accuracy
+
+    model, images, labels = linear
+    x = images.float() / 255
+    assert default_step(0.5, 1, "linf") == 1.0 and default_step(8 / 255, 20, "linf") == 2 / 255
+    assert pgd_accuracy(model, x, labels, eps=0.5, steps=1)["step_size"] == 1.0
+    assert pgd(model, x, labels, eps=0.9, steps=1).sub(x).abs().max() <= 0.9 + 1e-6
+
+
+def test_pgd_default_step_follows_the_steps_that_run_and_none_means_the_default(linear):
+    from fastrobust.evaluate import default_step
+
+    model, images, labels = linear
+    for options, steps in (({"steps": 5}, 5), ({"step_size": None}, 20), ({"steps": "40", "step_size": None}, 40)):
+        settings = run(model, images, labels, "pgd20", options)["attacks"]["pgd20"]["settings"]
+        assert settings["steps"] == steps and settings["step_size"] == default_step(8 / 255, steps, "linf")
+    assert run(model, images, labels, "fgsm", {"step_size": None})["attacks"]["fgsm"]["settings"]["step_size"] == \
+        8 / 255
+
+
+def test_autoattack_options_in_python_are_checked_like_evaluates(linear):
+    model, images, labels = linear
+    x = images.float() / 255
+    cheap = {"apgd-ce": {"n_iter": "2"}, "apgd-t": {"n_targets": "2", "n_iter": 2}, "fab-t": {"n_iter": 2},
+             "square": {"n_queries": "5"}}
+    result = autoattack(model, x, labels, eps=8 / 255, options=cheap, return_details=True)
+    assert result.settings["apgd-t"]["n_targets"] == 2 and result.settings["square"]["n_queries"] == 5
+    with pytest.raises(ConfigError, match=r"^autoattack \(square\): n_queries=0 must be at least 1"):
+        autoattack(model, x, labels, eps=8 / 255, options={"square": {"n_queries": 0}})
+    with pytest.raises(ConfigError, match=r"^autoattack: options\['square'\] must be a dict"):
+        autoattack(model, x, labels, eps=8 / 255, options={"square": 5})
+    with pytest.raises(ConfigError, match=r"options=5 must map components to dicts"):
+        run(model, images, labels, "autoattack-fast", {"options": 5})
+    assert run(model, images, labels, "autoattack-fast", {"options": None})["attacks"]["autoattack-fast"]
+
+
+def test_invariance_settings_take_numbers_as_text_and_numpy_numbers(linear):
+    import numpy as np
+
+    model, images, labels = linear
+    record = run(model, images, labels, "gaussian-noise", {"stds": ["2/255", np.float32(0.1)], "draws": np.int64(2)})
+    assert record["attacks"]["gaussian-noise"]["settings"] == {"stds": [2 / 255, pytest.approx(0.1)], "draws": 2}
+    record = run(model, images, labels, "spatial", {"rotations": "3", "max_rotation": "10", "translations": 1})
+    assert record["attacks"]["spatial"]["settings"]["rotations"] == 3
+    with pytest.raises(ConfigError, match=r"draws=2.5 must be a whole number >= 1"):
+        run(model, images, labels, "gaussian-noise", {"draws": 2.5})

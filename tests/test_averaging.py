@@ -75,7 +75,7 @@ def test_averager_state_round_trip_and_refuses_a_missing_state():
     ({"ema_decay": 1.0}, "ema_decay=1.0 must be in"), ({"ema_decay": -0.1}, "ema_decay=-0.1"),
     ({"ema_start_epoch": -1}, "ema_start_epoch=-1"), ({"ema_select": "best"}, "ema_select='best' is not one of"),
     ({"save_epoch_models": -2}, "save_epoch_models"),
-    ({"ema_start_epoch": 3}, "ema_start_epoch=3 is not before the last epoch"),  # was accepted: nothing averaged
+    ({"ema_start_epoch": 3}, r"ema_start_epoch=3 starts after the last epoch \(0-based: at most 2"),  # was accepted: nothing averaged
 ])
 def test_bad_averaging_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

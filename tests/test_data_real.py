@@ -63,11 +63,20 @@ def test_cifar10_jpeg_mirror(cifar10):
     np.testing.assert_allclose(full, CIFAR10_MEAN, atol=0.002)
 
 
-def test_cifar10_second_load_is_fast(cifar10, shared_data, real_cache):
+def test_cifar10_second_load_is_fast(cifar10, shared_data, real_cache, monkeypatch):
+    """The second load reads the decoded arrays and never decodes the 60,000 JPEGs again (minutes). The time
+    bound is loose: reading 180 MB back costs 0.1 s from the page cache but about 2.5 s from this VM's disk
+    once the page cache is reclaimed, so the decoder is what the test pins."""
+    from fastrobust.data import datasets
+
+    def no_decoding(candidate):
+        raise AssertionError(f"decoded {candidate.path} again instead of reading the cache")
+
+    monkeypatch.setattr(datasets, "_read", no_decoding)
     start = time.perf_counter()
     again = load_dataset("cifar10", shared_data, cache_dir=real_cache)
     elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"cached load took {elapsed:.2f} s"
+    assert elapsed < 10.0, f"cached load took {elapsed:.2f} s"
     assert again.val.labels.equal(cifar10.val.labels) and again.train.images[:100].equal(cifar10.train.images[:100])
 
 

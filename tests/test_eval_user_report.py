@@ -464,3 +464,24 @@ def test_out_refuses_a_training_log(cli, model_file, tmp_path):
     code, _, err, _ = cli(model_file, "--out", tmp_path / "results.jsonl")
     assert code == 0, err
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_verdict_status_reaches_the_caller_through_the_nproc_launcher(monkeypatch, tmp_path):
+    """Under --nproc rank 0 returned 3, torchrun turned it into its own failure (a traceback, status 1)."""
+    import subprocess
+
+    from fastrobust import distributed as dist_lib
+
+    def fake_torchrun(command, env):
+        path = env[dist_lib.EXIT_STATUS_ENV]
+        monkeypatch.setenv(dist_lib.EXIT_STATUS_ENV, path)
+        assert dist_lib.exit_status(3, dist_lib.Context(rank=0, world_size=2, local_rank=0)) == 0
+        assert dist_lib.exit_status(3, dist_lib.Context(rank=1, world_size=2, local_rank=1)) == 0
+        return 0  # every worker exited 0
+
+    monkeypatch.setattr(subprocess, "call", fake_torchrun)
+    assert dist_lib.relaunch(2, ["eval", "--checkpoint", "m.safetensors", "--sanity", "--nproc", "2"]) == 3
+    monkeypatch.setattr(subprocess, "call", lambda command, env: 1)  # a crash stays a crash
+    assert dist_lib.relaunch(2, ["eval", "--checkpoint", "m.safetensors"]) == 1
+    monkeypatch.delenv(dist_lib.EXIT_STATUS_ENV, raising=False)
+    assert dist_lib.exit_status(3, dist_lib.Context()) == 3  # one process: the status itself

@@ -145,3 +145,22 @@ def test_programs_in_eval_mode_run_through_evaluate_and_a_fixed_batch_says_how_t
     fixed = torch.export.export(net, (x,)).module()
     with pytest.raises(ModelError, match="fixed to batches of 6: export it with a dynamic batch dimension"):
         evaluate(fixed, (x, y), ["clean"], eps=8 / 255, progress=False, batch_size=4)
+
+
+def test_a_norm_without_running_statistics_traced_in_eval_mode_is_not_a_training_trace():
+    """BatchNorm(track_running_stats=False) uses batch statistics in eval mode too; its eval-mode trace was refused
+    as 'traced in training mode', with advice (save after model.eval()) that could not help."""
+    from fastrobust.evaluate import evaluate
+    from fastrobust.inputs import baked_training_ops
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3)).eval()
+    x, y = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
+    traced = torch.jit.trace(net, x)
+    exported = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    assert baked_training_ops(traced) == [] and baked_training_ops(exported) == []
+    expected = evaluate(net, (x, y), ["clean"], eps=8 / 255, progress=False)["clean_acc"]
+    for model in (traced, exported):
+        assert evaluate(model, (x, y), ["clean"], eps=8 / 255, progress=False)["clean_acc"] == expected
+    assert baked_training_ops(torch.jit.trace(_bn_net().train(), x)) == ["aten::batch_norm"]  # still caught

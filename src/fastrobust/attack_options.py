@@ -56,12 +56,19 @@ def check_options(where: str, options: dict[str, Any], *, norm: Any = "linf",
 
 
 def _flag(where: str, name: str, value: Any) -> bool:
-    if type(value).__name__ == "bool_":  # numpy's bool
-        value = bool(value)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {name}={value!r} must be True or False, not a {type(value).__name__} (any "
-                          "non-empty string counts as true in Python)")
-    return value
+    """A bool; also numpy's bool, a 0-dim bool tensor and the ints 0 and 1 (JSON, argparse), which are unambiguous."""
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return bool(value)
+    if getattr(value, "dtype", None) is not None and str(value.dtype) == "torch.bool" and value.dim() == 0:
+        return bool(value)
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    why = " (any non-empty string counts as true in Python)" if isinstance(value, str) else ""
+    kind_name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    raise ConfigError(f"{where}: {name}={value!r} must be True or False (got type {kind_name}){why}")
 
 
 def _number(where: str, name: str, value: Any) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -387,10 +388,32 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     if _env_int("WORLD_SIZE", 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc given inside a torchrun worker: drop --nproc when launching with torchrun")
     command = torchrun_command(nproc, strip_nproc(argv))
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 130
+    with tempfile.TemporaryDirectory(prefix="fastrobust-status-") as folder:
+        status_file = os.path.join(folder, "status")
+        try:
+            code = subprocess.call(command, env={**os.environ, EXIT_STATUS_ENV: status_file})
+        except KeyboardInterrupt:
+            return 130
+        if code == 0 and os.path.exists(status_file):  # a verdict rank 0 reached (e.g. a failed sanity check)
+            with open(status_file) as handle:
+                return int(handle.read().strip() or 0)
+        return code
+
+
+EXIT_STATUS_ENV = "FASTROBUST_EXIT_STATUS_FILE"
+
+
+def exit_status(code: int, ctx: "Context") -> int:
+    """The status a command returns for a verdict (not a crash): under ``relaunch`` rank 0 hands it to the
+    launcher through a file and exits 0, because torchrun turns any non-zero worker status into its own failure
+    (a traceback and status 1)."""
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if not ctx.active or not path or code == 0:
+        return code
+    if ctx.is_main:
+        with open(path, "w") as handle:
+            handle.write(str(code))
+    return 0
 
 
 def failure_message(error: BaseException, ctx: Context, out: str | None) -> str:
@@ -412,6 +435,6 @@ def is_collective_failure(error: BaseException) -> bool:
 
 __all__ = [
     "Context", "GradientSync", "any_rank", "broadcast_module", "broadcast_object", "context", "convert_sync_batchnorm",
-    "failure_message", "gather_objects", "is_collective_failure", "local_device", "on_main", "rank_seed", "relaunch",
+    "exit_status", "failure_message", "gather_objects", "is_collective_failure", "local_device", "on_main", "rank_seed", "relaunch",
     "restart_count", "setup", "shard_indices", "shutdown", "sum_counts", "torchrun_command",
 ]

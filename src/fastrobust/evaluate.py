@@ -153,10 +153,11 @@ AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_opti
 
 def default_step(eps: float, steps: int, norm: str) -> float:
     """PGD step size: the paper's 2/255 for l_inf (eps/4 below 2/255, and large enough to reach eps in
-    ``steps / 2.5`` steps for large eps); ``2.5 * eps / steps`` for l_2."""
+    ``steps / 2.5`` steps for large eps, at most 1: a longer l_inf step only reaches the same corner);
+    ``2.5 * eps / steps`` for l_2."""
     if norm == "l2":
         return 2.5 * eps / steps
-    return max(min(2 / 255, eps / 4), 2.5 * eps / steps)
+    return min(max(min(2 / 255, eps / 4), 2.5 * eps / steps), 1.0)
 
 
 def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -173,7 +174,7 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
         base = {"step_size": eps, "random_init": False}
     elif name in ("pgd20", "pgd100", "cw20"):
         steps = 100 if name == "pgd100" else 20
-        base = {"steps": steps, "step_size": default_step(eps, steps, norm), "random_init": False,
+        base = {"steps": steps, "step_size": None, "random_init": False,  # None: default_step for the steps run
                 "loss": "cw" if name == "cw20" else "ce", "restarts": 1, "stop_at_fooled": True}
     elif name in ("apgd-ce", "apgd-t", "fab-t", "square"):
         base = dict(DEFAULTS[name])
@@ -189,7 +190,11 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
     options = dict(options or {})
     if name in ("autoattack", "autoattack-fast") and options:
         merged = {k: dict(v) for k, v in base["options"].items()}
-        for key, value in options.pop("options", {}).items():
+        nested = options.pop("options", None) or {}
+        if not isinstance(nested, dict) or not all(isinstance(v, dict) for v in nested.values()):
+            raise ConfigError(f"attack {name!r}: options={nested!r} must map components to dicts of settings, e.g. "
+                              "{'square': {'n_queries': 1000}}")
+        for key, value in nested.items():
             merged.setdefault(key, {}).update(value)
         for key in list(options):  # component options given directly: {"square": {...}}
             if isinstance(options[key], dict):
@@ -201,15 +206,20 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
     if unknown and name != "clean":
         raise ConfigError(f"attack {name!r} has no setting(s) {sorted(unknown)}: its settings are {sorted(base)}")
     base.update(options)
-    return _checked(name, base, norm)
+    return _checked(name, base, eps, norm)
 
 
-def _checked(name: str, settings: dict[str, Any], norm: str) -> dict[str, Any]:
+def _checked(name: str, settings: dict[str, Any], eps: float, norm: str) -> dict[str, Any]:
     """The settings with every value checked and normalised before any work (``attack_options``), so that the
-    record shows what runs; an attack named for its steps (pgd20, cw20) must take at least one."""
+    record shows what runs; an attack named for its steps (pgd20, cw20) must take at least one, and its step size
+    defaults (also when given as None) to ``default_step`` for the number of steps it runs."""
     where = f"attack {name!r}"
     # with no step a PGD attack's robust accuracy would be the clean accuracy, under the attack's name
     settings = check_options(where, settings, norm=norm, minimums={"steps": 1})
+    if name in ("pgd20", "pgd100", "cw20") and settings.get("step_size") is None:
+        settings["step_size"] = default_step(eps, settings["steps"], norm)
+    elif name == "fgsm" and settings.get("step_size") is None:
+        settings["step_size"] = eps
     if isinstance(settings.get("options"), dict):  # AutoAttack's components
         settings["options"] = {key: check_options(f"{where} ({key})", value, norm=norm) if isinstance(value, dict)
                                else value for key, value in settings["options"].items()}
@@ -486,6 +496,8 @@ def evaluate(
     n_batches = (n + batch_size - 1) // batch_size
     with model_mode(model, training=False), validated():
         warned, num_classes = _prechecks(checked, images[:batch_size], device)
+        if any(name not in GRADIENT_FREE for name in names):
+            warned += zero_gradient_warnings(checked, images[:batch_size], labels[:batch_size], device)
     warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
     path = check_writable(state_file, what="state file", example="eval-state.json") if state_file is not None else None
     loaded: Any = None
@@ -629,6 +641,29 @@ def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[
                      "randomised, so these attacks underestimate its vulnerability; use EOT attacks "
                      "(the official AutoAttack's version='rand')")
     return found, first.shape[1] if first.dim() == 2 else 0
+
+
+ZERO_GRADIENT_SHARE = 0.01  # as sanity_checks' gradient_share
+
+
+def zero_gradient_warnings(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> list[str]:
+    """A warning when more than 1% of the first batch's points have an all-zero input gradient of the CW margin
+    (one forward and backward): the gradient attacks then cannot move those points and report them robust (a
+    detach, bit-depth reduction or a no_grad transform in the model: gradient masking). The official AutoAttack
+    warns the same way; the margin, unlike the cross-entropy, does not vanish on confident points."""
+    from .attacks._common import cw_margin, input_gradient
+
+    x = images.to(device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    if not len(x):
+        return []
+    grad, _, _ = input_gradient(model, x, labels.to(device), lambda logits, t: cw_margin(logits.float(), t))
+    zero = int((grad.flatten(1) == 0).all(1).sum())
+    if zero <= ZERO_GRADIENT_SHARE * len(x):
+        return []
+    return [f"{zero} of the first {len(x)} points have an all-zero input gradient: gradient attacks cannot move "
+            "them and count them robust (gradient masking, e.g. a detach or bit-depth reduction in the model); "
+            "add square or rays, or run the sanity checks (--sanity)"]
 
 
 def class_count_warnings(width: int, label_max: int, n: int, data_classes: int | None) -> list[str]:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .attacks import model_mode
 from .batching import batch_seed, indexed_batches
 from .errors import ConfigError
+from .numbers import parse_number
 from .inputs import predicts
 
 # ---- transformations ----------------------------------------------------------------------------------------------
@@ -126,15 +127,26 @@ class Evaluation:
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A whole number >= 1; numpy ints and text ("5") as the attack settings take them (attack_options)."""
+    number = _number(value, name, "a whole number >= 1")
+    if number != int(number) or number < 1:
         raise ConfigError(f"{name}={value!r} must be a whole number >= 1")
-    return value
+    return int(number)
 
 
 def _nonnegative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    """A number >= 0; numpy numbers and text ("2/255") accepted."""
+    number = _number(value, name, "a number >= 0")
+    if number < 0:
         raise ConfigError(f"{name}={value!r} must be a number >= 0")
-    return float(value)
+    return number
+
+
+def _number(value: Any, name: str, expected: str) -> float:
+    try:
+        return parse_number(value, name=name)
+    except ConfigError:
+        raise ConfigError(f"{name}={value!r} must be {expected}") from None
 
 
 def _check_noise(s: dict[str, Any]) -> dict[str, Any]:

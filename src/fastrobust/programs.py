@@ -95,6 +95,8 @@ def _training_op(name: str, values: dict[str, Any]) -> bool:
     flag = next((values[key] for key in _MODE_ARGS if key in values), None)
     if flag is not True:
         return False
+    if "norm" in name and ("no_stats" in name or ("running_mean" in values and values["running_mean"] is None)):
+        return False  # a norm without running statistics (track_running_stats=False) uses the batch in eval mode too
     p = values.get("p")
     return not (isinstance(p, (int, float)) and p == 0)
 
@@ -133,6 +135,9 @@ def torchscript_mode_ops(module: Any) -> tuple[list[str], list[str]]:
             continue
         inputs = {arg.name: value for arg, value in zip(arguments, node.inputs()) if arg.name in _MODE_ARGS + ("p",)}
         values = {name: value.toIValue() for name, value in inputs.items()}
+        stats = next((value for arg, value in zip(arguments, node.inputs()) if arg.name == "running_mean"), None)
+        if stats is not None:  # a tensor that is not a constant reads as None through toIValue: look at its type
+            values["running_mean"] = None if str(stats.type()) == "NoneType" else "tensor"
         if _training_op(node.kind(), values):
             fixed.append(node.kind())
         elif any(key in inputs and values[key] is None for key in _MODE_ARGS):

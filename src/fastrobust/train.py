@@ -146,9 +146,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         averaging.check_settings(self.ema_decay, self.ema_start_epoch, self.ema_select)
         if self.ema_decay and isinstance(self.epochs, int) and self.ema_start_epoch >= self.epochs:
-            raise ConfigError(f"ema_start_epoch={self.ema_start_epoch} is not before the last epoch (epochs="
-                              f"{self.epochs}; 0-based): no averaged model would ever be made; start it earlier "
-                              "(or set ema_decay=0 for no averaging)")
+            raise ConfigError(f"ema_start_epoch={self.ema_start_epoch} starts after the last epoch (0-based: at "
+                              f"most {self.epochs - 1} with epochs={self.epochs}): no averaged model would ever be "
+                              "made; start it earlier (or set ema_decay=0 for no averaging)")
         for name in ("sync_bn", "decay_norm_and_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")

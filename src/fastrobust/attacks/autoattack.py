@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..attack_options import check_options
 from ..errors import ConfigError
 from ..inputs import entry_point, predicts
 from ..numbers import check_eps
@@ -108,7 +109,11 @@ def autoattack(
     for name in list(names) + list(options):
         if name not in _FUNCTIONS:
             raise ConfigError(f"{name!r} is not an AutoAttack component: choose from {', '.join(_FUNCTIONS)}")
-    settings = {name: {**DEFAULTS[name], **options.get(name, {})} for name in names}
+    for name, value in options.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"autoattack: options[{name!r}] must be a dict of settings, got {value!r}")
+    settings = {name: check_options(f"autoattack ({name})", {**DEFAULTS[name], **options.get(name, {})}, norm=norm)
+                for name in names}
     check_precision(precision)  # validated before any work
     rows = max(int(max_rows or len(x)), 1)
     want_frozen = (x.device.type == "cpu") if freeze is None else bool(freeze)

@@ -60,8 +60,8 @@ def pgd(
         raise ConfigError(f"steps={steps} must be zero or positive")
     if restarts < 1:
         raise ConfigError(f"restarts={restarts} must be at least 1")
-    if step_size is None:
-        step_size = 2.5 * eps / max(steps, 1)
+    if step_size is None:  # 2.5 eps / steps (at most 1 in l_inf: a longer step reaches the same corner)
+        step_size = 2.5 * eps / max(steps, 1) if norm == "l2" else min(2.5 * eps / max(steps, 1), 1.0)
     if step_size <= 0:
         raise ConfigError(f"step_size={step_size} must be positive")
     x = x.detach()

@@ -278,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fastrobust eval: sanity check(s) failed: {', '.join(failed)}; the robust accuracy above may be "
               "overestimated (gradient masking?): see docs/evaluation.md, \"Sanity checks\" (exit status "
               f"{SANITY_FAILED})", file=sys.stderr)
-        return SANITY_FAILED
+        return dist_lib.exit_status(SANITY_FAILED, ctx)  # under --nproc: through the launcher, not torchrun
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import sys
 import tempfile
@@ -42,6 +43,8 @@ class ImageSet:
         if len(self.images) != len(self.labels):
             raise DataError(f"mismatched counts: {len(self.images)} images but {len(self.labels)} labels")
         if self.num_classes is not None:
+            if isinstance(self.num_classes, numbers.Integral) and not isinstance(self.num_classes, bool):
+                object.__setattr__(self, "num_classes", int(self.num_classes))  # numpy ints as plain ints
             if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
                 raise DataError(f"ImageSet.num_classes must be a positive int or None, got {self.num_classes!r}")
             if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
