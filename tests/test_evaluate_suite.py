@@ -152,7 +152,7 @@ def test_resume_from_state_file_gives_the_same_record(setup, tmp_path):
     assert saved["attacks"]["pgd20"]["batches"] and saved["clean"]
     resumed = evaluate(model, test_split, attacks, state_file=state, **kwargs)
     assert strip_timing(resumed) == strip_timing(full)
-    with stop_after(model, 2):  # all done: only the pre-checks' two forward passes
+    with stop_after(model, 3):  # all done: only the pre-checks' forward passes (two, and the gradient check's)
         again = evaluate(model, test_split, attacks, state_file=state, **kwargs)
     assert strip_timing(again) == strip_timing(full)
     with pytest.raises(FastRobustError, match="another evaluation"):
