@@ -12,6 +12,7 @@ import io
 import json
 import pickletools
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -97,9 +98,11 @@ def _is_pickle(head: bytes, size: int) -> bool:
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return True
     try:
-        for opcode, _arg, _pos in pickletools.genops(io.BytesIO(head)):
-            if opcode.name == "STOP":
-                return True
+        with warnings.catch_warnings():  # decoding a garbage "string" argument warns about its escapes
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for opcode, _arg, _pos in pickletools.genops(io.BytesIO(head)):
+                if opcode.name == "STOP":
+                    return True
     except Exception:  # noqa: BLE001 - genops raises ValueError and others on non-pickles
         return False
     return size > len(head)  # a long stream cut off by the head: give it the benefit of the doubt
