@@ -435,6 +435,6 @@ def is_collective_failure(error: BaseException) -> bool:
 
 __all__ = [
     "Context", "GradientSync", "any_rank", "broadcast_module", "broadcast_object", "context", "convert_sync_batchnorm",
-    "exit_status", "failure_message", "gather_objects", "is_collective_failure", "local_device", "on_main", "rank_seed", "relaunch",
-    "restart_count", "setup", "shard_indices", "shutdown", "sum_counts", "torchrun_command",
+    "exit_status", "failure_message", "gather_objects", "is_collective_failure", "local_device", "on_main",
+    "rank_seed", "relaunch", "restart_count", "setup", "shard_indices", "shutdown", "sum_counts", "torchrun_command",
 ]

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from .attacks import model_mode
 from .batching import batch_seed, indexed_batches
 from .errors import ConfigError
-from .numbers import parse_number
 from .inputs import predicts
+from .numbers import parse_number
 
 # ---- transformations ----------------------------------------------------------------------------------------------
 
