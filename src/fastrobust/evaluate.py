@@ -651,14 +651,13 @@ def zero_gradient_warnings(model: nn.Module, images: Tensor, labels: Tensor, dev
     (one forward and backward): the gradient attacks then cannot move those points and report them robust (a
     detach, bit-depth reduction or a no_grad transform in the model: gradient masking). The official AutoAttack
     warns the same way; the margin, unlike the cross-entropy, does not vanish on confident points."""
-    from .attacks._common import cw_margin, input_gradient
+    from .attacks._common import margin_gradient
 
     x = images.to(device)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     if not len(x):
         return []
-    grad, _, _ = input_gradient(model, x, labels.to(device), lambda logits, t: cw_margin(logits.float(), t))
-    zero = int((grad.flatten(1) == 0).all(1).sum())
+    zero = int((margin_gradient(model, x, labels.to(device)).flatten(1) == 0).all(1).sum())
     if zero <= ZERO_GRADIENT_SHARE * len(x):
         return []
     return [f"{zero} of the first {len(x)} points have an all-zero input gradient: gradient attacks cannot move "

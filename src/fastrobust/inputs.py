@@ -409,15 +409,18 @@ def check_model_images(model: nn.Module, image_shape: tuple[int, ...], *, where:
                           "images it was built for (or build the model for these)")
 
 
-def check_device(device: Any, *, where: str) -> torch.device:
-    """``device`` as a torch.device; a ConfigError for a name torch does not know or a CUDA device on a machine
-    without one (torch's own AssertionError says "Torch not compiled with CUDA enabled" from deep inside)."""
+def check_device(device: Any, *, where: str | None, fix: str = "device='cpu'",
+                 names: str = "cpu, cuda or cuda:N") -> torch.device:
+    """``device`` as a torch.device; a ConfigError (prefixed with ``where``, naming ``fix``) for a name torch does
+    not know or a CUDA device on a machine without one (torch's own AssertionError says "Torch not compiled with
+    CUDA enabled" from deep inside)."""
+    prefix = f"{where}: " if where else ""
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"{where}: device={device!r} is not a device: use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{prefix}device={device!r} is not a device: use {names}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{where}: device={device!r} asked for CUDA but no GPU is visible: use device='cpu'")
+        raise ConfigError(f"{prefix}device={device!r} asked for CUDA but no GPU is visible: use {fix}")
     return resolved
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks._common import check_norm, cw_margin, input_gradient, model_mode, per_example_loss
+from .attacks._common import check_norm, input_gradient, margin_gradient, model_mode, per_example_loss
 from .data import balanced_head
 from .errors import ConfigError
 from .evaluate import _as_split, evaluate, iterate_split
@@ -125,7 +125,7 @@ def sanity_checks(
     checked = prepare_model(model, where="sanity_checks", guard=True)  # bf16/fp16: inputs in its dtype
     with model_mode(model, training=False), validated():
         for x, y in iterate_split(images, labels, batch_size, dev):
-            grad, _, _ = input_gradient(checked, x, y, lambda logits, t: cw_margin(logits.float(), t))
+            grad = margin_gradient(checked, x, y)
             grad_ce, _, _ = input_gradient(checked, x, y, per_example_loss("ce"))
             flat, flat_ce = grad.flatten(1), grad_ce.flatten(1)
             zero += int(((flat == 0).all(1)).sum())

@@ -34,6 +34,7 @@ from . import user_model
 from .checkpoint import atomic_write_json, save_model
 from .errors import ConfigError, FastRobustError
 from .evaluate import pgd_accuracy
+from .inputs import check_device
 from .methods.step_scaling import scale_steps
 from .numbers import check_eps, check_nonnegative_int, check_positive_int, pixel_text
 from .optim import parameter_groups
@@ -225,14 +226,9 @@ def check_resume_epochs(run_dir: Path, epochs: int, *, trained: int | None = Non
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    device = check_device(name, where=None, fix="--device cpu", names="auto, cpu, cuda or cuda:N")
     if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: accepted by torch, not trainable here
         raise ConfigError(f"device={name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} asked for CUDA but no GPU is visible: use --device cpu")
     return device
 
 

@@ -137,3 +137,11 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> t
         losses = loss_fn(logits, y)
         (grad,) = attack_gradients(losses.sum(), logits, [x])
     return grad.detach(), losses.detach(), logits.detach()
+
+
+def margin_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The input gradient of the CW margin: zero for a whole row only where the model's logits do not move with
+    the input there (the cross-entropy's also vanishes on merely confident points). What the gradient-masking
+    checks of ``evaluate`` and ``sanity_checks`` count."""
+    grad, _, _ = input_gradient(model, x, y, lambda logits, t: cw_margin(logits.float(), t))
+    return grad

@@ -4,11 +4,11 @@
 preceding convolutions. The copy for input gradients is traced from a channels-last copy of the model: oneDNN's
 input-gradient kernels of strided convolutions are much faster in that layout (tinycnn, one CPU thread,
 interleaved: forward+backward 1.14-1.20x faster than the contiguous frozen copy; the stride-2 layers' input
-gradient 2-3.7x); its gradients are handed back contiguous. The copy for gradient-free queries is
+gradient 1.3-3.7x, batch 32); its gradients are handed back contiguous. The copy for gradient-free queries is
 ``torch.jit.optimize_for_inference`` of the frozen model (activations fused into the oneDNN convolutions,
 weights pre-packed) when that keeps the whole network in oneDNN's layout, as with ReLU; when an activation
 oneDNN cannot fuse (SiLU, ...) would make it convert layouts around every convolution, the frozen
-channels-last copy is used instead (SiLU tinycnn: 77-88 vs 88-100 us per image).
+channels-last copy is used instead (SiLU tinycnn: 77-86 vs 92-100 us per image at batches 16 and 64).
 Measured before these layouts (tinycnn, batches of 7-45): queries 1.8-2.4x faster than the model, forward+backward
 1.4x; on PreActResNet-18 little (+13% on queries), its time being in large convolutions.
 
