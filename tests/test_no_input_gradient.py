@@ -35,6 +35,13 @@ class Body(nn.Module):
         self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, C))
 
 
+class Plain(Body):
+    """The same network with its input gradient (the control)."""
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class Binarized(Body):
     """Bit-depth reduction before the classifier: the classic gradient-masking defence."""
 
@@ -241,22 +248,7 @@ def test_cli_sanity_on_such_a_model_prints_the_record_and_exits_3(tmp_path, monk
 
 def test_evaluate_warns_when_the_gradient_attacks_cannot_move_the_points():
     """robust = clean with no word: the record now says the gradients are zero (the official AutoAttack warns too)."""
-    from fastrobust.evaluate import evaluate
-
-    torch.manual_seed(0)
-
-    class Binarised(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
-
-        def forward(self, x):
-            return self.net((x > 0.5).float())
-
-    x = torch.rand(32, 3, 8, 8)
-    for model, warned in ((Binarised().eval(), True), (nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).eval(), False)):
-        with torch.no_grad():
-            y = model(x).argmax(1)
+    for model, x, y, warned in (*batch(Binarized, 32), True), (*batch(Plain, 32), False):
         record = evaluate(model, (x, y), ["pgd20"], eps=8 / 255, progress=False)
         said = [w for w in record["warnings"] if "32 of the first 32 points have an all-zero input gradient" in w]
         assert bool(said) == warned

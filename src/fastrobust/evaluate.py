@@ -221,8 +221,8 @@ def _checked(name: str, settings: dict[str, Any], eps: float, norm: str) -> dict
     elif name == "fgsm" and settings.get("step_size") is None:
         settings["step_size"] = eps
     if isinstance(settings.get("options"), dict):  # AutoAttack's components
-        settings["options"] = {key: check_options(f"{where} ({key})", value, norm=norm) if isinstance(value, dict)
-                               else value for key, value in settings["options"].items()}
+        settings["options"] = {key: check_options(f"{where} ({key})", value, norm=norm)
+                               for key, value in settings["options"].items()}
     return settings
 
 
@@ -475,7 +475,8 @@ def evaluate(
     names = [name for name in names if name not in invariance]
     if "rays" in names and norm != "linf":
         raise ConfigError(f"attack 'rays' is l_inf only but norm={norm!r}: drop rays or use --norm linf")
-    if any(name not in GRADIENT_FREE for name in names):
+    needs_gradients = any(name not in GRADIENT_FREE for name in names)
+    if needs_gradients:
         check_gradients_allowed("evaluate")
     if device is None:
         first = next(iter(model.parameters()), None)
@@ -495,9 +496,10 @@ def evaluate(
     n = len(labels)
     n_batches = (n + batch_size - 1) // batch_size
     with model_mode(model, training=False), validated():
-        warned, num_classes = _prechecks(checked, images[:batch_size], device)
-        if any(name not in GRADIENT_FREE for name in names):
-            warned += zero_gradient_warnings(checked, images[:batch_size], labels[:batch_size], device)
+        _, x_first, y_first = next(indexed_batches(images, labels, batch_size, device, [0]))
+        warned, num_classes = _prechecks(checked, x_first)
+        if needs_gradients:
+            warned += zero_gradient_warnings(checked, x_first, y_first)
     warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
     path = check_writable(state_file, what="state file", example="eval-state.json") if state_file is not None else None
     loaded: Any = None
@@ -619,12 +621,10 @@ def evaluate(
     return record
 
 
-def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[list[str], int]:
+def _prechecks(model: nn.Module, x: Tensor) -> tuple[list[str], int]:
     """The official AutoAttack's pre-checks on the first batch: outputs that look like probabilities (every row
     non-negative and summing to 1) and a randomised model (two forward passes of the same input differ by more
     than 1e-4, relative). Returns (warnings, number of outputs)."""
-    x = images.to(device)
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     with torch.no_grad():
         first, second = model(x).float(), model(x).float()
     found = []
@@ -646,18 +646,16 @@ def _prechecks(model: nn.Module, images: Tensor, device: torch.device) -> tuple[
 ZERO_GRADIENT_SHARE = 0.01  # as sanity_checks' gradient_share
 
 
-def zero_gradient_warnings(model: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> list[str]:
+def zero_gradient_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     """A warning when more than 1% of the first batch's points have an all-zero input gradient of the CW margin
     (one forward and backward): the gradient attacks then cannot move those points and report them robust (a
     detach, bit-depth reduction or a no_grad transform in the model: gradient masking). The official AutoAttack
     warns the same way; the margin, unlike the cross-entropy, does not vanish on confident points."""
     from .attacks._common import margin_gradient
 
-    x = images.to(device)
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     if not len(x):
         return []
-    zero = int((margin_gradient(model, x, labels.to(device)).flatten(1) == 0).all(1).sum())
+    zero = int((margin_gradient(model, x, y).flatten(1) == 0).all(1).sum())
     if zero <= ZERO_GRADIENT_SHARE * len(x):
         return []
     return [f"{zero} of the first {len(x)} points have an all-zero input gradient: gradient attacks cannot move "

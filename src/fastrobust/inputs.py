@@ -253,7 +253,7 @@ def check_module(model: Any, *, where: str) -> None:
                           "switches it to eval mode, moves it and reads its parameters): wrap it, e.g. "
                           "class Logits(nn.Module): def __init__(self, net): super().__init__(); self.net = net; "
                           "def forward(self, x): return self.net(x)[0] -- then pass Logits(net) (docs/evaluation.md)")
-    baked = baked_training_ops(model)
+    baked = [] if _VALIDATED.get() else baked_training_ops(model)  # the outermost entry point has looked
     if baked:
         from .programs import _RETRAIN, _describe
 

@@ -189,10 +189,3 @@ def epoch_model_files(run_dir: Path) -> list[tuple[str, int | None, Path]]:
         step = int(re.sub(r"\D", "", folder.name) or 0)
         files.append((f"epoch {epoch} (step {step})", epoch, model))
     return files
-
-
-def load_any_model(file: Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A model from a fastrobust model file or a training checkpoint's model.safetensors, in eval mode."""
-    from ..checkpoint import load_model
-
-    return load_model(file, device=device)[0]

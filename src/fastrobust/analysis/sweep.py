@@ -530,7 +530,8 @@ def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
 
     Model paths in the records are relative to the run folder."""
     from ..train import resolve_device
-    from .hessian import epoch_model_files, load_any_model, model_eigenvalues
+    from ..checkpoint import load_model
+    from .hessian import epoch_model_files, model_eigenvalues
 
     device = resolve_device(config.device)
     if spec.per_epoch:
@@ -545,7 +546,7 @@ def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
         "class-balanced test points")
     records = []
     for label, epoch, file in files:
-        model = load_any_model(file, device)
+        model = load_model(file, device=device)[0]
         values = model_eigenvalues(model, images, labels, eps=config.attack_eps, inits=spec.inits, loss=spec.loss,
                                    iterations=spec.iterations, gamma=spec.gamma, batch_size=spec.batch_size,
                                    seed=spec.seed, device=device)

@@ -83,11 +83,11 @@ def _build(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+ marks TorchScript deprecated
             warnings.simplefilter("error", torch.jit.TracerWarning)
             with torch.no_grad():
+                traced = torch.jit.trace(model, x, check_trace=False)  # freeze copies it: one trace serves both
                 frozen, layout = _frozen_channels_last(model, x), "channels-last"
                 if frozen is None:
-                    frozen, layout = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)), "contiguous"
-                optimized = torch.jit.optimize_for_inference(
-                    torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)))
+                    frozen, layout = torch.jit.freeze(traced), "contiguous"
+                optimized = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
     except Exception as error:  # tracing is best effort: the model itself always works
         return FrozenCopies(None, None, f"not frozen: tracing failed ({type(error).__name__}: {str(error)[:120]})")
     grad_model = ContiguousGradients(frozen)

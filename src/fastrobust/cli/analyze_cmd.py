@@ -86,7 +86,8 @@ def _check_fits(model, dataset, file: Path, run_dataset: str | None) -> None:
 def run_hessian(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis.hessian import load_any_model, model_eigenvalues
+    from ..analysis.hessian import model_eigenvalues
+    from ..checkpoint import load_model
     from ..data import balanced_head, load_dataset
     from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
     from .run_info import dataset_or_run_dataset, run_eps, trained_on
@@ -117,7 +118,7 @@ def run_hessian(args: argparse.Namespace) -> int:
     images, labels = balanced_head(dataset.test.images, dataset.test.labels, n)  # n points over the classes
     records = []
     for label, file in files:
-        model = load_any_model(file, device)
+        model = load_model(file, device=device)[0]
         _check_fits(model, dataset, file, run_dataset)
         entry: dict[str, Any] = {"checkpoint": str(file), "label": label, "n": len(labels), "eps": eps,
                                  "loss": args.loss, "iterations": iterations}

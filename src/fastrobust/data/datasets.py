@@ -373,7 +373,7 @@ def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: s
         if not layout["train"].get(name):
             raise DataError(f"{path}: empty class {name!r}: no training images in train/{name}/")
     if class_order is None and path.is_dir():  # a class folder without images would vanish from the classes
-        root = path.joinpath(*next(iter(prefixes)).split("/")) if next(iter(prefixes)) else path
+        root = path / next(iter(prefixes))  # "" is the folder itself
         empty = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and d.name not in layout["train"])
         if empty:
             raise DataError(f"{path}: empty class folder(s) {', '.join('train/' + e + '/' for e in empty)} (no "
