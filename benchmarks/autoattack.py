@@ -40,7 +40,7 @@ from benchutil import base_record, hardware, load_average, set_threads, write_re
 
 from fastrobust.attacks import autoattack  # noqa: E402
 from fastrobust.attacks.official import official_available, official_runner, official_version, run_official  # noqa: E402
-from fastrobust.numbers import parse_number  # noqa: E402
+from fastrobust.core.values import parse_number  # noqa: E402
 
 aa_module = importlib.import_module("fastrobust.attacks.autoattack")
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- model and points --------------------------------------------------------------------------
 def build_model(args: argparse.Namespace, dataset, device: torch.device) -> tuple[nn.Module, dict[str, Any], str | None]:
     """(model, description, checkpoint path usable by `fastrobust eval` or None)."""
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
     from fastrobust.models import create
 
     if args.checkpoint:
@@ -219,7 +219,7 @@ def nproc_scaling(args, checkpoint: str | None, model: nn.Module, counts: list[i
     """Wall and CPU seconds of `fastrobust eval --attack autoattack --nproc N` (sharded batches) per N."""
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
-            from fastrobust.checkpoint import save_model
+            from fastrobust.models.checkpoint import save_model
 
             checkpoint = save_model(model, Path(tmp) / "model.safetensors")
         batch = math.ceil(args.n_points / max(counts))

@@ -39,7 +39,7 @@ REDUCED_AA = {"autoattack-fast": {"apgd-ce": {"n_iter": 25}, "apgd-t": {"n_iter"
 
 
 def run_settings(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
-    from fastrobust.presets import load_preset, parse_assignments
+    from fastrobust.train.presets import load_preset, parse_assignments
 
     settings = load_preset(args.preset) if args.preset else {}
     if settings.get("method") not in (None, method):  # another method does not inherit the preset's parameters
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
 
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
     from fastrobust.data import balanced_head, load_dataset
     from fastrobust.evaluate import evaluate
-    from fastrobust.presets import make_config
+    from fastrobust.train.presets import make_config
 
     options = {} if args.full_autoattack_fast else REDUCED_AA
     rows: list[dict[str, Any]] = []

@@ -21,8 +21,9 @@ from torch import nn
 
 from fastrobust import methods as methods_lib
 from fastrobust.models import create as create_model
-from fastrobust.records import append_jsonl, environment
-from fastrobust.train import autocast_settings, resolve_device
+from fastrobust.core.records import append_jsonl, environment
+from fastrobust.train import resolve_device
+from fastrobust.train.config import autocast_settings
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)

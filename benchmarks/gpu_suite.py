@@ -157,7 +157,7 @@ def child_natural(params: dict[str, Any], result: Path) -> None:
     import benchutil as bu
 
     from fastrobust import methods as methods_lib
-    from fastrobust.averaging import WeightAverager
+    from fastrobust.train.averaging import WeightAverager
     from fastrobust.data import load_dataset
 
     device = bu.resolve(params["device"])
@@ -215,11 +215,11 @@ def child_train(params: dict[str, Any], result: Path) -> None:
     launch = params.get("launch_time", time.time())
     import torch
 
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
     from fastrobust.data import balanced_head, load_dataset
     from fastrobust.evaluate import evaluate
-    from fastrobust.presets import load_preset, make_config
-    from fastrobust.records import read_jsonl
+    from fastrobust.train.presets import load_preset, make_config
+    from fastrobust.core.records import read_jsonl
     from fastrobust.train import Trainer, TrainingStopped
 
     settings = load_preset(params["preset"])
@@ -556,7 +556,7 @@ class Suite:
 
     def plan_epochs(self, method: str, seconds: float, compile_: bool) -> tuple[int, dict[str, Any]]:
         """How many epochs of ``method`` fit in ``seconds`` (from the speed stage's step times)."""
-        from fastrobust.presets import load_preset
+        from fastrobust.train.presets import load_preset
 
         preset = load_preset("speedrun")
         batch = int(preset["batch_size"])
@@ -617,7 +617,7 @@ class Suite:
         else:
             compile_ = compile_choice == "on"
         if self.args.speedrun_epochs is not None:
-            from fastrobust.presets import load_preset
+            from fastrobust.train.presets import load_preset
 
             epochs = self.args.speedrun_epochs or int(load_preset("speedrun")["epochs"])
             planning = {"epochs_from": "--speedrun-epochs", **self.plan_epochs("backward_smoothing", cap - 45, compile_)[1]}

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil as bu  # noqa: E402
 
 from fastrobust import methods as methods_lib  # noqa: E402
-from fastrobust.precision import attack_precision, resolve  # noqa: E402
+from fastrobust.core.precision import attack_precision, resolve  # noqa: E402
 
 METHOD_PARAMS = {  # the BS paper's settings (presets cifar10-resnet18-*)
     "trades": {"steps": 10, "step_size": 2 / 255, "beta": 6.0},
@@ -98,7 +98,7 @@ def train_one(args: argparse.Namespace, data: Any, out: Path, method: str, seed:
         "best_epoch": result["best_epoch"], "train_seconds": result["train_seconds"],
         "process_seconds": time.process_time() - cpu0,
     }
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
     from fastrobust.evaluate import pgd_accuracy
 
     # the last epoch's model too: the paired runs share data order and draws up to the attack's rounding, while

@@ -61,9 +61,9 @@ def main() -> int:
 
     from fastrobust.attacks import rays
     from fastrobust.attacks.rays import official_tol
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
     from fastrobust.data import load_dataset
-    from fastrobust.records import append_jsonl, environment
+    from fastrobust.core.records import append_jsonl, environment
 
     torch.set_num_threads(1)
     model, _ = load_model(args.checkpoint, device="cpu")

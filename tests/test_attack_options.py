@@ -1,4 +1,4 @@
-"""Attack settings are checked in one place (fastrobust.attack_options) at every public attack and in evaluate,
+"""Attack settings are checked in one place (fastrobust.core.attack_options) at every public attack and in evaluate,
 before any work: a setting is never recorded as one thing while the attack runs another. Also the Python-side
 refusals a notebook user meets: torch.inference_mode(), a CUDA device on a machine without one, an eps tensor
 holding one value per example."""
@@ -11,8 +11,8 @@ from fastrobust.attacks import apgd_t, autoattack, fab_t, fgsm, pgd, rays, squar
 from fastrobust.errors import ConfigError
 from fastrobust.evaluate import evaluate
 from fastrobust.methods import create
-from fastrobust.numbers import parse_number
-from fastrobust.sanity import sanity_checks
+from fastrobust.core.values import parse_number
+from fastrobust.evaluate.sanity import sanity_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -186,7 +186,7 @@ def test_square_and_rays_use_no_gradients(toy):
     result = rays(guarded, x, y, n_queries=100)
     assert int(result.queries.max()) <= 100
     with pytest.raises(AssertionError, match="gradient-free"):  # the guard itself works
-        from fastrobust.attacks._common import input_gradient, per_example_loss
+        from fastrobust.attacks.toolkit import input_gradient, per_example_loss
 
         input_gradient(guarded, x, y, per_example_loss("ce"))
 

@@ -25,7 +25,7 @@ from fastrobust.attacks.official import (
     official_runner,
     run_official,
 )
-from fastrobust.checkpoint import load_model
+from fastrobust.models.checkpoint import load_model
 from helpers import train_tinycnn_once
 
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastrobust.averaging import WeightAverager, best_candidate
+from fastrobust.train.averaging import WeightAverager, best_candidate
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
@@ -202,7 +202,7 @@ def test_cli_sets_averaging_and_refuses_a_bad_decay_in_one_line(tmp_path, monkey
 def test_speedrun_presets_average_weights_and_run_from_the_cli(tmp_path, monkeypatch, capsys):
     import fastrobust.data
     from fastrobust.cli import main
-    from fastrobust.presets import available_presets, load_preset, make_config
+    from fastrobust.train.presets import available_presets, load_preset, make_config
 
     assert {"speedrun", "speedrun-cpu"} <= set(available_presets())
     gpu = make_config(load_preset("speedrun")).validate()

@@ -8,7 +8,7 @@ from torch import nn
 from fastrobust.data.datasets import Dataset, ImageSet
 from fastrobust.errors import ConfigError
 from fastrobust.evaluate import evaluate
-from fastrobust.thirdparty import InputNormalization, parse_normalization
+from fastrobust.models.thirdparty import InputNormalization, parse_normalization
 
 
 class ReadsTheLabel(nn.Module):
@@ -40,7 +40,7 @@ def test_a_model_fed_the_wrong_input_range_gets_the_chance_warning(capsys):
     assert wrong["clean_acc"] <= 0.15
     said = [w for w in wrong["warnings"] if "at chance level for 10 classes" in w]
     assert len(said) == 1 and "--normalization 0.5,0.5" in said[0] and "--normalization 0,1/255" in said[0]
-    assert "normalization=(0.5, 0.5) of fastrobust.thirdparty.load_model" in said[0]  # the Python spelling too
+    assert "normalization=(0.5, 0.5) of fastrobust.models.thirdparty.load_model" in said[0]  # the Python spelling too
     assert "at chance level" in capsys.readouterr().err
 
 

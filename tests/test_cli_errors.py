@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError, FastRobustError
-from fastrobust.numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number
-from fastrobust.presets import available_presets, load_preset, make_config, parse_assignments
+from fastrobust.core.values import check_eps, check_nonnegative_int, check_positive_int, parse_number
+from fastrobust.train.presets import available_presets, load_preset, make_config, parse_assignments
 from fastrobust.train import TrainConfig, resolve_device
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

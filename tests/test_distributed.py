@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from fastrobust.data import Dataset
-from fastrobust.distributed import strip_nproc, torchrun_command
+from fastrobust.core.distributed import strip_nproc, torchrun_command
 from fastrobust.evaluate import evaluate, pgd_accuracy
 from fastrobust.models import create as create_model
 from fastrobust.train import TrainConfig, Trainer, resume
@@ -79,7 +79,7 @@ def _train_job(rank: int, runs: list[tuple[str, str, dict]]) -> None:
 
 
 def _eval_job(rank: int, folder: str) -> None:
-    from fastrobust.distributed import setup
+    from fastrobust.core.distributed import setup
 
     setup("cpu")
     torch.manual_seed(0)

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from fastrobust.schedules import lr_schedule
-from fastrobust.train import TrainConfig, _epoch_line, train
+from fastrobust.train.schedules import lr_schedule
+from fastrobust.train import TrainConfig, train
+from fastrobust.train.trainer import _epoch_line
 
 from helpers import synthetic_dataset
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import fastrobust.evaluate
-import fastrobust.sanity
-from fastrobust.checkpoint import save_model
+import fastrobust.evaluate.sanity
+from fastrobust.models.checkpoint import save_model
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.evaluate import evaluate
@@ -119,7 +119,7 @@ def test_a_failed_sanity_check_is_a_failing_exit_status_after_the_record_is_writ
         return [{"name": "more_steps", "passed": True, "detail": "fine"},
                 {"name": "large_eps", "passed": verdicts["passed"], "detail": "PGD-20 at eps 0.5 leaves 40%"}]
 
-    monkeypatch.setattr(fastrobust.sanity, "sanity_checks", checks)
+    monkeypatch.setattr(fastrobust.evaluate.sanity, "sanity_checks", checks)
     out = tmp_path / "results.jsonl"
     code, stdout, err, _ = cli(model_file, "--sanity", "--out", out)
     assert code == 0, err
@@ -162,7 +162,7 @@ def test_l2_eps_beyond_the_image_box_is_refused_everywhere(cli, model_file):
     model = create("tinycnn", num_classes=10, image_size=8)
     data = (torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
     for call in (lambda: evaluate(model, data, ["clean"], eps=14, norm="l2", progress=False),
-                 lambda: fastrobust.sanity.sanity_checks(model, data, eps=14, norm="l2")):
+                 lambda: fastrobust.evaluate.sanity.sanity_checks(model, data, eps=14, norm="l2")):
         with pytest.raises(ConfigError, match=r"larger than the diameter .* sqrt\(192\)"):
             call()
     evaluate(model, data, ["clean"], eps=13.8, norm="l2", progress=False)  # just inside: accepted
@@ -178,7 +178,7 @@ def test_fixed_batch_export_program_runs_on_any_batch(cli, tmp_path):
     assert "exactly 4 images" in err and "dynamic_shapes" in err
     record = json.loads(out)
     assert record["n"] == 10 and record["model_source"]["fixed_batch"] == 4
-    from fastrobust.programs import load_export
+    from fastrobust.models.programs import load_export
 
     program = load_export(tmp_path / "fixed.pt2")
     x = torch.rand(7, 3, 32, 32)
@@ -201,7 +201,7 @@ def test_a_pickled_whole_module_is_refused_with_the_state_dict_hint(cli, tmp_pat
 
 
 def test_torch_compile_prefix_is_stripped(tmp_path):
-    from fastrobust.checkpoint import import_state_dict
+    from fastrobust.models.checkpoint import import_state_dict
     from fastrobust.models.layouts import strip_prefixes
 
     net = nn.Linear(3, 2)
@@ -211,7 +211,7 @@ def test_torch_compile_prefix_is_stripped(tmp_path):
 
 
 def test_train_state_file_points_to_the_model_file(cli, tmp_path):
-    from fastrobust import training_state
+    from fastrobust.train import state as training_state
 
     model = create("tinycnn", num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -274,7 +274,7 @@ def test_channels_last_images_empty_data_and_wrong_channels_are_refused(small):
     with pytest.raises(ConfigError, match=r"1 channel\(s\).*in_channels=3"):
         evaluate(model, (x[:, :1], y), ["clean"], eps=8 / 255, progress=False)
     with pytest.raises(ConfigError, match="holds no images"):
-        fastrobust.sanity.sanity_checks(model, (x[:0], y[:0]), eps=8 / 255)
+        fastrobust.evaluate.sanity.sanity_checks(model, (x[:0], y[:0]), eps=8 / 255)
 
 
 def test_uint8_images_of_only_zeros_and_ones_warn(small):
@@ -286,7 +286,7 @@ def test_uint8_images_of_only_zeros_and_ones_warn(small):
 
 # ----------------------------------------------------------------------------- 6. record details
 def test_broken_by_follows_the_attack_order(monkeypatch):
-    from fastrobust.evaluate import _record
+    from fastrobust.evaluate.evaluation import _record
 
     monkeypatch.setattr(fastrobust.evaluate, "settings_used", lambda name, settings, *args: settings)
     settings = {"autoattack": {"options": {"apgd-ce": {}, "apgd-t": {}, "fab-t": {}, "square": {}}}}
@@ -316,9 +316,9 @@ def test_sanity_checks_take_a_class_balanced_head(small, monkeypatch):
         seen["labels"] = data[1]
         raise RuntimeError("enough")
 
-    monkeypatch.setattr(fastrobust.sanity, "evaluate", stop)
+    monkeypatch.setattr(fastrobust.evaluate.sanity, "evaluate", stop)
     with pytest.raises(RuntimeError, match="enough"):
-        fastrobust.sanity.sanity_checks(model, (x, y), eps=8 / 255, n=4)
+        fastrobust.evaluate.sanity.sanity_checks(model, (x, y), eps=8 / 255, n=4)
     assert seen["labels"].tolist() == [0, 0, 1, 1]
 
 
@@ -330,8 +330,8 @@ def test_sanity_black_box_pass_text_says_what_was_compared(small, monkeypatch):
         return {"attacks": {name: {"robust_acc": accs[name] if name in accs else 0.0} for name in attacks},
                 "device": "cpu"}
 
-    monkeypatch.setattr(fastrobust.sanity, "evaluate", fake)
-    flags = {f["name"]: f for f in fastrobust.sanity.sanity_checks(model, (x, y), eps=8 / 255)}
+    monkeypatch.setattr(fastrobust.evaluate.sanity, "evaluate", fake)
+    flags = {f["name"]: f for f in fastrobust.evaluate.sanity.sanity_checks(model, (x, y), eps=8 / 255)}
     detail = flags["black_box"]["detail"]
     assert flags["black_box"]["passed"], detail
     assert "square 0.4500, rays 0.5000" in detail and "lowest white-box accuracy 0.3750" in detail
@@ -396,7 +396,7 @@ def test_an_l2_eps_that_looks_like_an_linf_budget_warns_in_evaluate_and_sanity_c
         record = evaluate(model, (images, labels), ["clean"], eps=8 / 255, norm="l2", progress=False)
     assert any("is small for 3x10x10" in text for text in record["warnings"])
     with pytest.warns(UserWarning, match=r"l2 radius 0.0314 is small"):
-        fastrobust.sanity.sanity_checks(model, (images, labels), eps=8 / 255, norm="l2", n=4, square_queries=2, apgd_iter=2)
+        fastrobust.evaluate.sanity.sanity_checks(model, (images, labels), eps=8 / 255, norm="l2", n=4, square_queries=2, apgd_iter=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(model, (images, labels), ["clean"], eps=0.5, norm="l2", progress=False)
@@ -470,7 +470,7 @@ def test_a_verdict_status_reaches_the_caller_through_the_nproc_launcher(monkeypa
     """Under --nproc rank 0 returned 3, torchrun turned it into its own failure (a traceback, status 1)."""
     import subprocess
 
-    from fastrobust import distributed as dist_lib
+    from fastrobust.core import distributed as dist_lib
 
     def fake_torchrun(command, env):
         path = env[dist_lib.EXIT_STATUS_ENV]

@@ -1,4 +1,4 @@
-"""fastrobust.evaluate (record, resume), fastrobust.sanity (gradient masking) and `fastrobust eval`."""
+"""fastrobust.evaluate (record, resume), fastrobust.evaluate.sanity (gradient masking) and `fastrobust eval`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.evaluate import clean_and_robust_counts, evaluate, pgd_accuracy
-from fastrobust.sanity import sanity_checks
+from fastrobust.evaluate.sanity import sanity_checks
 
 C, H = 10, 8
 CHEAP = {
@@ -236,7 +236,7 @@ def run_folder(setup, tmp_path_factory):
     models = pytest.importorskip("fastrobust.models")
     from PIL import Image
 
-    from fastrobust.checkpoint import save_model
+    from fastrobust.models.checkpoint import save_model
 
     _, train_split, test_split, g = setup
     root = tmp_path_factory.mktemp("imagefolder")

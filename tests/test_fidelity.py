@@ -18,9 +18,9 @@ from fastrobust.errors import ConfigError
 from fastrobust.methods.sprout import SPROUT
 from fastrobust.models import create as create_model
 from fastrobust.models.activations import SmoothReLU
-from fastrobust.optim import parameter_groups
-from fastrobust.presets import load_preset, make_config
-from fastrobust.schedules import lr_schedule
+from fastrobust.train.optim import parameter_groups
+from fastrobust.train.presets import load_preset, make_config
+from fastrobust.train.schedules import lr_schedule
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
 from helpers import synthetic_dataset

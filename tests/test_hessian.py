@@ -7,7 +7,7 @@ import json
 import torch
 
 from fastrobust.analysis.hessian import input_hessian_eigenvalues, top_eigenvalue
-from fastrobust.checkpoint import save_model
+from fastrobust.models.checkpoint import save_model
 from fastrobust.cli import main
 from fastrobust.models import create
 

@@ -21,8 +21,8 @@ from fastrobust.attacks import apgd, apgd_ce, apgd_t, autoattack, autoattack_off
 from fastrobust.errors import ConfigError
 from fastrobust.evaluate import clean_and_robust_counts, evaluate, pgd_accuracy
 from fastrobust.models import create as create_model
-from fastrobust.numbers import check_eps
-from fastrobust.sanity import sanity_checks
+from fastrobust.core.values import check_eps
+from fastrobust.evaluate.sanity import sanity_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,7 +187,7 @@ def test_batch_without_a_batch_dimension_is_refused(model, batch, entry):
 
 # ----------------------------------------------------------------------------- values once per call, no per-step sync
 def count_value_checks(monkeypatch) -> list[int]:
-    from fastrobust import inputs
+    from fastrobust.core import contract as inputs
 
     calls = [0]
     original = inputs._check_values

@@ -1,4 +1,4 @@
-"""Invariance evaluations (fastrobust.invariance): the transformations, the scores, and their place in evaluate()."""
+"""Invariance evaluations (fastrobust.evaluate.invariance): the transformations, the scores, and their place in evaluate()."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from fastrobust.errors import ConfigError
 from fastrobust.evaluate import evaluate
-from fastrobust.invariance import (
+from fastrobust.evaluate.invariance import (
     EVALUATIONS, add_gaussian_noise, evaluate_invariance, noise_correct_counts, rotate_translate, spatial_grid,
     spatial_robust,
 )
@@ -111,7 +111,7 @@ def test_evaluate_reports_invariance_in_the_record_format_outside_the_worst_case
 def test_cli_eval_runs_the_invariance_evaluations(tmp_path, capsys):
     from PIL import Image
 
-    from fastrobust.checkpoint import save_model
+    from fastrobust.models.checkpoint import save_model
     from fastrobust.cli import main
 
     for i in range(10):  # 8 test images, 2 training images (the folder format wants both splits)

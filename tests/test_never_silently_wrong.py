@@ -23,7 +23,7 @@ import fastrobust.evaluate as evaluate_module
 from fastrobust.attacks import apgd, apgd_ce, apgd_t, autoattack, fab_t, fgsm, pgd, rays, square
 from fastrobust.errors import FastRobustError
 from fastrobust.evaluate import clean_and_robust_counts, evaluate, pgd_accuracy
-from fastrobust.sanity import sanity_checks
+from fastrobust.evaluate.sanity import sanity_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_sanity_checks_flag_the_infinite_gradients_of_the_sqrt_model(sqrt_case):
 
 
 def test_ascent_direction_of_infinite_gradients():
-    from fastrobust.attacks._common import ascent_direction
+    from fastrobust.attacks.toolkit import ascent_direction
 
     inf, nan = float("inf"), float("nan")
     grad = torch.tensor([[inf, -inf, 3.0, nan], [1e38, 1e38, 0.0, nan], [0.0, 0.0, 0.0, 0.0]])
@@ -419,7 +419,7 @@ def cli_setup(tmp_path_factory):
     (different weights) and one whose last layer is NaN."""
     from PIL import Image
 
-    from fastrobust.checkpoint import save_model
+    from fastrobust.models.checkpoint import save_model
     from fastrobust.models import create
 
     root = tmp_path_factory.mktemp("eval-cli")
@@ -499,11 +499,11 @@ def test_cli_l2_sanity_checks_run_end_to_end(cli_setup, capsys, monkeypatch, tmp
     monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
     import functools
 
-    import fastrobust.sanity
+    import fastrobust.evaluate.sanity
 
     root, paths = cli_setup
-    cheap = functools.partial(fastrobust.sanity.sanity_checks, square_queries=20, apgd_iter=5)
-    monkeypatch.setattr(fastrobust.sanity, "sanity_checks", cheap)
+    cheap = functools.partial(fastrobust.evaluate.sanity.sanity_checks, square_queries=20, apgd_iter=5)
+    monkeypatch.setattr(fastrobust.evaluate.sanity, "sanity_checks", cheap)
     code, out, err = run_cli(capsys, *eval_args(root, paths["a"], "--norm", "l2", "--eps", "0.5", "--sanity",
                                                 "--json", "--queries", "20"))
     assert code == 0, err

@@ -11,7 +11,7 @@ from fastrobust import methods
 from fastrobust.attacks import pgd
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.evaluate import clean_and_robust_counts, evaluate
-from fastrobust.sanity import sanity_checks
+from fastrobust.evaluate.sanity import sanity_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

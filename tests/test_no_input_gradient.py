@@ -1,6 +1,6 @@
 """Models whose logits have no autograd path to the input (bit-depth reduction, ``x.detach()`` or a ``no_grad``
 input transform, logits without a ``grad_fn``): every gradient an attack, evaluation, sanity check or training
-method takes counts the missing input gradient as zero (``fastrobust.gradients.grad_or_zeros``).
+method takes counts the missing input gradient as zero (``fastrobust.core.gradients.grad_or_zeros``).
 
 Before, each of these entry points died inside ``torch.autograd.grad`` ("differentiated Tensor ... not used in
 the graph", "element 0 of tensors does not require grad"), and ``fastrobust eval --sanity``, whose ``gradients``
@@ -19,9 +19,9 @@ from fastrobust import methods
 from fastrobust.attacks import apgd_ce, apgd_t, autoattack, fab_t, fgsm, pgd
 from fastrobust.cli import main
 from fastrobust.evaluate import evaluate
-from fastrobust.gradients import grad_or_zeros
-from fastrobust.precision import AttackPrecision, attack_gradients, attack_precision
-from fastrobust.sanity import sanity_checks
+from fastrobust.core.gradients import grad_or_zeros
+from fastrobust.core.precision import AttackPrecision, attack_gradients, attack_precision
+from fastrobust.evaluate.sanity import sanity_checks
 
 from helpers import write_image_folder
 

@@ -1,4 +1,4 @@
-"""The attacks' precision inside a training step (fastrobust.precision), apart from the training autocast."""
+"""The attacks' precision inside a training step (fastrobust.core.precision), apart from the training autocast."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import torch
 
 from fastrobust import methods
 from fastrobust.attacks import pgd
-from fastrobust.attacks._common import input_gradient, per_example_loss
+from fastrobust.attacks.toolkit import input_gradient, per_example_loss
 from fastrobust.errors import ConfigError
 from fastrobust.methods.backward_smoothing import backward_smoothing_points
 from fastrobust.models import create as create_model
-from fastrobust.precision import AttackPrecision, attack_precision, loss_scale, resolve
+from fastrobust.core.precision import AttackPrecision, attack_precision, loss_scale, resolve
 from fastrobust.train import TrainConfig, Trainer
 
 from helpers import synthetic_dataset

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastrobust.errors import FastRobustError
-from fastrobust.programs import load_export, load_torchscript
+from fastrobust.models.programs import load_export, load_torchscript
 
 # torch's own notices about TorchScript and tracing, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
@@ -94,7 +94,7 @@ def test_exported_in_eval_mode_loads_and_a_zero_dropout_in_training_mode_is_no_t
     program = load_export(path)
     with torch.no_grad():
         assert torch.allclose(program(_images()), net(_images()), atol=1e-5)
-    from fastrobust.programs import export_training_ops
+    from fastrobust.core.traced import export_training_ops
 
     plain = nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(3 * 8 * 8, 3)).train()
     assert export_training_ops(torch.export.export(plain, (_images(),)).graph) == []
@@ -109,7 +109,7 @@ def test_a_program_traced_in_training_mode_is_refused_at_every_entry_point_given
     from fastrobust.attacks import autoattack, fab_t, pgd, square
     from fastrobust.errors import ConfigError
     from fastrobust.evaluate import evaluate
-    from fastrobust.sanity import sanity_checks
+    from fastrobust.evaluate.sanity import sanity_checks
 
     x, y = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
     traced = torch.jit.trace(_bn_net().train(), x)
@@ -132,7 +132,7 @@ def test_programs_in_eval_mode_run_through_evaluate_and_a_fixed_batch_says_how_t
     """An exported module could not be switched to eval mode (NotImplementedError from evaluate); one exported
     for a fixed batch failed with torch's guard message alone."""
     from fastrobust.evaluate import evaluate
-    from fastrobust.inputs import ModelError
+    from fastrobust.core.contract import ModelError
 
     net = _bn_net().eval()
     x, y = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -151,7 +151,7 @@ def test_a_norm_without_running_statistics_traced_in_eval_mode_is_not_a_training
     """BatchNorm(track_running_stats=False) uses batch statistics in eval mode too; its eval-mode trace was refused
     as 'traced in training mode', with advice (save after model.eval()) that could not help."""
     from fastrobust.evaluate import evaluate
-    from fastrobust.inputs import baked_training_ops
+    from fastrobust.core.contract import baked_training_ops
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(),

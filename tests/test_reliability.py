@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from fastrobust import training_state
+from fastrobust.train import state as training_state
 from fastrobust.cli import main
 
 EXE = shutil.which("fastrobust") or str(Path(sys.executable).with_name("fastrobust"))
@@ -270,7 +270,7 @@ def test_a_saved_model_file_altered_in_place_does_not_load_silently(finished_run
     a different architecture: the config travels with the weights and shapes are checked."""
     from safetensors import safe_open
 
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
     from fastrobust.errors import FastRobustError
 
     path = tmp_path / "m.safetensors"
@@ -325,7 +325,7 @@ def test_unwritable_output_folder_fails_before_loading_data(workspace, tmp_path,
 
 
 def test_full_disk_fails_before_training(workspace, tmp_path, capsys, monkeypatch):
-    import fastrobust.train as train_module
+    import fastrobust.train.run_folder as train_module
 
     monkeypatch.setattr(train_module, "os_free_bytes", lambda folder: 10 * 2**20)
     assert main(train_args(workspace, tmp_path / "run")) == 2
@@ -337,7 +337,7 @@ def test_full_disk_fails_before_training(workspace, tmp_path, capsys, monkeypatc
 def test_disk_full_during_training_is_one_line_and_the_run_resumes(workspace, tmp_path, capsys, monkeypatch):
     import errno
 
-    import fastrobust.training_state as state_module
+    import fastrobust.train.state as state_module
 
     real_write = state_module.atomic_write_bytes
     calls = {"n": 0}

@@ -56,7 +56,7 @@ def test_a_run_with_data_from_the_env_var_resumes_on_that_data_without_it(tmp_pa
 
 
 def test_the_default_cache_root_is_recorded_resolved(tmp_path, monkeypatch, one_thread):
-    from fastrobust.train import recorded_data_root
+    from fastrobust.train.config import recorded_data_root
 
     monkeypatch.delenv("FASTROBUST_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

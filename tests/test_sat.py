@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrobust import methods
-from fastrobust.checkpoint import load_model
+from fastrobust.models.checkpoint import load_model
 from fastrobust.cli import main
 from fastrobust.models import available_activations, make_activation
 from fastrobust.models.activations import ReLUSiLUGrad
-from fastrobust.presets import available_presets, load_preset, make_config
+from fastrobust.train.presets import available_presets, load_preset, make_config
 from fastrobust.train import Trainer, TrainConfig, train
 
 from helpers import synthetic_dataset, train_tinycnn_once

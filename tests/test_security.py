@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastrobust.checkpoint import import_state_dict, load_model, save_model
+from fastrobust.models.checkpoint import import_state_dict, load_model, save_model
 from fastrobust.cli import main
 from fastrobust.errors import FastRobustError
 from fastrobust.models import create
@@ -209,7 +209,7 @@ def test_a_module_with_a_module_submodule_loads_from_pt_as_from_safetensors(tmp_
     from safetensors.torch import save_file
     from torch import nn
 
-    from fastrobust.thirdparty import load_model as load_any
+    from fastrobust.models.thirdparty import load_model as load_any
 
     class Holder(nn.Module):
         def __init__(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fastrobust.data
 from fastrobust.cli import main
-from fastrobust.train import split_sizes_note
+from fastrobust.train.config import split_sizes_note
 
 from helpers import synthetic_dataset
 

@@ -260,7 +260,7 @@ def test_sprout_on_cifar10_beats_natural_under_pgd_and_a_gradient_free_attack_ag
     SPROUT (the authors' u optimiser, unclamped noise) 0.366 clean / 0.054 PGD-20 (docs/methods-cheap-robustness.md).
     The gradient-free Square attack must not find SPROUT much less robust than PGD does (gradient masking)."""
     from fastrobust.attacks import square
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
 
     base = tmp_path_factory.getbasetemp()
     natural, _ = train_tinycnn_once(cifar_subset, base, "natural", epochs=SPROUT_EPOCHS)

@@ -91,7 +91,7 @@ def test_the_trainers_pgd_steps_follow_eps_as_evaluates_do(tmp_path, one_thread)
     """At eps 0.3 twenty steps of the old fixed 2/255 move at most 0.157: the trainer's PGD-20 could never
     reach the ball's edge and reported about twice eval's robust accuracy. Both now take default_step."""
     from fastrobust.evaluate import default_step, evaluate
-    from fastrobust.checkpoint import load_model
+    from fastrobust.models.checkpoint import load_model
 
     settings = dict(model="tinycnn", dataset="synthetic", epochs=1, batch_size=32, device="cpu",
                     val_pgd_steps=10, test_pgd_steps=20, eps=0.3)
@@ -104,7 +104,7 @@ def test_the_trainers_pgd_steps_follow_eps_as_evaluates_do(tmp_path, one_thread)
     assert record["attacks"]["pgd20"]["settings"]["step_size"] == pytest.approx(result["test"]["step_size"])
     assert result["test"]["pgd20_acc"] == pytest.approx(record["attacks"]["pgd20"]["robust_acc"])
     # an explicit eval_step_size is kept, and a run stored with the old 2/255 at eps 8/255 is the same run
-    from fastrobust.run_folder import without_legacy_eval_step
+    from fastrobust.train.run_folder import without_legacy_eval_step
     assert without_legacy_eval_step({"eps": None, "eval_step_size": 2 / 255, "val_pgd_steps": 10,
                                      "test_pgd_steps": 20})["eval_step_size"] is None
     assert without_legacy_eval_step({"eps": 0.3, "eval_step_size": 2 / 255, "val_pgd_steps": 10,

@@ -110,7 +110,7 @@ def test_public_layouts_give_the_logits_of_the_plain_module(cli, tmp_path, case)
 
 
 def test_bottleneck_resnet50_gives_the_same_logits(tmp_path, one_thread):
-    from fastrobust.thirdparty import load_model
+    from fastrobust.models.thirdparty import load_model
 
     reference = pl.randomize(pl.resnet50(), seed=4)
     torch.save(reference.state_dict(), tmp_path / "r50.pt")
@@ -296,7 +296,7 @@ def test_wrong_pairings_are_one_line_naming_both_sides(cli, tmp_path):
     code, _, err, _ = cli(_save(tmp_path, pl.PreActResNet18(final_bn=False), "kuangliu.pt"))
     one_line_error(code, err, "kuangliu.pt", "no final BatchNorm", "--model-factory")
 
-    from fastrobust.thirdparty import load_model  # the fixed pooling window of a public layout vs 64x64 images
+    from fastrobust.models.thirdparty import load_model  # the fixed pooling window of a public layout vs 64x64 images
 
     with pytest.raises(FastRobustError, match=r"w16\.pt \(WideResNet-16-1, TRADES .* layout\) pools with a fixed "
                                               r"window that is global only for 32x32 images, tiny's are 64x64"):
@@ -340,7 +340,7 @@ def test_resume_names_an_html_page_saved_over_the_run_files(tmp_path, capsys):
     (tmp_path / "config.json").write_bytes(HTML)
     with pytest.raises(FastRobustError, match=r"config\.json is damaged or not a fastrobust config \(it looks like an HTML"):
         resume(tmp_path, progress=False, log=lambda _m: None)
-    from fastrobust import training_state
+    from fastrobust.train import state as training_state
 
     step = tmp_path / "checkpoints" / "step-000000001"
     step.mkdir(parents=True)
@@ -368,7 +368,7 @@ def _rewrite(source: Path, target: Path, change) -> Path:
 
 
 def test_export_programs_are_loaded_without_running_their_pickles_or_code(tmp_path):
-    from fastrobust.programs import load_export
+    from fastrobust.models.programs import load_export
 
     marker = tmp_path / "marker"
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
@@ -404,14 +404,14 @@ def test_export_programs_are_loaded_without_running_their_pickles_or_code(tmp_pa
     ("eval('1')", False), ("Symbol('s0'); open('x')", False),
 ])
 def test_symbolic_shape_expressions_allowed_in_a_program(expression, safe):
-    from fastrobust.programs import _safe_expression
+    from fastrobust.models.programs import _safe_expression
 
     assert _safe_expression(expression) is safe
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_archives_never_resolve_python_globals(tmp_path):
-    from fastrobust.programs import load_torchscript
+    from fastrobust.models.programs import load_torchscript
 
     marker = tmp_path / "marker"
     torch.jit.script(nn.Linear(2, 2)).save(str(tmp_path / "ok.pt"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastrobust.checkpoint import load_model
+from fastrobust.models.checkpoint import load_model
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.train import Trainer, TrainConfig, TrainingStopped, resume, train
 
@@ -170,7 +170,7 @@ def test_unwritable_output_folder_is_reported(tmp_path):
 
 
 def test_schedules():
-    from fastrobust.schedules import lr_schedule
+    from fastrobust.train.schedules import lr_schedule
 
     piecewise = lr_schedule("piecewise", 0.1, 100)
     assert [piecewise(t) for t in (0, 49.9, 50, 74.9, 75, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])

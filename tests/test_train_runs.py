@@ -14,7 +14,7 @@ import pytest
 import fastrobust.data
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError
-from fastrobust.run_folder import keep_epochs_through
+from fastrobust.train.run_folder import keep_epochs_through
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
 from helpers import crash_at_step, synthetic_dataset
@@ -178,7 +178,7 @@ def test_averaged_validation_is_shown_per_epoch_and_in_the_summary(tmp_path, syn
 
 # ---- 6. presets listed with what they are -------------------------------------------------------------
 def test_list_presets_shows_each_description(capsys):
-    from fastrobust.presets import available_presets, preset_descriptions
+    from fastrobust.train.presets import available_presets, preset_descriptions
 
     assert main(["train", "--list-presets"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}

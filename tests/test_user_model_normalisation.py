@@ -1,4 +1,4 @@
-"""Input normalisation of models trained elsewhere is applied exactly once (fastrobust.thirdparty.load_model).
+"""Input normalisation of models trained elsewhere is applied exactly once (fastrobust.models.thirdparty.load_model).
 
 A user module that normalises inside its forward (its own ``mean``/``std`` buffers) must not be wrapped in a
 second normalisation, whether it comes from a registered factory (``--import``/``--model``), a ``--model-factory``
@@ -17,7 +17,7 @@ from fastrobust.cli.eval_cmd import _loaded_text
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.models import create, register, unregister
 from fastrobust.models.layouts import identify
-from fastrobust.thirdparty import load_model
+from fastrobust.models.thirdparty import load_model
 
 # torch's own notices about TorchScript and tracing, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastrobust.checkpoint import load_model
+from fastrobust.models.checkpoint import load_model
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError, FastRobustError
-from fastrobust.models import available_models, create, plugins, register, unregister
+from fastrobust.models import available_models, create, register, registry, unregister
 from fastrobust.train import Trainer, TrainConfig, resume, train
 
 from helpers import crash_at_step, synthetic_dataset, write_image_folder
@@ -216,10 +216,10 @@ def test_entry_points_register_names(plugin_folder, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[fastrobust.models]\npluginnet = my_plugin:plugin_net\n")
     monkeypatch.syspath_prepend(str(plugin_folder))
-    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
     model = create("pluginnet", num_classes=5, in_channels=3)
     assert type(model).__name__ == "PluginNet" and model.body[-1].out_features == 5
-    assert plugins.lookup("pluginnet").origin == "my_plugin:plugin_net"
+    assert registry.lookup("pluginnet").origin == "my_plugin:plugin_net"
 
 
 # ----------------------------------------------------------------------------- AMP, channels_last, two ranks

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .errors import ConfigError, DataError, FastRobustError  # noqa: E402
+from fastrobust.errors import ConfigError, DataError, FastRobustError  # noqa: E402
 
 __all__ = ["ConfigError", "DataError", "FastRobustError", "__version__"]

@@ -15,3 +15,7 @@ class DataError(FastRobustError):
 
 class ConfigError(FastRobustError, ValueError):
     """A configuration value that is out of range or malformed."""
+
+
+class TrainingStopped(FastRobustError):
+    """Training ended early on purpose (signal, NaN, collapse); the message says how to continue."""

@@ -16,6 +16,8 @@ initialisation) and returns one eigenvalue per example.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..gradients import grad_or_zeros
+from fastrobust.core.gradients import grad_or_zeros
+from fastrobust.errors import ConfigError
+from fastrobust.evaluate.evaluation import iterate_split
+from fastrobust.methods.backward_smoothing import backward_smoothing_points
 
 INITS = ("random", "backward_smoothing", "clean")
 LOSSES = ("kl", "ce")
@@ -100,8 +104,6 @@ def starting_points(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, init:
         noise = torch.rand(x.shape, generator=generator, device="cpu" if generator is None else generator.device)
         return (x + (noise.to(x.device) * 2 - 1) * eps).clamp(0, 1).detach()
     if init == "backward_smoothing":
-        from ..methods.backward_smoothing import backward_smoothing_points
-
         _, x1, _ = backward_smoothing_points(model, x, y, eps=eps, step_size=step_size if step_size is not None else eps,
                                              gamma=gamma, attack_steps=0)
         return x1.detach()
@@ -154,7 +156,6 @@ def model_eigenvalues(model: nn.Module, images: Tensor, labels: Tensor, *, eps: 
                       device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
     """Per init, the summary (mean/std/median/max over the images) of the top input-Hessian eigenvalue of the
     inner-max loss at that starting point. ``images`` uint8 or float [N, C, H, W] in [0, 1] pixel units."""
-    from ..evaluate import iterate_split
 
     out: dict[str, dict[str, float]] = {}
     for init in inits:
@@ -169,8 +170,6 @@ def model_eigenvalues(model: nn.Module, images: Tensor, labels: Tensor, *, eps: 
 def epoch_model_files(run_dir: Path) -> list[tuple[str, int | None, Path]]:
     """(label, epoch, file) of every per-epoch model of a run: ``epochs/epoch-NNN.safetensors`` (the trainer's
     ``save_epoch_models``), else the kept checkpoints ``checkpoints/step-*/model.safetensors``; oldest first."""
-    import json
-    import re
 
     files: list[tuple[str, int | None, Path]] = []
     for file in sorted(run_dir.glob("epochs/epoch-*.safetensors")):

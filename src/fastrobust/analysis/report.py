@@ -33,13 +33,15 @@ import math
 import os
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import FastRobustError
-from ..numbers import pixel_text
-from ..records import read_jsonl
+from fastrobust.core.records import read_jsonl
+from fastrobust.core.values import parse_number, pixel_text
+from fastrobust.data.datasets import resolve_root
+from fastrobust.errors import FastRobustError
+from fastrobust.methods import method_class
 
 METHOD_ORDER = ("natural", "pgd_at", "trades", "fast_at", "fast_at_2step", "fast_trades", "fast_at_plus",
                 "backward_smoothing", "backward_smoothing_at", "sprout", "slat")
@@ -99,9 +101,6 @@ class Run:
             return dict(recorded)
         given = dict(self.config.get("method_params") or {})
         try:
-            from dataclasses import fields
-
-            from ..methods import method_class
 
             defaults = {f.name: f.default for f in fields(method_class(self.method).Config)}
         except Exception:  # noqa: BLE001 - a method unknown here: the given parameters only
@@ -169,8 +168,6 @@ class Run:
 def _as_number(value: Any) -> Any:
     """A method parameter as given in YAML ("8/255") as a number, for sorting and display."""
     if isinstance(value, str):
-        from ..numbers import parse_number
-
         try:
             return parse_number(value)
         except Exception:  # noqa: BLE001 - not a number: keep the text
@@ -435,10 +432,10 @@ def sensitivity(runs: list[Run]) -> list[tuple[str, str, list[str], list[list[st
 
 # ----------------------------------------------------------------------------------------- figures
 def _pyplot():
-    import matplotlib
+    import matplotlib  # backend: pyplot must be imported after use("Agg"), and only by a report
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # backend
 
     return plt
 
@@ -625,7 +622,6 @@ def portable_path(text: str, data_roots: list[str | Path] | None = None, project
 
 def _data_roots(runs: list[Run]) -> list[str]:
     """Where the runs' datasets were looked for: each run's data_root, $FASTROBUST_DATA, the default root."""
-    from ..data.datasets import resolve_root
 
     roots = [r.config.get("data_root") for r in runs] + [os.environ.get("FASTROBUST_DATA")]
     try:

@@ -59,9 +59,17 @@ from typing import Any, Callable
 
 import yaml
 
-from ..checkpoint import atomic_write_json
-from ..errors import ConfigError, FastRobustError
-from ..numbers import pixel_text
+from fastrobust.analysis.hessian import INITS, LOSSES, epoch_model_files, model_eigenvalues
+from fastrobust.core.files import atomic_write_json
+from fastrobust.core.values import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
+from fastrobust.data import balanced_head, load_dataset
+from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.evaluate.evaluation import ATTACKS, attack_settings, evaluate
+from fastrobust.methods import method_class
+from fastrobust.models.checkpoint import load_model
+from fastrobust.train.presets import load_preset, make_config
+from fastrobust.train.run_folder import without_legacy_eval_step
+from fastrobust.train.trainer import TrainConfig, Trainer, TrainingStopped, resolve_device, resume
 
 SPEC_KEYS = ("description", "preset", "base", "methods", "grid", "evaluate")
 EVAL_KEYS = ("attacks", "eps", "test_subset", "batch_size", "options", "seed", "hessian")
@@ -202,7 +210,6 @@ def _prefixed(parse: Callable[[Any, str], Any], value: Any, source: str) -> Any:
 
 
 def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
-    from ..numbers import check_eps, check_nonnegative_int, check_positive_int
 
     if value is None or value == []:
         return None
@@ -236,10 +243,6 @@ def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
     for key in spec.options:
         if key not in spec.attacks:
             raise ConfigError(f"sweep spec {source}: evaluate.options names {key!r}, which is not among the attacks {spec.attacks}")
-    try:
-        from ..evaluate import ATTACKS, attack_settings
-    except ImportError:  # an evaluate module without the full suite: attacks are checked when run
-        return spec
     for name in spec.attacks:
         if name not in ATTACKS:
             raise ConfigError(f"sweep spec {source}: evaluate attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
@@ -248,8 +251,6 @@ def _parse_evaluate(value: Any, source: str) -> EvalSpec | None:
 
 
 def _parse_hessian(value: Any, source: str) -> HessianSpec | None:
-    from ..numbers import check_nonnegative_int, check_positive_int, parse_number
-    from .hessian import INITS, LOSSES
 
     if value is None or value is False:
         return None
@@ -326,7 +327,6 @@ def _settings_for(spec: SweepSpec, assignment: dict[str, Any], base: dict[str, A
 
 def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
     """Every run of the spec with a validated TrainConfig; any bad value raises ConfigError (one line)."""
-    from ..presets import load_preset, make_config
 
     out = Path(out)
     base: dict[str, Any] = load_preset(spec.preset) if spec.preset else {}
@@ -380,8 +380,6 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
                               "set save_epoch_models: 1 in base (or per_epoch: false for the best model only)")
         runs.append(PlannedRun(name=name, varied=varied, config=config))
     for method in spec.methods:
-        from ..methods import method_class
-
         try:
             method_class(method)
         except FastRobustError as error:
@@ -401,7 +399,6 @@ def points_key(count: int | None) -> dict[str, Any]:
 
 def eval_points(dataset: Any, count: int | None) -> tuple[Any, Any]:
     """``count`` class-balanced points of ``dataset``'s test split (images, labels); see ``points_key``."""
-    from ..data import balanced_head
 
     return balanced_head(dataset.test.images, dataset.test.labels, count)
 
@@ -416,9 +413,7 @@ def _check_same_config(run: PlannedRun, saved: dict[str, Any], where: Path) -> N
     """Refuse a run folder made with other settings. A setting the saved config lacks (a TrainConfig field
     added since) counts as equal when the plan leaves it at its default; one only the saved config has
     (a field since removed) is ignored."""
-    from ..train import TrainConfig
 
-    from ..run_folder import without_legacy_eval_step
 
     planned = _comparable(asdict(run.config))
     saved = _comparable(without_legacy_eval_step(saved))
@@ -476,21 +471,12 @@ def evaluate_run(run_dir: Path, config: Any, dataset: Any, eval_spec: EvalSpec, 
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the spec's attacks on ``run_dir``'s best model for every eps; writes and returns ``eval.json``
     (and ``hessian.json`` when the spec asks for the loss smoothness)."""
-    from ..checkpoint import load_model
-    from ..train import resolve_device
 
     if eval_spec.hessian is not None and not _hessian_done(run_dir, eval_spec.hessian):
         hessian_run(run_dir, config, dataset, eval_spec.hessian, log=log)
     if not eval_spec.attacks:
         return {}
 
-    try:
-        from ..evaluate import evaluate
-    except ImportError:
-        log(f"{run_dir.name}: fastrobust.evaluate.evaluate is not available; extra attacks skipped")
-        record = {"model": "best.safetensors", "evaluations": [], "unavailable": "fastrobust.evaluate.evaluate missing"}
-        atomic_write_json(run_dir / EVAL_FILE, record)
-        return record
     device = resolve_device(config.device)
     model, _ = load_model(run_dir / "best.safetensors", device=device)
     images, labels = eval_points(dataset, eval_spec.test_subset)
@@ -529,9 +515,6 @@ def hessian_run(run_dir: Path, config: Any, dataset: Any, spec: HessianSpec, *,
     """Top input-Hessian eigenvalues of ``run_dir``'s models (per epoch, or best); writes ``hessian.json``.
 
     Model paths in the records are relative to the run folder."""
-    from ..train import resolve_device
-    from ..checkpoint import load_model
-    from .hessian import epoch_model_files, model_eigenvalues
 
     device = resolve_device(config.device)
     if spec.per_epoch:
@@ -568,7 +551,6 @@ def _data_key(config: Any) -> tuple:
 
 
 def _default_loader(config: Any) -> Any:
-    from ..data import load_dataset
 
     return load_dataset(config.dataset, config.data_root, val_size=config.val_size,
                         train_subset=config.train_subset, test_subset=config.test_subset)
@@ -617,7 +599,6 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
     leaves the other runs ``pending``. Ctrl-C or SIGTERM stops the sweep after saving the current run's
     checkpoint (status ``interrupted``).
     """
-    from ..train import Trainer, TrainingStopped, resume
 
     if log is None:
         log = lambda message: print(message, file=sys.stderr)  # noqa: E731

@@ -1,12 +1,12 @@
 """Adversarial attacks: functions ``(model, x, y, *, eps, ...) -> x_adv`` in [0,1] pixel space."""
 
-from ._common import cw_margin, kl_to, model_mode, project
-from .apgd import apgd, apgd_ce, apgd_t, dlr_loss, dlr_targeted_loss
-from .autoattack import AutoAttackResult, autoattack, autoattack_official
-from .fab import fab_t
-from .pgd import fgsm, pgd
-from .rays import RaySResult, rays
-from .square import square
+from fastrobust.attacks.apgd import apgd, apgd_ce, apgd_t, dlr_loss, dlr_targeted_loss
+from fastrobust.attacks.autoattack import AutoAttackResult, autoattack, autoattack_official
+from fastrobust.attacks.fab import fab_t
+from fastrobust.attacks.pgd import fgsm, pgd
+from fastrobust.attacks.rays import RaySResult, rays
+from fastrobust.attacks.square import square
+from fastrobust.attacks.toolkit import cw_margin, kl_to, model_mode, project
 
 __all__ = [
     "AutoAttackResult",

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from fastrobust.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "auto")
 CUDA_CHECK_EVERY = 5

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..gradients import grad_or_zeros
+from fastrobust.core.gradients import grad_or_zeros
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy

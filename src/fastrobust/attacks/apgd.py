@@ -27,11 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..inputs import check_labels, entry_point
-from ..numbers import check_eps
-from ._common import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
-from ._engine import Execution, Rows, confirm, execution_for, forward_context, target_rows, target_waves
+from fastrobust.attacks._engine import (
+    Execution,
+    Rows,
+    confirm,
+    execution_for,
+    forward_context,
+    target_rows,
+    target_waves,
+)
+from fastrobust.attacks.toolkit import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
+from fastrobust.core.contract import check_labels, entry_point
+from fastrobust.core.values import check_eps
+from fastrobust.errors import ConfigError
 
 LOSSES = ("ce", "dlr", "ce-targeted", "dlr-targeted")
 

@@ -25,17 +25,17 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..attack_options import check_options
-from ..errors import ConfigError
-from ..inputs import entry_point, predicts
-from ..numbers import check_eps
-from ._common import check_norm, model_mode
-from ._engine import check_precision, execution_for
-from ._frozen import frozen_copies
-from .apgd import apgd_ce, apgd_t, targeted_settings_used
-from .fab import fab_t
-from .official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
-from .square import square
+from fastrobust.attacks._engine import check_precision, execution_for
+from fastrobust.attacks._frozen import frozen_copies
+from fastrobust.attacks.apgd import apgd_ce, apgd_t, targeted_settings_used
+from fastrobust.attacks.fab import fab_t
+from fastrobust.attacks.official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
+from fastrobust.attacks.square import square
+from fastrobust.attacks.toolkit import check_norm, model_mode
+from fastrobust.core.attack_options import check_options
+from fastrobust.core.contract import entry_point, predicts
+from fastrobust.core.values import check_eps
+from fastrobust.errors import ConfigError
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),

@@ -25,13 +25,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..gradients import grad_or_zeros
-from ..inputs import check_labels, entry_point
-from ..numbers import check_eps
-from ._common import check_norm, model_mode
-from ._engine import Execution, Rows, confirm, execution_for, forward_context, misclassified, target_rows, target_waves
-from .apgd import ranked_targets
+from fastrobust.attacks._engine import (
+    Execution,
+    Rows,
+    confirm,
+    execution_for,
+    forward_context,
+    misclassified,
+    target_rows,
+    target_waves,
+)
+from fastrobust.attacks.apgd import ranked_targets
+from fastrobust.attacks.toolkit import check_norm, model_mode
+from fastrobust.core.contract import check_labels, entry_point
+from fastrobust.core.gradients import grad_or_zeros
+from fastrobust.core.values import check_eps
+from fastrobust.errors import ConfigError
 
 
 def _flat_norm(v: Tensor, norm: str) -> Tensor:

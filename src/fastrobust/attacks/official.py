@@ -16,14 +16,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+from importlib.metadata import version as dist_version
 from types import ModuleType
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import FastRobustError
-from ._common import model_mode
+from fastrobust.attacks.toolkit import model_mode
+from fastrobust.errors import FastRobustError
 
 PACKAGES = ("pyautoattack", "autoattack")
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
@@ -57,8 +58,6 @@ def official_version() -> str | None:
     version = getattr(module, "__version__", None)
     if version is None:
         try:
-            from importlib.metadata import version as dist_version
-
             version = dist_version(module.__name__)
         except Exception:  # the GitHub package may carry no metadata
             version = "unknown"
@@ -90,7 +89,7 @@ def _parameter_grads_kept(model: nn.Module) -> Iterator[None]:
 
 class InputPath(nn.Module):
     """``model(x)`` plus an exact zero computed from ``x``, so that the official code's ``torch.autograd.grad``
-    (without ``allow_unused``) sees a zero input gradient, as fastrobust's attacks do (``fastrobust.gradients``),
+    (without ``allow_unused``) sees a zero input gradient, as fastrobust's attacks do (``fastrobust.core.gradients``),
     instead of raising on a model whose logits have no autograd path to the input (bit-depth reduction, a
     detach). The logits are the model's (x is finite); every other model's gradient is unchanged."""
 

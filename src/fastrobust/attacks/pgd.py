@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..inputs import check_labels, entry_point
-from ..numbers import check_eps
-from ._common import (
+from fastrobust.attacks.toolkit import (
     ascent_direction,
     check_norm,
     input_gradient,
@@ -21,6 +18,9 @@ from ._common import (
     project,
     random_start,
 )
+from fastrobust.core.contract import check_labels, entry_point
+from fastrobust.core.values import check_eps
+from fastrobust.errors import ConfigError
 
 
 @entry_point("pgd")

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..inputs import entry_point, predicts
-from ..numbers import check_eps
-from ._common import model_mode
+from fastrobust.attacks.toolkit import model_mode
+from fastrobust.core.contract import entry_point, predicts
+from fastrobust.core.values import check_eps
+from fastrobust.errors import ConfigError
 
 
 def official_tol(dim: int) -> float:

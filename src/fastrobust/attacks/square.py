@@ -31,11 +31,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..inputs import entry_point
-from ..numbers import check_eps
-from ._common import check_norm, cw_margin, model_mode
-from ._engine import Execution, Rows, execution_for, forward_context
+from fastrobust.attacks._engine import Execution, Rows, execution_for, forward_context
+from fastrobust.attacks.toolkit import check_norm, cw_margin, model_mode
+from fastrobust.core.contract import entry_point
+from fastrobust.core.values import check_eps
+from fastrobust.errors import ConfigError
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 

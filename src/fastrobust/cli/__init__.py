@@ -10,14 +10,14 @@ import argparse
 import importlib
 import sys
 
-from ..errors import FastRobustError
+from fastrobust import __version__
+from fastrobust.errors import FastRobustError
 
 _COMMANDS = ("train", "eval", "data", "models", "methods", "sweep", "report", "analyze")
 _PLUGIN_COMMANDS = ("train", "eval", "models", "sweep", "analyze")  # commands that take --import MODULE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="fastrobust",
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "imports", None):
-            from ..models import import_plugins
+            from fastrobust.models import import_plugins  # startup
 
             import_plugins(args.imports)
         return int(args.func(args) or 0)

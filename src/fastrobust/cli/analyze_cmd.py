@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, FastRobustError
+from fastrobust.cli.run_info import dataset_or_run_dataset, run_eps, trained_on
+from fastrobust.errors import ConfigError, FastRobustError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_files(checkpoint: str, all_epochs: bool) -> list[tuple[str, Path]]:
-    from ..analysis.hessian import epoch_model_files
-    from ..checkpoint import resolve_model_file
+    from fastrobust.analysis.hessian import epoch_model_files  # startup
+    from fastrobust.models.checkpoint import resolve_model_file  # startup
 
     path = Path(checkpoint)
     if not all_epochs:
@@ -66,7 +67,7 @@ def _model_files(checkpoint: str, all_epochs: bool) -> list[tuple[str, Path]]:
 
 def _check_fits(model, dataset, file: Path, run_dataset: str | None) -> None:
     """One line when the model was built for other images or classes than the dataset has."""
-    from ..inputs import fastrobust_config
+    from fastrobust.core.contract import fastrobust_config  # startup
 
     config = fastrobust_config(model) or {}
     channels, size, classes = config.get("in_channels"), config.get("image_size"), config.get("num_classes")
@@ -84,13 +85,18 @@ def _check_fits(model, dataset, file: Path, run_dataset: str | None) -> None:
 
 
 def run_hessian(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # startup
 
-    from ..analysis.hessian import model_eigenvalues
-    from ..checkpoint import load_model
-    from ..data import balanced_head, load_dataset
-    from ..numbers import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
-    from .run_info import dataset_or_run_dataset, run_eps, trained_on
+    from fastrobust.analysis.hessian import model_eigenvalues  # startup
+    from fastrobust.core.values import (  # startup
+        check_eps,
+        check_nonnegative_int,
+        check_positive_int,
+        parse_number,
+        pixel_text,
+    )
+    from fastrobust.data import balanced_head, load_dataset  # startup
+    from fastrobust.models.checkpoint import load_model  # startup
 
     n = check_positive_int(args.n, name="--n")
     iterations = check_positive_int(args.iterations, name="--iterations")

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
+    from fastrobust.data import load_dataset  # startup
 
     dataset = load_dataset(args.name, args.root, val_size=args.val_size, download=args.download or None,
                            cache_dir=args.cache_dir, channels=args.channels)

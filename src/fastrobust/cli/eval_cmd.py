@@ -8,12 +8,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..errors import ConfigError, FastRobustError
-from .run_info import dataset_or_run_dataset, run_eps as _run_eps, trained_on as _trained_on
+from fastrobust.cli.run_info import dataset_or_run_dataset
+from fastrobust.cli.run_info import run_eps as _run_eps
+from fastrobust.cli.run_info import trained_on as _trained_on
+from fastrobust.errors import ConfigError, FastRobustError
 
 
 def register(subparsers) -> None:
-    from ..evaluate import ATTACKS
+    from fastrobust.evaluate import ATTACKS  # startup
 
     parser = subparsers.add_parser(
         "eval",
@@ -72,7 +74,7 @@ def register(subparsers) -> None:
 
 
 def _device(name: str | None):
-    import torch
+    import torch  # startup
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,9 +101,9 @@ def _input_shape(model) -> tuple[int | None, int | None]:
 
 def _own_checkpoint(args: argparse.Namespace) -> bool:
     """A fastrobust run folder or file evaluated as saved (no third-party loading options)."""
-    from ..checkpoint import MODEL_KEY
-    from ..filekind import checkpoint_format
-    from ..thirdparty import has_fastrobust_header
+    from fastrobust.core.filekind import checkpoint_format  # startup
+    from fastrobust.models.checkpoint import MODEL_KEY  # startup
+    from fastrobust.models.thirdparty import has_fastrobust_header  # startup
 
     if args.model or args.model_factory or args.normalization:
         return False
@@ -117,8 +119,8 @@ def _own_checkpoint(args: argparse.Namespace) -> bool:
 def _check_files(args: argparse.Namespace) -> None:
     """Every file argument, before any data is read or attack run: --checkpoint exists, --out is a new or
     JSON-lines file that can be written, --state is an evaluation state file or a new file."""
-    from ..evaluate import read_state_file
-    from ..output_files import check_records_file, check_writable
+    from fastrobust.core.output_files import check_records_file, check_writable  # startup
+    from fastrobust.evaluate import read_state_file  # startup
 
     if not Path(args.checkpoint).exists():
         raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder, a checkpoint folder "
@@ -134,11 +136,11 @@ def _check_files(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import distributed as dist_lib
-    from ..numbers import check_positive_int
+    from fastrobust.core import distributed as dist_lib  # startup
+    from fastrobust.core.values import check_positive_int  # startup
 
     if args.nproc is not None:
-        from .train_cmd import command_line
+        from fastrobust.cli.train_cmd import command_line  # startup
 
         return dist_lib.relaunch(check_positive_int(args.nproc, name="--nproc"), command_line("eval"))
     try:
@@ -156,12 +158,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .. import distributed as dist_lib
-    from ..checkpoint import load_model
-    from ..data import load_dataset
-    from ..evaluate import evaluate
-    from ..inputs import ModelError, small_l2_eps_note
-    from ..numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int, pixel_text
+    from fastrobust.core import distributed as dist_lib  # startup
+    from fastrobust.core.contract import ModelError, small_l2_eps_note  # startup
+    from fastrobust.core.values import (  # startup
+        check_eps,
+        check_eps_fits,
+        check_nonnegative_int,
+        check_positive_int,
+        pixel_text,
+    )
+    from fastrobust.data import load_dataset  # startup
+    from fastrobust.evaluate import evaluate  # startup
+    from fastrobust.models.checkpoint import load_model  # startup
 
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
@@ -194,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fastrobust eval: warning: run {run_folder} was trained on {trained_on}, evaluated here on "
               f"{dataset.name}", file=sys.stderr)
     if not own:
-        from ..thirdparty import load_model as load_any, parse_normalization
+        from fastrobust.models.thirdparty import load_model as load_any  # startup
+        from fastrobust.models.thirdparty import parse_normalization
 
         normalization = parse_normalization(args.normalization, dataset.image_shape[0], dataset_name=dataset.name,
                                             dataset_stats=(dataset.mean, dataset.std))
@@ -242,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
                               device=device, state_file=args.state, progress=not args.quiet, seed=seed,
                               attack_options=options, distributed=ctx.active)
             if args.sanity and ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
-                from ..sanity import sanity_checks
+                from fastrobust.evaluate.sanity import sanity_checks  # startup
 
                 record["sanity"] = sanity_checks(model, dataset.test, eps=eps, norm=args.norm,
                                                  batch_size=batch_size, device=device, seed=seed,

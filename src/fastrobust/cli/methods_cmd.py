@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..methods import available_methods, describe
+    from fastrobust.methods import available_methods, describe  # startup
 
     records = [describe(name) for name in available_methods()]
     if args.json:

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import available_activations, model_info
+    from fastrobust.models import available_activations, model_info  # startup
 
     rows = model_info(num_classes=10, in_channels=3, image_size=32)
     if args.json:

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.report import build_report
+    from fastrobust.analysis.report import build_report  # startup
 
     written = build_report(args.dir, args.out, title=args.title, notes=args.note, html_page=not args.no_html)
     print(f"report of {written['runs']} runs: {written['markdown']}"

@@ -4,7 +4,10 @@ on and the eps it was trained and tested at (the defaults of ``fastrobust eval``
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from fastrobust.errors import ConfigError
 
 
 def run_folder(checkpoint: Path) -> Path | None:
@@ -55,9 +58,7 @@ def dataset_or_run_dataset(given: str | None, run_dataset: str | None, run: Path
                            say: bool = True) -> str:
     """``--dataset`` when given, else the run's dataset (said on stderr as ``fastrobust COMMAND: ...``);
     ConfigError when neither names one."""
-    import sys
 
-    from ..errors import ConfigError
 
     if given is not None:
         return given

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.sweep import run_sweep
+    from fastrobust.analysis.sweep import run_sweep  # startup
 
     log = _runs_only if args.quiet else (lambda message: print(message, file=sys.stderr))
     summary = run_sweep(args.spec, args.out, dry_run=args.dry_run, progress=not args.quiet, log=log)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, FastRobustError
-from ..numbers import check_positive_int, parse_number
+from fastrobust.core.values import check_positive_int, parse_number
+from fastrobust.errors import ConfigError, FastRobustError
 
 # flag -> TrainConfig field, for flags that map one to one
 _FLAGS = {
@@ -69,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from ..presets import load_preset, parse_assignments
+    from fastrobust.train.presets import load_preset, parse_assignments  # startup
 
     settings: dict[str, Any] = load_preset(args.preset) if args.preset else {}
     for flag, name in _FLAGS.items():
@@ -95,7 +97,7 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def list_presets(as_json: bool) -> None:
     """Each shipped preset with the first clause of its description (``as_json``: the full descriptions)."""
-    from ..presets import preset_descriptions, summary_line
+    from fastrobust.train.presets import preset_descriptions, summary_line  # startup
 
     described = preset_descriptions()
     if as_json:
@@ -111,11 +113,9 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     """With --resume: ConfigError naming every setting that the other flags (a preset, flags, --set) would
     change, stored vs given. --epochs, --device and --data-root apply to a resumed run (train.RESUME_OVERRIDES);
     flags that repeat the stored value are accepted."""
-    from dataclasses import asdict
-    from pathlib import Path
 
-    from ..presets import make_config
-    from ..train import RESUME_OVERRIDES, TrainConfig, read_run_config
+    from fastrobust.train import RESUME_OVERRIDES, TrainConfig, read_run_config  # startup
+    from fastrobust.train.presets import make_config  # startup
 
     given = collect_settings(args)
     for key in RESUME_OVERRIDES:
@@ -149,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         check_resume_flags(args)
     if args.nproc is not None:
-        from ..distributed import relaunch
+        from fastrobust.core.distributed import relaunch  # startup
 
         return relaunch(check_positive_int(args.nproc, name="--nproc"), command_line("train"))
-    from .. import distributed as dist_lib
+    from fastrobust.core import distributed as dist_lib  # startup
 
     try:
         return _train(args)
@@ -185,9 +185,9 @@ def _out_of(args: argparse.Namespace) -> str | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .. import distributed as dist_lib
-    from ..presets import make_config
-    from ..train import Trainer, describe_best, resume
+    from fastrobust.core import distributed as dist_lib  # startup
+    from fastrobust.train import Trainer, describe_best, resume  # startup
+    from fastrobust.train.presets import make_config  # startup
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     if args.resume:

@@ -3,7 +3,7 @@
 See docs/data.md for where files are looked for, the cache and the loader.
 """
 
-from .datasets import (
+from fastrobust.data.datasets import (
     Dataset,
     ImageSet,
     available_datasets,
@@ -12,7 +12,7 @@ from .datasets import (
     resolve_cache_dir,
     resolve_root,
 )
-from .loader import DeviceLoader
+from fastrobust.data.loader import DeviceLoader
 
 __all__ = [
     "Dataset",

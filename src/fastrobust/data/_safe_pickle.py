@@ -12,7 +12,7 @@ import pickle
 
 import numpy as np
 
-from ..errors import DataError
+from fastrobust.errors import DataError
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _RECONSTRUCT

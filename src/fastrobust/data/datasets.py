@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
+import io
 import json
 import numbers
 import os
@@ -11,15 +13,18 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
-from ..errors import ConfigError, DataError
-from . import formats
+from fastrobust.data import formats
+from fastrobust.errors import ConfigError, DataError
 
 CACHE_FORMAT = 2
 VAL_SEED = 20240601  # fixed: the validation split never depends on the run seed
@@ -411,9 +416,7 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 def _stored_in_colour(blob: bytes, name: str, source: Path) -> bool:
     """Whether an encoded image is stored in a colour mode (RGB, RGBA, CMYK, YCbCr, palette, ...); reads the
     header only."""
-    import io
 
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(blob)) as image:
@@ -584,8 +587,6 @@ def _load_or_decode(name: str, candidate: Candidate, cache_root: Path) -> tuple[
             _atomic_save(folder / f"{split}_labels.npy", y)
         _atomic_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
     except OSError as error:
-        import warnings
-
         warnings.warn(f"could not write the decoded cache {folder}: {error}", stacklevel=3)
     return meta, raw.splits
 
@@ -670,9 +671,7 @@ def download_file(item: Download, folder: Path, *, timeout: float = 60.0, attemp
 
 def _fetch(item: Download, part: Path, *, timeout: float, progress: bool | None) -> None:
     """One HTTP transfer into ``part``, resuming from its current size when the server honours Range."""
-    import http.client
 
-    from tqdm import tqdm
 
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(item.url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -709,7 +708,7 @@ def _fetch(item: Download, part: Path, *, timeout: float, progress: bool | None)
 def _folder_lock(folder: Path):
     """An exclusive lock on the folder itself (fcntl.flock on its descriptor; nothing is created in it)."""
     try:
-        import fcntl
+        import fcntl  # posix: absent on Windows
     except ImportError:  # Windows: no lock
         yield
         return

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import gzip
 import io
+import multiprocessing
 import os
 import re
 import struct
+import tarfile
+import zipfile
 import zlib
 from typing import Callable, Iterable
 
 import numpy as np
+from PIL import Image
 
-from ..errors import DataError
-from ._safe_pickle import safe_loads
+from fastrobust.data._safe_pickle import safe_loads
+from fastrobust.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -192,8 +196,6 @@ def is_image(name: str) -> bool:
 
 def read_members(path: str, keep: Callable[[str], bool]) -> dict[str, bytes]:
     """Bytes of every file whose relative path passes ``keep``, from a directory, .tar(.gz) or .zip."""
-    import tarfile
-    import zipfile
 
     out: dict[str, bytes] = {}
     if os.path.isdir(path):
@@ -236,7 +238,6 @@ def decode_images(
     blobs: list[bytes], *, mode: str, size: tuple[int, int] | None
 ) -> tuple[np.ndarray | None, int, str]:
     """Decode encoded images to ``uint8 [N, C, H, W]``; on failure return (None, index, reason)."""
-    from PIL import Image
 
     channels = 1 if mode == "L" else 3
     out = None
@@ -285,8 +286,6 @@ def decode_many(
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     results = None
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-
         try:
             context = multiprocessing.get_context("fork")
             with context.Pool(workers) as pool:

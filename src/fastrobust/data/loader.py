@@ -7,8 +7,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .datasets import ImageSet
+from fastrobust.data.datasets import ImageSet
+from fastrobust.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
 

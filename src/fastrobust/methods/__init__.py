@@ -6,13 +6,22 @@
 4.0
 """
 
-from . import backward_smoothing, fast, slat, sprout, standard  # noqa: F401  (registration)
-from .backward_smoothing import BackwardSmoothing, BackwardSmoothingAT, backward_smoothing_points
-from .base import Cost, Method, MethodConfig, available_methods, create, describe, method_class, register
-from .fast import FastAT, FastAT2Step, FastATPlus, FastTRADES
-from .slat import SLAT
-from .sprout import SPROUT
-from .standard import PGDAT, TRADES, Natural, adversarial_ce, trades_objective
+from fastrobust.methods import backward_smoothing, fast, slat, sprout, standard  # noqa: F401  (registration)
+from fastrobust.methods.backward_smoothing import BackwardSmoothing, BackwardSmoothingAT, backward_smoothing_points
+from fastrobust.methods.base import (
+    Cost,
+    Method,
+    MethodConfig,
+    available_methods,
+    create,
+    describe,
+    method_class,
+    register,
+)
+from fastrobust.methods.fast import FastAT, FastAT2Step, FastATPlus, FastTRADES
+from fastrobust.methods.slat import SLAT
+from fastrobust.methods.sprout import SPROUT
+from fastrobust.methods.standard import PGDAT, TRADES, Natural, adversarial_ce, trades_objective
 
 __all__ = [
     "PGDAT",

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import model_mode, project
-from ..attacks._common import input_gradient, per_example_loss, upcast
-from ..precision import attack_autocast, attack_gradients
-from .base import Cost, Method, MethodConfig, Stats, clean_logits_eval, register
-from .standard import adversarial_ce, trades_objective
+from fastrobust.attacks import model_mode, project
+from fastrobust.attacks.toolkit import input_gradient, per_example_loss, upcast
+from fastrobust.core.precision import attack_autocast, attack_gradients
+from fastrobust.methods.base import Cost, Method, MethodConfig, Stats, clean_logits_eval, register
+from fastrobust.methods.standard import adversarial_ce, trades_objective
 
 
 def smoothed_target(z: Tensor, gamma: float, num_points: int = 1, psi: Tensor | None = None) -> Tensor:

@@ -16,9 +16,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..inputs import check_batch, check_gradients_allowed, check_num_classes, validated
-from ..numbers import check_eps, parse_number
+from fastrobust.attacks import model_mode
+from fastrobust.core.contract import check_batch, check_gradients_allowed, check_num_classes, validated
+from fastrobust.core.precision import attack_autocast
+from fastrobust.core.values import check_eps, parse_number
+from fastrobust.errors import ConfigError
 
 Stats = dict[str, Tensor]
 
@@ -238,8 +240,6 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
 
 def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
     """Logits of the clean batch with the model in eval mode and no graph (the attacks' reference)."""
-    from ..attacks import model_mode
-    from ..precision import attack_autocast
 
     with model_mode(model, training=False), torch.no_grad(), attack_autocast():
         return model(x).detach()

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import pgd
-from ..attacks._common import random_start
-from ..errors import ConfigError
-from .base import Cost, Method, MethodConfig, Stats, register
-from .standard import PGDAT, TRADES, PGDATConfig, adversarial_ce
+from fastrobust.attacks import pgd
+from fastrobust.attacks.toolkit import random_start
+from fastrobust.errors import ConfigError
+from fastrobust.methods.base import Cost, Method, MethodConfig, Stats, register
+from fastrobust.methods.standard import PGDAT, TRADES, PGDATConfig, adversarial_ce
 
 
 @dataclass(frozen=True)

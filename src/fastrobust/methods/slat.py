@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import project
-from ..attacks._common import upcast
-from ..errors import ConfigError
-from ..numbers import parse_number
-from ..precision import attack_autocast, attack_gradients
-from .base import Cost, Method, MethodConfig, Stats, accuracy, register
+from fastrobust.attacks import project
+from fastrobust.attacks.toolkit import upcast
+from fastrobust.core.precision import attack_autocast, attack_gradients
+from fastrobust.core.values import parse_number
+from fastrobust.errors import ConfigError
+from fastrobust.methods.base import Cost, Method, MethodConfig, Stats, accuracy, register
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -171,7 +171,7 @@ class SLAT(Method):
             for name, module in targets:
                 handles.append(module.register_forward_hook(make_hook(name)))
             x_in = x.detach().clone().requires_grad_(True)
-            with attack_autocast():  # the gradient pass is the attack: its precision (fastrobust.precision)
+            with attack_autocast():  # the gradient pass is the attack: its precision (fastrobust.core.precision)
                 logits = upcast(model(x_in))
             clean_loss = F.cross_entropy(logits, y)
             missing = [name for name in names if name not in recorded]

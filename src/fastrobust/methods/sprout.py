@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks._common import upcast
-from ..errors import ConfigError
-from .base import Cost, Method, MethodConfig, Stats, accuracy, register
+from fastrobust.attacks.toolkit import upcast
+from fastrobust.errors import ConfigError
+from fastrobust.methods.base import Cost, Method, MethodConfig, Stats, accuracy, register
 
 
 def dirichlet_targets(

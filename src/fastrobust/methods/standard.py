@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import kl_to, pgd
-from ..attacks._common import upcast
-from .base import Cost, Method, MethodConfig, Stats, accuracy, clean_logits_eval, register
+from fastrobust.attacks import kl_to, pgd
+from fastrobust.attacks.toolkit import upcast
+from fastrobust.methods.base import Cost, Method, MethodConfig, Stats, accuracy, clean_logits_eval, register
 
 
 def trades_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Stats]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..numbers import parse_number, pixel_text
-from .base import method_class
+from fastrobust.core.values import parse_number, pixel_text
+from fastrobust.methods.base import method_class
 
 # method -> step-size field -> (ratio to eps, the source of the rule)
 RULES: dict[str, dict[str, tuple[float, str]]] = {

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from fastrobust.errors import ConfigError
 
 __all__ = [
     "ParametricSoftplus",

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from fastrobust.errors import ConfigError
 
 
-def _channel_values(value, in_channels: int, *, name: str, default: float, positive: bool) -> list[float]:
+def channel_values(value, in_channels: int, *, name: str, default: float, positive: bool) -> list[float]:
     if value is None:
         return [float(default)] * in_channels
     if isinstance(value, torch.Tensor):
@@ -49,8 +49,8 @@ class NormalizedModel(nn.Module):
 
     def __init__(self, in_channels: int, mean=None, std=None):
         super().__init__()
-        mean_values = _channel_values(mean, in_channels, name="mean", default=0.0, positive=False)
-        std_values = _channel_values(std, in_channels, name="std", default=1.0, positive=True)
+        mean_values = channel_values(mean, in_channels, name="mean", default=0.0, positive=False)
+        std_values = channel_values(std, in_channels, name="std", default=1.0, positive=True)
         self.register_buffer("mean", torch.tensor(mean_values, dtype=torch.float32).view(1, in_channels, 1, 1))
         self.register_buffer("std", torch.tensor(std_values, dtype=torch.float32).view(1, in_channels, 1, 1))
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import NormalizedModel
+from fastrobust.errors import ConfigError
+from fastrobust.models.base import NormalizedModel
 
 ActFactory = Callable[[], nn.Module]
 

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastrobust.core.contract import last_words
+from fastrobust.errors import FastRobustError
+
 SOURCE = "module"
 
 
@@ -75,8 +78,6 @@ def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, wh
     """Forwards of blank images in batches of 2 and 3 (in eval mode, no gradient, the mode restored): a model that
     cannot take ``image_shape`` (C, H, W), takes only one batch size, or returns another number of logits is one
     FastRobustError naming both sides."""
-    from ..errors import FastRobustError
-    from ..inputs import last_words
 
     training = model.training
     try:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FastRobustError
+from fastrobust.errors import FastRobustError
 
 BUILD_IT_YOURSELF = ("build the network with your own code, --model-factory FILE.py:FUNCTION "
                      "(docs/evaluation.md, models trained elsewhere)")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .base import NormalizedModel
+from fastrobust.models.base import NormalizedModel
 
 ActFactory = Callable[[], nn.Module]
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import NormalizedModel
-from .resnet import first_stage_stride
+from fastrobust.models.base import NormalizedModel
+from fastrobust.models.resnet import first_stage_stride
 
 ActFactory = Callable[[], nn.Module]
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .errors import ConfigError, FastRobustError
+from fastrobust.errors import ConfigError, FastRobustError
 
 SELECT_CHOICES = ("averaged", "model", "either")
 PREFIX = "ema_"  # validation metrics of the averaged model: ema_val_clean_acc, ema_val_robust_acc

@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .attack_options import check_options
-from .errors import ConfigError, FastRobustError
+from fastrobust.core.attack_options import check_options
+from fastrobust.core.traced import TRAINING_MODE_FIX, describe_training_ops, export_training_ops, torchscript_mode_ops
+from fastrobust.errors import ConfigError, FastRobustError
 
 _VALIDATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastrobust_inputs_validated", default=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -255,11 +256,10 @@ def check_module(model: Any, *, where: str) -> None:
                           "def forward(self, x): return self.net(x)[0] -- then pass Logits(net) (docs/evaluation.md)")
     baked = [] if _VALIDATED.get() else baked_training_ops(model)  # the outermost entry point has looked
     if baked:
-        from .programs import _RETRAIN, _describe
 
-        raise ConfigError(f"{where}: the model holds a program traced in training mode ({_describe(baked)}: its "
+        raise ConfigError(f"{where}: the model holds a program traced in training mode ({describe_training_ops(baked)}: its "
                           "results would depend on the batch or be random) and eval() cannot change a traced "
-                          f"module; {_RETRAIN}")
+                          f"module; {TRAINING_MODE_FIX}")
 
 
 _BAKED: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
@@ -280,7 +280,6 @@ def baked_training_ops(model: nn.Module) -> list[str]:
         inside += (f"{name}." if name else "",)
         ops = _BAKED.get(module)
         if ops is None:
-            from .programs import export_training_ops, torchscript_mode_ops
 
             ops = torchscript_mode_ops(module)[0] if is_script else export_training_ops(module.graph)
             try:
@@ -343,7 +342,7 @@ class CheckedModel(nn.Module):
             if fixed and isinstance(self.model, torch.fx.GraphModule):
                 hint = (f"; an exported program fixed to batches of {fixed.group(1)}: export it with a dynamic batch "
                         "dimension (dynamic_shapes with torch.export.Dim), or save it (torch.export.save) and load the "
-                        "file with fastrobust.thirdparty.load_model, which runs it in chunks of that size")
+                        "file with fastrobust.models.thirdparty.load_model, which runs it in chunks of that size")
             raise ModelError(self.where, f"fails on a batch of images {list(x.shape)} "
                                          f"({type(error).__name__}: {last_words(error)}){hint}") from error
         check_logits(out, x, where=self.where)

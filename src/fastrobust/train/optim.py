@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .models import activations
+from fastrobust.models import activations
 
 # normalisation layers whose affine parameters ``decay_norm_and_bias=False`` exempts
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)

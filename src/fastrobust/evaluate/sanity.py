@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attacks._common import check_norm, input_gradient, margin_gradient, model_mode, per_example_loss
-from .data import balanced_head
-from .errors import ConfigError
-from .evaluate import _as_split, evaluate, iterate_split
-from .inputs import check_device, check_gradients_allowed, check_module, prepare_model, validated
-from .numbers import check_eps, check_eps_fits
+from fastrobust.attacks.toolkit import check_norm, input_gradient, margin_gradient, model_mode, per_example_loss
+from fastrobust.core.contract import check_device, check_gradients_allowed, check_module, prepare_model, validated
+from fastrobust.core.values import check_eps, check_eps_fits
+from fastrobust.data import balanced_head
+from fastrobust.errors import ConfigError
+from fastrobust.evaluate.evaluation import _as_split, evaluate, iterate_split
 
 
 def _flag(name: str, passed: bool, detail: str) -> dict[str, Any]:

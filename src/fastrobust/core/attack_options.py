@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
-from .numbers import check_eps, parse_number
+from fastrobust.core.values import check_eps, parse_number
+from fastrobust.errors import ConfigError
 
 FLAGS = frozenset({"random_init", "stop_at_fooled", "rescale_schedule", "early_stop", "eval_mode", "channels_last",
                    "return_details", "return_queries"})

@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
-from .numbers import parse_number
-from .train import TrainConfig
+from fastrobust.core.values import parse_number
+from fastrobust.errors import ConfigError
+from fastrobust.train.config import TrainConfig
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "preset_files"
 ALIASES = {"speedrun": "cifar10-preactresnet18-speedrun", "speedrun-cpu": "cifar10-tinycnn-speedrun-cpu"}
 
 

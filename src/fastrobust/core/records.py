@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from fastrobust import __version__
+
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """The fastrobust version, plus the git commit when running from a checkout (asked once per process)."""
-    from . import __version__
 
     try:
         commit = subprocess.run(

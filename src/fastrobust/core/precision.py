@@ -13,10 +13,10 @@ and in fp16 a third of those gradients underflow to exactly zero (docs/training.
   loss-scaled. This is the default; the measured study behind it is in docs/training.md.
 
 The trainer sets the precision with :func:`attack_precision` around each method call; the attack code
-(``fastrobust.attacks._common.input_gradient``, the methods' own gradient passes) asks for it through
+(``fastrobust.attacks.toolkit.input_gradient``, the methods' own gradient passes) asks for it through
 :func:`attack_autocast` and :func:`attack_gradients`. Outside such a block nothing changes: the attack
 inherits whatever autocast is active, and gradients are plain ``torch.autograd.grad`` (through
-:func:`fastrobust.gradients.grad_or_zeros`: zero for an input the loss does not depend on).
+:func:`fastrobust.core.gradients.grad_or_zeros`: zero for an input the loss does not depend on).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .gradients import grad_or_zeros
+from fastrobust.core.gradients import grad_or_zeros
+from fastrobust.errors import ConfigError
 
 ATTACK_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,7 +107,7 @@ def attack_gradients(loss: Tensor, logits: Tensor, inputs: Sequence[Tensor]) -> 
     in float32, multiplied by :func:`loss_scale`, sent through the fp16 network, and the input gradients are
     divided by the same power of two (exact). Without it, small gradients (TRADES' first KL step) underflow
     to zero in fp16. Otherwise this is ``torch.autograd.grad(loss, inputs)``. An input the loss does not depend
-    on (a model without an input gradient) gets zeros (:func:`fastrobust.gradients.grad_or_zeros`).
+    on (a model without an input gradient) gets zeros (:func:`fastrobust.core.gradients.grad_or_zeros`).
     """
     policy = _CURRENT.get()
     if policy is None:

@@ -9,238 +9,45 @@ checkpoints, and ends with the test clean and PGD-20 accuracy of ``best`` in ``r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from . import averaging
-from . import distributed as dist_lib
-from . import methods as methods_lib
-from . import precision
-from . import run_folder
-from . import training_state
-from . import user_model
-from .checkpoint import atomic_write_json, save_model
-from .errors import ConfigError, FastRobustError
-from .evaluate import pgd_accuracy
-from .inputs import check_device
-from .methods.step_scaling import scale_steps
-from .numbers import check_eps, check_nonnegative_int, check_positive_int, pixel_text
-from .optim import parameter_groups
-from .records import append_jsonl, environment
-from .schedules import SCHEDULES, lr_schedule
-
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-NAN_ACTIONS = ("stop", "rollback")
-COLLAPSE_ACTIONS = ("warn", "stop", "restore")
-
-
-_NEEDS_VALIDATION = ("method {method} needs a validation split (its PGD check after every epoch triggers the fallback) "
-                     "but val_size=0 leaves none, so it would silently train fast_at: set val_size > 0 (default 1000)")
-
-
-def collapse_overrides(config: TrainConfig, method: methods_lib.Method) -> list[str]:
-    """One line per collapse setting of ``config`` that ``method`` overrides with its own (Fast AT+)."""
-    notes = []
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    action = getattr(method, "collapse_action", None)
-    if action is not None and config.on_collapse not in (action, defaults["on_collapse"]):
-        notes.append(f"on_collapse={config.on_collapse!r} is not used: {method.name} always does {action!r} "
-                     "(restore the last good weights, then its PGD fallback)")
-    margin = getattr(method, "collapse_margin", None)
-    if margin is not None and config.collapse_margin not in (margin, defaults["collapse_margin"]):
-        notes.append(f"collapse_margin={config.collapse_margin:g} is not used: {method.name} uses its own "
-                     f"method.collapse_margin={margin:g} (set it with --set method.collapse_margin=...)")
-    return notes
-
-
-class TrainingStopped(FastRobustError):
-    """Training ended early on purpose (signal, NaN, collapse); the message says how to continue."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved in every checkpoint and result record."""
-
-    method: str = "backward_smoothing"
-    method_params: dict[str, Any] = field(default_factory=dict)
-    model: str = "preactresnet18"
-    model_params: dict[str, Any] = field(default_factory=dict)
-    activation: str = "relu"
-    dataset: str = "cifar10"
-    data_root: str | None = None
-    val_size: int = 1000
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eps: float | None = None  # overrides the method's eps and the evaluation eps when given
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # never on activation parameters (SmoothReLU's b): fastrobust.optim
-    decay_norm_and_bias: bool = True  # false: no weight decay on BatchNorm parameters and biases either
-    nesterov: bool = False
-    schedule: str = "piecewise"
-    schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"peak": 0.5}; see schedules.lr_schedule
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    attack_precision: str = "auto"  # the attacks' precision inside a step (fastrobust.precision)
-    channels_last: str = "auto"
-    compile: bool = False
-    sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
-    val_pgd_steps: int = 10
-    test_pgd_steps: int = 20
-    eval_step_size: float | None = None  # None: evaluate's rule for the attack's eps (default_step; 2/255 at 8/255)
-    eval_batch_size: int = 512
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
-    nan_check_every: int = 50
-    on_nan: str = "stop"
-    on_collapse: str = "warn"
-    collapse_margin: float = 0.1
-    select_by: str = "auto"  # the validation metric that picks `best`: robust, clean, or auto (clean for natural)
-    ema_decay: float = 0.0  # weight averaging (fastrobust.averaging): EMA decay per optimiser step; 0 = off
-    ema_start_epoch: int = 0  # the average starts at the beginning of this epoch (0-based; 0 = first step)
-    ema_select: str = "averaged"  # the weights `best` is chosen from: averaged, model or either
-    save_epoch_models: int = 0  # also keep the weights of every N-th epoch in RUN/epochs/ (0 = never)
-    out: str | None = None
-
-    def validate(self) -> "TrainConfig":
-        """Reject bad values before any work starts, each with the reason and the fix."""
-        methods_lib.method_class(self.method)
-        # stored resolved, so a resume (or an evaluation) from another working directory finds the data
-        self.data_root = str(Path(self.data_root).expanduser().resolve()) if self.data_root not in (None, "") else None
-        if self.eps is not None:
-            self.eps = check_eps(self.eps)
-        if self.eval_step_size is not None:
-            self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
-        for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every"):
-            setattr(self, name, check_positive_int(getattr(self, name), name=name))
-        for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed", "save_epoch_models"):
-            setattr(self, name, check_nonnegative_int(getattr(self, name), name=name))
-        for name in ("train_subset", "test_subset"):
-            if getattr(self, name) is not None:
-                setattr(self, name, check_positive_int(getattr(self, name), name=name))
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr={self.lr} must be a positive number")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay} must be zero or positive")
-        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "attack_precision": precision.ATTACK_PRECISIONS,
-                   "on_nan": NAN_ACTIONS,
-                   "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off"),
-                   "select_by": ("auto", "robust", "clean")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        averaging.check_settings(self.ema_decay, self.ema_start_epoch, self.ema_select)
-        if self.ema_decay and isinstance(self.epochs, int) and self.ema_start_epoch >= self.epochs:
-            raise ConfigError(f"ema_start_epoch={self.ema_start_epoch} starts after the last epoch (0-based: at "
-                              f"most {self.epochs - 1} with epochs={self.epochs}): no averaged model would ever be "
-                              "made; start it earlier (or set ema_decay=0 for no averaging)")
-        for name in ("sync_bn", "decay_norm_and_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
-        lr_schedule(self.schedule, self.lr, self.epochs, **self.schedule_params)  # checks the schedule's parameters
-        if not 0 < self.collapse_margin <= 1:
-            raise ConfigError(f"collapse_margin={self.collapse_margin} must be in (0, 1] (an accuracy drop)")
-        if self.eps is not None and "eps" in self.method_params:  # two budgets: which one was meant?
-            given = check_eps(self.method_params["eps"], name="method eps")
-            if abs(given - self.eps) > 1e-9:
-                raise ConfigError(
-                    f"eps {pixel_text(self.eps)} (--eps / eps) and the method's eps {pixel_text(given)} (--set "
-                    "method.eps / method_params) disagree: give the budget once (--eps sets the method's too)")
-        self.build_method()  # validates the method's own parameters
-        if self.val_size == 0 and getattr(methods_lib.method_class(self.method), "needs_validation", False):
-            raise ConfigError(_NEEDS_VALIDATION.format(method=self.method))
-        return self
-
-    def method_settings(self) -> tuple[dict[str, Any], str | None]:
-        """The method's parameters as the run uses them -- ``eps`` overriding the method's, and the step sizes
-        not given scaled with it by each method's published rule (``methods.step_scaling``) -- and the line
-        that says which step sizes are used (None when nothing is scaled)."""
-        params = dict(self.method_params)
-        if self.eps is not None and "eps" in {f.name for f in dataclasses.fields(methods_lib.method_class(self.method).Config)}:
-            params["eps"] = self.eps
-        return scale_steps(self.method, params)
-
-    def build_method(self) -> methods_lib.Method:
-        return methods_lib.create(self.method, **self.method_settings()[0])
-
-    @property
-    def selection_metric(self) -> str:
-        """The validation accuracy that picks ``best``: natural training is chosen on clean accuracy
-        (its robust accuracy is noise near zero and would pick an untrained early epoch)."""
-        if self.select_by == "auto":
-            return "val_clean_acc" if self.method == "natural" else "val_robust_acc"
-        return f"val_{self.select_by}_acc"
-
-    @property
-    def attack_eps(self) -> float:
-        """The eps of validation and test attacks: the run's eps, else the method's, else 8/255."""
-        if self.eps is not None:
-            return self.eps
-        return float(getattr(self.build_method().config, "eps", 8 / 255))
-
-
-def recorded_data_root() -> str:
-    """The absolute data root a run without ``data_root`` reads (``$FASTROBUST_DATA``, else
-    ``~/.cache/fastrobust/data``; ``fastrobust.data.resolve_root``), as its config.json records it."""
-    from .data import resolve_root
-
-    return str(resolve_root(None).expanduser().resolve())
-
-
-def split_sizes_note(train: int, val: int) -> str | None:
-    """One warning line when the validation split (``val`` images) is larger than the training set (``train``
-    images): each epoch's validation PGD then costs more than the training it checks (e.g. train_subset=100
-    with the default val_size=1000); None otherwise."""
-    if val <= train:
-        return None
-    return (f"warning: the validation split ({val} images, val_size) is larger than the training set ({train} "
-            f"images, train_subset): each epoch validates more than it trains; give --val-size {max(1, train // 5)} "
-            "or so, or a larger --train-subset")
-
-
-def check_resume_epochs(run_dir: Path, epochs: int, *, trained: int | None = None) -> None:
-    """ConfigError when ``epochs`` is below the epochs already trained (``trained``, else read from the newest
-    checkpoint's state.json alone: cheap, so ``resume`` checks it before any data is found or loaded)."""
-    trained = training_state.trained_epochs(run_dir) if trained is None else trained
-    if trained is not None and trained > epochs:
-        raise ConfigError(f"{run_dir} has trained {trained} epochs already: epochs={epochs} "
-                          f"would end it before that; give --epochs {trained} or more (or leave it out)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = check_device(name, where=None, fix="--device cpu", names="auto, cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: accepted by torch, not trainable here
-        raise ConfigError(f"device={name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a grad scaler is needed)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if amp == "off":
-        return None, False
-    if amp == "fp16":
-        return torch.float16, device.type == "cuda"
-    return torch.bfloat16, False
+from fastrobust.core import distributed as dist_lib
+from fastrobust.core import precision
+from fastrobust.core.filekind import looks_like
+from fastrobust.core.files import atomic_write_json
+from fastrobust.core.records import append_jsonl, environment
+from fastrobust.data import DeviceLoader, load_dataset
+from fastrobust.errors import ConfigError, FastRobustError, TrainingStopped
+from fastrobust.evaluate.evaluation import pgd_accuracy
+from fastrobust.models import create as create_model
+from fastrobust.models.checkpoint import load_model, read_model_file, save_model
+from fastrobust.train import averaging, run_folder
+from fastrobust.train import state as training_state
+from fastrobust.train import user_modules as user_model
+from fastrobust.train.config import (
+    NEEDS_VALIDATION,
+    TrainConfig,
+    autocast_settings,
+    collapse_overrides,
+    recorded_data_root,
+    resolve_device,
+    split_sizes_note,
+)
+from fastrobust.train.optim import parameter_groups
+from fastrobust.train.run_folder import check_can_write, check_folder_writable, check_resume_epochs, default_out
+from fastrobust.train.schedules import lr_schedule
 
 
 class _StopFlag:
@@ -266,62 +73,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def default_out(config: TrainConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{config.method}-{config.model}-{config.dataset}-{stamp}")
-
-
-def check_can_write(folder: Path) -> None:
-    """Fail before any work when ``folder`` could not be created and written, or the disk is nearly full;
-    creates nothing (``check_writable`` later makes the folder and probes it)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FastRobustError(f"cannot write to output folder {folder}: {existing} is not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FastRobustError(f"cannot write to output folder {folder}: permission denied on {existing}; "
-                              "choose another --out")
-    _check_free_space(folder, existing)
-
-
-def _check_free_space(folder: Path, existing: Path) -> None:
-    free = os_free_bytes(existing)
-    if free is not None and free < 50 * 2**20:
-        raise FastRobustError(f"only {free / 2**20:.0f} MiB free under {folder}: free some disk space or choose another --out")
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before training when the output folder cannot be written or the disk is nearly full."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"x" * 1024)
-        probe.unlink()
-    except OSError as error:
-        raise FastRobustError(f"cannot write to output folder {folder}: {error.strerror or error}; choose another --out") from None
-    _check_free_space(folder, folder)
-
-
-def os_free_bytes(folder: Path) -> int | None:
-    try:
-        stats = os.statvfs(folder)
-    except (OSError, AttributeError):
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
 class Trainer:
     """The state of one run; ``fit()`` trains to the end (or to a requested stop)."""
 
     def __init__(self, config: TrainConfig, *, dataset: Any = None, progress: bool = True,
                  log: Callable[[str], None] = print, resume: bool = False, model: nn.Module | None = None) -> None:
         """``resume``: continue the run in ``config.out`` from its newest checkpoint. Otherwise ``config.out``
-        must hold no other run (ConfigError, ``fastrobust.run_folder``): nothing saved there is touched.
+        must hold no other run (ConfigError, ``fastrobust.train.run_folder``): nothing saved there is touched.
         Every setting is checked, the data loaded and the model and method built before the folder is made."""
-        from .data import DeviceLoader, load_dataset
-        from .models import create as create_model
-
         user_model.adopt_config(config, model, resume=resume)  # model=: config.model becomes "module"
         self.config = config.validate()
         load_root = config.data_root  # None: $FASTROBUST_DATA, else the default cache (downloaded there once)
@@ -390,7 +149,7 @@ class Trainer:
         if steps_note is not None:
             self.log(steps_note)
         if getattr(self.method, "needs_validation", False) and len(self.data.val.labels) == 0:
-            raise ConfigError(_NEEDS_VALIDATION.format(method=config.method) + " (the dataset given has no val split)")
+            raise ConfigError(NEEDS_VALIDATION.format(method=config.method) + " (the dataset given has no val split)")
         check_model = getattr(self.method, "check_model", None)  # settings that name parts of the model (SLAT)
         if check_model is not None:
             check_model(self.model)
@@ -430,7 +189,7 @@ class Trainer:
         if self._folder_use == run_folder.RESTART:
             run_folder.clear(self.out)
             self.log(f"{self.out}: restarting a run of the same settings that never reached a checkpoint")
-        check_writable(self.out)
+        check_folder_writable(self.out)
         return created
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -564,7 +323,6 @@ class Trainer:
         return stats
 
     def _train_epoch(self, stop: _StopFlag) -> dict[str, float]:
-        from tqdm import tqdm
 
         self.model.train()
         # the batches before a mid-epoch checkpoint count once: rank 0 starts from their (global) sums
@@ -788,13 +546,10 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Evaluate ``best`` on the test split (clean and PGD-20) and write ``result.json``."""
-        from .checkpoint import load_model
 
         if self.model_source["source"] == "module":  # a copy of the user's module with the best weights
             best_model = user_model.best_copy(self.model, self.out / "best.safetensors", self.dist, self.device)
         elif self.dist.active:  # rank 0 reads best.safetensors (other machines may not see the folder)
-            from .checkpoint import read_model_file
-            from .models import create as create_model
 
             state, model_config, _ = dist_lib.on_main(lambda: read_model_file(self.out / "best.safetensors"), self.dist)
             best_model = create_model(**model_config)
@@ -912,7 +667,6 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     try:
         saved = json.loads(config_file.read_text())
     except ValueError as error:  # UnicodeDecodeError too
-        from .filekind import looks_like
 
         kind = looks_like(config_file)
         raise FastRobustError(f"{config_file} is damaged or not a fastrobust config "

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..precision import attack_autocast, attack_gradients
+from fastrobust.core.precision import attack_autocast, attack_gradients
+from fastrobust.errors import ConfigError
 
 NORMS = ("linf", "l2")
 
@@ -132,7 +132,7 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> t
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        with attack_autocast():  # the training step's attack precision (fastrobust.precision), if one is set
+        with attack_autocast():  # the training step's attack precision (fastrobust.core.precision), if one is set
             logits = upcast(model(x))
         losses = loss_fn(logits, y)
         (grad,) = attack_gradients(losses.sum(), logits, [x])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from .errors import ConfigError
+from fastrobust.errors import ConfigError
 
 SCHEDULES = ("piecewise", "cyclic", "cosine", "constant")
 # the parameters each schedule takes (TrainConfig.schedule_params), with their defaults

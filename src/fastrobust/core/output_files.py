@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import MODEL_SUFFIXES as LOADABLE_SUFFIXES
-from .errors import ConfigError
-from .filekind import checkpoint_format, describe
+from fastrobust.core.filekind import MODEL_SUFFIXES as LOADABLE_SUFFIXES
+from fastrobust.core.filekind import checkpoint_format, describe
+from fastrobust.errors import ConfigError
 
 MODEL_SUFFIXES = (*LOADABLE_SUFFIXES, ".onnx")  # files never to write JSON into: the loadable ones and ONNX
 

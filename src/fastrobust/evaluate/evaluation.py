@@ -13,25 +13,56 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .attack_options import check_options
-from .attacks import model_mode, pgd
-from .batching import batch_seed, indexed_batches
-from .checkpoint import atomic_write_json
-from .errors import ConfigError, FastRobustError
-from .inputs import (check_device, check_gradients_allowed, check_model_images, check_split, finite_rows, predicts,
-                     prepare_model, small_l2_eps_note, validated)
-from .invariance import EVALUATIONS as INVARIANCE
-from .invariance import evaluate_invariance
+from fastrobust.attacks import (
+    apgd_ce,
+    apgd_t,
+    autoattack,
+    autoattack_official,
+    fab_t,
+    fgsm,
+    model_mode,
+    pgd,
+    rays,
+    square,
+)
+from fastrobust.attacks.apgd import targeted_settings_used
+from fastrobust.attacks.autoattack import DEFAULTS, OFFICIAL_MISSING, VERSIONS, official_available
+from fastrobust.attacks.rays import official_tol
+from fastrobust.attacks.toolkit import check_norm, margin_gradient
+from fastrobust.core import distributed as dist_lib
+from fastrobust.core.attack_options import check_options
+from fastrobust.core.contract import (
+    check_device,
+    check_gradients_allowed,
+    check_model_images,
+    check_split,
+    finite_rows,
+    predicts,
+    prepare_model,
+    small_l2_eps_note,
+    validated,
+)
+from fastrobust.core.filekind import checkpoint_format, looks_like
+from fastrobust.core.files import atomic_write_json
+from fastrobust.core.output_files import check_writable
+from fastrobust.core.records import code_version
+from fastrobust.core.values import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
+from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.evaluate.batching import batch_seed, indexed_batches
+from fastrobust.evaluate.invariance import EVALUATIONS as INVARIANCE
+from fastrobust.evaluate.invariance import evaluate_invariance
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -46,7 +77,6 @@ def iterate_split(images: Tensor, labels: Tensor, batch_size: int, device: str |
 
 def _rank_batches(n: int, batch_size: int, distributed: bool) -> list[int]:
     """The batch indices this process evaluates: all of them, or its share (b % world_size == rank)."""
-    from . import distributed as dist_lib
 
     count = (n + batch_size - 1) // batch_size
     if not distributed:
@@ -91,8 +121,6 @@ def clean_and_robust_counts(
     total = len(labels)
     robust_count = int(robust) if attack is not None else int(clean)
     if distributed:
-        from . import distributed as dist_lib
-
         clean_count, robust_count = dist_lib.sum_counts([int(clean), robust_count], device=device)
         return clean_count, robust_count, total
     return int(clean), robust_count, total
@@ -120,7 +148,6 @@ def pgd_accuracy(
     the steps can reach the eps-ball's edge). A point counts as broken when any PGD iterate fools the model (``pgd(stop_at_fooled=True)``), as in
     ``evaluate``, so the trainer's PGD-20 and an evaluation's PGD-20 agree.
     """
-    from .numbers import check_eps
 
     eps = check_eps(eps, allow_zero=True)
     step_size = step_size if step_size is not None else default_step(eps, max(steps, 1), "linf") if eps > 0 else 0.0
@@ -143,7 +170,7 @@ ATTACKS = (
     "clean", "fgsm", "pgd20", "pgd100", "cw20", "apgd-ce", "apgd-t", "fab-t", "square",
     "autoattack", "autoattack-fast", "rays", "autoattack-official",
 )
-# named invariance evaluations (fastrobust.invariance): same record format, not eps-ball attacks, so not part of
+# named invariance evaluations (fastrobust.evaluate.invariance): same record format, not eps-ball attacks, so not part of
 # the worst case and not kept in the state file
 ATTACKS += tuple(INVARIANCE)
 GRADIENT_FREE = ("clean", "square", "rays") + tuple(INVARIANCE)  # run inside torch.inference_mode() too
@@ -162,7 +189,6 @@ def default_step(eps: float, steps: int, norm: str) -> float:
 
 def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings an attack runs with in ``evaluate`` (defaults, updated by ``options``)."""
-    from .attacks.autoattack import DEFAULTS
 
     if name not in ATTACKS:
         raise ConfigError(f"attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
@@ -179,8 +205,6 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
     elif name in ("apgd-ce", "apgd-t", "fab-t", "square"):
         base = dict(DEFAULTS[name])
     elif name in ("autoattack", "autoattack-fast"):
-        from .attacks.autoattack import VERSIONS
-
         version = "fast" if name == "autoattack-fast" else "standard"
         base = {"version": version, "options": {k: dict(DEFAULTS[k]) for k in VERSIONS[version]}}
     elif name == "rays":
@@ -231,7 +255,6 @@ def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor
                 max_rows: int | None = None) -> tuple[Tensor, dict[str, list]]:
     """Adversarials for the batch (all correctly classified) and per-example extras. ``max_rows``: the
     evaluation's batch size, the most rows AutoAttack's components attack at once."""
-    from .attacks import apgd_ce, apgd_t, autoattack, autoattack_official, fab_t, fgsm, rays, square
 
     extras: dict[str, list] = {}
     s = settings
@@ -342,8 +365,6 @@ def read_state_file(path: str | Path) -> dict[str, Any] | None:
     try:
         state = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        from .filekind import checkpoint_format, looks_like
-
         kind = checkpoint_format(path)
         what = f"a model file ({kind})" if kind else (looks_like(path) or "not JSON")
         raise FastRobustError(f"state file {path} is not an evaluation state file (it looks like {what}): {other}") from None
@@ -387,11 +408,8 @@ def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> N
 
 
 def _versions() -> dict[str, str]:
-    import platform
 
-    import numpy
 
-    from .records import code_version
 
     return {"fastrobust": code_version(), "torch": torch.__version__, "numpy": numpy.__version__,  # as training's
             "python": platform.python_version()}
@@ -443,10 +461,6 @@ def evaluate(
     rank after each round and rank 0 alone writes ``state_file``: the record equals the one-process record
     (timings and device aside).
     """
-    from .attacks._common import check_norm
-    from .attacks.autoattack import OFFICIAL_MISSING, official_available
-    from .numbers import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
-    from .output_files import check_writable
 
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)
@@ -490,7 +504,6 @@ def evaluate(
         skipped["autoattack-official"] = OFFICIAL_MISSING
         warnings.warn(f"skipping attack 'autoattack-official': {OFFICIAL_MISSING}", stacklevel=2)
         print(f"fastrobust evaluate: skipping autoattack-official: {OFFICIAL_MISSING}", file=sys.stderr)
-    from . import distributed as dist_lib
 
     ctx = dist_lib.context() if distributed else dist_lib.Context()
     n = len(labels)
@@ -651,7 +664,6 @@ def zero_gradient_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     (one forward and backward): the gradient attacks then cannot move those points and report them robust (a
     detach, bit-depth reduction or a no_grad transform in the model: gradient masking). The official AutoAttack
     warns the same way; the margin, unlike the cross-entropy, does not vanish on confident points."""
-    from .attacks._common import margin_gradient
 
     if not len(x):
         return []
@@ -690,7 +702,7 @@ def chance_warnings(record: dict[str, Any]) -> list[str]:
         return []
     return [f"clean accuracy {100 * record['clean_acc']:.1f}% is at chance level for {classes} classes: check the "
             "model's expected input range/normalisation (a model for [-1,1] takes --normalization 0.5,0.5, in Python "
-            "normalization=(0.5, 0.5) of fastrobust.thirdparty.load_model; one for 0..255 takes --normalization "
+            "normalization=(0.5, 0.5) of fastrobust.models.thirdparty.load_model; one for 0..255 takes --normalization "
             "0,1/255, normalization=(0.0, 1 / 255)), or whether it is trained at all"]
 
 
@@ -714,8 +726,6 @@ def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: in
     """The settings an attack actually ran with on a model of ``num_classes`` outputs and images of ``dim``
     values: targeted attacks use at most C - 1 targets, APGD-T's DLR loss needs 4 classes, RayS's default
     tolerance is the authors' 1e-3/sqrt(d)."""
-    from .attacks.apgd import targeted_settings_used
-    from .attacks.rays import official_tol
 
     used = json.loads(json.dumps(settings))
     if name in ("apgd-t", "fab-t"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, FastRobustError
+from fastrobust.errors import ConfigError, FastRobustError
 
 _MASK64 = (1 << 64) - 1
 
@@ -383,7 +384,6 @@ def strip_nproc(argv: list[str]) -> list[str]:
 
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``fastrobust ARGV`` (without --nproc) under torchrun with ``nproc`` processes; its exit status."""
-    import subprocess
 
     if _env_int("WORLD_SIZE", 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc given inside a torchrun worker: drop --nproc when launching with torchrun")

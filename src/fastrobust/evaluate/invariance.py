@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import model_mode
-from .batching import batch_seed, indexed_batches
-from .errors import ConfigError
-from .inputs import predicts
-from .numbers import parse_number
+from fastrobust.attacks import model_mode
+from fastrobust.core import distributed as dist_lib
+from fastrobust.core.contract import predicts
+from fastrobust.core.values import parse_number
+from fastrobust.errors import ConfigError
+from fastrobust.evaluate.batching import batch_seed, indexed_batches
 
 # ---- transformations ----------------------------------------------------------------------------------------------
 
@@ -190,7 +191,6 @@ def evaluate_invariance(
     the same arguments; batch ``b`` is scored by rank ``b % world_size`` with the same seed as in one process,
     and the integer counts are summed: the entries equal the one-process entries (timings aside).
     """
-    from . import distributed as dist_lib
 
     device = torch.device(device)
     n = len(labels)

@@ -16,6 +16,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".bin", ".ckpt")  # the model files fastrobust loads
 _HEAD = 1 << 16  # bytes read to classify
 _MARKUP = (b"<!doctype html", b"<html", b"<head", b"<body", b"<meta", b"<title", b"<script", b"<div", b"<p>",
            b"<h1", b"<center", b"<a ")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,50 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .errors import FastRobustError
-from .filekind import not_a_checkpoint
+from fastrobust.core.filekind import MODEL_SUFFIXES, not_a_checkpoint
+from fastrobust.core.files import atomic_write_bytes
+from fastrobust.errors import FastRobustError
+from fastrobust.models import create
+from fastrobust.models.custom import describe, is_module_config
 
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {"state_dict": {...}, "epoch": ...}
 MODEL_KEY = "fastrobust_model"
 META_KEY = "fastrobust_meta"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and not error.filename:  # e.g. ENOSPC from write(): name the file
-            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -72,7 +37,6 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-able constructor config of a fastrobust model (see fastrobust.models.create); for any other
     module its description (class, fingerprint; see fastrobust.models.custom), which needs the module again."""
-    from .models.custom import describe
 
     inner = unwrap(model)  # DDP / compiled wrappers
     config = getattr(inner, "fastrobust_config", None)
@@ -107,7 +71,6 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
-MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".pt2", ".bin", ".ckpt")
 
 
 def _found_in(folder: Path) -> str:
@@ -149,8 +112,6 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model (in eval mode) and return it with the metadata saved beside its weights."""
-    from .models import create
-    from .models.custom import is_module_config
 
     file = resolve_model_file(path)
     state, config, metadata = read_model_file(file)
@@ -158,7 +119,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise FastRobustError(
             f"{file} holds the weights of a module fastrobust did not build (class {config.get('class')}): "
             "give the code that builds it, fastrobust eval --model-factory FILE.py:FUNCTION "
-            "(Python: fastrobust.thirdparty.load_model(path, factory=...))")
+            "(Python: fastrobust.models.thirdparty.load_model(path, factory=...))")
     try:
         model = create(**config)
     except (TypeError, ValueError, KeyError) as error:  # FastRobustError (unknown model) passes through
@@ -179,10 +140,8 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     download, text, a truncated archive) is reported as such. ``{"state_dict": ...}``, ``{"model": ...}``,
     ``{"net": ...}`` wrappers are unwrapped; keys keep DataParallel's ``module.`` and torch.compile's ``_orig_mod.``
     prefixes (``models.layouts.strip_prefixes`` removes them where the keys meet a module). Convert the result with
-    ``save_model`` to get a safe .safetensors file (``fastrobust.thirdparty`` maps public key layouts).
+    ``save_model`` to get a safe .safetensors file (``fastrobust.models.thirdparty`` maps public key layouts).
     """
-    import pickle
-    import warnings
 
     path = Path(path)
     if not path.is_file():
@@ -192,7 +151,7 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = _load_reason(error)
+        reason = load_failure_reason(error)
         problem = not_a_checkpoint(path)
         if problem:
             raise FastRobustError(problem) from None
@@ -206,7 +165,7 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # truncated zip, not a torch file, ...
         raise FastRobustError(not_a_checkpoint(path) or (
             f"cannot read {path} as a torch state dict ({type(error).__name__}: "
-            f"{_load_reason(error)}); it may be truncated or not a .pt file")) from None
+            f"{load_failure_reason(error)}); it may be truncated or not a .pt file")) from None
     for key in STATE_DICT_WRAPPERS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -221,7 +180,7 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state  # (models.layouts.strip_prefixes), so a module that has a `module` submodule still loads
 
 
-def _load_reason(error: BaseException) -> str:
+def load_failure_reason(error: BaseException) -> str:
     """The informative line of torch.load's (multi-line) error message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:

@@ -15,19 +15,22 @@ loaded without unpickling Python objects (docs/evaluation.md, "Evaluate a model 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import sys
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from unittest import mock
 
 import torch
 from torch import nn
 
-from .errors import FastRobustError
-from .filekind import not_a_checkpoint
+from fastrobust.core.filekind import not_a_checkpoint
+from fastrobust.core.traced import TRAINING_MODE_FIX, describe_training_ops, export_training_ops, torchscript_mode_ops
+from fastrobust.errors import FastRobustError
+from fastrobust.models.checkpoint import load_failure_reason
 
 
 class FixedMode(nn.Module):
@@ -79,70 +82,6 @@ def static_batch(program: Any) -> int | None:
             shape = getattr(value, "shape", None)
             return int(shape[0]) if shape is not None and len(shape) == 4 and type(shape[0]) is int else None
     return None
-
-
-# --------------------------------------------------------------------------- training mode
-_MODE_ARGS = ("training", "train")  # the schema's name of the mode flag: batch_norm & co, dropout & co, rrelu
-_ALWAYS_TRAINING = ("_batch_norm_with_update",)  # the batch-norm op torch.export records in training mode
-_RETRAIN = "save it again after model.eval() (torch.jit.trace / torch.export.export record the mode they run in)"
-
-
-def _training_op(name: str, values: dict[str, Any]) -> bool:
-    """Whether an operator call ``name`` with the (constant) arguments ``values`` runs in training mode: batch
-    statistics for a batch norm, random masks for a dropout of ``p > 0``. A non-constant flag is absent."""
-    if any(op in name for op in _ALWAYS_TRAINING):
-        return True
-    flag = next((values[key] for key in _MODE_ARGS if key in values), None)
-    if flag is not True:
-        return False
-    if "norm" in name and ("no_stats" in name or ("running_mean" in values and values["running_mean"] is None)):
-        return False  # a norm without running statistics (track_running_stats=False) uses the batch in eval mode too
-    p = values.get("p")
-    return not (isinstance(p, (int, float)) and p == 0)
-
-
-def _describe(ops: Iterable[str]) -> str:
-    kinds = sorted({"dropout" if "drop" in op else "batch norm with batch statistics" if "norm" in op else op
-                    for op in ops})
-    return ", ".join(kinds)
-
-
-def export_training_ops(graph: Any) -> list[str]:
-    """Operators of a ``torch.export`` (FX) graph that run in training mode (see :func:`_training_op`)."""
-    found = []
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        values = {arg.name: node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
-                  for i, arg in enumerate(schema.arguments)}
-        if _training_op(str(node.target), values):
-            found.append(str(node.target))
-    return found
-
-
-def torchscript_mode_ops(module: Any) -> tuple[list[str], list[str]]:
-    """Operators of a TorchScript module that have a training flag: ``(fixed, switchable)``, those whose flag is a
-    constant True (a module traced in training mode: ``eval()`` does not change them) and those reading the
-    module's mode (a scripted module's ``self.training``)."""
-    fixed, switchable = [], []
-    for node in module.inlined_graph.nodes():
-        if not node.kind().startswith("aten::"):
-            continue
-        try:
-            arguments = torch._C.parse_schema(node.schema()).arguments
-        except RuntimeError:  # "(no schema)"
-            continue
-        inputs = {arg.name: value for arg, value in zip(arguments, node.inputs()) if arg.name in _MODE_ARGS + ("p",)}
-        values = {name: value.toIValue() for name, value in inputs.items()}
-        stats = next((value for arg, value in zip(arguments, node.inputs()) if arg.name == "running_mean"), None)
-        if stats is not None:  # a tensor that is not a constant reads as None through toIValue: look at its type
-            values["running_mean"] = None if str(stats.type()) == "NoneType" else "tensor"
-        if _training_op(node.kind(), values):
-            fixed.append(node.kind())
-        elif any(key in inputs and values[key] is None for key in _MODE_ARGS):
-            switchable.append(node.kind())
-    return fixed, switchable
 
 
 def _say(message: str) -> None:
@@ -239,9 +178,8 @@ def load_export(path: Path) -> nn.Module:
     """``torch.export.load`` with every ``torch.load`` forced to ``weights_only=True`` and ``pickle.loads``
     refused, after :func:`check_export_archive`; returns the program as a module (its mode fixed). A program
     exported for one fixed batch size runs on any batch through ``FixedBatch``."""
-    import pickle
 
-    import torch.export.pt2_archive._package as package
+    import torch.export.pt2_archive._package as package  # optional: torch's private archive reader
 
     check_export_archive(path)
     real_load = torch.load
@@ -261,9 +199,7 @@ def load_export(path: Path) -> nn.Module:
             stack.enter_context(mock.patch.object(torch._C, "_pickle_load_obj", _refuse_pickle))
             program = torch.export.load(str(path))
     except (_PickleRefused, pickle.UnpicklingError) as error:
-        from .checkpoint import _load_reason
-
-        raise FastRobustError(f"refused to load {path} (a torch.export program): {_load_reason(error)[:200]}; only "
+        raise FastRobustError(f"refused to load {path} (a torch.export program): {load_failure_reason(error)[:200]}; only "
                               "tensors are unpickled (weights_only=True), nothing in the file was run") from None
     except Exception as error:  # noqa: BLE001 - version mismatch, damaged archive
         raise FastRobustError(f"cannot load {path} as a torch.export program ({type(error).__name__}: "
@@ -271,8 +207,8 @@ def load_export(path: Path) -> nn.Module:
     training = export_training_ops(program.graph)
     if training:
         raise FastRobustError(f"refused to evaluate {path}: the torch.export program was exported in training mode "
-                              f"({_describe(training)}: its results would depend on the batch or be random) and "
-                              f"an exported program cannot be switched to eval mode; {_RETRAIN}")
+                              f"({describe_training_ops(training)}: its results would depend on the batch or be random) and "
+                              f"an exported program cannot be switched to eval mode; {TRAINING_MODE_FIX}")
     batch = static_batch(program)
     module = program.module() if batch is None else FixedBatch(program.module(), batch)
     return FixedMode(module)
@@ -292,8 +228,8 @@ def load_torchscript(path: Path, note: Callable[[str], None] = _say) -> nn.Modul
     training, switched = torchscript_mode_ops(program)
     if training:
         raise FastRobustError(f"refused to evaluate {path}: the TorchScript program was traced in training mode "
-                              f"({_describe(training)}: its results would depend on the batch or be random) and "
-                              f"eval() cannot change a traced module; {_RETRAIN}")
+                              f"({describe_training_ops(training)}: its results would depend on the batch or be random) and "
+                              f"eval() cannot change a traced module; {TRAINING_MODE_FIX}")
     if was_training and switched:
         note(f"{path}: the TorchScript program was saved in training mode: switched to eval mode (batch norms use "
              "their running statistics, dropout is off)")

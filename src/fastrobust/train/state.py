@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoint import atomic_write_bytes, atomic_write_json, model_config, sha256_file, tensors_to_bytes, unwrap
-from .errors import FastRobustError
-from .filekind import looks_like
+from fastrobust.core.filekind import looks_like
+from fastrobust.core.files import atomic_write_bytes, atomic_write_json, sha256_file
+from fastrobust.errors import FastRobustError
+from fastrobust.models.checkpoint import model_config, tensors_to_bytes, unwrap
 
 KEEP = 2
 
@@ -28,7 +29,7 @@ KEEP = 2
 @dataclass
 class Snapshot:
     """What a checkpoint restores: positions, weights, optimiser, RNG, method tensors and the averaged
-    model's state (``fastrobust.averaging``; empty without weight averaging)."""
+    model's state (``fastrobust.train.averaging``; empty without weight averaging)."""
 
     info: dict[str, Any]
     model: dict[str, torch.Tensor]
@@ -163,7 +164,7 @@ def verify(folder: Path) -> str | None:
 
 
 def _looks_like(path: Path, sep: str = "; ") -> str:
-    """``"; it looks like an HTML page"`` when the file is surely no checkpoint file (see fastrobust.filekind)."""
+    """``"; it looks like an HTML page"`` when the file is surely no checkpoint file (see fastrobust.core.filekind)."""
     kind = looks_like(path)
     return "" if kind is None or kind == "a JSON file" else f"{sep}it looks like {kind}"
 

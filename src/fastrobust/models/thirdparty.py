@@ -9,7 +9,7 @@ input normalisation and how it was chosen). What each format runs (see docs/eval
 - state dicts (``torch.save``, ``.pt``/``.pth``, or ``.safetensors`` without fastrobust metadata): read with
   ``torch.load(weights_only=True)`` (a pickle that names anything but tensors and containers is refused before
   it runs); the keys are matched to a fastrobust architecture through ``fastrobust.models.layouts``.
-- TorchScript archives (``torch.jit.save``) and ``torch.export`` programs (``.pt2``): see ``fastrobust.programs``
+- TorchScript archives (``torch.jit.save``) and ``torch.export`` programs (``.pt2``): see ``fastrobust.models.programs``
   for what their loaders unpickle and run (no Python object is unpickled; ``.pt2`` archives are checked first).
 - ``factory="FILE.py:FUNCTION"``: **runs that Python file** (your code builds the module), then loads the state
   dict into the module it returns.
@@ -20,17 +20,24 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from .errors import ConfigError, FastRobustError
-from .filekind import checkpoint_format, not_a_checkpoint
-from .models.custom import check_pairing
-from .programs import FixedBatch, load_export, load_torchscript
+from fastrobust.core.filekind import checkpoint_format, not_a_checkpoint
+from fastrobust.core.values import parse_number
+from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.models.checkpoint import MODEL_KEY, import_state_dict, read_model_file, resolve_model_file
+from fastrobust.models.custom import check_pairing, is_module_config, mismatch
+from fastrobust.models.layouts import convert, identify, strip_prefixes
+from fastrobust.models.programs import FixedBatch, load_export, load_torchscript
+from fastrobust.models.registry import canonical_name, create, declared_keywords
 
 NORMALIZATION_CHOICES = "none, dataset, or MEAN,STD (two numbers, or one mean and one std per channel)"
 
@@ -53,7 +60,6 @@ def parse_normalization(text: str | None, channels: int, *, dataset_stats=None, 
                         ) -> Normalization | None:
     """``--normalization`` -> Normalization (None when not given). ``dataset`` takes ``dataset_stats``
     ((mean, std) of the training split); ``MEAN,STD`` is 2 numbers or 2*channels numbers (means first)."""
-    from .numbers import parse_number
 
     if text is None:
         return None
@@ -204,7 +210,6 @@ def load_factory(spec: str) -> tuple[Callable[..., nn.Module], str]:
 
 
 def _where(error: BaseException, path: Path) -> str:
-    import traceback
 
     frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == path.resolve()
               or Path(frame.filename) == path]
@@ -213,7 +218,6 @@ def _where(error: BaseException, path: Path) -> str:
 
 def call_factory(factory: Callable[..., nn.Module], label: str, *, num_classes: int, image_shape) -> nn.Module:
     """Call the factory with the keywords it declares among num_classes, in_channels, image_size."""
-    from .models.plugins import declared_keywords
 
     offered = {"num_classes": num_classes, "in_channels": image_shape[0], "image_size": image_shape[1]}
     names, var_keyword = declared_keywords(factory) or (set(), False)  # unreadable signature: call it bare
@@ -231,11 +235,8 @@ def call_factory(factory: Callable[..., nn.Module], label: str, *, num_classes: 
 # --------------------------------------------------------------------------- state dicts
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a torch.save file (weights_only=True) or of a safetensors file without fastrobust metadata."""
-    from .checkpoint import import_state_dict
 
     if checkpoint_format(path) == "safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as error:  # noqa: BLE001 - damaged file
@@ -243,7 +244,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return import_state_dict(path)
 
 
-TRAINING_STATE_GROUPS = ("optim", "rng", "method", "averaged")  # fastrobust.training_state's tensor names
+TRAINING_STATE_GROUPS = ("optim", "rng", "method", "averaged")  # fastrobust.train.state's tensor names
 
 
 def _training_state_problem(state: dict[str, torch.Tensor], path: Path) -> str | None:
@@ -267,7 +268,6 @@ def _fill_untracked(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 def _fit_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The state with ``module.``/``model.``/``_orig_mod.`` prefixes stripped, unless the keys fit the model as
     they are."""
-    from .models.layouts import strip_prefixes
 
     expected = set(model.state_dict())
     return state if set(state) <= expected and state else strip_prefixes(state)
@@ -296,15 +296,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, weights: str,
 def _layout_model(state: dict[str, torch.Tensor], path: Path, *, model_name: str | None, num_classes: int,
                   image_shape, dataset: str, normalization: Normalization | None) -> tuple[nn.Module, dict, Normalization]:
     """A fastrobust model holding a public-layout (or own-layout, or --model NAME) state dict."""
-    from .models import _canonical_name, create
-    from .models.layouts import convert, identify, strip_prefixes
 
     state = strip_prefixes(state)
     try:
         match = identify(state)
     except FastRobustError as error:
         raise FastRobustError(f"{path}: {error}") from None
-    wanted = None if model_name is None else _canonical_name(model_name)
+    wanted = None if model_name is None else canonical_name(model_name)
     info: dict[str, Any] = {}
     if match is not None:
         same = wanted is None or wanted == match.model or (wanted == "wideresnet" and match.model.startswith("wrn"))
@@ -384,7 +382,6 @@ def load_model(
     Returns ``(model in eval mode on device, info)``; every wrong pairing (architecture vs weights, classes,
     channels, image size) raises one FastRobustError naming both sides.
     """
-    from .checkpoint import MODEL_KEY, read_model_file, resolve_model_file
 
     note = note or (lambda message: print(message, file=sys.stderr))
     normalization = _as_normalization(normalization, image_shape[0])
@@ -458,7 +455,6 @@ def load_model(
 
 def has_fastrobust_header(path: Path, key: str) -> bool:
     """Whether a safetensors file carries fastrobust's model config (True when unreadable: let its reader say why)."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -469,8 +465,6 @@ def has_fastrobust_header(path: Path, key: str) -> bool:
 
 def _from_fastrobust_file(path, state, config, build, label, model_name, normalization, *, num_classes,
                           image_shape, dataset, note) -> tuple[nn.Module, Normalization]:
-    from .models import _canonical_name, create
-    from .models.custom import is_module_config, mismatch
 
     if normalization is not None:
         raise ConfigError(f"{path} was written by fastrobust and says how its input is normalised: drop --normalization")
@@ -488,7 +482,7 @@ def _from_fastrobust_file(path, state, config, build, label, model_name, normali
         return module, Normalization(None, None, "as trained by fastrobust (the module takes pixels in [0, 1])")
     if build is not None:
         raise ConfigError(f"{path} holds a fastrobust {config.get('name')} model: drop --model-factory")
-    if model_name is not None and _canonical_name(model_name) != config.get("name"):
+    if model_name is not None and canonical_name(model_name) != config.get("name"):
         raise FastRobustError(f"{path} holds a {config.get('name')} model, not --model {model_name}: drop --model")
     try:
         module = create(**config)

@@ -17,11 +17,15 @@ setting has been checked, so a refused or failed start never deletes anything.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.evaluate.evaluation import default_step
+from fastrobust.train import state
 
 # what a training run writes into its folder (eval.json, hessian.json and eval-state/ come from sweeps'
 # evaluations of the run's weights, so they go with them)
@@ -49,8 +53,6 @@ def without_legacy_eval_step(saved: dict[str, Any]) -> dict[str, Any]:
     step = saved.get("eval_step_size")
     if step is None:
         return saved
-    from .evaluate import default_step
-
     eps = saved.get("eps") if saved.get("eps") is not None else 8 / 255
     steps = [max(int(saved.get(k) or 1), 1) for k in ("val_pgd_steps", "test_pgd_steps")]
     if all(abs(default_step(float(eps), n, "linf") - float(step)) < 1e-9 for n in steps):
@@ -139,3 +141,59 @@ def keep_epochs_through(metrics_file: Path, epoch: int) -> int:
         partial.write_text("".join(line + "\n" for line in kept))
         partial.replace(metrics_file)
     return dropped
+
+
+def check_resume_epochs(run_dir: Path, epochs: int, *, trained: int | None = None) -> None:
+    """ConfigError when ``epochs`` is below the epochs already trained (``trained``, else read from the newest
+    checkpoint's state.json alone: cheap, so ``resume`` checks it before any data is found or loaded)."""
+    trained = state.trained_epochs(run_dir) if trained is None else trained
+    if trained is not None and trained > epochs:
+        raise ConfigError(f"{run_dir} has trained {trained} epochs already: epochs={epochs} "
+                          f"would end it before that; give --epochs {trained} or more (or leave it out)")
+
+
+def default_out(config: Any) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{config.method}-{config.model}-{config.dataset}-{stamp}")
+
+
+def check_can_write(folder: Path) -> None:
+    """Fail before any work when ``folder`` could not be created and written, or the disk is nearly full;
+    creates nothing (``check_writable`` later makes the folder and probes it)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FastRobustError(f"cannot write to output folder {folder}: {existing} is not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FastRobustError(f"cannot write to output folder {folder}: permission denied on {existing}; "
+                              "choose another --out")
+    _check_free_space(folder, existing)
+
+
+def _check_free_space(folder: Path, existing: Path) -> None:
+    free = os_free_bytes(existing)
+    if free is not None and free < 50 * 2**20:
+        raise FastRobustError(f"only {free / 2**20:.0f} MiB free under {folder}: free some disk space or choose another --out")
+
+
+def check_folder_writable(folder: Path) -> None:
+    """Fail before training when the output folder cannot be written or the disk is nearly full."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise FastRobustError(f"cannot write to output folder {folder}: {error.strerror or error}; choose another --out") from None
+    _check_free_space(folder, folder)
+
+
+def os_free_bytes(folder: Path) -> int | None:
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, FastRobustError
-from .models import custom, plugins
+from fastrobust.core import distributed as dist_lib
+from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.models import custom, registry
+from fastrobust.models.checkpoint import read_model_file, unwrap
 
 MODULE = "module"  # TrainConfig.model of such a run
 
@@ -59,7 +61,7 @@ def source(model: nn.Module, name: str, *, given: bool) -> dict[str, Any]:
     registered factory, or the zoo."""
     if given:
         return custom.describe(model)
-    registered = plugins.lookup(name)
+    registered = registry.lookup(name)
     if registered is not None:
         return {"source": "registered", "name": registered.name, "factory": registered.origin}
     return {"source": "registry", "name": name}
@@ -67,7 +69,6 @@ def source(model: nn.Module, name: str, *, given: bool) -> dict[str, Any]:
 
 def check_resume(run: Path, snapshot, model: nn.Module, current: dict[str, Any]) -> None:
     """Refuse to resume a run of one module with another (names the class, fingerprint and first difference)."""
-    from .checkpoint import unwrap
 
     if current.get("source") != MODULE:
         return
@@ -83,8 +84,6 @@ def check_resume(run: Path, snapshot, model: nn.Module, current: dict[str, Any])
 
 def best_copy(model: nn.Module, best_file: Path, dist, device: torch.device) -> nn.Module:
     """A copy of the user's module holding the weights of ``best_file`` (read on rank 0), in eval mode."""
-    from . import distributed as dist_lib
-    from .checkpoint import read_model_file, unwrap
 
     state, _, _ = dist_lib.on_main(lambda: read_model_file(best_file), dist)
     best = copy.deepcopy(unwrap(model))

@@ -1,0 +1,208 @@
+"""The configuration of a training run: every setting, checked once where the config is built
+(``TrainConfig.validate``), so the training loop carries no checks; and the device and precision it resolves to."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrobust import methods as methods_lib
+from fastrobust.core import precision
+from fastrobust.core.contract import check_device
+from fastrobust.core.values import check_eps, check_nonnegative_int, check_positive_int, pixel_text
+from fastrobust.data import resolve_root
+from fastrobust.errors import ConfigError
+from fastrobust.methods.step_scaling import scale_steps
+from fastrobust.train import averaging
+from fastrobust.train.schedules import SCHEDULES, lr_schedule
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+NAN_ACTIONS = ("stop", "rollback")
+COLLAPSE_ACTIONS = ("warn", "stop", "restore")
+
+
+NEEDS_VALIDATION = ("method {method} needs a validation split (its PGD check after every epoch triggers the fallback) "
+                     "but val_size=0 leaves none, so it would silently train fast_at: set val_size > 0 (default 1000)")
+
+
+def collapse_overrides(config: TrainConfig, method: methods_lib.Method) -> list[str]:
+    """One line per collapse setting of ``config`` that ``method`` overrides with its own (Fast AT+)."""
+    notes = []
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    action = getattr(method, "collapse_action", None)
+    if action is not None and config.on_collapse not in (action, defaults["on_collapse"]):
+        notes.append(f"on_collapse={config.on_collapse!r} is not used: {method.name} always does {action!r} "
+                     "(restore the last good weights, then its PGD fallback)")
+    margin = getattr(method, "collapse_margin", None)
+    if margin is not None and config.collapse_margin not in (margin, defaults["collapse_margin"]):
+        notes.append(f"collapse_margin={config.collapse_margin:g} is not used: {method.name} uses its own "
+                     f"method.collapse_margin={margin:g} (set it with --set method.collapse_margin=...)")
+    return notes
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in every checkpoint and result record."""
+
+    method: str = "backward_smoothing"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    model: str = "preactresnet18"
+    model_params: dict[str, Any] = field(default_factory=dict)
+    activation: str = "relu"
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    val_size: int = 1000
+    train_subset: int | None = None
+    test_subset: int | None = None
+    eps: float | None = None  # overrides the method's eps and the evaluation eps when given
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # never on activation parameters (SmoothReLU's b): fastrobust.train.optim
+    decay_norm_and_bias: bool = True  # false: no weight decay on BatchNorm parameters and biases either
+    nesterov: bool = False
+    schedule: str = "piecewise"
+    schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"peak": 0.5}; see schedules.lr_schedule
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    attack_precision: str = "auto"  # the attacks' precision inside a step (fastrobust.core.precision)
+    channels_last: str = "auto"
+    compile: bool = False
+    sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
+    val_pgd_steps: int = 10
+    test_pgd_steps: int = 20
+    eval_step_size: float | None = None  # None: evaluate's rule for the attack's eps (default_step; 2/255 at 8/255)
+    eval_batch_size: int = 512
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    nan_check_every: int = 50
+    on_nan: str = "stop"
+    on_collapse: str = "warn"
+    collapse_margin: float = 0.1
+    select_by: str = "auto"  # the validation metric that picks `best`: robust, clean, or auto (clean for natural)
+    ema_decay: float = 0.0  # weight averaging (fastrobust.train.averaging): EMA decay per optimiser step; 0 = off
+    ema_start_epoch: int = 0  # the average starts at the beginning of this epoch (0-based; 0 = first step)
+    ema_select: str = "averaged"  # the weights `best` is chosen from: averaged, model or either
+    save_epoch_models: int = 0  # also keep the weights of every N-th epoch in RUN/epochs/ (0 = never)
+    out: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        """Reject bad values before any work starts, each with the reason and the fix."""
+        methods_lib.method_class(self.method)
+        # stored resolved, so a resume (or an evaluation) from another working directory finds the data
+        self.data_root = str(Path(self.data_root).expanduser().resolve()) if self.data_root not in (None, "") else None
+        if self.eps is not None:
+            self.eps = check_eps(self.eps)
+        if self.eval_step_size is not None:
+            self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
+        for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every"):
+            setattr(self, name, check_positive_int(getattr(self, name), name=name))
+        for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed", "save_epoch_models"):
+            setattr(self, name, check_nonnegative_int(getattr(self, name), name=name))
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_positive_int(getattr(self, name), name=name))
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a positive number")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be zero or positive")
+        choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "attack_precision": precision.ATTACK_PRECISIONS,
+                   "on_nan": NAN_ACTIONS,
+                   "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off"),
+                   "select_by": ("auto", "robust", "clean")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        averaging.check_settings(self.ema_decay, self.ema_start_epoch, self.ema_select)
+        if self.ema_decay and isinstance(self.epochs, int) and self.ema_start_epoch >= self.epochs:
+            raise ConfigError(f"ema_start_epoch={self.ema_start_epoch} starts after the last epoch (0-based: at "
+                              f"most {self.epochs - 1} with epochs={self.epochs}): no averaged model would ever be "
+                              "made; start it earlier (or set ema_decay=0 for no averaging)")
+        for name in ("sync_bn", "decay_norm_and_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        lr_schedule(self.schedule, self.lr, self.epochs, **self.schedule_params)  # checks the schedule's parameters
+        if not 0 < self.collapse_margin <= 1:
+            raise ConfigError(f"collapse_margin={self.collapse_margin} must be in (0, 1] (an accuracy drop)")
+        if self.eps is not None and "eps" in self.method_params:  # two budgets: which one was meant?
+            given = check_eps(self.method_params["eps"], name="method eps")
+            if abs(given - self.eps) > 1e-9:
+                raise ConfigError(
+                    f"eps {pixel_text(self.eps)} (--eps / eps) and the method's eps {pixel_text(given)} (--set "
+                    "method.eps / method_params) disagree: give the budget once (--eps sets the method's too)")
+        self.build_method()  # validates the method's own parameters
+        if self.val_size == 0 and getattr(methods_lib.method_class(self.method), "needs_validation", False):
+            raise ConfigError(NEEDS_VALIDATION.format(method=self.method))
+        return self
+
+    def method_settings(self) -> tuple[dict[str, Any], str | None]:
+        """The method's parameters as the run uses them -- ``eps`` overriding the method's, and the step sizes
+        not given scaled with it by each method's published rule (``methods.step_scaling``) -- and the line
+        that says which step sizes are used (None when nothing is scaled)."""
+        params = dict(self.method_params)
+        if self.eps is not None and "eps" in {f.name for f in dataclasses.fields(methods_lib.method_class(self.method).Config)}:
+            params["eps"] = self.eps
+        return scale_steps(self.method, params)
+
+    def build_method(self) -> methods_lib.Method:
+        return methods_lib.create(self.method, **self.method_settings()[0])
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation accuracy that picks ``best``: natural training is chosen on clean accuracy
+        (its robust accuracy is noise near zero and would pick an untrained early epoch)."""
+        if self.select_by == "auto":
+            return "val_clean_acc" if self.method == "natural" else "val_robust_acc"
+        return f"val_{self.select_by}_acc"
+
+    @property
+    def attack_eps(self) -> float:
+        """The eps of validation and test attacks: the run's eps, else the method's, else 8/255."""
+        if self.eps is not None:
+            return self.eps
+        return float(getattr(self.build_method().config, "eps", 8 / 255))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(name, where=None, fix="--device cpu", names="auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: accepted by torch, not trainable here
+        raise ConfigError(f"device={name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def autocast_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a grad scaler is needed)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if amp == "off":
+        return None, False
+    if amp == "fp16":
+        return torch.float16, device.type == "cuda"
+    return torch.bfloat16, False
+
+
+def recorded_data_root() -> str:
+    """The absolute data root a run without ``data_root`` reads (``$FASTROBUST_DATA``, else
+    ``~/.cache/fastrobust/data``; ``fastrobust.data.resolve_root``), as its config.json records it."""
+    return str(resolve_root(None).expanduser().resolve())
+
+
+def split_sizes_note(train: int, val: int) -> str | None:
+    """One warning line when the validation split (``val`` images) is larger than the training set (``train``
+    images): each epoch's validation PGD then costs more than the training it checks (e.g. train_subset=100
+    with the default val_size=1000); None otherwise."""
+    if val <= train:
+        return None
+    return (f"warning: the validation split ({val} images, val_size) is larger than the training set ({train} "
+            f"images, train_subset): each epoch validates more than it trains; give --val-size {max(1, train // 5)} "
+            "or so, or a larger --train-subset")
