@@ -285,17 +285,18 @@ def test_uint8_images_of_only_zeros_and_ones_warn(small):
 
 
 # ----------------------------------------------------------------------------- 6. record details
-def test_broken_by_follows_the_attack_order(monkeypatch):
-    from fastrobust.evaluate.evaluation import _record
+def test_broken_by_follows_the_attack_order():
+    from fastrobust.evaluate.record import build_record
+    from fastrobust.evaluate.state import EvaluationState
 
-    monkeypatch.setattr(fastrobust.evaluate, "settings_used", lambda name, settings, *args: settings)
     settings = {"autoattack": {"options": {"apgd-ce": {}, "apgd-t": {}, "fab-t": {}, "square": {}}}}
     batch = {"robust": [False] * 4, "non_finite": [0] * 4, "seconds": 0.0,
              "broken_by": ["square", "apgd-t", "apgd-ce", "square"]}
-    state = {"clean": {"0": [True] * 4}, "clean_non_finite": {"0": [0] * 4},
-             "attacks": {"autoattack": {"batches": {"0": batch}}}}
-    record = _record(nn.Identity(), state, ["autoattack"], settings, {}, 8 / 255, "linf", 4, 1, 4, 0, torch.device("cpu"), 0.0,
-                     10, 3072)
+    state = EvaluationState(clean={"0": [True] * 4}, clean_non_finite={"0": [0] * 4},
+                            attacks={"autoattack": {"batches": {"0": batch}}})
+    record = build_record(nn.Identity(), state, ["autoattack"], settings, {}, eps=8 / 255, norm="linf", n=4,
+                          n_batches=1, batch_size=4, seed=0, device=torch.device("cpu"), seconds=0.0, num_classes=10,
+                          dim=3072)
     assert list(record["attacks"]["autoattack"]["broken_by"].items()) == [("apgd-ce", 1), ("apgd-t", 1), ("square", 2)]
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import fastrobust.evaluate as evaluate_module
+import fastrobust.evaluate.evaluation as evaluate_module
 from fastrobust.attacks import apgd, apgd_ce, apgd_t, autoattack, fab_t, fgsm, pgd, rays, square
 from fastrobust.errors import FastRobustError
 from fastrobust.evaluate import clean_and_robust_counts, evaluate, pgd_accuracy
@@ -170,13 +170,13 @@ def test_non_finite_logits_never_count_as_correct_or_robust(nan_case, capsys):
 
 def test_a_non_finite_adversarial_cannot_pass_the_ball_check(nan_case, monkeypatch):
     model, x, y = nan_case
-    original = evaluate_module._run_attack
+    original = evaluate_module.run_attack
 
     def nan_attack(*args, **kwargs):
         x_adv, extras = original(*args, **kwargs)
         return torch.full_like(x_adv, float("nan")), extras
 
-    monkeypatch.setattr(evaluate_module, "_run_attack", nan_attack)
+    monkeypatch.setattr(evaluate_module, "run_attack", nan_attack)
     with pytest.raises(RuntimeError, match="non-finite"):
         evaluate(model, (x, y), ["fgsm"], eps=0.03, progress=False)
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fastrobust.core.gradients import grad_or_zeros
 from fastrobust.errors import ConfigError
-from fastrobust.evaluate.evaluation import iterate_split
+from fastrobust.evaluate import iterate_split
 from fastrobust.methods.backward_smoothing import backward_smoothing_points
 
 INITS = ("random", "backward_smoothing", "clean")

@@ -64,7 +64,7 @@ from fastrobust.core.files import atomic_write_json
 from fastrobust.core.values import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
 from fastrobust.data import balanced_head, load_dataset
 from fastrobust.errors import ConfigError, FastRobustError
-from fastrobust.evaluate.evaluation import ATTACKS, attack_settings, evaluate
+from fastrobust.evaluate import ATTACKS, attack_settings, evaluate
 from fastrobust.methods import method_class
 from fastrobust.models.checkpoint import load_model
 from fastrobust.train.presets import load_preset, make_config

@@ -36,9 +36,8 @@ from fastrobust.attacks._engine import (
     target_rows,
     target_waves,
 )
-from fastrobust.attacks.toolkit import ascent_direction, check_norm, input_gradient, model_mode, project, random_start
+from fastrobust.attacks.toolkit import ascent_direction, input_gradient, model_mode, project, random_start
 from fastrobust.core.contract import check_labels, entry_point
-from fastrobust.core.values import check_eps
 from fastrobust.errors import ConfigError
 
 LOSSES = ("ce", "dlr", "ce-targeted", "dlr-targeted")
@@ -122,8 +121,6 @@ def apgd(
     highest loss. Restarts run only on points not yet misclassified.
     ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
     in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     if n_iter < 1:
         raise ConfigError(f"n_iter={n_iter} must be at least 1")
     if n_restarts < 1:
@@ -328,8 +325,6 @@ def apgd_t(
         raise ConfigError(f"loss={loss!r} is not a targeted loss: use 'dlr-targeted' or 'ce-targeted'")
     if n_targets < 1:
         raise ConfigError(f"n_targets={n_targets} must be at least 1")
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     if n_iter < 1 or n_restarts < 1:
         raise ConfigError(f"n_iter={n_iter} and n_restarts={n_restarts} must be at least 1")
     unknown = set(kwargs) - {"alpha", "rho", "random_init", "precision"}

@@ -31,10 +31,9 @@ from fastrobust.attacks.apgd import apgd_ce, apgd_t, targeted_settings_used
 from fastrobust.attacks.fab import fab_t
 from fastrobust.attacks.official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
 from fastrobust.attacks.square import square
-from fastrobust.attacks.toolkit import check_norm, model_mode
+from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.attack_options import check_options
 from fastrobust.core.contract import entry_point, predicts
-from fastrobust.core.values import check_eps
 from fastrobust.errors import ConfigError
 
 VERSIONS = {
@@ -100,8 +99,6 @@ def autoattack(
     fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
     the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
     when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py)."""
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
@@ -188,6 +185,4 @@ def autoattack_official(
 ) -> Tensor:
     """The authors' AutoAttack (``pyautoattack`` or ``autoattack``) on this batch; FastRobustError when
     neither is installed. ``generator`` is unused (the official code seeds the global RNG from ``seed``)."""
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     return run_official(model, x, y, eps=eps, norm=norm, version=version, seed=seed, eval_mode=eval_mode)

@@ -36,10 +36,9 @@ from fastrobust.attacks._engine import (
     target_waves,
 )
 from fastrobust.attacks.apgd import ranked_targets
-from fastrobust.attacks.toolkit import check_norm, model_mode
+from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.contract import check_labels, entry_point
 from fastrobust.core.gradients import grad_or_zeros
-from fastrobust.core.values import check_eps
 from fastrobust.errors import ConfigError
 
 
@@ -159,8 +158,6 @@ def fab_t(
     ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch; a point stops as soon as
     one of its runs finds an adversarial within ``eps``. Runs are independent of each other, so which points
     fall does not depend on ``max_rows``. ``precision``: as in ``apgd`` (fp32 by default)."""
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     if n_iter < 1 or n_restarts < 1 or n_targets < 1:
         raise ConfigError(f"n_iter={n_iter}, n_restarts={n_restarts}, n_targets={n_targets} must all be at least 1")
     x = x.detach()

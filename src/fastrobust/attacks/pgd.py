@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from fastrobust.attacks.toolkit import (
     ascent_direction,
-    check_norm,
     input_gradient,
     model_mode,
     per_example_loss,
@@ -19,7 +18,6 @@ from fastrobust.attacks.toolkit import (
     random_start,
 )
 from fastrobust.core.contract import check_labels, entry_point
-from fastrobust.core.values import check_eps
 from fastrobust.errors import ConfigError
 
 
@@ -54,8 +52,6 @@ def pgd(
     misclassified region, so without it PGD-100 can report more robust points than PGD-20 on the same
     trajectory. Training keeps the last iterate (Madry et al.); ``evaluate`` stops at the fooled one.
     """
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     if steps < 0:
         raise ConfigError(f"steps={steps} must be zero or positive")
     if restarts < 1:

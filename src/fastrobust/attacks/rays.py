@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.contract import entry_point, predicts
-from fastrobust.core.values import check_eps
 from fastrobust.errors import ConfigError
 
 
@@ -88,8 +87,6 @@ def rays(
     leaderboard uses 40,000). ``generator`` is unused (RayS is deterministic)."""
     if norm != "linf":
         raise ConfigError(f"norm={norm!r}: RayS searches l_inf sign directions only; use norm='linf'")
-    if eps is not None:
-        eps = check_eps(eps)
     if early_stop and eps is None:
         raise ConfigError("early_stop=True needs eps (stop once the boundary is within eps)")
     if n_queries < 1:

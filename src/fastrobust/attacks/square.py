@@ -32,9 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from fastrobust.attacks._engine import Execution, Rows, execution_for, forward_context
-from fastrobust.attacks.toolkit import check_norm, cw_margin, model_mode
+from fastrobust.attacks.toolkit import cw_margin, model_mode
 from fastrobust.core.contract import entry_point
-from fastrobust.core.values import check_eps
 from fastrobust.errors import ConfigError
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -107,8 +106,6 @@ def square(
     schedule to the budget (default True, the authors' ``SquareAttack`` default; AutoAttack uses False).
     ``precision``: as in ``apgd`` (fp32 by default; with bf16 a point stops only once an fp32 forward
     confirms it is misclassified)."""
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
     if n_queries < 1:
         raise ConfigError(f"n_queries={n_queries} must be at least 1")
     if not 0 < p_init <= 1:

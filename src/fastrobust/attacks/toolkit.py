@@ -16,8 +16,6 @@ from torch import Tensor, nn
 from fastrobust.core.precision import attack_autocast, attack_gradients
 from fastrobust.errors import ConfigError
 
-NORMS = ("linf", "l2")
-
 
 def upcast(tensor: Tensor) -> Tensor:
     """Losses are computed in at least float32, also under bf16/fp16 autocast."""
@@ -42,12 +40,6 @@ def model_mode(model: nn.Module, *, training: bool = False) -> Iterator[nn.Modul
     finally:
         for module, flag in flags:
             module.training = flag
-
-
-def check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise ConfigError(f"norm={norm!r} is not supported: choose one of {', '.join(NORMS)}")
-    return norm
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:

@@ -96,7 +96,7 @@ def run_hessian(args: argparse.Namespace) -> int:
         pixel_text,
     )
     from fastrobust.data import balanced_head, load_dataset  # startup
-    from fastrobust.models.checkpoint import load_model  # startup
+    from fastrobust.models.checkpoint import check_model_path, load_model  # startup
 
     n = check_positive_int(args.n, name="--n")
     iterations = check_positive_int(args.iterations, name="--iterations")
@@ -104,9 +104,7 @@ def run_hessian(args: argparse.Namespace) -> int:
     seed = check_nonnegative_int(args.seed, name="--seed")
     gamma = parse_number(args.gamma, name="--gamma")
     inits = args.init or ["random", "backward_smoothing"]
-    if not Path(args.checkpoint).exists():
-        raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder or a .safetensors "
-                              "model file")
+    check_model_path(args.checkpoint)
     run_dataset, run = trained_on(Path(args.checkpoint))
     args.dataset = dataset_or_run_dataset(args.dataset, run_dataset, run, command="analyze")
     default_eps = run_eps(run) if args.eps is None else None

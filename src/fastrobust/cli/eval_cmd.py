@@ -76,15 +76,11 @@ def register(subparsers) -> None:
 def _device(name: str | None):
     import torch  # startup
 
+    from fastrobust.core.contract import check_device  # startup
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name!r} asks for CUDA but torch sees no GPU: use --device cpu")
-    return device
+    return check_device(name, where=None, fix="--device cpu")
 
 
 # the usual CIFAR-10 budgets (AutoAttack, Croce & Hein 2020; RobustBench, Croce et al. 2021): l_inf 8/255, l_2 0.5
@@ -121,11 +117,9 @@ def _check_files(args: argparse.Namespace) -> None:
     JSON-lines file that can be written, --state is an evaluation state file or a new file."""
     from fastrobust.core.output_files import check_records_file, check_writable  # startup
     from fastrobust.evaluate import read_state_file  # startup
+    from fastrobust.models.checkpoint import check_model_path  # startup
 
-    if not Path(args.checkpoint).exists():
-        raise FastRobustError(f"checkpoint {args.checkpoint} does not exist: give a run folder, a checkpoint folder "
-                              "RUN/checkpoints/step-N, or a model file (.safetensors, a .pt/.pth state dict, a "
-                              "TorchScript archive or a .pt2 program)")
+    check_model_path(args.checkpoint)
     if args.out is not None:
         check_records_file(args.out, what="--out", record_keys=("attacks", "clean_acc"))
     if args.state is not None:
@@ -203,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{dataset.name}", file=sys.stderr)
     if not own:
         from fastrobust.models.thirdparty import load_model as load_any  # startup
-        from fastrobust.models.thirdparty import parse_normalization
+        from fastrobust.models.thirdparty import parse_normalization  # startup
 
         normalization = parse_normalization(args.normalization, dataset.image_shape[0], dataset_name=dataset.name,
                                             dataset_stats=(dataset.mean, dataset.std))

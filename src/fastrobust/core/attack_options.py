@@ -11,14 +11,17 @@ so a value may arrive as text. A name means the same thing in every attack that 
 - sizes are numbers (``"2/255"`` is parsed, as for eps) in their range: an l_inf ``step_size`` is in (0, 1] pixel
   units (2 gets the "did you mean 2/255?" hint), APGD's ``alpha``/``rho`` and FAB's ``alpha_max``/``beta`` in (0, 1].
 
-Names not listed here pass through unchanged (each attack checks its own: ``loss``, ``norm``, ``precision``, ...).
+- ``norm`` is a supported threat model and ``eps`` a budget in its range (``core.values.check_eps``): the input
+  contract checks both here, once, for every public attack.
+
+Names not listed here pass through unchanged (each attack checks its own: ``loss``, ``precision``, ...).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastrobust.core.values import check_eps, parse_number
+from fastrobust.core.values import check_eps, check_norm, parse_number, parse_whole
 from fastrobust.errors import ConfigError
 
 FLAGS = frozenset({"random_init", "stop_at_fooled", "rescale_schedule", "early_stop", "eval_mode", "channels_last",
@@ -38,6 +41,10 @@ def check_options(where: str, options: dict[str, Any], *, norm: Any = "linf",
     a ConfigError names the first bad one. ``norm`` sets the range of ``step_size``; ``minimums`` raises the
     smallest allowed value of counts (``evaluate``'s pgd20 needs ``steps >= 1``)."""
     out = dict(options)
+    if "norm" in options:  # the threat model and its budget, checked here once for every public attack
+        out["norm"] = norm = check_norm(options["norm"])
+    if options.get("eps") is not None:
+        out["eps"] = check_eps(options["eps"], norm=norm)
     lowest = {**COUNTS, **OPTIONAL_COUNTS, **(minimums or {})}
     for name, value in options.items():
         if name in FLAGS or (name in OPTIONAL_FLAGS and value is not None):
@@ -79,9 +86,10 @@ def _number(where: str, name: str, value: Any) -> float:
 
 
 def _count(where: str, name: str, value: Any, minimum: int) -> int:
-    number = _number(where, name, value)
-    if number != int(number):
-        raise ConfigError(f"{where}: {name}={value!r} must be a whole number")
+    try:
+        number = parse_whole(value, name=name)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
     if number < minimum:
         raise ConfigError(f"{where}: {name}={int(number)} must be at least {minimum}")
     return int(number)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastrobust.core.contract import check_device
 from fastrobust.errors import ConfigError, FastRobustError
 
 _MASK64 = (1 << 64) - 1
@@ -97,8 +98,8 @@ def setup(device_name: str = "auto") -> Context:
             raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
         if wants_cuda(device_name):
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device={device_name!r} asked for CUDA but no GPU is visible: use --device cpu")
+            if device_name != "auto":
+                check_device(device_name, where=None, fix="--device cpu")
             if local_rank >= torch.cuda.device_count():
                 raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
                                   "use --nproc_per_node <= the number of GPUs")

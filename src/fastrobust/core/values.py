@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from fastrobust.errors import ConfigError
 
@@ -50,6 +51,16 @@ def parse_number(value: str | float | int, *, name: str = "value") -> float:
     return result
 
 
+NORMS = ("linf", "l2")  # the threat models: l_inf and l_2 balls in [0, 1] pixel units
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` when it is a supported threat model (``NORMS``); else one ConfigError naming the choices."""
+    if norm not in NORMS:
+        raise ConfigError(f"norm={norm!r} is not supported: choose one of {', '.join(NORMS)}")
+    return norm
+
+
 def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False, norm: str = "linf") -> float:
     """A perturbation size in [0,1] pixel units for the threat model ``norm``.
 
@@ -57,6 +68,7 @@ def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False, norm
     of the ball; 0.5 is the usual CIFAR-10 budget, and the largest useful one is sqrt(C*H*W)). With
     ``allow_zero`` 0 is accepted too. Raises ConfigError otherwise.
     """
+    norm = check_norm(norm)
     value = parse_number(value, name=name)
     low_ok = value >= 0 if allow_zero else value > 0
     if norm == "l2":
@@ -65,8 +77,6 @@ def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False, norm
             raise ConfigError(f"{name}={value:g} must be {bound}: an l2 budget is the radius of the ball in [0,1] "
                               "pixel units (0.5 is the usual CIFAR-10 budget)")
         return value
-    if norm != "linf":
-        raise ConfigError(f"norm={norm!r} is not supported: choose one of linf, l2")
     if not low_ok or value > 1:
         hint = f"; did you mean {value:g}/255?" if value > 1 else ""
         interval = "[0, 1]" if allow_zero else "(0, 1]"
@@ -87,6 +97,39 @@ def check_eps_fits(eps: float, norm: str, image_shape, *, name: str = "eps") -> 
         raise ConfigError(f"{name}={eps:g} is larger than the diameter of the [0, 1] image box for {shape} images, "
                           f"sqrt({size}) = {diameter:.4g}: no two images are that far apart in l2; the usual "
                           "CIFAR-10 l2 budget is 0.5")
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_flag(value: Any, *, name: str) -> bool:
+    """A setting given as text (a command line, a YAML file) or a bool, as a bool: true/false, yes/no, on/off, 1/0.
+
+    Raises:
+        ConfigError: anything else (one line naming the setting).
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+
+
+def parse_whole(value: Any, *, name: str) -> int:
+    """A count given as a number or as text (``"50"``, ``"1e3"``), as an int; a bool or a fraction is refused.
+
+    Raises:
+        ConfigError: not a whole number (one line naming the setting).
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be a whole number")
+    number = parse_number(value, name=name)
+    if number != int(number):
+        raise ConfigError(f"{name}={value!r} must be a whole number")
+    return int(number)
 
 
 def check_positive_int(value: int | str, *, name: str) -> int:

@@ -810,13 +810,35 @@ def load_dataset(
     cache_dir: str | os.PathLike | None = None,
     channels: int | None = None,
 ) -> Dataset:
-    """Load ``name`` as uint8 tensors, decoding once into ``cache_dir``; see docs/data.md.
+    """Load dataset ``name`` as uint8 tensors, decoded once into a cache; see docs/data.md.
 
-    ``download``: fetch the official files when they are missing (md5 verified, resumable). None (default):
-    only into the user's cache folder ``~/.cache/fastrobust/data``, i.e. when neither ``root`` nor
-    ``$FASTROBUST_DATA`` names a data root (an explicit root is an offline copy: nothing is fetched into it).
-    ``channels`` (imagefolder only): None gives RGB when any training image is stored in colour and greyscale
-    when all are grey (independent of file order); 1 or 3 forces greyscale or RGB."""
+    Args:
+        name: ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``tiny-imagenet`` or ``imagefolder``
+            (``available_datasets()``).
+        root: the data folder (default None: ``$FASTROBUST_DATA``, else ``~/.cache/fastrobust/data``).
+        val_size: training images held out as the validation split (default 1000), class-balanced; model
+            selection uses it, never the test split.
+        train_subset, test_subset: use only this many images of the split (default None: all), class-balanced.
+        download: fetch the official files when missing (md5 verified, resumable). None (default): only into the
+            user's cache folder, i.e. when neither ``root`` nor ``$FASTROBUST_DATA`` names a data root (an explicit
+            root is an offline copy: nothing is fetched into it).
+        cache_dir: where decoded tensors are kept (default: under the user's cache folder).
+        channels: imagefolder only: None (default) gives RGB when any training image is in colour and greyscale
+            when all are grey; 1 or 3 forces greyscale or RGB.
+
+    Returns:
+        A ``Dataset`` with ``train``, ``val`` and ``test`` ``ImageSet`` splits (uint8 ``[N, C, H, W]``, int64
+        labels), ``num_classes``, ``image_shape``, the train split's ``mean``/``std`` and its standard
+        augmentation.
+
+    Raises:
+        DataError: the data is missing, damaged or cannot be fetched, in one line saying where to put it.
+        ConfigError: a bad argument.
+
+    Example:
+        >>> data = load_dataset("cifar10", test_subset=1000)
+        >>> data.test.images.shape, data.num_classes
+    """
     key = str(name).strip().lower().replace("_", "-")
     key = {"tinyimagenet": "tiny-imagenet", "tiny-imagenet-200": "tiny-imagenet", "cifar-10": "cifar10",
            "cifar-100": "cifar100", "image-folder": "imagefolder"}.get(key, key)

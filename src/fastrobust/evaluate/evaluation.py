@@ -11,38 +11,20 @@ record (see docs/evaluation.md); ``pgd_accuracy`` is the trainer's fast validati
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fastrobust.attacks import (
-    apgd_ce,
-    apgd_t,
-    autoattack,
-    autoattack_official,
-    fab_t,
-    fgsm,
-    model_mode,
-    pgd,
-    rays,
-    square,
-)
-from fastrobust.attacks.apgd import targeted_settings_used
-from fastrobust.attacks.autoattack import DEFAULTS, OFFICIAL_MISSING, VERSIONS, official_available
-from fastrobust.attacks.rays import official_tol
-from fastrobust.attacks.toolkit import check_norm, margin_gradient
+from fastrobust.attacks import model_mode, pgd
+from fastrobust.attacks.autoattack import OFFICIAL_MISSING, official_available
 from fastrobust.core import distributed as dist_lib
-from fastrobust.core.attack_options import check_options
 from fastrobust.core.contract import (
     check_device,
     check_gradients_allowed,
@@ -54,34 +36,47 @@ from fastrobust.core.contract import (
     small_l2_eps_note,
     validated,
 )
-from fastrobust.core.filekind import checkpoint_format, looks_like
-from fastrobust.core.files import atomic_write_json
 from fastrobust.core.output_files import check_writable
-from fastrobust.core.records import code_version
-from fastrobust.core.values import check_eps, check_eps_fits, check_nonnegative_int, check_positive_int
+from fastrobust.core.values import (
+    check_eps,
+    check_eps_fits,
+    check_nonnegative_int,
+    check_positive_int,
+)
 from fastrobust.errors import ConfigError, FastRobustError
-from fastrobust.evaluate.batching import batch_seed, indexed_batches
+from fastrobust.evaluate.attack_table import (
+    ATTACKS,
+    GRADIENT_FREE,
+    TABLE,
+    attack_settings,
+    default_step,
+    run_attack,
+)
+from fastrobust.evaluate.batching import (
+    batch_count,
+    batch_seed,
+    indexed_batches,
+    iterate_split,
+    rank_batches,
+    rounds,
+    run_round,
+)
 from fastrobust.evaluate.invariance import EVALUATIONS as INVARIANCE
 from fastrobust.evaluate.invariance import evaluate_invariance
+from fastrobust.evaluate.prechecks import (
+    chance_warnings,
+    check_ball,
+    class_count_warnings,
+    non_finite_warnings,
+    output_warnings,
+    zero_gradient_warnings,
+)
+from fastrobust.evaluate.record import build_record
+from fastrobust.evaluate.state import EvaluationState, evaluation_fingerprint
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-def iterate_split(images: Tensor, labels: Tensor, batch_size: int, device: str | torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches of (float [0,1] images, labels) on ``device``, in order; uint8 or float input."""
-    for start in range(0, len(labels), batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        yield x, labels[start : start + batch_size].to(device, non_blocking=True)
-
-
-def _rank_batches(n: int, batch_size: int, distributed: bool) -> list[int]:
-    """The batch indices this process evaluates: all of them, or its share (b % world_size == rank)."""
-
-    count = (n + batch_size - 1) // batch_size
-    if not distributed:
-        return list(range(count))
-    return dist_lib.shard_indices(count, dist_lib.context())
+__all__ = ["ATTACKS", "attack_settings", "clean_and_robust_counts", "default_step", "evaluate", "iterate_split",
+           "pgd_accuracy"]
 
 
 def clean_and_robust_counts(
@@ -108,7 +103,7 @@ def clean_and_robust_counts(
     checked = prepare_model(model, label_max, "clean_and_robust_counts")
     clean = torch.zeros((), dtype=torch.long, device=device)
     robust = torch.zeros((), dtype=torch.long, device=device)
-    mine = _rank_batches(len(labels), batch_size, distributed)
+    mine = rank_batches(len(labels), batch_size, dist_lib.context() if distributed else dist_lib.Context())
     with model_mode(model, training=False), validated():
         for _, x, y in indexed_batches(images, labels, batch_size, device, mine):
             with torch.no_grad():
@@ -162,137 +157,9 @@ def pgd_accuracy(
     return {"clean_acc": clean / max(total, 1), "robust_acc": robust / max(total, 1), "n": total, "step_size": step_size}
 
 
-# --------------------------------------------------------------------------------------------------
-# Full evaluation: named attacks, per-example worst case, resumable state, one record.
-# --------------------------------------------------------------------------------------------------
-
-ATTACKS = (
-    "clean", "fgsm", "pgd20", "pgd100", "cw20", "apgd-ce", "apgd-t", "fab-t", "square",
-    "autoattack", "autoattack-fast", "rays", "autoattack-official",
-)
-# named invariance evaluations (fastrobust.evaluate.invariance): same record format, not eps-ball attacks, so not part of
-# the worst case and not kept in the state file
-ATTACKS += tuple(INVARIANCE)
-GRADIENT_FREE = ("clean", "square", "rays") + tuple(INVARIANCE)  # run inside torch.inference_mode() too
-STATE_VERSION = 2  # 2: model in the fingerprint, non-finite flags per point
-AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_options["autoattack"]
-
-
-def default_step(eps: float, steps: int, norm: str) -> float:
-    """PGD step size: the paper's 2/255 for l_inf (eps/4 below 2/255, and large enough to reach eps in
-    ``steps / 2.5`` steps for large eps, at most 1: a longer l_inf step only reaches the same corner);
-    ``2.5 * eps / steps`` for l_2."""
-    if norm == "l2":
-        return 2.5 * eps / steps
-    return min(max(min(2 / 255, eps / 4), 2.5 * eps / steps), 1.0)
-
-
-def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The settings an attack runs with in ``evaluate`` (defaults, updated by ``options``)."""
-
-    if name not in ATTACKS:
-        raise ConfigError(f"attack {name!r} is unknown: choose from {', '.join(ATTACKS)}")
-    if name in INVARIANCE:
-        return INVARIANCE[name].settings(options)
-    if name == "clean":
-        base: dict[str, Any] = {}
-    elif name == "fgsm":
-        base = {"step_size": eps, "random_init": False}
-    elif name in ("pgd20", "pgd100", "cw20"):
-        steps = 100 if name == "pgd100" else 20
-        base = {"steps": steps, "step_size": None, "random_init": False,  # None: default_step for the steps run
-                "loss": "cw" if name == "cw20" else "ce", "restarts": 1, "stop_at_fooled": True}
-    elif name in ("apgd-ce", "apgd-t", "fab-t", "square"):
-        base = dict(DEFAULTS[name])
-    elif name in ("autoattack", "autoattack-fast"):
-        version = "fast" if name == "autoattack-fast" else "standard"
-        base = {"version": version, "options": {k: dict(DEFAULTS[k]) for k in VERSIONS[version]}}
-    elif name == "rays":
-        base = {"n_queries": 10000, "tol": None, "early_stop": False}  # tol None: the authors' 1e-3/sqrt(d)
-    else:  # autoattack-official
-        base = {"version": "standard"}
-    options = dict(options or {})
-    if name in ("autoattack", "autoattack-fast") and options:
-        merged = {k: dict(v) for k, v in base["options"].items()}
-        nested = options.pop("options", None) or {}
-        if not isinstance(nested, dict) or not all(isinstance(v, dict) for v in nested.values()):
-            raise ConfigError(f"attack {name!r}: options={nested!r} must map components to dicts of settings, e.g. "
-                              "{'square': {'n_queries': 1000}}")
-        for key, value in nested.items():
-            merged.setdefault(key, {}).update(value)
-        for key in list(options):  # component options given directly: {"square": {...}}
-            if isinstance(options[key], dict):
-                merged.setdefault(key, {}).update(options.pop(key))
-        base["options"] = merged
-    unknown = set(options) - set(base) - ({"n_queries", "tol", "early_stop"} if name == "rays" else set())
-    if name in ("autoattack", "autoattack-fast"):
-        unknown -= set(AUTOATTACK_EXECUTION)  # how it runs (precision, channels_last): recorded only when given
-    if unknown and name != "clean":
-        raise ConfigError(f"attack {name!r} has no setting(s) {sorted(unknown)}: its settings are {sorted(base)}")
-    base.update(options)
-    return _checked(name, base, eps, norm)
-
-
-def _checked(name: str, settings: dict[str, Any], eps: float, norm: str) -> dict[str, Any]:
-    """The settings with every value checked and normalised before any work (``attack_options``), so that the
-    record shows what runs; an attack named for its steps (pgd20, cw20) must take at least one, and its step size
-    defaults (also when given as None) to ``default_step`` for the number of steps it runs."""
-    where = f"attack {name!r}"
-    # with no step a PGD attack's robust accuracy would be the clean accuracy, under the attack's name
-    settings = check_options(where, settings, norm=norm, minimums={"steps": 1})
-    if name in ("pgd20", "pgd100", "cw20") and settings.get("step_size") is None:
-        settings["step_size"] = default_step(eps, settings["steps"], norm)
-    elif name == "fgsm" and settings.get("step_size") is None:
-        settings["step_size"] = eps
-    if isinstance(settings.get("options"), dict):  # AutoAttack's components
-        settings["options"] = {key: check_options(f"{where} ({key})", value, norm=norm)
-                               for key, value in settings["options"].items()}
-    return settings
-
-
-def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
-                norm: str, generator: torch.Generator | None, seed: int,
-                max_rows: int | None = None) -> tuple[Tensor, dict[str, list]]:
-    """Adversarials for the batch (all correctly classified) and per-example extras. ``max_rows``: the
-    evaluation's batch size, the most rows AutoAttack's components attack at once."""
-
-    extras: dict[str, list] = {}
-    s = settings
-    if name == "fgsm":
-        x_adv = fgsm(model, x, y, eps=eps, norm=norm, generator=generator, **s)
-    elif name in ("pgd20", "pgd100", "cw20"):
-        x_adv = pgd(model, x, y, eps=eps, norm=norm, generator=generator, **s)
-    elif name == "apgd-ce":
-        x_adv = apgd_ce(model, x, y, eps=eps, norm=norm, generator=generator, **s)
-    elif name == "apgd-t":
-        x_adv = apgd_t(model, x, y, eps=eps, norm=norm, generator=generator, **s)
-    elif name == "fab-t":
-        x_adv = fab_t(model, x, y, eps=eps, norm=norm, generator=generator, **s)
-    elif name == "square":
-        x_adv, queries = square(model, x, y, eps=eps, norm=norm, generator=generator, return_queries=True, **s)
-        extras["queries"] = queries.tolist()
-    elif name in ("autoattack", "autoattack-fast"):
-        result = autoattack(model, x, y, eps=eps, norm=norm, version=s["version"], options=s["options"],
-                            generator=generator, return_details=True, max_rows=max_rows,
-                            **{k: s[k] for k in AUTOATTACK_EXECUTION if k in s})
-        x_adv = result.x_adv
-        extras["broken_by"] = result.broken_by
-    elif name == "rays":
-        result = rays(model, x, y, eps=eps, norm=norm, **s)
-        x_adv = result.within(x, eps)
-        extras["distance"] = [None if d == float("inf") else d for d in result.distance.tolist()]
-        extras["distance_official"] = result.official_distance(x).tolist()
-        extras["queries"] = result.queries.tolist()
-    elif name == "autoattack-official":
-        x_adv = autoattack_official(model, x, y, eps=eps, norm=norm, seed=seed, **s)
-    else:  # pragma: no cover - guarded by attack_settings
-        raise ConfigError(f"attack {name!r} is unknown")
-    return x_adv.detach(), extras
-
-
-def _as_split(data: Any, where: str = "evaluate") -> tuple[Tensor, Tensor, int]:
+def as_split(data: Any, where: str = "evaluate") -> tuple[Tensor, Tensor, int]:
     """(images uint8 or float, labels int64, largest label) of an ImageSet, a Dataset's test split or a tuple;
-    checked by ``inputs.check_split`` (one host sync)."""
+    checked by ``core.contract.check_split`` (one host sync)."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images, labels = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
@@ -305,120 +172,6 @@ def _as_split(data: Any, where: str = "evaluate") -> tuple[Tensor, Tensor, int]:
             "a Dataset (its test split is used) or an (images, labels) tuple"
         )
     return check_split(torch.as_tensor(images), torch.as_tensor(labels), where=where)
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """What identifies a model for a state file: its class, an architecture hash (class, ``fastrobust_config``
-    and the module tree as ``repr`` prints it) and a hash of every state_dict tensor (parameters and buffers:
-    names, dtypes, shapes and bytes)."""
-    cls = type(model)
-    config = getattr(model, "fastrobust_config", None)
-    architecture = hashlib.sha256(
-        f"{cls.__module__}.{cls.__qualname__}\n{json.dumps(config, sort_keys=True, default=str)}\n{model!r}".encode()
-    )
-    weights = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        weights.update(name.encode())
-        if isinstance(tensor, Tensor):
-            tensor = tensor.detach().cpu().contiguous()
-            weights.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            weights.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            weights.update(repr(tensor).encode())
-    return {"model_class": f"{cls.__module__}.{cls.__qualname__}", "model_architecture": architecture.hexdigest(),
-            "model_weights": weights.hexdigest()}
-
-
-def _fingerprint(images: Tensor, labels: Tensor, eps: float, norm: str, batch_size: int, seed: int,
-                 model: nn.Module) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
-    return {"data_sha256": digest.hexdigest(), "n": len(labels), "eps": eps, "norm": norm,
-            "batch_size": batch_size, "seed": seed, **model_fingerprint(model)}
-
-
-_FINGERPRINT_NAMES = {"data_sha256": "data", "n": "number of points", "model_class": "model class",
-                      "model_architecture": "model architecture", "model_weights": "model weights"}
-
-
-def _fresh_state(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "fingerprint": fingerprint, "clean": {}, "clean_non_finite": {}, "attacks": {}}
-
-
-STATE_FIELDS = ("version", "fingerprint", "clean", "attacks")
-
-
-def read_state_file(path: str | Path) -> dict[str, Any] | None:
-    """The evaluation state saved at ``path`` (None when there is none yet: no file, or an empty one).
-
-    Raises FastRobustError when ``path`` is not an evaluation state file -- a folder, a model, a run's config,
-    any other file -- saying so and asking for another path (such a file is never overwritten), or when it is a
-    state file of another format version (which may then be deleted)."""
-    path = Path(path)
-    other = "choose another --state path (a new state file is created there)"
-    if path.is_dir():
-        raise FastRobustError(f"state file {path} is a folder, not an evaluation state file: {other}, e.g. "
-                              f"{path / 'eval-state.json'}")
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    try:
-        state = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        kind = checkpoint_format(path)
-        what = f"a model file ({kind})" if kind else (looks_like(path) or "not JSON")
-        raise FastRobustError(f"state file {path} is not an evaluation state file (it looks like {what}): {other}") from None
-    except OSError as error:
-        raise FastRobustError(f"state file {path} cannot be read ({error.strerror or error}): {other}") from None
-    if not isinstance(state, dict) or not all(key in state for key in STATE_FIELDS):
-        raise FastRobustError(f"state file {path} is not an evaluation state file (a JSON file without the fields "
-                              f"{', '.join(STATE_FIELDS)}): {other}")
-    if state["version"] != STATE_VERSION:
-        raise FastRobustError(f"state file {path} was written by another version of evaluate (state version "
-                              f"{state['version']}, this one reads {STATE_VERSION}): delete that state file to start "
-                              f"over, or {other}")
-    return state
-
-
-def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    state = read_state_file(path)
-    if state is None:
-        return _fresh_state(fingerprint)
-    if state.get("fingerprint") != fingerprint:
-        old = state.get("fingerprint") or {}
-        diff = [_FINGERPRINT_NAMES.get(k, k) for k in fingerprint if old.get(k) != fingerprint.get(k)]
-        raise FastRobustError(
-            f"state file {path} belongs to another evaluation (different {', '.join(diff)}): "
-            "use the same model, data and settings to resume, or another --state file"
-        )
-    return state
-
-
-def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> None:
-    """RuntimeError (a bug in the attack) unless every adversarial is finite, in [0, 1] and in the eps-ball.
-    Written so that NaN fails it: every comparison with NaN is False, so each test asks for the good case."""
-    flat, delta = x_adv.flatten(1), (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-    good = (torch.isfinite(flat).all(1) & (size <= eps * (1 + 1e-4) + 1e-6)
-            & (flat.amin(1) >= 0) & (flat.amax(1) <= 1))
-    if not bool(good.all()):
-        i = int((~good).nonzero()[0, 0])
-        raise RuntimeError(f"attack {name!r} returned an adversarial outside the {norm} eps-ball, outside [0, 1] or "
-                           f"non-finite (point {i} of the batch, distance {float(size[i]):.6g}, eps {eps:g}): a bug")
-
-
-def _versions() -> dict[str, str]:
-
-
-
-    return {"fastrobust": code_version(), "torch": torch.__version__, "numpy": numpy.__version__,  # as training's
-            "python": platform.python_version()}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
 
 
 def evaluate(
@@ -436,37 +189,62 @@ def evaluate(
     attack_options: dict[str, dict[str, Any]] | None = None,
     distributed: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``data`` under each attack in ``attacks``; returns a JSON-able record.
+    """Robust accuracy of ``model`` on ``data`` under each attack in ``attacks``, as one JSON-able record.
 
-    Each attack runs on every correctly classified point (so each has its own robust accuracy);
-    ``robust_acc`` is the per-example worst case across them. ``attack_options`` overrides settings per
-    attack (``{"square": {"n_queries": 1000}}``). With ``state_file`` the per-example status of every
-    finished batch is saved (atomically) and a rerun resumes from it; the state is bound to the data, the
-    settings and the model (weights and architecture). ``device`` defaults to the model's; the model is
-    moved there. Randomness comes from ``seed`` only (one generator per attack and batch).
+    Each attack runs on every correctly classified point, so each has its own robust accuracy; ``robust_acc`` is
+    the per-example worst case across them (AutoAttack's rule, Croce & Hein 2020). A point counts as robust only
+    when the model classifies it correctly and no attack's adversarial changes that: every adversarial is checked
+    here (inside the eps-ball and [0, 1], finite) and judged by the model, an attack's own claim is never trusted,
+    and non-finite logits never count as correct or robust (``non_finite``).
 
-    ``data``: images uint8, or float in [0, 1], ``[N, C, H, W]``; labels of any integer dtype in ``[0, C)``
-    (docs/evaluation.md, "Input contract"); a violation is a ConfigError. Non-finite logits never count as
-    correct or robust (counted as ``non_finite``). Models with bf16/fp16 weights run in their own dtype.
-    Pre-checks as the official AutoAttack's warn (in ``record["warnings"]`` and on stderr) when the outputs
-    look like probabilities or two forward passes differ (a randomised model); it also warns when clean accuracy
-    is at chance level (:func:`chance_warnings`). A Dataset, or an ImageSet from ``load_dataset``, whose
-    ``num_classes`` differs from the model's number of outputs is a ConfigError (:func:`class_count_warnings`). A model that is no ``nn.Module``
-    or returns fewer than 2 logits per image is a ConfigError; an l2 ``eps`` below 0.1 on images of >= 100
-    values (an l_inf budget such as 8/255 given with norm='l2') is a ``warnings.warn`` (and in the record).
+    Args:
+        model: any ``nn.Module`` mapping images in [0, 1] to logits ``[B, C]`` (normalisation inside the model).
+            It runs in eval mode; its mode is restored afterwards. bf16/fp16 models run in their own dtype.
+        data: an ``ImageSet`` (``.images``, ``.labels``), a ``Dataset`` (its test split) or ``(images, labels)``:
+            images uint8, or float in [0, 1], ``[N, C, H, W]``; labels of any integer dtype in ``[0, C)``.
+        attacks: names from ``ATTACKS`` (default ``("pgd20",)``): ``clean``, ``fgsm``, ``pgd20``, ``pgd100``,
+            ``cw20``, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, ``autoattack``, ``autoattack-fast``, ``rays``,
+            ``autoattack-official`` and the invariance evaluations ``gaussian-noise``, ``spatial``.
+        eps: the budget in [0, 1] pixel units (l_inf: 8/255 is CIFAR-10's usual; l_2: 0.5); text such as
+            ``"8/255"`` is parsed.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        batch_size: points per batch (default 256); batch boundaries and per-batch seeds fix the results.
+        device: where to run (default: the model's device; the model is moved there).
+        state_file: a JSON file that saves the per-point results of every finished batch (atomically); a rerun
+            with the same model (weights and architecture), data and settings resumes from it. Default None.
+        progress: draw a progress bar per attack on a terminal (default True).
+        seed: all randomness comes from it, one generator per attack and batch (default 0).
+        attack_options: settings per attack, e.g. ``{"square": {"n_queries": 1000}}`` (default None).
+        distributed: share the batches out across the ranks of an initialised process group (every rank calls
+            with the same arguments); the record equals the one-process record, timings and device aside.
 
-    With ``distributed`` (every rank of an initialised process group calling with the same arguments) the
-    batches are shared out across ranks in rounds of ``world_size``; each batch is computed exactly as in
-    one process (same batch size, same per-batch seed), the per-example results are gathered on every
-    rank after each round and rank 0 alone writes ``state_file``: the record equals the one-process record
-    (timings and device aside).
+    Returns:
+        The record (docs/evaluation.md, "The record"): ``n``, ``clean_acc``, ``robust_acc`` (worst case),
+        ``attacks`` (per attack: ``robust_acc``, ``robust``, ``broken``, ``non_finite``, the settings it ran with,
+        seconds, and what the attack adds), ``warnings``, ``versions``, ``device``, ``seed``.
+
+    Raises:
+        ConfigError: a bad value (eps, norm, an attack name or setting, the input contract, a model whose number
+            of outputs differs from the data's ``num_classes``), in one line naming the fix.
+        FastRobustError: a state file of another evaluation, or a model that fails on the data.
+
+    Pre-checks, as the official AutoAttack's, warn (in ``record["warnings"]`` and on stderr) when the outputs look
+    like probabilities, when two forward passes differ (a randomised model), when input gradients are all zero
+    (gradient masking), when clean accuracy is at chance level, and for an l_2 ``eps`` below 0.1 on images of
+    >= 100 values (an l_inf budget given with norm='l2').
+
+    Example:
+        >>> from fastrobust.data import load_dataset
+        >>> from fastrobust.evaluate import evaluate
+        >>> record = evaluate(model, load_dataset("cifar10", test_subset=1000).test, ["pgd20", "autoattack"],
+        ...                   eps=8 / 255)
+        >>> record["clean_acc"], record["robust_acc"]
     """
 
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
+    eps = check_eps(eps, norm=norm)  # checks norm too
     batch_size = check_positive_int(batch_size, name="batch_size")
     seed = check_nonnegative_int(seed, name="seed")
-    images, labels, label_max = _as_split(data)
+    images, labels, label_max = as_split(data)
     if len(labels) == 0:
         raise ConfigError("evaluate: data holds no images: nothing to evaluate (check the split or the subset size)")
     check_eps_fits(eps, norm, images.shape[1:])
@@ -487,8 +265,9 @@ def evaluate(
     settings = {name: attack_settings(name, eps, norm, attack_options.get(name)) for name in names}
     invariance = {name: settings.pop(name) for name in names if name in INVARIANCE}
     names = [name for name in names if name not in invariance]
-    if "rays" in names and norm != "linf":
-        raise ConfigError(f"attack 'rays' is l_inf only but norm={norm!r}: drop rays or use --norm linf")
+    for name in names:
+        if TABLE[name].linf_only and norm != "linf":
+            raise ConfigError(f"attack {name!r} is l_inf only but norm={norm!r}: drop {name} or use --norm linf")
     needs_gradients = any(name not in GRADIENT_FREE for name in names)
     if needs_gradients:
         check_gradients_allowed("evaluate")
@@ -507,10 +286,10 @@ def evaluate(
 
     ctx = dist_lib.context() if distributed else dist_lib.Context()
     n = len(labels)
-    n_batches = (n + batch_size - 1) // batch_size
+    n_batches = batch_count(n, batch_size)
     with model_mode(model, training=False), validated():
         _, x_first, y_first = next(indexed_batches(images, labels, batch_size, device, [0]))
-        warned, num_classes = _prechecks(checked, x_first)
+        warned, num_classes = output_warnings(checked, x_first)
         if needs_gradients:
             warned += zero_gradient_warnings(checked, x_first, y_first)
     warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
@@ -518,112 +297,55 @@ def evaluate(
     loaded: Any = None
     if ctx.is_main:  # only rank 0 reads the state file (other machines need not see it)
         try:
-            loaded = _fresh_state(None) if path is None else _load_state(
-                path, _fingerprint(images, labels, eps, norm, batch_size, seed, model))
+            fingerprint = evaluation_fingerprint(images, labels, eps, norm, batch_size, seed, model) if path else {}
+            loaded = EvaluationState.load(path, fingerprint)
         except FastRobustError as error:
             loaded = error
     loaded = dist_lib.broadcast_object(loaded) if ctx.active else loaded
     if isinstance(loaded, FastRobustError):
         raise loaded
-    state = loaded
+    state: EvaluationState = loaded
+    if not ctx.is_main:
+        state.path = None  # rank 0 alone writes the state file
 
-    def save() -> None:
-        if path is not None and ctx.is_main:
-            atomic_write_json(path, state)
-
-    def rounds(pending: list[int]) -> Iterator[list[int]]:
-        """Groups of up to world_size pending batches; this rank computes the one at its rank's position."""
-        for first in range(0, len(pending), ctx.world_size):
-            yield pending[first:first + ctx.world_size]
-
-    def run_round(group: list[int], compute: Callable[[int, Tensor, Tensor], Any]) -> dict[int, Any]:
-        mine = group[ctx.rank:ctx.rank + 1] if ctx.active else group
-        results = {b: compute(b, x, y) for b, x, y in indexed_batches(images, labels, batch_size, device, mine)}
-        if ctx.active:
-            merged: dict[int, Any] = {}
-            for part in dist_lib.gather_objects(results):
-                merged.update(part)
-            return merged
-        return results
+    def batches_of(pending: list[int], compute: Callable[[int, Tensor, Tensor], Any]) -> Iterator[dict[int, Any]]:
+        for group in rounds(pending, ctx):
+            yield run_round(group, compute, images, labels, batch_size, device, ctx)
 
     started = time.perf_counter()
     with model_mode(model, training=False), validated():
-        # clean predictions, one pass
-        clean_seconds = state.get("clean_seconds", 0.0)
-
-        def clean_batch(_b: int, x: Tensor, y: Tensor) -> tuple[list[bool], list[bool], float]:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                logits = checked(x)
-            correct, non_finite = predicts(logits, y).tolist(), (~finite_rows(logits)).tolist()
-            return correct, non_finite, time.perf_counter() - t0
-
-        pending = [b for b in range(n_batches) if str(b) not in state["clean"]]
-        for group in rounds(pending) if ctx.active else ([b] for b in pending):
-            for b, (correct, non_finite, seconds) in sorted(run_round(group, clean_batch).items()):
-                state["clean"][str(b)] = correct
-                state["clean_non_finite"][str(b)] = non_finite
-                clean_seconds += seconds
-            state["clean_seconds"] = clean_seconds
-            save()
+        for results in batches_of(state.pending_clean(n_batches), partial(_clean_batch, checked)):
+            for b, (correct, non_finite, seconds) in sorted(results.items()):
+                state.clean[str(b)] = correct
+                state.clean_non_finite[str(b)] = non_finite
+                state.clean_seconds += seconds
+            state.save()
         for name in names:
             if name == "clean" or name in skipped:
                 continue
-            stored = state["attacks"].setdefault(name, {"settings": _jsonable(settings[name]), "batches": {}})
-            if stored["settings"] != _jsonable(settings[name]):
-                raise FastRobustError(
-                    f"state file {path} holds results of {name!r} with other settings ({stored['settings']}): "
-                    "use the same attack settings to resume, or another state file"
-                )
-            done = stored["batches"]
-
-            def attack_batch(b: int, x: Tensor, y: Tensor, name: str = name) -> dict[str, Any]:
-                t0 = time.perf_counter()
-                correct = torch.tensor(state["clean"][str(b)], dtype=torch.bool, device=device)
-                robust = correct.clone()
-                non_finite = torch.zeros_like(correct)
-                entry: dict[str, Any] = {}
-                idx = correct.nonzero().squeeze(1)
-                if len(idx):
-                    generator = torch.Generator(device=device).manual_seed(batch_seed(seed, name, b))
-                    x_adv, extras = _run_attack(name, settings[name], checked, x[idx], y[idx], eps=eps,
-                                                norm=norm, generator=generator, seed=seed, max_rows=len(x))
-                    _check_ball(x_adv, x[idx], eps, norm, name)
-                    with torch.no_grad():
-                        logits = checked(x_adv)
-                    robust[idx] = predicts(logits, y[idx])  # non-finite logits are never robust
-                    non_finite[idx] = ~finite_rows(logits)
-                    for key, values in extras.items():
-                        full: list[Any] = [None] * len(y)
-                        for i, v in zip(idx.tolist(), values):
-                            full[i] = v
-                        entry[key] = full
-                entry["robust"] = robust.tolist()
-                entry["non_finite"] = non_finite.tolist()
-                entry["seconds"] = time.perf_counter() - t0
-                return entry
-
+            done = state.attack_batches(name, settings[name])
+            attack_batch = partial(_attack_batch, name, settings[name], checked, state, eps=eps, norm=norm,
+                                   seed=seed, device=device)
             bar = tqdm(total=n_batches, desc=name, unit="batch",  # None: drawn only on a terminal, not in logs
                        disable=True if not progress or not ctx.is_main else None,
                        file=sys.stderr, initial=sum(1 for b in range(n_batches) if str(b) in done))
             try:
-                pending = [b for b in range(n_batches) if str(b) not in done]
-                for group in rounds(pending) if ctx.active else ([b] for b in pending):
-                    results = run_round(group, attack_batch)
+                for results in batches_of([b for b in range(n_batches) if str(b) not in done], attack_batch):
                     for b in sorted(results):
                         done[str(b)] = results[b]
-                    save()
+                    state.save()
                     bar.update(len(results))
             finally:
                 bar.close()
-    record = _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device,
-                     time.perf_counter() - started, num_classes, images[0].numel() if n else 0)
+    record = build_record(model, state, names, settings, skipped, eps=eps, norm=norm, n=n, n_batches=n_batches,
+                          batch_size=batch_size, seed=seed, device=device, seconds=time.perf_counter() - started,
+                          num_classes=num_classes, dim=images[0].numel() if n else 0)
     if invariance:  # the prepared model: inputs cast to a half-precision model's dtype, logits in fp32
-        clean = [v for b in range(n_batches) for v in state["clean"][str(b)]]
+        clean = state.clean_flags(n_batches)
         record["attacks"].update(evaluate_invariance(checked, images, labels, invariance, clean=clean,
                                                      batch_size=batch_size, device=device, seed=seed,
                                                      distributed=ctx.active))
-    record["warnings"] = ([small_eps] if small_eps else []) + warned + _non_finite_warnings(record) + \
+    record["warnings"] = ([small_eps] if small_eps else []) + warned + non_finite_warnings(record) + \
         chance_warnings(record)
     if ctx.is_main:
         for text in record["warnings"]:
@@ -634,191 +356,40 @@ def evaluate(
     return record
 
 
-def _prechecks(model: nn.Module, x: Tensor) -> tuple[list[str], int]:
-    """The official AutoAttack's pre-checks on the first batch: outputs that look like probabilities (every row
-    non-negative and summing to 1) and a randomised model (two forward passes of the same input differ by more
-    than 1e-4, relative). Returns (warnings, number of outputs)."""
+def _clean_batch(model: nn.Module, _b: int, x: Tensor, y: Tensor) -> tuple[list[bool], list[bool], float]:
+    """Per-point (correct, non-finite logits) of a batch's clean pass, and its seconds."""
+    t0 = time.perf_counter()
     with torch.no_grad():
-        first, second = model(x).float(), model(x).float()
-    found = []
-    finite = torch.isfinite(first).all() & torch.isfinite(second).all()
-    if len(x) and bool(finite & (first >= 0).all() & ((first.sum(1) - 1).abs() <= 1e-3).all()):
-        found.append("the model's outputs look like probabilities (every row is non-negative and sums to 1): "
-                     "attacks need logits; remove the final softmax (the official AutoAttack warns the same)")
-    same_pattern = torch.equal(torch.isfinite(first), torch.isfinite(second))
-    both = torch.isfinite(first) & torch.isfinite(second)
-    scale = first[both].abs().max().clamp_min(1.0) if bool(both.any()) else torch.tensor(1.0)
-    diff = float(((first - second).abs()[both].max() / scale)) if bool(both.any()) else 0.0
-    if not same_pattern or diff > 1e-4:
-        found.append(f"two forward passes of the same input differ (by {diff:.3g}, relative): the model is "
-                     "randomised, so these attacks underestimate its vulnerability; use EOT attacks "
-                     "(the official AutoAttack's version='rand')")
-    return found, first.shape[1] if first.dim() == 2 else 0
+        logits = model(x)
+    return predicts(logits, y).tolist(), (~finite_rows(logits)).tolist(), time.perf_counter() - t0
 
 
-ZERO_GRADIENT_SHARE = 0.01  # as sanity_checks' gradient_share
-
-
-def zero_gradient_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
-    """A warning when more than 1% of the first batch's points have an all-zero input gradient of the CW margin
-    (one forward and backward): the gradient attacks then cannot move those points and report them robust (a
-    detach, bit-depth reduction or a no_grad transform in the model: gradient masking). The official AutoAttack
-    warns the same way; the margin, unlike the cross-entropy, does not vanish on confident points."""
-
-    if not len(x):
-        return []
-    zero = int((margin_gradient(model, x, y).flatten(1) == 0).all(1).sum())
-    if zero <= ZERO_GRADIENT_SHARE * len(x):
-        return []
-    return [f"{zero} of the first {len(x)} points have an all-zero input gradient: gradient attacks cannot move "
-            "them and count them robust (gradient masking, e.g. a detach or bit-depth reduction in the model); "
-            "add square or rays, or run the sanity checks (--sanity)"]
-
-
-def class_count_warnings(width: int, label_max: int, n: int, data_classes: int | None) -> list[str]:
-    """The model's number of outputs ``width`` against the data: a ConfigError when the data says its class count
-    (the ``num_classes`` of a Dataset or of one of its ImageSets) and it differs, as the CLI refuses it; without a
-    class count (a tuple, or an ImageSet built by hand) a warning when ``width`` is at least 10 times the label range seen (``label_max + 1``): a model built
-    for another dataset (1000 ImageNet logits on CIFAR-10's 10 classes)."""
-    if data_classes is not None and width and width != data_classes:
-        raise ConfigError(f"evaluate: the model returns {width} logits per image but the data has {data_classes} "
-                          "classes: build it for that many classes (or use the dataset it was trained for)")
-    if data_classes is None and label_max >= 0 and width >= 10 * (label_max + 1) and n >= 10:
-        return [f"the model returns {width} logits per image but the {n} labels are in 0..{label_max}: if the "
-                f"data has {label_max + 1} classes the model was built for another dataset (pass the Dataset, "
-                "or an ImageSet with num_classes, to have its class count checked)"]
-    return []
-
-
-CHANCE_MIN_POINTS = 50  # below this a chance-level clean accuracy is too likely by luck to be worth a word
-
-
-def chance_warnings(record: dict[str, Any]) -> list[str]:
-    """A warning when clean accuracy is at or below chance (at most 1.5/C on at least 50 points): the model most
-    likely sees input on another scale than it expects (0..255, [-1, 1], normalised), and robust accuracy then
-    measures nothing."""
-    classes, n = record.get("num_classes") or 0, record["n"]
-    if classes < 2 or n < CHANCE_MIN_POINTS or record["clean_acc"] > 1.5 / classes:
-        return []
-    return [f"clean accuracy {100 * record['clean_acc']:.1f}% is at chance level for {classes} classes: check the "
-            "model's expected input range/normalisation (a model for [-1,1] takes --normalization 0.5,0.5, in Python "
-            "normalization=(0.5, 0.5) of fastrobust.models.thirdparty.load_model; one for 0..255 takes --normalization "
-            "0,1/255, normalization=(0.0, 1 / 255)), or whether it is trained at all"]
-
-
-def _non_finite_warnings(record: dict[str, Any]) -> list[str]:
-    out = []
-    if record["clean_non_finite"]:
-        out.append(f"the model returns NaN or inf logits on {record['clean_non_finite']} of {record['n']} clean "
-                   "points: counted as misclassified (check the model's numerics, e.g. its precision)")
-    for name, entry in record["attacks"].items():
-        if name != "clean" and entry.get("non_finite"):  # the clean pass: said above
-            out.append(f"the model returns NaN or inf logits on {entry['non_finite']} adversarial examples of "
-                       f"{name!r}: counted as broken (not robust)")
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: int) -> dict[str, Any]:
-    """The settings an attack actually ran with on a model of ``num_classes`` outputs and images of ``dim``
-    values: targeted attacks use at most C - 1 targets, APGD-T's DLR loss needs 4 classes, RayS's default
-    tolerance is the authors' 1e-3/sqrt(d)."""
-
-    used = json.loads(json.dumps(settings))
-    if name in ("apgd-t", "fab-t"):
-        used = targeted_settings_used(name, used, num_classes)
-    elif name in ("autoattack", "autoattack-fast"):
-        used["options"] = {key: settings_used(key, value, num_classes, dim) for key, value in used["options"].items()}
-    elif name == "rays" and used.get("tol") is None:
-        used["tol"] = official_tol(dim)
-    return used
-
-
-def _clipped(requested: Any, used: Any) -> bool:
-    """Whether a requested setting ran with another value (a default left as None does not count)."""
-    if isinstance(requested, dict):
-        return any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
-    return requested != used
-
-
-def _record(model, state, names, settings, skipped, eps, norm, n, n_batches, batch_size, seed, device, seconds,
-            num_classes, dim) -> dict[str, Any]:
-    def per_point(values: dict[str, Any], key: str | None = None) -> list[Any]:
-        """Per-batch lists joined in point order (None for the points of a batch that has no ``key``)."""
-        out: list[Any] = []
-        for b in range(n_batches):
-            batch = values[str(b)]
-            out.extend(batch if key is None else batch.get(key) or [None] * len(state["clean"][str(b)]))
-        return out
-
-    clean = per_point(state["clean"])
-    clean_correct = sum(clean)
-    clean_non_finite = sum(per_point(state["clean_non_finite"]))
-    worst = list(clean)
-    per_attack: dict[str, Any] = {}
-    for name in names:
-        if name == "clean":
-            per_attack[name] = {"robust_acc": clean_correct / max(n, 1), "robust": clean_correct, "broken": 0,
-                                "non_finite": clean_non_finite, "settings": {},
-                                "seconds": state.get("clean_seconds", 0.0)}
-            continue
-        if name in skipped:
-            continue
-        batches = state["attacks"][name]["batches"]
-        robust = per_point(batches, "robust")
-        worst = [w and r for w, r in zip(worst, robust)]
-        used = settings_used(name, settings[name], num_classes, dim)
-        entry: dict[str, Any] = {
-            "robust_acc": sum(robust) / max(n, 1),
-            "robust": sum(robust),
-            "broken": clean_correct - sum(robust),
-            "non_finite": sum(per_point(batches, "non_finite")),
-            "settings": used,
-            "seconds": sum(batches[str(b)]["seconds"] for b in range(n_batches)),
-        }
-        if _clipped(_jsonable(settings[name]), used):
-            entry["settings_requested"] = settings[name]
-        if name == "rays":
-            dists = [d for d, c in zip(per_point(batches, "distance"), clean) if c]
-            official = [d for d, c in zip(per_point(batches, "distance_official"), clean) if c]
-            queries = [q for q in per_point(batches, "queries") if q is not None]
-            found = [d for d in dists if d is not None]
-            entry["adbd"] = sum(official) / n if n else None  # the RayS leaderboard's: over all n points
-            entry["adbd_correct_only"] = sum(found) / len(found) if found else None
-            entry["no_boundary_found"] = len(dists) - len(found)
-            entry["queries_mean"] = sum(queries) / len(queries) if queries else 0.0
-            entry["queries_median"] = float(sorted(queries)[len(queries) // 2]) if queries else 0.0
-        if name == "square":
-            queries = [q for q in per_point(batches, "queries") if q is not None]
-            entry["queries_mean"] = sum(queries) / len(queries) if queries else 0.0
-        if name in ("autoattack", "autoattack-fast"):
-            counts: dict[str, int] = {}
-            for who in per_point(batches, "broken_by"):
-                if who is not None and who != "clean":
-                    counts[who] = counts.get(who, 0) + 1
-            order = [who for who in settings[name]["options"] if who in counts]  # the order the components ran
-            entry["broken_by"] = {who: counts[who] for who in order + sorted(set(counts) - set(order))}
-        per_attack[name] = entry
-    adversarial = [a for a in names if a != "clean" and a not in skipped]
-    return {
-        "n": n,
-        "eps": eps,
-        "norm": norm,
-        "clean_acc": clean_correct / max(n, 1),
-        "clean_correct": clean_correct,
-        "clean_non_finite": clean_non_finite,
-        "robust_acc": sum(worst) / max(n, 1) if adversarial else None,
-        "robust": sum(worst) if adversarial else None,
-        "attacks": per_attack,
-        "skipped": skipped,
-        "batch_size": batch_size,
-        "seed": seed,
-        "seconds": seconds,
-        "model": type(model).__name__,
-        "num_classes": num_classes,
-        "device": _device_name(device),
-        "versions": _versions(),
-    }
+def _attack_batch(name: str, settings: dict[str, Any], model: nn.Module, state: EvaluationState, b: int, x: Tensor,
+                  y: Tensor, *, eps: float, norm: str, seed: int, device: torch.device) -> dict[str, Any]:
+    """Attack ``name`` on the clean-correct points of batch ``b``: per-point robust and non-finite flags, the
+    attack's per-point extras, and the seconds. Every adversarial is checked (``check_ball``) and judged by the
+    model here: an attack's own claim is never trusted, and non-finite logits are never robust."""
+    t0 = time.perf_counter()
+    correct = torch.tensor(state.clean[str(b)], dtype=torch.bool, device=device)
+    robust = correct.clone()
+    non_finite = torch.zeros_like(correct)
+    entry: dict[str, Any] = {}
+    idx = correct.nonzero().squeeze(1)
+    if len(idx):
+        generator = torch.Generator(device=device).manual_seed(batch_seed(seed, name, b))
+        x_adv, extras = run_attack(name, settings, model, x[idx], y[idx], eps=eps, norm=norm, generator=generator,
+                                   seed=seed, max_rows=len(x))
+        check_ball(x_adv, x[idx], eps, norm, name)
+        with torch.no_grad():
+            logits = model(x_adv)
+        robust[idx] = predicts(logits, y[idx])
+        non_finite[idx] = ~finite_rows(logits)
+        for key, values in extras.items():
+            full: list[Any] = [None] * len(y)
+            for i, v in zip(idx.tolist(), values):
+                full[i] = v
+            entry[key] = full
+    entry["robust"] = robust.tolist()
+    entry["non_finite"] = non_finite.tolist()
+    entry["seconds"] = time.perf_counter() - t0
+    return entry

@@ -26,12 +26,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastrobust.attacks.toolkit import check_norm, input_gradient, margin_gradient, model_mode, per_example_loss
-from fastrobust.core.contract import check_device, check_gradients_allowed, check_module, prepare_model, validated
+from fastrobust.attacks.toolkit import (
+    input_gradient,
+    margin_gradient,
+    model_mode,
+    per_example_loss,
+)
+from fastrobust.core.contract import (
+    check_device,
+    check_gradients_allowed,
+    check_module,
+    prepare_model,
+    validated,
+)
 from fastrobust.core.values import check_eps, check_eps_fits
 from fastrobust.data import balanced_head
 from fastrobust.errors import ConfigError
-from fastrobust.evaluate.evaluation import _as_split, evaluate, iterate_split
+from fastrobust.evaluate.batching import iterate_split
+from fastrobust.evaluate.evaluation import as_split, evaluate
 
 
 def _flag(name: str, passed: bool, detail: str) -> dict[str, Any]:
@@ -58,21 +70,45 @@ def sanity_checks(
     gradient_share: float = 0.01,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the checks on the first ``n`` points of ``data`` taken round-robin over its classes
-    (``fastrobust.data.balanced_head``: a plain prefix of a class-sorted test split is one class); see the module
-    docstring for each flag.
+    """Gradient-masking checks (Athalye et al. 2018; Carlini et al. 2019, "On Evaluating Adversarial
+    Robustness"): whether a robust accuracy can be believed. See the module docstring for each check.
 
-    ``tolerance`` is the accuracy slack allowed in the ordering checks, ``black_box_margin`` how far below
-    the white-box accuracy a black-box accuracy may fall before the check fails, ``gradient_share`` the
-    largest share of points allowed a zero/NaN input gradient. ``data``: as for ``evaluate`` (same input
-    contract); ``eps`` and ``large_eps`` in the units of ``norm``."""
+    The checks run on the first ``n`` points of ``data`` taken round-robin over its classes
+    (``fastrobust.data.balanced_head``: a plain prefix of a class-sorted test split is one class).
+
+    Args:
+        model: as for ``evaluate`` (same input contract).
+        data: as for ``evaluate``.
+        eps: the budget the robust accuracy is claimed at, in the units of ``norm`` (text such as ``"8/255"``).
+        norm: ``"linf"`` (default) or ``"l2"``.
+        n: points checked (default 256), class-balanced.
+        batch_size, device, seed, progress: as for ``evaluate`` (defaults 256, the model's, 0, False).
+        large_eps: a budget at which accuracy must fall near zero (default 0.5 for l_inf, half the image box's
+            diameter for l_2).
+        square_queries, rays_queries: query budgets of the black-box attacks (defaults 1000, 2000).
+        apgd_iter: APGD iterations in AutoAttack-fast (default 100).
+        tolerance: accuracy slack allowed in the ordering checks (default 0.01: one point in a hundred).
+        black_box_margin: how far below the white-box accuracy a black-box accuracy may fall before the check
+            fails (default 0.03).
+        large_eps_max_acc: the most accuracy allowed at ``large_eps`` (default 0.1).
+        gradient_share: the largest share of points allowed a zero or NaN input gradient (default 0.01).
+
+    Returns:
+        One dict per check: ``name``, ``passed`` (bool) and a ``detail`` line with the numbers it compared.
+
+    Raises:
+        ConfigError: a bad value or input, in one line (``sanity_checks: ...``).
+
+    Example:
+        >>> from fastrobust.evaluate import sanity_checks
+        >>> failed = [c["name"] for c in sanity_checks(model, data, eps=8 / 255) if not c["passed"]]
+    """
     check_module(model, where="sanity_checks")
     check_gradients_allowed("sanity_checks")
     if device is not None:
         device = check_device(device, where="sanity_checks")
-    norm = check_norm(norm)
-    eps = check_eps(eps, norm=norm)
-    images, labels, _ = _as_split(data, where="sanity_checks")
+    eps = check_eps(eps, norm=norm)  # checks norm too
+    images, labels, _ = as_split(data, where="sanity_checks")
     if len(labels) == 0:
         raise ConfigError("sanity_checks: data holds no images: nothing to check")
     images, labels = balanced_head(images, labels, n)

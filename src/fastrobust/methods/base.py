@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fastrobust.attacks import model_mode
 from fastrobust.core.contract import check_batch, check_gradients_allowed, check_num_classes, validated
 from fastrobust.core.precision import attack_autocast
-from fastrobust.core.values import check_eps, parse_number
+from fastrobust.core.values import check_eps, parse_flag, parse_number, parse_whole
 from fastrobust.errors import ConfigError
 
 Stats = dict[str, Tensor]
@@ -179,16 +179,9 @@ def _convert(field: dataclasses.Field, value: Any, method: str) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if isinstance(default, bool):
-            if text.lower() in ("true", "1", "yes", "on"):
-                return True
-            if text.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+            return parse_flag(text, name=name)
         if isinstance(default, int):
-            number = parse_number(text, name=name)
-            if number != int(number):
-                raise ConfigError(f"{name}={value!r} must be a whole number")
-            return int(number)
+            return parse_whole(text, name=name)
         if isinstance(default, float):
             return parse_number(text, name=name)
         return text
@@ -205,7 +198,29 @@ def _convert(field: dataclasses.Field, value: Any, method: str) -> Any:
 
 
 def create(name: str, /, **params: Any) -> Method:
-    """Build a registered method; string values such as ``"8/255"`` are parsed by the field's type."""
+    """Build training method ``name`` with its published settings, overridden by ``params``.
+
+    A method is a loss a user drops into their own training loop, as TRADES' ``trades_loss`` is: ``loss, stats =
+    method(model, x, y)``. The defaults of each method are its paper's (docs/training.md cites each).
+
+    Args:
+        name: ``natural``, ``pgd_at``, ``trades``, ``fast_at``, ``fast_at_2step``, ``fast_trades``,
+            ``fast_at_plus``, ``backward_smoothing``, ``backward_smoothing_at``, ``sprout``, ``slat``
+            (``available_methods()``).
+        **params: the method's parameters (``describe(name)`` lists them with their defaults and units; every
+            eps and step size in [0, 1] pixel units). Text such as ``"8/255"`` is parsed by the field's type.
+
+    Returns:
+        The method: callable as ``method(model, x, y) -> (loss, stats)``, with ``method.cost`` its declared
+        forward+backward passes per training step.
+
+    Raises:
+        ConfigError: an unknown method or parameter, or a bad value, in one line.
+
+    Example:
+        >>> method = create("backward_smoothing", eps=8 / 255, step_size=8 / 255, beta=10)
+        >>> loss, stats = method(model, x, y)
+    """
     cls = method_class(name)
     by_name = {field.name: field for field in fields(cls.Config)}
     unknown = set(params) - set(by_name)

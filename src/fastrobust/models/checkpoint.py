@@ -66,8 +66,22 @@ def resolve_model_file(path: str | Path) -> Path:
                 return path / name
         raise FastRobustError(f"{path} holds no best.safetensors or last.safetensors (a run folder) and no "
                               "model.safetensors (a checkpoint folder RUN/checkpoints/step-N)" + _found_in(path))
-    if not path.is_file():
-        raise FastRobustError(f"checkpoint {path} does not exist: give a run folder or a .safetensors file")
+    check_model_path(path)
+    return path
+
+
+def check_model_path(path: str | Path) -> Path:
+    """``path`` as a Path when it exists (a file or a folder); else the one FastRobustError every loader and command
+    gives for a missing model.
+
+    Raises:
+        FastRobustError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FastRobustError(f"checkpoint {path} does not exist: give a run folder, a checkpoint folder "
+                              "RUN/checkpoints/step-N, or a model file (.safetensors, a .pt/.pth state dict, a "
+                              "TorchScript archive or a .pt2 program)")
     return path
 
 
@@ -111,7 +125,28 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved model (in eval mode) and return it with the metadata saved beside its weights."""
+    """Rebuild a model fastrobust saved, from its safetensors file alone (no code is unpickled or run).
+
+    The file carries the model's constructor config in its metadata, so the architecture is rebuilt by
+    ``models.create`` and the weights loaded strictly. For any other model file (public state dicts, TorchScript,
+    torch.export, your own architecture) use ``fastrobust.models.thirdparty.load_model``.
+
+    Args:
+        path: a ``.safetensors`` file, a run folder (its ``best``, else ``last`` model) or a checkpoint folder
+            ``RUN/checkpoints/step-N``.
+        device: where to put the model (default ``"cpu"``).
+
+    Returns:
+        ``(model, metadata)``: the model in eval mode, and the metadata saved beside its weights plus ``model``
+        (its config) and ``path``.
+
+    Raises:
+        FastRobustError: a missing or damaged file, a module fastrobust did not build (give its factory), or
+            weights that do not fit the saved config; one line each.
+
+    Example:
+        >>> model, meta = load_model("runs/quickstart")
+    """
 
     file = resolve_model_file(path)
     state, config, metadata = read_model_file(file)

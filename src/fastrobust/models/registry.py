@@ -291,13 +291,36 @@ def create(
     image_size: int = 32,
     **kwargs,
 ) -> nn.Module:
-    """Build model ``name``; see :func:`available_models` and docs/models.md.
+    """Build model ``name`` (a zoo model or a registered one; see :func:`available_models`, docs/models.md).
 
-    ``mean``/``std``: one number or one per channel (None: 0 and 1, identity). ``image_size``: the input
-    side the model is built for (>= 64 selects the Tiny ImageNet stem of the residual networks; SmallCNN's
-    fully connected layer depends on it). Model-specific keywords: tinycnn ``width`` (16); smallcnn
-    ``dropout`` (0.5); wrn28_10/wrn34_10 ``dropout`` (0.0); wideresnet ``depth`` (34), ``widen_factor`` (10),
-    ``dropout`` (0.0). Any other keyword raises ConfigError.
+    Every model takes pixels in [0, 1] and normalises them itself, so every attack budget is in pixel units
+    (the normalisation-outside-the-model trap of the field's issue trackers cannot happen); ``activation``
+    replaces every ReLU (smooth activations are SAT, Xie et al. 2020).
+
+    Args:
+        name: ``tinycnn``, ``smallcnn`` (TRADES' MNIST network), ``preactresnet18``, ``resnet18``, ``resnet34``,
+            ``resnet50``, ``wrn28_10``, ``wrn34_10``, ``wideresnet`` or a registered name (case and ``-``/``_``
+            ignored).
+        num_classes: outputs (default 10).
+        in_channels: image channels (default 3).
+        activation: ``relu`` (default), ``silu``, ``gelu``, ``elu``, ``softplus``, ``smoothrelu``, ``mish`` or
+            ``relu_silu_grad``.
+        mean, std: the input normalisation, one number or one per channel (default None: 0 and 1, identity).
+        image_size: the input side the model is built for (default 32; >= 64 selects the Tiny ImageNet stem of
+            the residual networks; SmallCNN's fully connected layer depends on it).
+        **kwargs: model-specific: tinycnn ``width`` (16); smallcnn ``dropout`` (0.5); wrn28_10/wrn34_10
+            ``dropout`` (0.0); wideresnet ``depth`` (34), ``widen_factor`` (10), ``dropout`` (0.0).
+
+    Returns:
+        The model (train mode), with ``model.fastrobust_config``: a JSON-able dict that ``create(**config)``
+        rebuilds it from.
+
+    Raises:
+        ConfigError: an unknown name or keyword, or a bad value, in one line naming the choices.
+
+    Example:
+        >>> model = create("preactresnet18", num_classes=10, activation="silu",
+        ...                mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
     """
     key = canonical_name(name)
     if key not in _MODELS:

@@ -33,7 +33,13 @@ from torch import nn
 from fastrobust.core.filekind import checkpoint_format, not_a_checkpoint
 from fastrobust.core.values import parse_number
 from fastrobust.errors import ConfigError, FastRobustError
-from fastrobust.models.checkpoint import MODEL_KEY, import_state_dict, read_model_file, resolve_model_file
+from fastrobust.models.checkpoint import (
+    MODEL_KEY,
+    check_model_path,
+    import_state_dict,
+    read_model_file,
+    resolve_model_file,
+)
 from fastrobust.models.custom import check_pairing, is_module_config, mismatch
 from fastrobust.models.layouts import convert, identify, strip_prefixes
 from fastrobust.models.programs import FixedBatch, load_export, load_torchscript
@@ -373,14 +379,38 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load any model file for evaluation on images of ``image_shape`` (C, H, W) with ``num_classes`` classes.
 
-    ``path``: a fastrobust run folder or ``.safetensors`` file, a state dict (``.pt``/``.pth``/``.safetensors``),
-    a TorchScript archive or a ``.pt2`` program (recognised by content, not by suffix). ``model``: the
-    fastrobust (or registered) architecture a state dict fits, when its layout does not say. ``factory``:
-    ``"FILE.py:FUNCTION"`` (runs that file) or a callable, building the module a state dict loads into.
-    ``normalization``: ``"none"``, ``(mean, std)`` (numbers or one per channel) or a :class:`Normalization`;
-    None keeps what the file says, else assumes none (and says so through ``note``).
-    Returns ``(model in eval mode on device, info)``; every wrong pairing (architecture vs weights, classes,
-    channels, image size) raises one FastRobustError naming both sides.
+    The entry for models trained elsewhere: public state-dict layouts (RobustBench/TRADES/MadryLab key names,
+    DataParallel and torch.compile prefixes), TorchScript archives and torch.export programs, read without
+    unpickling Python objects (``torch.load(weights_only=True)``); the file kind is recognised by content, not
+    by suffix. fastrobust's own files are rebuilt from their saved config.
+
+    Args:
+        path: a fastrobust run folder or ``.safetensors`` file, a state dict (``.pt``/``.pth``/``.safetensors``),
+            a TorchScript archive or a ``.pt2`` program.
+        num_classes: the data's classes; the model's outputs must match.
+        image_shape: the data's (C, H, W).
+        model: the fastrobust (or registered) architecture a state dict fits, when its layout does not say
+            (default None: identified from the keys).
+        factory: ``"FILE.py:FUNCTION"`` (runs that file) or a callable, building the module a state dict loads
+            into (default None).
+        normalization: ``"none"``, ``(mean, std)`` (numbers or one per channel) or a :class:`Normalization`
+            (default None: what the file says, else none, said through ``note``).
+        dataset: the data's name, for messages (default ``"the dataset"``).
+        device: where to put the model (default ``"cpu"``).
+        note: where notes go (default: stderr).
+
+    Returns:
+        ``(model, info)``: the model in eval mode on ``device``, taking pixels in [0, 1], and what was loaded
+        (format, architecture, normalisation).
+
+    Raises:
+        FastRobustError: a missing, damaged or unsafe file, or a wrong pairing (architecture vs weights, classes,
+            channels, image size), in one line naming both sides.
+        ConfigError: contradictory arguments (a program with ``model=``, both ``model`` and ``factory``).
+
+    Example:
+        >>> model, info = load_model("trades_cifar10.pt", num_classes=10, image_shape=(3, 32, 32),
+        ...                          model="wrn34_10")
     """
 
     note = note or (lambda message: print(message, file=sys.stderr))
@@ -388,8 +418,7 @@ def load_model(
     path = Path(path)
     if path.is_dir():
         path = resolve_model_file(path)
-    if not path.is_file():
-        raise FastRobustError(f"checkpoint {path} does not exist: give a run folder or a model file")
+    check_model_path(path)
     kind = checkpoint_format(path)
     info: dict[str, Any] = {"path": str(path)}
     if callable(factory):

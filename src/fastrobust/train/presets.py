@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fastrobust.core.values import parse_number
+from fastrobust.core.values import parse_flag, parse_number, parse_whole
 from fastrobust.errors import ConfigError
 from fastrobust.train.config import TrainConfig
 
@@ -85,21 +85,9 @@ def _convert(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be a mapping of key: value")
         return dict(value)
     if bool in args:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{name}={value!r} is not a boolean: use true or false")
+        return parse_flag(value, name=name)
     if int in args:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be a whole number")
-        number = parse_number(value, name=name)
-        if number != int(number):
-            raise ConfigError(f"{name}={value!r} must be a whole number")
-        return int(number)
+        return parse_whole(value, name=name)
     if float in args:
         return parse_number(value, name=name)
     return str(value)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastrobust.errors import ConfigError, FastRobustError
-from fastrobust.evaluate.evaluation import default_step
+from fastrobust.evaluate import default_step
 from fastrobust.train import state
 
 # what a training run writes into its folder (eval.json, hessian.json and eval-state/ come from sweeps'

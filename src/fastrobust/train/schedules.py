@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from fastrobust.core.values import parse_number
 from fastrobust.errors import ConfigError
 
 SCHEDULES = ("piecewise", "cyclic", "cosine", "constant")
@@ -22,10 +23,7 @@ SCHEDULE_PARAMS: dict[str, dict[str, Any]] = {
 
 
 def _fraction(value: Any, name: str, *, low_open: bool, high_open: bool) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"schedule {name}={value!r} is not a number") from None
+    number = parse_number(value, name=f"schedule {name}")
     too_low = number <= 0 if low_open else number < 0
     too_high = number >= 1 if high_open else number > 1
     if not math.isfinite(number) or too_low or too_high:
@@ -70,7 +68,7 @@ def lr_schedule(name: str, base_lr: float, epochs: int, **params: Any) -> Callab
     settings = {**SCHEDULE_PARAMS[name], **params}
     if name == "piecewise":
         milestones = [m * epochs for m in _milestones(settings["milestones"])]
-        factor = float(settings["factor"])
+        factor = parse_number(settings["factor"], name="schedule factor")
         if not (math.isfinite(factor) and 0 < factor <= 1):
             raise ConfigError(f"schedule factor={settings['factor']!r} must be in (0, 1] (0.1: the lr drops tenfold)")
         return lambda t: base_lr * factor ** sum(t >= m for m in milestones)

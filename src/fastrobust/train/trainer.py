@@ -30,7 +30,7 @@ from fastrobust.core.files import atomic_write_json
 from fastrobust.core.records import append_jsonl, environment
 from fastrobust.data import DeviceLoader, load_dataset
 from fastrobust.errors import ConfigError, FastRobustError, TrainingStopped
-from fastrobust.evaluate.evaluation import pgd_accuracy
+from fastrobust.evaluate import pgd_accuracy
 from fastrobust.models import create as create_model
 from fastrobust.models.checkpoint import load_model, read_model_file, save_model
 from fastrobust.train import averaging, run_folder
