@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         pixel_text,
     )
     from fastrobust.data import load_dataset  # startup
-    from fastrobust.evaluate import evaluate  # startup
+    from fastrobust.evaluate import evaluate, query_budget  # startup
     from fastrobust.models.checkpoint import load_model  # startup
 
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
@@ -224,11 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     options: dict = {}
     if args.queries is not None:
         queries = check_positive_int(args.queries, name="--queries")
-        for name in attacks:
-            if name in ("square", "rays"):
-                options[name] = {"n_queries": queries}
-            elif name == "autoattack":
-                options[name] = {"square": {"n_queries": queries}}
+        options = {name: budget for name in attacks if (budget := query_budget(name, queries)) is not None}
     model_file = metadata.get("path", str(args.checkpoint))
     if ctx.is_main and not args.quiet:
         print(f"fastrobust eval: {_model_text(model, source)}", file=sys.stderr)

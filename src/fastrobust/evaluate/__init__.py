@@ -7,7 +7,7 @@ machinery: ``evaluation`` (the loop), ``attack_table`` (the attacks by name), ``
 ``invariance``.
 """
 
-from fastrobust.evaluate.attack_table import ATTACKS, attack_settings, default_step, settings_used
+from fastrobust.evaluate.attack_table import ATTACKS, attack_settings, default_step, query_budget, settings_used
 from fastrobust.evaluate.batching import iterate_split
 from fastrobust.evaluate.evaluation import clean_and_robust_counts, evaluate, pgd_accuracy
 from fastrobust.evaluate.sanity import sanity_checks
@@ -21,6 +21,7 @@ __all__ = [
     "evaluate",
     "iterate_split",
     "pgd_accuracy",
+    "query_budget",
     "read_state_file",
     "sanity_checks",
     "settings_used",

@@ -163,6 +163,7 @@ class NamedAttack:
     extra_settings: tuple[str, ...] = ()
     components: bool = False
     linf_only: bool = False
+    queries: Callable[[int], dict[str, Any]] | None = None  # its settings for a query budget (--queries)
 
 
 TABLE: dict[str, NamedAttack] = {
@@ -175,15 +176,16 @@ TABLE: dict[str, NamedAttack] = {
     "apgd-t": NamedAttack(lambda eps: dict(DEFAULTS["apgd-t"]), _calling(apgd_t), used=_targeted_used("apgd-t")),
     "fab-t": NamedAttack(lambda eps: dict(DEFAULTS["fab-t"]), _calling(fab_t), used=_targeted_used("fab-t")),
     "square": NamedAttack(lambda eps: dict(DEFAULTS["square"]), _square, summary=_square_summary,
-                          gradient_free=True),
+                          gradient_free=True, queries=lambda n: {"n_queries": n}),
     "autoattack": NamedAttack(_autoattack_defaults("standard"), _autoattack, used=_autoattack_used,
-                              summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION, components=True),
+                              summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION, components=True,
+                              queries=lambda n: {"square": {"n_queries": n}}),
     "autoattack-fast": NamedAttack(_autoattack_defaults("fast"), _autoattack, used=_autoattack_used,
                                    summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
                                    components=True),
     # tol None: the authors' 1e-3/sqrt(d)
     "rays": NamedAttack(lambda eps: {"n_queries": 10000, "tol": None, "early_stop": False}, _rays, used=_rays_used,
-                        summary=_rays_summary, gradient_free=True, linf_only=True),
+                        summary=_rays_summary, gradient_free=True, linf_only=True, queries=lambda n: {"n_queries": n}),
     "autoattack-official": NamedAttack(lambda eps: {"version": "standard"}, _official),
 }
 ATTACKS = tuple(TABLE) + tuple(INVARIANCE)
@@ -238,6 +240,13 @@ def _checked(name: str, settings: dict[str, Any], eps: float, norm: str) -> dict
         settings["options"] = {key: check_options(f"{where} ({key})", value, norm=norm)
                                for key, value in settings["options"].items()}
     return settings
+
+
+def query_budget(name: str, queries: int) -> dict[str, Any] | None:
+    """Attack ``name``'s settings for a query budget of ``queries`` (``fastrobust eval --queries``); None for an
+    attack that has no query budget."""
+    entry = TABLE.get(name)
+    return entry.queries(queries) if entry is not None and entry.queries is not None else None
 
 
 def run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, *, eps: float,

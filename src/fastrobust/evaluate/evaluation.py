@@ -43,11 +43,10 @@ from fastrobust.core.values import (
     check_nonnegative_int,
     check_positive_int,
 )
-from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.errors import ConfigError
 from fastrobust.evaluate.attack_table import (
     ATTACKS,
     GRADIENT_FREE,
-    TABLE,
     attack_settings,
     default_step,
     run_attack,
@@ -61,7 +60,6 @@ from fastrobust.evaluate.batching import (
     rounds,
     run_round,
 )
-from fastrobust.evaluate.invariance import EVALUATIONS as INVARIANCE
 from fastrobust.evaluate.invariance import evaluate_invariance
 from fastrobust.evaluate.prechecks import (
     chance_warnings,
@@ -69,6 +67,7 @@ from fastrobust.evaluate.prechecks import (
     class_count_warnings,
     non_finite_warnings,
     output_warnings,
+    plan_attacks,
     zero_gradient_warnings,
 )
 from fastrobust.evaluate.record import build_record
@@ -252,22 +251,7 @@ def evaluate(
     small_eps = small_l2_eps_note(eps, norm, tuple(images.shape[1:]))
     if small_eps is not None:  # said before the (long) attack; also kept in record["warnings"]
         warnings.warn(small_eps, UserWarning, stacklevel=2)
-    names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
-    names = list(dict.fromkeys(names))  # keep order, drop repeats
-    if not names:
-        raise ConfigError("attacks is empty: name at least one attack, e.g. ['pgd20']")
-    if any(not isinstance(name, str) for name in names):
-        raise ConfigError(f"attacks={attacks!r} must be attack names, e.g. ['pgd20', 'autoattack']")
-    attack_options = dict(attack_options or {})
-    for key in attack_options:
-        if key not in names:
-            raise ConfigError(f"attack_options names {key!r}, which is not among the attacks {names}")
-    settings = {name: attack_settings(name, eps, norm, attack_options.get(name)) for name in names}
-    invariance = {name: settings.pop(name) for name in names if name in INVARIANCE}
-    names = [name for name in names if name not in invariance]
-    for name in names:
-        if TABLE[name].linf_only and norm != "linf":
-            raise ConfigError(f"attack {name!r} is l_inf only but norm={norm!r}: drop {name} or use --norm linf")
+    names, settings, invariance = plan_attacks(attacks, attack_options, eps, norm)
     needs_gradients = any(name not in GRADIENT_FREE for name in names)
     if needs_gradients:
         check_gradients_allowed("evaluate")
@@ -294,19 +278,8 @@ def evaluate(
             warned += zero_gradient_warnings(checked, x_first, y_first)
     warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
     path = check_writable(state_file, what="state file", example="eval-state.json") if state_file is not None else None
-    loaded: Any = None
-    if ctx.is_main:  # only rank 0 reads the state file (other machines need not see it)
-        try:
-            fingerprint = evaluation_fingerprint(images, labels, eps, norm, batch_size, seed, model) if path else {}
-            loaded = EvaluationState.load(path, fingerprint)
-        except FastRobustError as error:
-            loaded = error
-    loaded = dist_lib.broadcast_object(loaded) if ctx.active else loaded
-    if isinstance(loaded, FastRobustError):
-        raise loaded
-    state: EvaluationState = loaded
-    if not ctx.is_main:
-        state.path = None  # rank 0 alone writes the state file
+    state = EvaluationState.shared(path, lambda: evaluation_fingerprint(images, labels, eps, norm, batch_size, seed,
+                                                                        model), ctx)
 
     def batches_of(pending: list[int], compute: Callable[[int, Tensor, Tensor], Any]) -> Iterator[dict[int, Any]]:
         for group in rounds(pending, ctx):

@@ -16,6 +16,36 @@ from torch import Tensor, nn
 
 from fastrobust.attacks.toolkit import margin_gradient
 from fastrobust.errors import ConfigError
+from fastrobust.evaluate.attack_table import TABLE, attack_settings
+from fastrobust.evaluate.invariance import EVALUATIONS as INVARIANCE
+
+
+def plan_attacks(attacks: Any, attack_options: dict[str, dict[str, Any]] | None, eps: float,
+                 norm: str) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The attacks an evaluation runs, checked before any work: ``(names, settings, invariance)`` -- the eps-ball
+    attacks in the order given (repeats dropped), each one's checked settings, and the invariance evaluations'.
+
+    Raises:
+        ConfigError: no attack, a name that is not one, options for an attack not asked for, a bad setting, or an
+            l_inf-only attack with ``norm='l2'``.
+    """
+    names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
+    names = list(dict.fromkeys(names))  # keep order, drop repeats
+    if not names:
+        raise ConfigError("attacks is empty: name at least one attack, e.g. ['pgd20']")
+    if any(not isinstance(name, str) for name in names):
+        raise ConfigError(f"attacks={attacks!r} must be attack names, e.g. ['pgd20', 'autoattack']")
+    attack_options = dict(attack_options or {})
+    for key in attack_options:
+        if key not in names:
+            raise ConfigError(f"attack_options names {key!r}, which is not among the attacks {names}")
+    settings = {name: attack_settings(name, eps, norm, attack_options.get(name)) for name in names}
+    invariance = {name: settings.pop(name) for name in names if name in INVARIANCE}
+    names = [name for name in names if name not in invariance]
+    for name in names:
+        if TABLE[name].linf_only and norm != "linf":
+            raise ConfigError(f"attack {name!r} is l_inf only but norm={norm!r}: drop {name} or use --norm linf")
+    return names, settings, invariance
 
 
 def check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> None:

@@ -16,11 +16,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from fastrobust.core import distributed as dist_lib
 from fastrobust.core.filekind import checkpoint_format, looks_like
 from fastrobust.core.files import atomic_write_json
 from fastrobust.errors import FastRobustError
@@ -128,6 +129,24 @@ class EvaluationState:
         return cls(fingerprint=saved["fingerprint"], clean=saved["clean"],
                    clean_non_finite=saved.get("clean_non_finite", {}), clean_seconds=saved.get("clean_seconds", 0.0),
                    attacks=saved["attacks"], path=path)
+
+    @classmethod
+    def shared(cls, path: Path | None, fingerprint: Callable[[], dict[str, Any]],
+               ctx: dist_lib.Context) -> "EvaluationState":
+        """``load`` on rank 0 alone (other machines need not see the file), handed to every rank; only rank 0
+        keeps the path, so only it writes the file. ``fingerprint`` is computed only where there is a file."""
+        loaded: Any = None
+        if ctx.is_main:
+            try:
+                loaded = cls.load(path, fingerprint() if path is not None else {})
+            except FastRobustError as error:
+                loaded = error
+        loaded = dist_lib.broadcast_object(loaded) if ctx.active else loaded
+        if isinstance(loaded, FastRobustError):
+            raise loaded
+        if not ctx.is_main:
+            loaded.path = None
+        return loaded
 
     def save(self) -> None:
         """Write the state atomically (a crash leaves the previous state), when it has a path."""
