@@ -68,17 +68,10 @@ def _model_files(checkpoint: str, all_epochs: bool) -> list[tuple[str, Path]]:
 def _check_fits(model, dataset, file: Path, run_dataset: str | None) -> None:
     """One line when the model was built for other images or classes than the dataset has."""
     from fastrobust.core.contract import fastrobust_config  # startup
+    from fastrobust.models.checkpoint import data_mismatch  # startup
 
-    config = fastrobust_config(model) or {}
-    channels, size, classes = config.get("in_channels"), config.get("image_size"), config.get("num_classes")
-    c, h, w = dataset.image_shape
-    if channels is not None and int(channels) != c:
-        found = f"in_channels={channels}, dataset {dataset.name!r} has {c}-channel images"
-    elif size is not None and (h, w) != (int(size), int(size)):
-        found = f"image_size={size}, dataset {dataset.name!r} has {h}x{w} images"
-    elif classes is not None and int(classes) != dataset.num_classes:
-        found = f"num_classes={classes}, dataset {dataset.name!r} has {dataset.num_classes} classes"
-    else:
+    found = data_mismatch(fastrobust_config(model), dataset.image_shape, dataset.num_classes, dataset.name)
+    if found is None:
         return
     fix = f"--dataset {run_dataset}" if run_dataset else "--dataset"
     raise FastRobustError(f"model {file} takes {found}: analyse it on the dataset it was trained on ({fix})")

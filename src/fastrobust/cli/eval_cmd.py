@@ -88,13 +88,6 @@ DEFAULT_EPS = {"linf": "8/255", "l2": "0.5"}
 SANITY_FAILED = 3  # exit status of `eval --sanity` when a check fails (the record is still printed and written)
 
 
-def _input_shape(model) -> tuple[int | None, int | None]:
-    config = getattr(model, "fastrobust_config", {}) or {}
-    channels = config.get("in_channels")
-    classes = config.get("num_classes")
-    return channels, classes
-
-
 def _own_checkpoint(args: argparse.Namespace) -> bool:
     """A fastrobust run folder or file evaluated as saved (no third-party loading options)."""
     from fastrobust.core.filekind import checkpoint_format  # startup
@@ -163,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from fastrobust.data import load_dataset  # startup
     from fastrobust.evaluate import evaluate, query_budget  # startup
+    from fastrobust.models.checkpoint import data_mismatch  # startup
     from fastrobust.models.checkpoint import load_model  # startup
 
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
@@ -206,18 +200,12 @@ def _run(args: argparse.Namespace) -> int:
             factory=args.model_factory, normalization=normalization, dataset=dataset.name, device=device,
             note=(lambda message: print(f"fastrobust eval: {message}", file=sys.stderr)) if ctx.is_main else (lambda _m: None))
         metadata = {"path": source["path"], "model": source.get("model")}
-    channels, classes = _input_shape(model)
-    data_channels = dataset.image_shape[0]
-    if classes is not None and int(classes) != dataset.num_classes:
-        raise FastRobustError(
-            f"checkpoint {metadata.get('path', args.checkpoint)} has num_classes={classes} but dataset "
-            f"{args.dataset!r} has {dataset.num_classes} classes: evaluate it on the dataset it was trained on"
-        )
-    if channels is not None and int(channels) != data_channels:
-        raise FastRobustError(
-            f"checkpoint {metadata.get('path', args.checkpoint)} takes in_channels={channels} but dataset "
-            f"{args.dataset!r} has {data_channels}-channel images: evaluate it on the dataset it was trained on"
-        )
+    # global pooling lets a model run on another image size; channels and classes must fit
+    found = data_mismatch(getattr(model, "fastrobust_config", None), dataset.image_shape, dataset.num_classes,
+                          args.dataset, image_size=False)
+    if found is not None:
+        raise FastRobustError(f"checkpoint {metadata.get('path', args.checkpoint)} takes {found}: evaluate it on the "
+                              "dataset it was trained on")
     if len(dataset.test.labels) == 0:
         raise FastRobustError(f"dataset {args.dataset!r} has an empty test split: nothing to evaluate")
 

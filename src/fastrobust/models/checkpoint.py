@@ -124,6 +124,24 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, config, metadata
 
 
+def data_mismatch(config: dict[str, Any] | None, image_shape: tuple[int, int, int], num_classes: int,
+                  dataset: str, *, image_size: bool = True) -> str | None:
+    """What a model built from ``config`` (its ``fastrobust_config``) was not built for in a dataset of
+    ``image_shape`` (C, H, W) images and ``num_classes`` classes: ``"in_channels=1, dataset 'cifar10' has 3-channel
+    images"`` (channels, then classes, then, with ``image_size``, the image side); None when it fits or the config
+    does not say. The commands that take a model and a dataset refuse such a pair with this text."""
+    config = config or {}
+    channels, size, classes = config.get("in_channels"), config.get("image_size"), config.get("num_classes")
+    c, h, w = image_shape
+    if channels is not None and int(channels) != c:
+        return f"in_channels={channels}, dataset {dataset!r} has {c}-channel images"
+    if classes is not None and int(classes) != num_classes:
+        return f"num_classes={classes}, dataset {dataset!r} has {num_classes} classes"
+    if image_size and size is not None and (h, w) != (int(size), int(size)):
+        return f"image_size={size}, dataset {dataset!r} has {h}x{w} images"
+    return None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model fastrobust saved, from its safetensors file alone (no code is unpickled or run).
 
