@@ -21,7 +21,7 @@ stage gets its share of the time left and is skipped, with the reason, when too 
    TRADES, whose one attack step is the one bf16 hurts most): step times first, then two short paired runs.
 8. ``epoch``: ``benchmarks/epoch.py``: the fast path against the authors'-style reference, 100 steps per epoch.
 9. ``natural``: natural img/s of PreActResNet-18 at batch 512: eager, with weight averaging, compiled.
-10. ``fast_at`` and ``trades`` on the speedrun's schedule, when time is left (not at the default budget).
+10. ``baselines`` (``--baselines``, with a larger budget): ``fast_at`` and ``trades`` on the speedrun's schedule.
 
 Every stage writes its records as it goes (per row, round, run or method), so a stage stopped at its cap keeps
 what it measured. Heavy stages run in child processes, asked to stop (SIGTERM) ``KILL_GRACE`` seconds before
@@ -84,11 +84,13 @@ from fastrobust.train import Trainer, TrainingStopped, resume  # noqa: E402
 from fastrobust.train.averaging import WeightAverager  # noqa: E402
 from fastrobust.train.presets import load_preset, make_config  # noqa: E402
 
-# the timed stages, in the order they run (env and data always run first)
+# the timed stages, in the order they run (env and data always run first); baselines only with --baselines
 STAGES = ("canary", "cost", "speedrun", "autoattack", "precision", "epoch", "natural", "baselines")
+DEFAULT_STAGES = STAGES[:-1]
 # each stage's nominal seconds at the default budget. A stage's cap is its weight's share of the time left,
 # against the stages after it that will run, so time a stage does not use flows on to the later ones
-WEIGHTS = {"canary": 40, "cost": 30, "speedrun": 200, "autoattack": 90, "precision": 45, "epoch": 40, "natural": 45}
+WEIGHTS = {"canary": 40, "cost": 30, "speedrun": 200, "autoattack": 90, "precision": 45, "epoch": 40, "natural": 45,
+           "baselines": 300}
 # below these seconds a stage could not say anything useful: it is skipped, with the reason
 NEEDS = {"canary": 15, "cost": 15, "speedrun": 90, "autoattack": 30, "precision": 30, "epoch": 20, "natural": 15,
          "fast_at": 60, "trades": 60}
@@ -557,7 +559,7 @@ class Suite:
         self.work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gpu-suite-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out / "gpu_suite.log", "a", buffering=1)  # noqa: SIM115 - closed by finish()
-        self.stages = set(args.stages)
+        self.stages = set(args.stages) | ({"baselines"} if args.baselines else set())
         self.record: dict[str, Any] = {"suite": {"budget_seconds": self.budget, "smoke": self.smoke,
                                                  "command": " ".join(shlex.quote(a) for a in sys.argv),
                                                  "work_dir": str(self.work), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -934,7 +936,7 @@ class Suite:
             raise RuntimeError(error)
         return {**out, "wall_seconds": time.perf_counter() - started, **({"child_error": error} if error else {})}
 
-    def stage_baseline(self, method: str) -> dict[str, Any]:
+    def stage_baseline(self, method: str, cap: float) -> dict[str, Any]:
         speedrun = self.record["stages"].get("speedrun", {})
         if speedrun.get("status") != "ok":
             raise SkipStage("the speedrun did not finish: no schedule to repeat")
@@ -942,7 +944,6 @@ class Suite:
         if epochs < 1:
             raise SkipStage("the speedrun finished no epoch")
         compile_ = bool((speedrun.get("planning") or {}).get("compile"))
-        cap = self.remaining() / 2 if method == "fast_at" else self.remaining()  # trades takes what is left
         if not self.smoke:
             fit, planning = self.plan_epochs(method, cap - KILL_GRACE - EVAL_RESERVE, compile_)
             if fit < epochs:
@@ -978,9 +979,11 @@ class Suite:
             if name in self.stages:
                 cap = self.cap(name)
                 self.stage(name, functools.partial(function, cap), available=cap)
-        if "baselines" in self.stages:
-            for method in ("fast_at", "trades"):
-                self.stage(method, functools.partial(self.stage_baseline, method))
+        if "baselines" in self.stages:  # fast_at gets half of the baselines' share, trades what is left
+            cap = self.cap("baselines") / 2
+            self.stage("fast_at", functools.partial(self.stage_baseline, "fast_at", cap), available=cap)
+            cap = max(self.remaining(), 0.0)
+            self.stage("trades", functools.partial(self.stage_baseline, "trades", cap), available=cap)
         return self.finish(0)
 
     def finish(self, code: int) -> int:
@@ -1160,8 +1163,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default=None, help="runs, caches and child records (default: a new temp folder)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data-root", default=None, help="where cifar10-jpeg/ lies (default $FASTROBUST_DATA)")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
-                        help="which stages after env and data (default: all, in the order listed)")
+    parser.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES,
+                        help="which stages after env and data, run in the order listed here (default: all but baselines)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also train fast_at and trades on the speedrun's schedule (give about 350 s more budget)")
     parser.add_argument("--speedrun-epochs", type=int, default=None,
                         help="N: train the speedrun N epochs; 0: the preset's own epochs (default: fit the stage's time)")
     parser.add_argument("--speedrun-compile", default="auto", choices=["auto", "on", "off"],

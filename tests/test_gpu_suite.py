@@ -31,7 +31,7 @@ from fastrobust.train import TrainingStopped  # noqa: E402
 
 def test_smoke_runs_every_stage_and_prints_the_table_last(tmp_path, capsys, one_thread):
     before = dict(os.environ)
-    code = gpu_suite.main(["--smoke", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
+    code = gpu_suite.main(["--smoke", "--baselines", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
     assert code == 0 and dict(os.environ) == before  # the suite's FASTROBUST_CACHE does not leak to the caller
     record = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     stages = record["stages"]
@@ -138,11 +138,11 @@ def test_the_default_budget_holds_every_stage_in_order_even_when_each_uses_its_w
     stages = suite.record["stages"]
     order = [label for label, _timeout, _command in calls]
     assert order == ["canary", "cost.py", "train", "autoattack.py", "precision_study.py", "epoch.py", "natural"]
-    caps = {name: stages[name]["cap_seconds"] for name in gpu_suite.WEIGHTS}
+    caps = {name: stages[name]["cap_seconds"] for name in gpu_suite.DEFAULT_STAGES}
     for name, cap in caps.items():
         assert stages[name]["status"] in ("ok", "error") and cap >= gpu_suite.NEEDS[name], (name, cap)
     assert caps["canary"] <= 45 and caps["speedrun"] >= 180  # a short canary; the speedrun fits a cold compile
-    assert stages["fast_at"]["status"] == stages["trades"]["status"] == "skipped"  # not at the default budget
+    assert "fast_at" not in stages and "trades" not in stages  # baselines only with --baselines
     assert clock["t"] <= gpu_suite.DEFAULT_BUDGET <= 540  # everything stopped at its cap, still inside the budget
     assert stages["env"]["gpu"] == "H100" and "nvidia-smi failed" in stages["env"]["nvidia_smi_before"]
     epoch_argv = next(command for label, _t, command in calls if label == "epoch.py")
@@ -154,6 +154,18 @@ def test_the_default_budget_holds_every_stage_in_order_even_when_each_uses_its_w
     train = json.loads(next(command for label, _t, command in calls if label == "train")[5])
     assert train["overrides"]["compile"] is True  # nothing measured before it: the preset as shipped (S1)
     assert train["deadline_seconds"] == pytest.approx(caps["speedrun"] - gpu_suite.KILL_GRACE - gpu_suite.EVAL_RESERVE)
+
+
+def test_the_baselines_get_their_share_of_a_larger_budget(tmp_path, monkeypatch):
+    suite, clock, calls = fake_suite(tmp_path, monkeypatch)
+    suite.args.budget_seconds = suite.budget = 900.0
+    suite.stages.add("baselines")
+    suite.stage_baseline = lambda method, cap: clock.__setitem__("t", clock["t"] + cap) or {"method": method}
+    assert suite.run() == 0
+    stages = suite.record["stages"]
+    assert stages["fast_at"]["status"] == stages["trades"]["status"] == "ok"
+    assert stages["fast_at"]["cap_seconds"] >= 120 and stages["trades"]["cap_seconds"] >= 120
+    assert clock["t"] <= 900
 
 
 def test_without_any_gpu_the_suite_stops_after_the_data_stage_and_says_why(tmp_path, monkeypatch):
