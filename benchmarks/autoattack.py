@@ -9,6 +9,13 @@ and where the time goes per attack in both. ``--nproc-scaling 1 2`` also times `
 autoattack`` on 1 and 2 processes (gloo on CPU). One JSON record per run is appended to ``--json-out``; the
 Markdown table comes last. Without ``pyautoattack`` only fastrobust runs, and the record says so.
 
+Versions: ``official``; ``fastrobust`` (``--precision``, ``--channels-last``; fp32 NCHW by default, the
+like-for-like comparison); ``fastrobust-auto-cl`` (``precision="auto"``, bf16 forwards on CUDA, fp32 on the
+CPU, and a channels-last model: the configuration the GPU speed target is about). With ``--progress-out FILE``
+one JSON line per timed run is appended as soon as the run ends, with the summary of the runs so far, so a
+benchmark stopped at a time limit keeps what it measured. On CUDA each version first runs once untimed on two
+points (``--warmup``), so the first timed run does not pay for CUDA's lazy start-up.
+
     OMP_NUM_THREADS=1 python benchmarks/autoattack.py --checkpoint runs/quickstart --dataset cifar10 \\
         --n-points 48 --device cpu --repeats 3 --threads 1 --json-out benchmarks/results/autoattack-cpu.jsonl
     python benchmarks/autoattack.py --model preactresnet18 --dataset cifar10 --n-points 1000 --device cuda \\
@@ -36,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import base_record, hardware, load_average, set_threads, write_record  # noqa: E402
+from benchutil import base_record, hardware, load_average, set_threads, write_progress, write_record  # noqa: E402
 
 from fastrobust.attacks import autoattack  # noqa: E402
 from fastrobust.attacks.official import official_available, official_runner, official_version, run_official  # noqa: E402
@@ -44,6 +51,11 @@ from fastrobust.core.values import parse_number  # noqa: E402
 
 aa_module = importlib.import_module("fastrobust.attacks.autoattack")
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+VERSIONS = ("official", "fastrobust", "fastrobust-auto-cl")
+GPU_VARIANT = "fastrobust-auto-cl"  # precision "auto" (bf16 on CUDA) and channels-last
+# the warm-up run: every component once, a few iterations, on two points
+WARMUP_OPTIONS = {"apgd-ce": {"n_iter": 2}, "apgd-t": {"n_iter": 2, "n_targets": 1},
+                  "fab-t": {"n_iter": 2, "n_targets": 1}, "square": {"n_queries": 2}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,14 +80,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--versions", nargs="+", default=["official", "fastrobust"], choices=("official", "fastrobust"))
+    parser.add_argument("--versions", nargs="+", default=["official", "fastrobust"], choices=VERSIONS,
+                        help="run in this order (reversed every other repeat); fastrobust-auto-cl: precision auto "
+                             "(bf16 on CUDA) with a channels-last model, the GPU configuration")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
-                        help="fastrobust's attack forwards (default fp32)")
-    parser.add_argument("--channels-last", action="store_true", help="fastrobust: channels-last model and inputs")
+                        help="the `fastrobust` version's attack forwards (default fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="the `fastrobust` version: channels-last model and inputs")
+    parser.add_argument("--warmup", default="auto", choices=("auto", "on", "off"),
+                        help="one untimed run of each version on two points first (auto: on CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (both versions)")
     parser.add_argument("--nproc-scaling", type=int, nargs="*", default=None, metavar="N",
                         help="also time `fastrobust eval --attack autoattack` on these process counts (e.g. 1 2)")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--progress-out", default=None,
+                        help="append one JSON line per timed run as soon as it ends (with the summary so far)")
     return parser.parse_args(argv)
 
 
@@ -205,6 +223,37 @@ def run_fastrobust_once(model, x, y, eps, seed, batch, device, precision, channe
     return result.x_adv, timer.seconds, result.notes
 
 
+def settings_of(version: str, args: argparse.Namespace) -> tuple[str, bool]:
+    """(precision, channels_last) of a fastrobust version."""
+    return ("auto", True) if version == GPU_VARIANT else (args.precision, args.channels_last)
+
+
+def run_version(version: str, model, x, y, eps, args, batch, device):
+    """One AutoAttack of ``version``: (x_adv, seconds per component, notes)."""
+    if version == "official":
+        x_adv, per_attack = run_official_once(model, x, y, eps, args.seed, batch, device)
+        return x_adv, per_attack, []
+    precision, channels_last = settings_of(version, args)
+    return run_fastrobust_once(model, x, y, eps, args.seed, batch, device, precision, channels_last)
+
+
+def warm_up(versions: list[str], model, x, y, eps, args, device) -> None:
+    """Each version once, untimed, on two points (fastrobust: every component for a few iterations; official:
+    a forward and backward in fp32), so that CUDA's lazy start-up (kernels, cuDNN and cuBLAS handles) is not
+    charged to the first timed run."""
+    points = slice(0, 2)
+    for version in versions:
+        if version == "official":
+            x_warm = x[points].clone().requires_grad_(True)
+            model(x_warm).sum().backward()
+            model.zero_grad(set_to_none=True)
+            continue
+        precision, channels_last = settings_of(version, args)
+        autoattack(model, x[points], y[points], eps=eps, options=WARMUP_OPTIONS, precision=precision,
+                   channels_last=channels_last, generator=torch.Generator(device=device).manual_seed(args.seed))
+    sync(device)
+
+
 def robust_flags(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """Robust per point, re-checked in fp32 here (and the adversarial inside the ball and [0,1])."""
     delta = (x_adv - x).flatten(1).abs().amax(1)
@@ -275,31 +324,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         versions.remove("official")
         notes.append("pyautoattack is not installed: fastrobust only (pip install pyautoattack)")
         print(f"note: {notes[-1]}", file=sys.stderr)
+    if args.warmup == "on" or (args.warmup == "auto" and device.type == "cuda"):
+        warm_up(versions, model, x, y, eps, args, device)
     load_before = load_average()
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    timer = "process CPU seconds" if device.type == "cpu" else "wall seconds (cuda synchronize)"
+    progress_head = {"benchmark": "autoattack", "record": "run", "n_points": len(y), "device": str(device),
+                     "model": model_info, "clean_correct": int(clean.sum()), "versions": versions, "timer": timer,
+                     "run_notes": notes}
     for r in range(args.repeats):
         for version in (versions if r % 2 == 0 else versions[::-1]):
             memory: dict[str, float] = {}
             with peak_memory(device, memory):
                 start = clock(device)
-                notes_run: list[str] = []
-                if version == "official":
-                    x_adv, per_attack = run_official_once(model, x, y, eps, args.seed, batch, device)
-                else:
-                    x_adv, per_attack, notes_run = run_fastrobust_once(model, x, y, eps, args.seed, batch, device,
-                                                                       args.precision, args.channels_last)
+                x_adv, per_attack, notes_run = run_version(version, model, x, y, eps, args, batch, device)
                 seconds = clock(device) - start
             robust = robust_flags(model, x_adv, x, y, eps) & clean
-            runs[version].append({"seconds": seconds, "per_attack": per_attack, "memory": memory,
-                                  "robust": robust.tolist(), "notes": notes_run})
+            runs.setdefault(version, []).append({"seconds": seconds, "per_attack": per_attack, "memory": memory,
+                                                 "robust": robust.tolist(), "notes": notes_run})
             print(f"repeat {r + 1}/{args.repeats} {version}: robust {int(robust.sum())}/{len(y)} "
                   f"in {seconds:.1f} s ({'CPU' if device.type == 'cpu' else 'wall'})", file=sys.stderr, flush=True)
+            write_progress(args.progress_out, {**progress_head, "repeat": r, "version": version, "seconds": seconds,
+                                               "robust_count": int(robust.sum()), "per_attack": per_attack,
+                                               "notes": notes_run, "summary": summarise(runs, clean)})
     summary = summarise(runs, clean)
     record = base_record("autoattack", device, {
         "model": model_info, "dataset": args.dataset, "n_points": len(y), "eps": eps, "norm": "linf",
         "version": "standard", "seed": args.seed, "batch_size": batch, "repeats": args.repeats,
         "precision": args.precision, "channels_last": args.channels_last, "threads": torch.get_num_threads(),
-        "timer": "process CPU seconds" if device.type == "cpu" else "wall seconds (cuda synchronize)",
+        "timer": timer, "versions": versions,
     })
     record["environment"]["official"] = official_version()
     record["load_average_before_after"] = [load_before, load_average()]
@@ -329,13 +382,21 @@ def summarise(runs: dict[str, list[dict[str, Any]]], clean: torch.Tensor) -> dic
             "peak_mib": max(item["memory"].get("peak_mib", 0.0) for item in items),
             "extra_mib": max(item["memory"].get("extra_mib", 0.0) for item in items),
         }
-    if "official" in runs and "fastrobust" in runs:
-        official, ours = runs["official"], runs["fastrobust"]
-        a, b = official[0]["robust"], ours[0]["robust"]
-        out["disagreements"] = {"robust_only_official": [i for i, (p, q) in enumerate(zip(a, b)) if p and not q],
-                                "robust_only_fastrobust": [i for i, (p, q) in enumerate(zip(a, b)) if q and not p]}
-        out["ratio_of_medians"] = out["official"]["median_s"] / out["fastrobust"]["median_s"]
-        out["paired_ratios"] = [o["seconds"] / f["seconds"] for o, f in zip(official, ours)]
+    if "official" in runs:  # every fastrobust version against the official, on the first repeat's flags
+        official = runs["official"]
+        comparisons = {}
+        for version, ours in runs.items():
+            if version == "official":
+                continue
+            a, b = official[0]["robust"], ours[0]["robust"]
+            comparisons[version] = {
+                "disagreements": {"robust_only_official": [i for i, (p, q) in enumerate(zip(a, b)) if p and not q],
+                                  "robust_only_fastrobust": [i for i, (p, q) in enumerate(zip(a, b)) if q and not p]},
+                "ratio_of_medians": out["official"]["median_s"] / out[version]["median_s"],
+                "paired_ratios": [o["seconds"] / f["seconds"] for o, f in zip(official, ours)]}
+        out["comparisons"] = comparisons
+        if "fastrobust" in comparisons:  # the fp32 comparison, where earlier records kept it
+            out.update(comparisons["fastrobust"])
     return out
 
 
@@ -349,18 +410,18 @@ def markdown(record: dict[str, Any]) -> str:
              f"| version | robust acc | {unit} (median of {cfg['repeats']}) | APGD-CE | APGD-T | FAB-T | Square "
              f"| peak MiB (+run) |",
              "|---|---|---|---|---|---|---|---|"]
-    for version in ("official", "fastrobust"):
+    for version in VERSIONS:
         if version not in summary:
             continue
         s = summary[version]
         parts = " | ".join(f"{s['per_attack_median_s'][n]:.1f}" for n in COMPONENTS)
         lines.append(f"| {version} | {100 * s['robust_acc']:.2f}% | {s['median_s']:.1f} | {parts} "
                      f"| {s['peak_mib']:.0f} (+{s['extra_mib']:.0f}) |")
-    if "ratio_of_medians" in summary:
-        d = summary["disagreements"]
-        lines += ["", f"ratio official / fastrobust: **{summary['ratio_of_medians']:.2f}x** (paired: "
-                      f"{', '.join(f'{r:.2f}' for r in summary['paired_ratios'])}); points robust only for the "
-                      f"official: {d['robust_only_official']}, only for fastrobust: {d['robust_only_fastrobust']}"]
+    for version, c in summary.get("comparisons", {}).items():
+        d = c["disagreements"]
+        lines += ["", f"ratio official / {version}: **{c['ratio_of_medians']:.2f}x** (paired: "
+                      f"{', '.join(f'{r:.2f}' for r in c['paired_ratios'])}); points robust only for the "
+                      f"official: {d['robust_only_official']}, only for {version}: {d['robust_only_fastrobust']}"]
     for row in record.get("nproc_scaling", []):
         lines.append(f"- fastrobust eval --nproc {row['nproc']} (batch {row['batch_size']}): wall "
                      f"{statistics.median(row['wall_s']):.1f} s, speed-up {row['speedup_vs_first']:.2f}x, "

@@ -1,9 +1,11 @@
 """Shared pieces of the speed benchmarks: the environment record, timers, and the fast training step.
 
 The fast step mirrors ``fastrobust.train.Trainer._step`` piece by piece (per-step learning rate,
-channels_last input, autocast, ``zero_grad(set_to_none=True)``, backward, optimiser step, or
-``method.train_step`` when the method owns its updates) and builds the optimiser exactly as the
-trainer does (fused SGD on CUDA, foreach SGD on CPU). Nothing in it reads a value back to the host.
+channels_last input, autocast and the attacks' precision around the method call, ``zero_grad(set_to_none=True)``,
+backward, optimiser step, or ``method.train_step`` when the method owns its updates) and builds the optimiser
+exactly as the trainer does (fused SGD on CUDA, foreach SGD on CPU). Nothing in it reads a value back to the host.
+Every benchmark that times a step also takes a ``--progress-out FILE``: one JSON line per measured unit
+(round, run, method) as soon as it is measured, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from fastrobust import methods as methods_lib
+from fastrobust.core import precision
 from fastrobust.models import create as create_model
 from fastrobust.core.records import append_jsonl, environment
 from fastrobust.train import resolve_device
@@ -186,19 +189,36 @@ def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callabl
 
 
 def fast_step(method: methods_lib.Method, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-              dtype: torch.dtype | None, channels_last: bool, lr: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor], dict]:
-    """One training step exactly as ``Trainer._step`` does it (no host synchronisation)."""
+              dtype: torch.dtype | None, channels_last: bool, lr: float = 0.1,
+              attack_policy: precision.AttackPrecision | None = None) -> Callable[[torch.Tensor, torch.Tensor], dict]:
+    """One training step as ``Trainer._step`` does it (no host synchronisation).
+
+    Args:
+        method: the training method (its ``train_step`` is used when it owns its updates, as the trainer does).
+        model: the model called by the method (a ``torch.compile`` wrapper is fine).
+        optimizer: the optimiser (``build_optimizer``).
+        device: where the batches are.
+        dtype: the autocast dtype of the training forward (None: float32).
+        channels_last: whether batches are converted to channels_last first.
+        lr: the learning rate set before every step.
+        attack_policy: the precision of the attacks inside the step; None: the trainer's default
+            ``attack_precision="auto"`` for ``device`` and ``dtype`` (``fastrobust.core.precision.resolve``).
+
+    Returns:
+        ``step(x, y) -> stats``.
+    """
     autocast = autocast_factory(device, dtype)
     custom = getattr(method, "train_step", None)
+    policy = attack_policy if attack_policy is not None else precision.resolve("auto", device.type, dtype)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if custom is not None:
+        if custom is not None:  # the trainer calls it without an attack-precision block, and so do we
             return custom(model, x, y, optimizer, autocast=autocast, scaler=None)[1]
-        with autocast():
+        with autocast(), precision.attack_precision(policy):
             loss, stats = method(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,6 +226,13 @@ def fast_step(method: methods_lib.Method, model: nn.Module, optimizer: torch.opt
         return stats
 
     return step
+
+
+def write_progress(path: str | None, record: dict[str, Any]) -> None:
+    """Append ``record`` to the progress file ``path`` (nothing when None): one line per measured unit, written
+    the moment it is measured (flushed), so that a run stopped at a time limit keeps what it measured."""
+    if path:
+        append_jsonl(path, record)
 
 
 def resolve(device_name: str) -> torch.device:

@@ -4,7 +4,8 @@ For each registered method: the median seconds of one full training step (the me
 and optimiser step, or ``method.train_step``) built exactly as the trainer builds it, after warm-up,
 divided by natural's. All methods are timed INTERLEAVED in one process: each round runs every method
 once (``--block`` steps each) in a rotated order, so a change in machine load hits every method alike.
-The table compares the measured ratio with the declared ``method.cost.passes``.
+The table compares the measured ratio with the declared ``method.cost.passes``. With ``--progress-out FILE``
+a record of every method's times so far is appended after each round, so a run stopped early keeps its rounds.
 
     python benchmarks/cost.py --model tinycnn --model-param width=16 --batch-size 128 --json-out benchmarks/results/cost.jsonl
     python benchmarks/cost.py --device cuda --model preactresnet18 --batch-size 512 --json-out benchmarks/results/cost.jsonl
@@ -44,6 +45,23 @@ def load_batch(batch_size: int, device: torch.device, data_root: str | None, syn
     return x.to(device), y.to(device), "random"
 
 
+def result_rows(names: list[str], runs: dict[str, dict], times: dict[str, list[float]]) -> list[dict]:
+    """Each method's median step time, its ratio to natural's (of medians, and paired within rounds) and
+    measured over declared passes, from the rounds timed so far."""
+    natural = bu.median(times["natural"])
+    rows = []
+    for name in names:
+        med = bu.median(times[name])
+        # the ratio within each round (same load for both), as a robustness check of the ratio of medians
+        paired = bu.median([t / n for t, n in zip(times[name], times["natural"])])
+        passes = runs[name]["method"].cost.passes
+        q1, q3 = bu.quartiles(times[name])
+        rows.append({"method": name, "declared_passes": round(passes, 4), "median_s": med, "q1_s": q1, "q3_s": q3,
+                     "ratio": med / natural, "paired_ratio": paired, "measured_over_declared": med / natural / passes,
+                     "times_s": list(times[name])})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tinycnn")
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--synthetic", action="store_true", help="time on random pixels (no dataset needed)")
     parser.add_argument("--json-out", default=None, help="append one JSON record to this file")
+    parser.add_argument("--progress-out", default=None,
+                        help="append the record so far after every round (partial: true until the last)")
     args = parser.parse_args(argv)
 
     bu.set_threads(args.threads)
@@ -92,6 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name]["step"](x, y)
     bu.sync(device)
 
+    record = bu.base_record("cost", device, {
+        "model": args.model, "model_params": params, "batch_size": args.batch_size, "device": str(device),
+        "amp": str(dtype) if dtype else "fp32", "channels_last": channels_last, "compile": args.compile, "rounds": args.steps,
+        "block": args.block, "warmup": args.warmup, "data": data_source, "interleaved": True,
+    })
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.steps):
         order = names[round_ % len(names):] + names[:round_ % len(names)]
@@ -104,19 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
         bu.sync(device)
         for name, watch in watches:
             times[name].append(watch.seconds() / args.block)
+        bu.write_progress(args.progress_out, {**record, "results": result_rows(names, runs, times),
+                                              "rounds_done": round_ + 1, "partial": round_ + 1 < args.steps})
     load_after = bu.load_average()
-
-    natural = bu.median(times["natural"])
-    rows = []
-    for name in names:
-        med = bu.median(times[name])
-        # the ratio within each round (same load for both), as a robustness check of the ratio of medians
-        paired = bu.median([t / n for t, n in zip(times[name], times["natural"])])
-        passes = runs[name]["method"].cost.passes
-        q1, q3 = bu.quartiles(times[name])
-        rows.append({"method": name, "declared_passes": round(passes, 4), "median_s": med, "q1_s": q1, "q3_s": q3,
-                     "ratio": med / natural, "paired_ratio": paired, "measured_over_declared": med / natural / passes,
-                     "times_s": times[name]})
+    rows = result_rows(names, runs, times)
 
     print(f"\n{args.model} {params or ''} batch {args.batch_size} on {device} "
           f"({'bf16 autocast' if dtype else 'fp32'}{', channels_last' if channels_last else ''}); "
@@ -130,11 +146,6 @@ def main(argv: list[str] | None = None) -> dict:
     if "trades" in by and "backward_smoothing" in by:
         print(f"trades / backward_smoothing time ratio: {by['trades']['median_s'] / by['backward_smoothing']['median_s']:.2f}")
 
-    record = bu.base_record("cost", device, {
-        "model": args.model, "model_params": params, "batch_size": args.batch_size, "device": str(device),
-        "amp": str(dtype) if dtype else "fp32", "channels_last": channels_last, "compile": args.compile, "rounds": args.steps,
-        "block": args.block, "warmup": args.warmup, "data": data_source, "interleaved": True,
-    })
     record["hardware"]["load_average_after"] = load_after
     record["results"] = rows
     bu.write_record(args.json_out, record)

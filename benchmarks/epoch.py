@@ -16,6 +16,13 @@ logits in every attack step and twice in the loss; the PGD/Fast AT script runs o
 its log); ``--reference lean`` makes exactly the passes fastrobust makes, so the remaining speed-up is
 the systems part only (data pipeline, precision, memory format, syncs).
 
+Timed epochs should hold at least ``MIN_STEPS`` (100) steps: the fixed costs of an epoch (the trainer's epoch
+start, the reference DataLoader's first batch) are a large share of a short one and inflate the speed-up; the
+record's ``notes`` say when an epoch is shorter. The reference keeps its DataLoader workers alive between epochs
+(``persistent_workers``), as a long training run effectively does. With ``--progress-out FILE`` the record so far
+(every finished method, and the current one's finished repeats) is appended after each repeat of each method,
+so a run stopped early keeps what it measured.
+
 Two deliberate, cost-free deviations from the authors' text, so that ``tests/test_fast_path.py`` can
 check that the reference and fastrobust give the same loss to 1e-5 in fp32: random starts are clamped
 to [0, 1] before the first gradient (the scripts take it at an unclamped start), and KL terms whose
@@ -44,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil as bu  # noqa: E402
 
 EPS = 8 / 255
+MIN_STEPS = 100  # steps per timed epoch below which fixed per-epoch costs inflate the speed-up (noted in the record)
 DEFAULT_METHODS = ["natural", "fast_at", "backward_smoothing", "trades", "pgd_at"]
 
 
@@ -72,8 +80,11 @@ class CropFlipImages(torch.utils.data.Dataset):
 
 def reference_loader(images: Tensor, labels: Tensor, batch_size: int, *, workers: int, pin_memory: bool,
                      padding: int = 4, flip: bool = True) -> torch.utils.data.DataLoader:
+    """The reference's DataLoader; its ``workers`` stay alive between epochs (``persistent_workers``): a new pool
+    per epoch costs a fixed start that a real run pays once per epoch of hundreds of steps."""
     return torch.utils.data.DataLoader(CropFlipImages(images, labels, padding, flip), batch_size=batch_size,
-                                       shuffle=True, num_workers=workers, pin_memory=pin_memory)
+                                       shuffle=True, num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0)
 
 
 # ---- the reference methods (authors' structure) -------------------------------------------------
@@ -255,6 +266,13 @@ def combine(summaries: list[dict]) -> dict:
             "all_epoch_seconds": [s["all_epoch_seconds"] for s in summaries]}
 
 
+def method_row(name: str, runs: dict[str, list[dict]]) -> dict:
+    """One method's row: each path's epochs combined over its repeats so far, and the speed-up."""
+    result = {path: combine(summaries) for path, summaries in runs.items()}
+    return {"method": name, "fast": result["fast"], "reference": result["reference"],
+            "speedup": result["reference"]["epoch_seconds"] / result["fast"]["epoch_seconds"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -278,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CUDA: warn at every host synchronisation of the fast path (validation and checkpoints sync by design)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--progress-out", default=None,
+                        help="append the record so far after every repeat of every method (partial: true until the last)")
     args = parser.parse_args(argv)
 
     from fastrobust.data import load_dataset
@@ -292,7 +312,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.model} {params or ''} batch {args.batch_size} on {device}; {len(data.train.labels)} training images; "
           f"{torch.get_num_threads()} threads; load {load_before}; reference={args.reference}")
 
-    rows = []
+    steps_per_epoch = -(-len(data.train.labels) // args.batch_size)
+    notes = [] if steps_per_epoch >= MIN_STEPS else [
+        f"{steps_per_epoch} steps per epoch (fewer than {MIN_STEPS}): fixed per-epoch costs weigh more than in a "
+        f"real epoch and inflate the speed-up; use --train-subset >= {MIN_STEPS} x --batch-size"]
+    for note in notes:
+        print(f"note: {note}")
+    workers = args.ref_workers if args.ref_workers is not None else (2 if device.type == "cuda" else 0)
+    record = bu.base_record("epoch", device, {
+        "model": args.model, "model_params": params, "batch_size": args.batch_size, "device": str(device),
+        "train_images": len(data.train.labels), "train_subset": args.train_subset, "epochs": args.epochs, "repeats": args.repeats,
+        "steps_per_epoch": steps_per_epoch, "reference": args.reference, "amp": args.amp,
+        "channels_last": args.channels_last, "compile": args.compile,
+        "ref_workers": workers, "ref_persistent_workers": workers > 0,
+    })
+    record["notes"] = notes
+    rows: list[dict] = []
     for index, name in enumerate(args.methods):
         # alternate which path goes first, so a slow drift in machine load does not favour one path
         runs: dict[str, list[dict]] = {"fast": [], "reference": []}
@@ -301,9 +336,10 @@ def main(argv: list[str] | None = None) -> dict:
             for path in order:
                 epochs = fast_epochs(name, data, args, params) if path == "fast" else reference_epochs(name, data, args, params, device)
                 runs[path].append(summarise(epochs))
-        result = {path: combine(summaries) for path, summaries in runs.items()}
-        row = {"method": name, "fast": result["fast"], "reference": result["reference"],
-               "speedup": result["reference"]["epoch_seconds"] / result["fast"]["epoch_seconds"]}
+            last = index == len(args.methods) - 1 and repeat == args.repeats - 1
+            bu.write_progress(args.progress_out, {**record, "results": rows + [method_row(name, runs)], "partial": not last,
+                                                  "repeats_done": {name: repeat + 1}})
+        row = method_row(name, runs)
         rows.append(row)
         print(f"  {name:20s} fast {row['fast']['epoch_seconds']:8.2f} s ({row['fast']['images_per_second']:8.0f} img/s)  "
               f"reference {row['reference']['epoch_seconds']:8.2f} s ({row['reference']['images_per_second']:8.0f} img/s)  "
@@ -315,12 +351,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['method']:20s} {r['fast']['epoch_seconds']:12.2f} {r['fast']['images_per_second']:10.0f} "
               f"{r['reference']['epoch_seconds']:11.2f} {r['reference']['images_per_second']:9.0f} {r['speedup']:7.2f}x")
 
-    record = bu.base_record("epoch", device, {
-        "model": args.model, "model_params": params, "batch_size": args.batch_size, "device": str(device),
-        "train_images": len(data.train.labels), "train_subset": args.train_subset, "epochs": args.epochs, "repeats": args.repeats,
-        "reference": args.reference, "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
-        "ref_workers": args.ref_workers if args.ref_workers is not None else (2 if device.type == "cuda" else 0),
-    })
     record["hardware"]["load_average_after"] = load_after
     record["results"] = rows
     bu.write_record(args.json_out, record)

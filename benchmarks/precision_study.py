@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil as bu  # noqa: E402
 
 from fastrobust import methods as methods_lib  # noqa: E402
-from fastrobust.core.precision import attack_precision, resolve  # noqa: E402
+from fastrobust.core.precision import resolve  # noqa: E402
 
 METHOD_PARAMS = {  # the BS paper's settings (presets cifar10-resnet18-*)
     "trades": {"steps": 10, "step_size": 2 / 255, "beta": 6.0},
@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--aa-iters", type=int, default=25, help="APGD iterations of the reduced AutoAttack")
     parser.add_argument("--timing-rounds", type=int, default=10, help="interleaved timed blocks per precision")
     parser.add_argument("--timing-block", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--timing-first", action="store_true",
+                        help="time the steps of a method before training its runs (a run stopped early then keeps "
+                             "the speed comparison, the cheapest part)")
     parser.add_argument("--data-root", default=None, help="default: $FASTROBUST_DATA")
     parser.add_argument("--out", default=None, help="run folders (default: a temporary folder, deleted)")
     parser.add_argument("--threads", type=int, default=None)
@@ -129,17 +132,11 @@ def time_steps(args: argparse.Namespace, data: Any, method: str, device: torch.d
         model = bu.build_model(args.model, bu.parse_params(args.model_param), device, channels_last=device.type == "cuda")
         built = methods_lib.create(method, **METHOD_PARAMS.get(method, {}))
         optimizer = bu.build_optimizer(model, device, lr=args.lr)
-        policy = resolve(precision, device.type, dtype)
-        step = bu.fast_step(built, model, optimizer, device, dtype, channels_last=device.type == "cuda", lr=args.lr)
-
-        def run(step=step, policy=policy) -> None:
-            with attack_precision(policy):
-                step(x, y)
-
-        steps[precision] = run
-    for run in steps.values():  # warm-up
+        steps[precision] = bu.fast_step(built, model, optimizer, device, dtype, channels_last=device.type == "cuda",
+                                        lr=args.lr, attack_policy=resolve(precision, device.type, dtype))
+    for step in steps.values():  # warm-up
         for _ in range(2):
-            run()
+            step(x, y)
     times: dict[str, list[float]] = {p: [] for p in steps}
     order = list(steps)
     for round_ in range(args.timing_rounds):
@@ -147,7 +144,7 @@ def time_steps(args: argparse.Namespace, data: Any, method: str, device: torch.d
             bu.sync(device)
             start_cpu, start_wall = time.process_time(), time.perf_counter()
             for _ in range(args.timing_block):
-                steps[precision]()
+                steps[precision](x, y)
             bu.sync(device)
             elapsed = (time.process_time() - start_cpu) if device.type == "cpu" else (time.perf_counter() - start_wall)
             times[precision].append(elapsed / args.timing_block)
@@ -156,6 +153,15 @@ def time_steps(args: argparse.Namespace, data: Any, method: str, device: torch.d
     return {"kind": "timing", "method": method, "clock": "process" if device.type == "cpu" else "wall",
             "median_step_seconds": medians, "ratio_to_fp32": {p: m / reference for p, m in medians.items()},
             "raw": times}
+
+
+def timed(args: argparse.Namespace, data: Any, method: str, device: torch.device, command: str) -> dict[str, Any]:
+    """``time_steps`` for ``method``, written to ``--json-out`` and printed as soon as it is measured."""
+    timing = time_steps(args, data, method, device)
+    timing["command"] = command
+    bu.write_record(args.json_out, timing)
+    print(json.dumps({k: v for k, v in timing.items() if k not in ("raw", "command")}), flush=True)
+    return timing
 
 
 def summarise(runs: list[dict[str, Any]], timings: list[dict[str, Any]], precisions: list[str]) -> list[str]:
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(args.out) if args.out else Path(scratch)
         for method in args.methods:
+            if args.timing_first:
+                timings.append(timed(args, data, method, device, command))
             for seed in args.seeds:
                 for precision in args.precisions:
                     record = train_one(args, data, out, method, seed, precision)
@@ -217,11 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs.append(record)
                     bu.write_record(args.json_out, record)
                     print(json.dumps({k: v for k, v in record.items() if k != "command"}), flush=True)
-            timing = time_steps(args, data, method, device)
-            timing["command"] = command
-            timings.append(timing)
-            bu.write_record(args.json_out, timing)
-            print(json.dumps({k: v for k, v in timing.items() if k not in ("raw", "command")}), flush=True)
+            if not args.timing_first:
+                timings.append(timed(args, data, method, device, command))
     table = summarise(runs, timings, args.precisions)
     summary = bu.base_record("precision_study", device, vars(args))
     summary.update(kind="summary", command=command, table=table)

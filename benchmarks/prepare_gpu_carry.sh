@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Build .gpu-carry/ (ignored by git) for benchmarks/gpu_suite.py on the device machine, and print the command.
+# Build .gpu-carry/ (ignored by git): what benchmarks/gpu_suite.py needs on a GPU machine without network, and
+# print the command to run there from the copied checkout.
 #
 #   .gpu-carry/data/cifar10-jpeg/cifar10-jpeg.tar.gz   the CIFAR-10 archive (19 MB), from $FASTROBUST_DATA
 #   .gpu-carry/site/pyautoattack/*.py                  the official AutoAttack attack files (no examples, no
 #                                                      model file): the reference for benchmarks/autoattack.py
-#   .gpu-carry/COMMIT                                  the commit the device copy was made from (it has no .git)
+#   .gpu-carry/COMMIT                                  the commit the copy was made from (a copy may have no .git)
 #
-# Usage, from the checkout that the device tool sends (run it right before the call):
-#   FASTROBUST_DATA=../shared/data benchmarks/prepare_gpu_carry.sh [BUDGET_SECONDS]
+# Usage, in the checkout you will copy to the GPU machine:
+#   FASTROBUST_DATA=/path/to/data benchmarks/prepare_gpu_carry.sh [BUDGET_SECONDS]
 # PYTHON (default python) is the interpreter that has pyautoattack installed; without it the wheel is
 # downloaded with pip and only its attack files are kept (GPU_CARRY_DOWNLOAD=0: no download, skip them).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-budget=${1:-300}
-data=${FASTROBUST_DATA:-../shared/data}
+budget=${1:-}
+data=${FASTROBUST_DATA:-$HOME/.cache/fastrobust/data}  # where fastrobust looks without it
 python=${PYTHON:-python}
 carry=.gpu-carry
 archive="$data/cifar10-jpeg/cifar10-jpeg.tar.gz"
@@ -48,16 +49,16 @@ elif [ -n "$pkg" ]; then
 fi
 if [ -z "$(ls "$carry/site/pyautoattack" 2>/dev/null)" ]; then
   rmdir "$carry/site/pyautoattack"
-  echo "note: pyautoattack not found (pip install pyautoattack==0.2.0): the suite will skip the official AutoAttack" >&2
+  echo "note: pyautoattack not found (pip install pyautoattack==0.2.0): the suite will time fastrobust's AutoAttack alone" >&2
 fi
 
 commit=$(git rev-parse HEAD 2>/dev/null || echo "no commit yet")
 [ -n "$(git status --porcelain --untracked-files=no)" ] && commit="$commit (with uncommitted changes)"
 echo "$commit" > "$carry/COMMIT"
-echo "built $carry ($(du -sh "$carry" | cut -f1)); the tree that travels: tracked + untracked files + $carry (limit 64 MiB)"
-timeout=$((budget + 90))
+echo "built $carry ($(du -sh "$carry" | cut -f1)); copy the checkout with it to the GPU machine"
+budget_flag=${budget:+--budget-seconds $budget }
 cat <<CMD
 
-device run:  carry [".gpu-carry"], timeout_s $timeout
-command:     export PYTHONPATH=src:.gpu-carry/site FASTROBUST_DATA=.gpu-carry/data PYTHONUNBUFFERED=1; python3 benchmarks/gpu_suite.py --budget-seconds $budget --out \$OUT
+command:     export PYTHONPATH=src:.gpu-carry/site FASTROBUST_DATA=.gpu-carry/data PYTHONUNBUFFERED=1; python3 benchmarks/gpu_suite.py ${budget_flag}--out gpu-suite-out
+ends within: ${budget:-530} s of its start (plus the interpreter's start-up); results in gpu-suite-out/
 CMD

@@ -14,6 +14,7 @@ import re
 import string
 
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -229,12 +230,20 @@ def test_every_shipped_preset_builds_a_valid_config():
 @example("xla")
 @example("cuda:x")
 @example("cpu:-1")
+@example("auto")
+@example("cuda")
 def test_device_names_resolve_or_are_config_errors(name):
+    """A name resolves to a device this machine has, or is a ConfigError: `auto` is the GPU when torch sees one
+    (the same test passes on a CPU machine and on a GPU machine)."""
     try:
         device = resolve_device(name)
     except ConfigError:
+        assert name != "auto" and not (name == "cuda" and torch.cuda.is_available())
         return
-    assert device.type == "cpu"  # no GPU in CI; `auto` and `cpu` are the names that work here
+    here = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+    assert device.type in here
+    if name == "auto":
+        assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- the command line
