@@ -183,10 +183,10 @@ def test_best_is_selected_from_the_chosen_weights(tmp_path, monkeypatch, select)
 
 
 def test_cli_sets_averaging_and_refuses_a_bad_decay_in_one_line(tmp_path, monkeypatch, capsys):
-    import fastrobust.data
+    import fastrobust.train.trainer
     from fastrobust.cli import main
 
-    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: synthetic_dataset())
+    monkeypatch.setattr(fastrobust.train.trainer, "load_dataset", lambda *a, **k: synthetic_dataset())
     common = ["train", "--method", "fast_at", "--model", "tinycnn", "--dataset", "cifar10", "--epochs", "2",
               "--batch-size", "64", "--device", "cpu", "--quiet", "--json", "--set", "val_pgd_steps=1",
               "--set", "test_pgd_steps=1"]
@@ -200,7 +200,7 @@ def test_cli_sets_averaging_and_refuses_a_bad_decay_in_one_line(tmp_path, monkey
 
 
 def test_speedrun_presets_average_weights_and_run_from_the_cli(tmp_path, monkeypatch, capsys):
-    import fastrobust.data
+    import fastrobust.train.trainer
     from fastrobust.cli import main
     from fastrobust.train.presets import available_presets, load_preset, make_config
 
@@ -212,7 +212,7 @@ def test_speedrun_presets_average_weights_and_run_from_the_cli(tmp_path, monkeyp
     assert gpu.ema_decay > 0 and (50_000 - gpu.val_size) % gpu.batch_size == 0  # no ragged batch to recompile
     cpu = make_config(load_preset("speedrun-cpu")).validate()
     assert cpu.model == "tinycnn" and cpu.device == "cpu" and cpu.ema_decay > 0 and cpu.train_subset
-    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: synthetic_dataset())
+    monkeypatch.setattr(fastrobust.train.trainer, "load_dataset", lambda *a, **k: synthetic_dataset())
     assert main(["train", "--preset", "speedrun-cpu", "--epochs", "1", "--set", "val_pgd_steps=1", "--set",
                  "test_pgd_steps=1", "--quiet", "--json", "--out", str(tmp_path / "run")]) == 0
     result = json.loads(capsys.readouterr().out)

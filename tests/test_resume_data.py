@@ -9,6 +9,7 @@ import json
 import pytest
 
 import fastrobust.data
+import fastrobust.train.trainer
 import fastrobust.data.datasets as datasets
 from fastrobust.cli import main
 
@@ -74,7 +75,7 @@ def test_resume_with_fewer_epochs_is_refused_before_any_data_is_loaded(tmp_path,
     def no_data(*_args, **_kwargs):
         raise AssertionError("data was looked for")
 
-    monkeypatch.setattr(fastrobust.data, "load_dataset", no_data)
+    monkeypatch.setattr(fastrobust.train.trainer, "load_dataset", no_data)
     monkeypatch.setattr(datasets, "load_dataset", no_data)
     assert main(["train", "--resume", str(run), "--epochs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

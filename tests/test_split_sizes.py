@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fastrobust.data
+import fastrobust.train.trainer
 from fastrobust.cli import main
 from fastrobust.train.config import split_sizes_note
 
@@ -18,7 +19,7 @@ def test_the_note_names_both_sizes_and_the_fix():
 
 def test_the_cli_warns_once_when_validation_outnumbers_training(tmp_path, monkeypatch, capsys, one_thread):
     small = synthetic_dataset(train=64, val=96, test=32)
-    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: small)
+    monkeypatch.setattr(fastrobust.train.trainer, "load_dataset", lambda *a, **k: small)
     args = ["train", "--method", "natural", "--model", "tinycnn", "--dataset", "cifar10", "--epochs", "1",
             "--batch-size", "32", "--train-subset", "64", "--val-size", "96", "--device", "cpu",
             "--set", "val_pgd_steps=1", "--set", "test_pgd_steps=1", "--out", str(tmp_path / "run")]

@@ -37,11 +37,10 @@ def spec(evaluate):
 @pytest.fixture
 def spies(monkeypatch):
     """Record the labels each extra attack and each Hessian evaluation is given (and skip their work)."""
-    import fastrobust.analysis.hessian as hessian
-    import fastrobust.evaluate as evaluate
+    import fastrobust.analysis.sweep as sweep
 
     seen = {"attacks": [], "hessian": []}
-    real_evaluate = evaluate.evaluate
+    real_evaluate = sweep.evaluate
 
     def spy_evaluate(model, data, attacks, **kw):
         seen["attacks"].append(data[1].clone())
@@ -51,8 +50,8 @@ def spies(monkeypatch):
         seen["hessian"].append(labels.clone())
         return {init: {"mean": 1.0, "median": 1.0, "std": 0.0, "max": 1.0} for init in kw["inits"]}
 
-    monkeypatch.setattr(evaluate, "evaluate", spy_evaluate)
-    monkeypatch.setattr(hessian, "model_eigenvalues", spy_eigenvalues)
+    monkeypatch.setattr(sweep, "evaluate", spy_evaluate)  # the names the sweep calls
+    monkeypatch.setattr(sweep, "model_eigenvalues", spy_eigenvalues)
     return seen
 
 

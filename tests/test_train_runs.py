@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import fastrobust.data
+import fastrobust.train.trainer
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError
 from fastrobust.train.run_folder import keep_epochs_through
@@ -39,7 +40,7 @@ def cli_train(tmp_path: Path, *extra: str) -> list[str]:
 def synthetic_cli(monkeypatch):
     """The CLI loads the synthetic dataset whatever --dataset says (no files needed)."""
     data = synthetic_dataset()
-    monkeypatch.setattr(fastrobust.data, "load_dataset", lambda *a, **k: data)
+    monkeypatch.setattr(fastrobust.train.trainer, "load_dataset", lambda *a, **k: data)
     return data
 
 

@@ -30,11 +30,14 @@ from torch import Tensor, nn
 from fastrobust.attacks._engine import (
     Execution,
     Rows,
+    any_per_point,
+    autocast_forward,
     confirm,
+    confirm_any,
     execution_for,
-    forward_context,
     target_rows,
     target_waves,
+    write_per_point,
 )
 from fastrobust.attacks.toolkit import ascent_direction, input_gradient, model_mode, project, random_start
 from fastrobust.core.contract import check_labels, entry_point
@@ -174,12 +177,13 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     start = random_start(x, eps, norm, generator) if random_init else x.clone()
     target = target if target is not None else y
 
+    forward = autocast_forward(execution, execution.for_gradients)  # the backward runs outside autocast
+
     def gradient(x_adv: Tensor, labels: Tensor, goals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        with forward_context(execution):
-            return input_gradient(execution.for_gradients, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
+        return input_gradient(forward, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
 
     grad, loss, logits = gradient(start, y, target)
-    rows = Rows(n, x.device, group=group, n_groups=n_groups)
+    rows = Rows(n, x.device, group=group, n_groups=n_groups, check_every=execution.check_every)
     out = start.clone()
     out_loss = loss.clone()
     out_fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -194,17 +198,21 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
 
     def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
         """Confirm the fooled rows (fp32), write out the finished ones and drop them from the batch."""
-        s["reached"] = s["fooled"] & confirm(execution, s["x_fool"], s["y"], s["reached"])
-        done = rows.finished(s["reached"])
-        if not bool(done.any()):
+        reached, any_reached = confirm_any(execution, s["x_fool"], s["y"], s["reached"])
+        s["reached"] = s["fooled"] & reached
+        if not any_reached:  # known from the confirmation's look-up: no row can finish
+            return s
+        done, kept = rows.split(rows.finished(s["reached"]))
+        if len(done) == 0:
             return s
         pos = rows.positions[done]
+        x_fool = s["x_fool"].index_select(0, done)
         # rows retired with a confirmed row of their point: their own flag counts only if fp32 agrees too
-        fooled_done = confirm(execution, s["x_fool"][done], s["y"][done], s["fooled"][done])
-        out[pos] = torch.where(fooled_done.view(shape), s["x_fool"][done], s["x_best"][done])
+        fooled_done = confirm(execution, x_fool, s["y"][done], s["fooled"][done])
+        out[pos] = torch.where(fooled_done.view(shape), x_fool, s["x_best"].index_select(0, done))
         out_loss[pos] = s["loss_best"][done]
         out_fooled[pos] = fooled_done
-        return rows.keep(~done, s)
+        return rows.keep(kept, s)
 
     if norm == "linf":  # the l_inf ball within [0, 1] is a box: one clamp, the same numbers as project()
         s["lo"], s["hi"] = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
@@ -346,21 +354,18 @@ def apgd_t(
             rows_point, rows_target, rows_group = target_rows(points, targets, first, count)
             fooled_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
             for _ in range(n_restarts):
-                live = ~fooled_points[rows_group]
-                if not bool(live.any()):
+                sel = (~fooled_points[rows_group]).nonzero().squeeze(1)
+                if len(sel) == 0:
                     break
-                sel = live.nonzero().squeeze(1)
                 adv, _, fooled = _apgd_rows(
                     x[rows_point[sel]], y[rows_point[sel]], rows_target[sel], fn, eps=eps, norm=norm,
                     n_iter=n_iter, alpha=kwargs.get("alpha", 0.75), rho=kwargs.get("rho", 0.75),
                     random_init=kwargs.get("random_init", True), generator=generator, execution=ex,
                     group=rows_group[sel], n_groups=len(points),
                 )
-                # robust points keep the point of their last run; a fooling run overrides it
-                result[rows_point[sel]] = adv
-                hit = sel[fooled]
-                result[rows_point[hit]] = adv[fooled]
-                fooled_points[rows_group[hit]] = True
+                # per point: its last fooling run, else (a robust point) its last run (write_per_point's rule)
+                write_per_point(result, rows_point[sel], adv, fooled.long())
+                fooled_points |= any_per_point(fooled, rows_group[sel], len(points))
             return fooled_points
 
         target_waves(undecided, targets.shape[1], max(max_rows or len(x), 1), run)

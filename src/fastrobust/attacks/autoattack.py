@@ -11,8 +11,9 @@ working batch once broken; APGD-T and FAB-T attack several targets of the still-
 of at most ``max_rows`` rows; FAB's projection solves for its radius instead of sorting; Square edits its
 window in place). ``precision="bf16"`` (or ``"auto"`` on CUDA) runs the attacks' forwards under bf16
 autocast; every misclassification an attack acts on is confirmed in fp32, and the final flags come from an
-fp32 forward. ``channels_last=True`` hands the model channels-last inputs (it pays with cuDNN/oneDNN
-convolutions; results are the same up to float rounding).
+fp32 forward (full fp32 on CUDA too: TF32 off, ``fastrobust.core.precision.no_tf32``). ``channels_last=True``
+hands the model channels-last inputs (it pays with cuDNN/oneDNN convolutions; results are the same up to float
+rounding).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fastrobust.attacks.square import square
 from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.attack_options import check_options
 from fastrobust.core.contract import entry_point, predicts
+from fastrobust.core.precision import no_tf32
 from fastrobust.errors import ConfigError
 
 VERSIONS = {
@@ -119,7 +121,7 @@ def autoattack(
     with model_mode(model, training=not eval_mode), _memory_format(model, channels_last):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        with torch.no_grad(), no_tf32():  # the flags in full fp32 (TF32 off), as every confirmation
             logits = model(x)
         robust = predicts(logits, y)
         settings = {name: targeted_settings_used(name, s, logits.shape[1]) for name, s in settings.items()}
@@ -140,7 +142,7 @@ def autoattack(
             how = {key: how[key] for key in _EXECUTION[name]}
             adv = _FUNCTIONS[name](model, x[todo], y[todo], eps=eps, norm=norm, eval_mode=eval_mode,
                                    generator=generator, **settings[name], **how)
-            with torch.no_grad():
+            with torch.no_grad(), no_tf32():
                 fooled = ~predicts(model(adv), y[todo])
             hit = todo[fooled]
             x_adv[hit] = adv[fooled]

@@ -22,21 +22,25 @@ radius by Newton's method (exact after a few steps) instead of sorting all coord
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 from fastrobust.attacks._engine import (
     Execution,
     Rows,
-    confirm,
+    any_per_point,
+    autocast_forward,
+    confirm_any,
     execution_for,
-    forward_context,
     misclassified,
     target_rows,
     target_waves,
+    write_per_point,
 )
 from fastrobust.attacks.apgd import ranked_targets
-from fastrobust.attacks.toolkit import model_mode
+from fastrobust.attacks.toolkit import draw, model_mode
 from fastrobust.core.contract import check_labels, entry_point
 from fastrobust.core.gradients import grad_or_zeros
 from fastrobust.errors import ConfigError
@@ -187,9 +191,9 @@ def fab_t(
                 adv, found = _fab_rows(xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
                                        norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
                                        execution=ex, group=rows_group[live], n_groups=len(points))
-                hit = live[found]
-                result[rows_point[hit]] = adv[found]
-                fooled_points[rows_group[hit]] = True
+                # per point: its last run that found an adversarial (write_per_point's rule); the others write nothing
+                write_per_point(result, rows_point[live], adv, found.long() - 1)
+                fooled_points |= any_per_point(found, rows_group[live], len(points))
             return fooled_points
 
         target_waves(undecided, targets.shape[1], max(max_rows or len(x), 1), run)
@@ -200,15 +204,15 @@ def _random_start_half_eps(x: Tensor, eps: float, norm: str, generator: torch.Ge
     """A restart's start: a random direction at radius eps / 2 (the reference resets its best distance at
     every restart, so its ``min(best distance, eps) / 2`` is always ``eps / 2``)."""
     if norm == "linf":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        noise = draw(torch.rand, x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
     else:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
     noise = noise / _flat_norm(noise, norm).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
     return (x + 0.5 * eps * noise).clamp(0, 1)
 
 
-def _jacobian_row(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """g = f_t - f_y at x and its input gradient."""
+def _jacobian_row(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """g = f_t - f_y at x and its input gradient (``model``: the module, or a function that calls it)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
@@ -228,31 +232,34 @@ def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, nor
     all rows of the same point leave together."""
     n = len(x)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    rows = Rows(n, x.device, group=group, n_groups=n_groups)
+    rows = Rows(n, x.device, group=group, n_groups=n_groups, check_every=execution.check_every)
+    forward = autocast_forward(execution, execution.for_gradients)  # the backward runs outside autocast
     out = x.clone()
     out_found = torch.zeros(n, dtype=torch.bool, device=x.device)
     s = {"x0": x, "y": y, "t": t, "x_i": start, "found": torch.zeros(n, dtype=torch.bool, device=x.device),
          "x_found": x}
 
     def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
-        s["found"] = confirm(execution, s["x_found"], s["y"], s["found"])
-        done = rows.finished(s["found"])
-        if not bool(done.any()):
+        s["found"], any_found = confirm_any(execution, s["x_found"], s["y"], s["found"])
+        if not any_found:  # known from the confirmation's look-up: no row can finish
+            return s
+        done, kept = rows.split(rows.finished(s["found"]))
+        if len(done) == 0:
             return s
         pos = rows.positions[done]
-        out[pos] = s["x_found"][done]
+        out[pos] = s["x_found"].index_select(0, done)
         out_found[pos] = s["found"][done]
-        return rows.keep(~done, s)
+        return rows.keep(kept, s)
 
     for k in range(n_iter):
         x0, x_i = s["x0"], s["x_i"]
-        with forward_context(execution):
-            g, w = _jacobian_row(execution.for_gradients, x_i, s["y"], s["t"])
+        g, w = _jacobian_row(forward, x_i, s["y"], s["t"])
         w = w.flatten(1)
         flat_i, flat_x = x_i.flatten(1), x0.flatten(1)
         # the linearised boundary g + w^T (z - x_i) = 0, seen from x_i and from the original point
-        d = project_hyperplane_box(flat_i, w, -g, norm)
-        d0 = project_hyperplane_box(flat_x, w, -g - (w * (flat_x - flat_i)).sum(1), norm)
+        d = project_hyperplane_box(flat_i, w, -g, norm, sync_free=execution.sync_free)
+        d0 = project_hyperplane_box(flat_x, w, -g - (w * (flat_x - flat_i)).sum(1), norm,
+                                    sync_free=execution.sync_free)
         nd = _flat_norm(d, norm).clamp_min(1e-8)
         nd0 = _flat_norm(d0, norm).clamp_min(1e-8)
         a = torch.clamp(nd / (nd + nd0), max=alpha_max)[:, None]

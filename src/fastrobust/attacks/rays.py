@@ -20,7 +20,9 @@ within ``n_queries`` (so every distance is tight to ``tol``; a few queries may s
 Batching: every example runs its own sequence of trials (its own block counter and binary search) and each
 step sends the next query of every example still searching through the model as one batch, so no example
 waits for another's binary search. Per example the queries, distance and direction are exactly those of
-running it alone.
+running it alone. Which examples are still searching is looked up (one host synchronisation) before every
+query on the CPU and every ``CUDA_CHECK_EVERY`` queries on CUDA; an example that stops in between is still
+sent through the model until the next look-up but changes nothing, so the results do not depend on it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastrobust.attacks._engine import check_every
 from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.contract import entry_point, predicts
 from fastrobust.errors import ConfigError
@@ -112,41 +115,49 @@ def rays(
     hi = torch.ones(batch, device=device)
     searching = torch.zeros(batch, dtype=torch.bool, device=device)
 
+    every = check_every(device.type)
     with model_mode(model, training=not eval_mode), torch.no_grad():
         correct = predicts(model(x), y)
         alive = correct & (queries + _queries_needed(hi, tol) <= n_queries)
+        step = 0
         while True:
-            idx = alive.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            every = len(idx) == batch  # the common case: no gather of the [B, d] tensors
-            testing = ~searching[idx]
-            r = torch.where(testing, hi[idx], (lo[idx] + hi[idx]) / 2)
-            point = torch.addcmul(flat if every else flat[idx], r[:, None], attempt if every else attempt[idx])
-            point = point.clamp_(0, 1).view(-1, *x.shape[1:])
-            adv = ~predicts(model(point), y[idx])
-            queries[idx] += 1
-            new_hi = torch.where(adv, r, hi[idx])
-            new_lo = torch.where(testing | adv, lo[idx], r)
+            if step % every == 0:  # look up who is still searching: the loop's only host synchronisation
+                idx = alive.nonzero().squeeze(1)
+                if len(idx) == 0:
+                    break
+                whole = len(idx) == batch  # the common case: no gather or scatter of the [B, d] tensors
+                rows = slice(None) if whole else idx
+            step += 1
+            live = alive[rows]  # an example that stopped since the last look-up changes nothing below
+            hi_i, lo_i, best_i = hi[rows], lo[rows], best_r[rows]
+            testing = ~searching[rows]
+            r = torch.where(testing, hi_i, (lo_i + hi_i) / 2)
+            attempt_i, best_dir_i = attempt[rows], best_dir[rows]
+            point = torch.addcmul(flat[rows], r[:, None], attempt_i).clamp_(0, 1).view(-1, *x.shape[1:])
+            adv = ~predicts(model(point), y[rows])
+            spent = queries[rows] + live.long()
+            new_hi = torch.where(adv, r, hi_i)
+            new_lo = torch.where(testing | adv, lo_i, r)
             in_search = ~testing | adv  # a bisection step, or a test that opened one
-            still = in_search & (new_hi - new_lo > tol) & (queries[idx] < n_queries)
-            better = in_search & ~still & (new_hi < best_r[idx])
-            hi[idx], lo[idx], searching[idx] = new_hi, new_lo, still
-            won = idx[better]
-            best_r[won] = new_hi[better]
-            best_dir[won] = attempt[won]
-            done = idx[~still]  # these examples start their next trial
-            if len(done) == 0:
-                continue
-            level[done], block[done] = _next_block(level[done], block[done], dim)
-            attempt[done] = _flip_block(best_dir[done], level[done], block[done], positions)
-            radius = best_r[done]
-            hi[done] = torch.where(torch.isfinite(radius), radius, torch.ones_like(radius))
-            lo[done] = 0.0
-            go = queries[done] + _queries_needed(hi[done], tol) <= n_queries
+            still = in_search & (new_hi - new_lo > tol) & (spent < n_queries)
+            better = in_search & ~still & (new_hi < best_i) & live
+            best_i = torch.where(better, new_hi, best_i)
+            best_dir_i = torch.where(better[:, None], attempt_i, best_dir_i)
+            # the examples whose trial ended start their next one: the next block, flipped in the best direction
+            done = ~still & live
+            level_i, block_i = _next_block(level[rows], block[rows], dim)
+            level_i, block_i = torch.where(done, level_i, level[rows]), torch.where(done, block_i, block[rows])
+            attempt_i = torch.where(done[:, None], _flip_block(best_dir_i, level_i, block_i, positions), attempt_i)
+            start = torch.where(torch.isfinite(best_i), best_i, torch.ones_like(best_i))
+            go = spent + _queries_needed(start, tol) <= n_queries
             if early_stop:
-                go &= ~(radius <= eps)
-            alive[done] = go
+                go &= ~(best_i <= eps)
+            queries[rows], best_r[rows], best_dir[rows], attempt[rows] = spent, best_i, best_dir_i, attempt_i
+            level[rows], block[rows] = level_i, block_i
+            hi[rows] = torch.where(done, start, torch.where(live, new_hi, hi_i))
+            lo[rows] = torch.where(done, torch.zeros_like(lo_i), torch.where(live, new_lo, lo_i))
+            searching[rows] = torch.where(live, still, searching[rows])
+            alive[rows] = torch.where(done, go, alive[rows])
 
     view = (-1,) + (1,) * (x.dim() - 1)
     found = torch.isfinite(best_r)

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from fastrobust.attacks._engine import Execution, Rows, execution_for, forward_context
-from fastrobust.attacks.toolkit import cw_margin, model_mode
+from fastrobust.attacks.toolkit import cw_margin, draw, model_mode
 from fastrobust.core.contract import entry_point
+from fastrobust.core.precision import no_tf32
 from fastrobust.errors import ConfigError
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -62,26 +63,26 @@ def _margin(execution: Execution, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _fp32_margins(ex: Execution, x_best: Tensor, y: Tensor, margin: Tensor, rows: Tensor) -> None:
-    """Recompute ``margin[rows]`` with the model itself in fp32 (in place): a point stops only on a
+    """Recompute ``margin[rows]`` with the model itself in fp32, TF32 off (in place): a point stops only on a
     misclassification the model confirms, and one the query model got wrong keeps its true margin."""
     if len(rows):
-        with torch.no_grad():
+        with torch.no_grad(), no_tf32():
             margin[rows] = -cw_margin(ex.model(x_best[rows]).float(), y[rows])
 
 
-def _keep_improvements(execution: Execution, candidate: Tensor, y: Tensor, active: Tensor, x_best: Tensor,
-                       margin: Tensor, queries: Tensor) -> None:
-    """One query for the active points: keep each candidate that lowers its margin (updates in place)."""
+def _keep_improvements(execution: Execution, candidate: Tensor, y: Tensor, active: Tensor, live: Tensor,
+                       x_best: Tensor, margin: Tensor, queries: Tensor) -> None:
+    """One query for the ``live`` rows of ``active`` (distinct points): keep each candidate that lowers its margin
+    (updates in place, no host synchronisation)."""
     new_margin = _margin(execution, candidate, y[active])
-    queries[active] += 1
-    better = new_margin < margin[active]
-    idx = active[better]
-    x_best[idx] = candidate[better]
-    margin[idx] = new_margin[better]
+    queries[active] += live.long()
+    better = (new_margin < margin[active]) & live
+    x_best[active] = torch.where(better.view(-1, 1, 1, 1), candidate, x_best[active])
+    margin[active] = torch.where(better, new_margin, margin[active])
 
 
 def _signs(shape, generator, device) -> Tensor:
-    return torch.randint(0, 2, shape, generator=generator, device=device).float() * 2 - 1
+    return draw(torch.randint, 0, 2, shape, generator=generator, device=device).float() * 2 - 1
 
 
 @entry_point("square", gradients=False)
@@ -125,7 +126,7 @@ def square(
 def _draws(n_iter: int, p_init: float, n_queries: int, rescale: bool, c: int, h: int, w: int,
            generator: torch.Generator | None, device: torch.device) -> tuple[list[tuple[int, int, int]], Tensor]:
     """Every iteration's window (side, top, left) and signs [n_iter, C], one draw per iteration for the batch."""
-    corners = torch.rand((n_iter, 2), generator=generator, device=device).tolist()
+    corners = draw(torch.rand, (n_iter, 2), generator=generator, device=device).tolist()
     signs = _signs((n_iter, c), generator, device)
     windows = []
     for i, (u, v) in enumerate(corners):
@@ -166,22 +167,22 @@ def _square_linf(ex, x, y, eps, n_queries, p_init, generator, rescale):
     margin = _margin(ex, x_best, y)
     queries = torch.ones(b, dtype=torch.long, device=x.device)
     signs = eps * signs.view(-1, c, 1, 1)
-    rows = Rows(b, x.device)
+    rows = Rows(b, x.device, check_every=ex.check_every)
     s = {"x": x, "xb": x_best.clone(), "y": y, "margin": margin, "queries": queries,
          "it": torch.zeros(b, dtype=torch.long, device=x.device)}
 
     def settle(s: dict[str, Tensor], final: bool = False) -> dict[str, Tensor]:
+        if ex.approximate:  # stop only on a misclassification the model confirms
+            _fp32_margins(ex, s["xb"], s["y"], s["margin"], (s["margin"] <= 0).nonzero().squeeze(1))
         done = s["margin"] <= 0
-        if ex.approximate and bool(done.any()):  # stop only on a misclassification the model confirms
-            _fp32_margins(ex, s["xb"], s["y"], s["margin"], done.nonzero().squeeze(1))
-            done = s["margin"] <= 0
         done = done | (s["it"] >= n_iter) if not final else torch.ones_like(done)
-        if not bool(done.any()):
+        done, kept = rows.split(done)
+        if len(done) == 0:
             return s
         pos = rows.positions[done]
-        x_best[pos] = s["xb"][done]
+        x_best[pos] = s["xb"].index_select(0, done)
         queries[pos] = s["queries"][done]
-        return rows.keep(~done, s)
+        return rows.keep(kept, s)
 
     s = settle(s)
     i = 0
@@ -232,10 +233,9 @@ def _speculate(ex, s, rows, settle, windows, signs, shape) -> dict[str, Tensor]:
         better = (margins < s["margin"][None, :]) & valid
         improved = better.any(0)
         first = torch.where(improved, better.float().argmax(0), torch.full_like(s["it"], k))
-        taken = improved.nonzero().squeeze(1)
-        if len(taken):
-            s["xb"][taken] = candidates[first[taken], taken]
-            s["margin"][taken] = margins[first[taken], taken]
+        pick, column = first.clamp(max=k - 1), torch.arange(m, device=device)  # no host synchronisation
+        s["xb"] = torch.where(improved.view(-1, 1, 1, 1), candidates[pick, column], s["xb"])
+        s["margin"] = torch.where(improved, margins[pick, column], s["margin"])
         steps = torch.where(improved, first + 1, valid.sum(0))
         s["queries"] = s["queries"] + steps
         s["it"] = s["it"] + steps
@@ -268,7 +268,7 @@ def _eta(s: int, device) -> Tensor:
 def _eta_batch(m: int, s: int, generator, device) -> Tensor:
     """``m`` copies of eta [m, s, s], each transposed with probability 1/2."""
     eta = _eta(s, device)
-    flip = torch.rand(m, generator=generator, device=device) < 0.5
+    flip = draw(torch.rand, m, generator=generator, device=device) < 0.5
     return torch.where(flip[:, None, None], eta.t()[None], eta[None])
 
 
@@ -284,8 +284,8 @@ def _paste(patterns: Tensor, top: Tensor, left: Tensor, h: int, w: int) -> Tenso
 
 
 def _corners(m: int, h: int, w: int, s: int, generator, device) -> tuple[Tensor, Tensor]:
-    top = torch.randint(0, h - s + 1, (m,), generator=generator, device=device)
-    left = torch.randint(0, w - s + 1, (m,), generator=generator, device=device)
+    top = draw(torch.randint, 0, h - s + 1, (m,), generator=generator, device=device)
+    left = draw(torch.randint, 0, w - s + 1, (m,), generator=generator, device=device)
     return top, left
 
 
@@ -313,6 +313,9 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
     that clipping left unused moves into W1; W2 is zeroed (W1 is written after). The whole perturbation is
     rescaled to ``||delta||_2 = eps``, the image clipped to [0, 1], and the candidate kept only when the
     margin loss decreases.
+
+    The points still searching are looked up every ``ex.check_every`` queries (each a host synchronisation);
+    in between, a point that became misclassified makes no more queries and changes nothing.
     """
     b, c, h, w = x.shape
     n = min(h, w)
@@ -321,12 +324,14 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
     queries = torch.ones(b, dtype=torch.long, device=x.device)
     confirmed = torch.zeros(b, dtype=torch.bool, device=x.device)  # fooled, as the model itself in fp32 says
     for it in range(1, n_queries):
-        if ex.approximate:  # stop only on a misclassification the model confirms
-            _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
-            confirmed = margin <= 0
-        active = (margin > 0).nonzero().squeeze(1)
-        if len(active) == 0:
-            break
+        if (it - 1) % ex.check_every == 0:
+            if ex.approximate:  # stop only on a misclassification the model confirms
+                _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
+                confirmed = margin <= 0
+            active = (margin > 0).nonzero().squeeze(1)
+            if len(active) == 0:
+                break
+        live = margin[active] > 0
         m = len(active)
         xa, xb = x[active], x_best[active]
         d = xb - xa
@@ -355,5 +360,5 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
         cand = torch.where(w1, new_w1, cand)
         cand = eps * cand / cand.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         candidate = (xa + cand).clamp(0, 1)
-        _keep_improvements(ex, candidate, y, active, x_best, margin, queries)
+        _keep_improvements(ex, candidate, y, active, live, x_best, margin, queries)
     return x_best, queries

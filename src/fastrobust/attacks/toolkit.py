@@ -76,14 +76,37 @@ def ascent_direction(grad: Tensor, norm: str) -> Tensor:
     return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
 
 
+def draw(sample: Callable[..., Tensor], *args, generator: torch.Generator | None, device: torch.device,
+         **kwargs) -> Tensor:
+    """``sample(*args, **kwargs)`` (``torch.rand``, ``torch.randn``, ``torch.randint``) from ``generator``, on
+    ``device``.
+
+    torch draws only on the generator's own device (a CPU ``torch.Generator()`` with ``device="cuda"`` raises),
+    so the numbers are drawn there and moved to ``device``: the same numbers as on the generator's device, a
+    host-to-device copy per draw when the two differ (a generator on the inputs' device avoids it). Without a
+    generator torch's default generator of ``device`` draws, as before.
+
+    Args:
+        sample: the torch sampling function.
+        generator: the caller's generator, or None.
+        device: where the numbers are used (the inputs' device).
+
+    Returns:
+        The drawn tensor on ``device``.
+    """
+    source = device if generator is None else generator.device
+    return sample(*args, generator=generator, device=source, **kwargs).to(device)
+
+
 def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
     """A uniform point of the eps-ball around ``x`` (for l_2: uniform direction, uniform radius)."""
     if norm == "linf":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        noise = draw(torch.rand, x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
         return project(x + eps * noise, x, eps, norm)
-    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    direction = draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
     direction = ascent_direction(direction, "l2")
-    radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+    radius = draw(torch.rand, (x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device,
+                  dtype=x.dtype)
     return project(x + eps * radius * direction, x, eps, norm)
 
 
@@ -117,10 +140,12 @@ def per_example_loss(name: str, reference_logits: Tensor | None = None) -> LossF
     raise ConfigError(f"loss={name!r} is not supported: choose one of ce, cw, kl")
 
 
-def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor, Tensor]:
+def input_gradient(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
+                   loss_fn: LossFn) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``sum(loss_fn(model(x), y))`` with respect to ``x`` only.
 
-    Returns (gradient, per-example loss, logits), all detached.
+    ``model`` is the module, or a function that calls it (e.g. under autocast: the backward then runs outside
+    it, as torch recommends). Returns (gradient, per-example loss, logits), all detached.
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -88,6 +88,43 @@ def attack_autocast() -> contextlib.AbstractContextManager:
     return torch.autocast(policy.device_type, dtype=policy.dtype)
 
 
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """float32 matrix products and convolutions in full float32 inside the block, restored afterwards (also when
+    the block raises).
+
+    torch lets cuDNN convolutions use TF32 (a 10-bit mantissa) for float32 by default on Ampere and later GPUs,
+    and ``torch.set_float32_matmul_precision("high")`` does the same for matrix products; a forward that is to
+    confirm a misclassification "in fp32" runs inside this block. The flags concern CUDA only: on the CPU the
+    block changes nothing and costs two flag writes. torch's legacy flags (``allow_tf32``) are used where they
+    can be read; when the caller has set TF32 per operator through torch's newer ``fp32_precision`` settings
+    (reading the legacy flags then raises), those are set instead. Every setting is written back as it was.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    # the per-operator settings of torch >= 2.9: read without raising in any state, so saved first
+    operators = [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision"), (cudnn.rnn, "fp32_precision")] \
+        if hasattr(cudnn, "conv") else []
+    saved = [getattr(owner, name) for owner, name in operators]
+    try:
+        legacy: tuple[str, bool] | None = (torch.get_float32_matmul_precision(), cudnn.allow_tf32)
+    except RuntimeError:  # torch: "a mix of the legacy and new APIs" was used to set TF32
+        legacy = None
+    try:
+        if legacy is not None:
+            torch.set_float32_matmul_precision("highest")
+            cudnn.allow_tf32 = False
+        else:
+            matmul.fp32_precision = "ieee"
+            cudnn.conv.fp32_precision = "ieee"
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            cudnn.allow_tf32 = legacy[1]
+        for (owner, name), value in zip(operators, saved):
+            setattr(owner, name, value)
+
+
 def loss_scale(logit_grad: Tensor) -> Tensor:
     """A power of two (a 0-d float32 tensor, >= 1) that brings ``max |logit_grad|`` up to 2**SCALE_TARGET_LOG2.
 
@@ -125,5 +162,5 @@ def attack_gradients(loss: Tensor, logits: Tensor, inputs: Sequence[Tensor]) -> 
 
 __all__ = [
     "ATTACK_PRECISIONS", "AttackPrecision", "attack_autocast", "attack_gradients", "attack_precision",
-    "check_attack_precision", "loss_scale", "resolve",
+    "check_attack_precision", "loss_scale", "no_tf32", "resolve",
 ]

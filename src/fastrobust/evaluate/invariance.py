@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastrobust.attacks import model_mode
+from fastrobust.attacks.toolkit import draw
 from fastrobust.core import distributed as dist_lib
 from fastrobust.core.contract import predicts
 from fastrobust.core.values import parse_number
@@ -42,8 +43,9 @@ from fastrobust.evaluate.batching import batch_seed, indexed_batches
 
 
 def add_gaussian_noise(x: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
-    """x + std * N(0, 1), clamped to [0, 1] (images stay images); ``std`` in pixel units."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """x + std * N(0, 1), clamped to [0, 1] (images stay images); ``std`` in pixel units. The noise is drawn on
+    ``generator``'s device (any device) and moved to ``x``'s."""
+    noise = draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (x + std * noise).clamp(0.0, 1.0)
 
 
