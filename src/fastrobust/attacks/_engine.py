@@ -90,22 +90,24 @@ def forward_context(execution: Execution) -> contextlib.AbstractContextManager:
     return torch.autocast(execution.device_type, dtype=execution.dtype)
 
 
-def misclassified(execution: Execution, x: Tensor, y: Tensor) -> Tensor:
-    """``argmax != y`` by the attack's query model and precision (no gradient)."""
+def predicted(execution: Execution, x: Tensor) -> Tensor:
+    """The predicted class (argmax) by the attack's query model and precision (no gradient)."""
     with torch.no_grad(), forward_context(execution):
-        return execution.for_queries(x).argmax(1) != y
+        return execution.for_queries(x).argmax(1)
 
 
-def confirm(execution: Execution, x: Tensor, y: Tensor, flags: Tensor) -> Tensor:
-    """``flags`` (misclassified, as the attack computed it) kept only where the model itself in fp32 agrees;
-    returned as they are when the attack computed them with the model in fp32."""
+def confirm(execution: Execution, x: Tensor, y: Tensor, flags: Tensor, target: Tensor | None = None) -> Tensor:
+    """``flags`` (as the attack computed them: misclassified, or with ``target`` classified as the target) kept
+    only where the model itself in fp32 agrees; returned as they are when the attack computed them with the model
+    in fp32. A targeted row is done only once its target is reached, so its flag is confirmed against the target,
+    not against the label."""
     if not execution.approximate or not bool(flags.any()):
         return flags
     idx = flags.nonzero().squeeze(1)
     with torch.no_grad():
-        really = execution.model(x[idx]).argmax(1) != y[idx]
+        pred = execution.model(x[idx]).argmax(1)
     out = flags.clone()
-    out[idx] = really
+    out[idx] = pred != y[idx] if target is None else pred == target[idx]
     return out
 
 

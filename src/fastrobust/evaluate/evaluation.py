@@ -39,6 +39,7 @@ from fastrobust.attacks import (
 )
 from fastrobust.attacks.apgd import targeted_settings_used
 from fastrobust.attacks.autoattack import DEFAULTS, OFFICIAL_MISSING, VERSIONS, official_available
+from fastrobust.attacks.official import OFFICIAL_VERSIONS, official_plan
 from fastrobust.attacks.rays import official_tol
 from fastrobust.attacks.toolkit import check_norm, margin_gradient
 from fastrobust.core import distributed as dist_lib
@@ -52,6 +53,7 @@ from fastrobust.core.contract import (
     predicts,
     prepare_model,
     small_l2_eps_note,
+    split_arrays,
     validated,
 )
 from fastrobust.core.filekind import checkpoint_format, looks_like
@@ -291,20 +293,11 @@ def _run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor
 
 
 def _as_split(data: Any, where: str = "evaluate") -> tuple[Tensor, Tensor, int]:
-    """(images uint8 or float, labels int64, largest label) of an ImageSet, a Dataset's test split or a tuple;
+    """(images uint8 or float, labels int64, largest label) of an ImageSet, a Dataset's test split, an (images,
+    labels) pair or a list of samples or batches (``inputs.split_arrays`` reads it by the elements' shapes);
     checked by ``inputs.check_split`` (one host sync)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        images, labels = data
-    elif hasattr(data, "images") and hasattr(data, "labels"):
-        images, labels = data.images, data.labels
-    elif hasattr(data, "test") and hasattr(data.test, "images"):
-        images, labels = data.test.images, data.test.labels
-    else:
-        raise ConfigError(
-            f"data of type {type(data).__name__} is not an image split: give an ImageSet (.images, .labels), "
-            "a Dataset (its test split is used) or an (images, labels) tuple"
-        )
-    return check_split(torch.as_tensor(images), torch.as_tensor(labels), where=where)
+    images, labels = split_arrays(data, where=where)
+    return check_split(images, labels, where=where)
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
@@ -725,7 +718,8 @@ def _jsonable(obj: Any) -> Any:
 def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: int) -> dict[str, Any]:
     """The settings an attack actually ran with on a model of ``num_classes`` outputs and images of ``dim``
     values: targeted attacks use at most C - 1 targets, APGD-T's DLR loss needs 4 classes, RayS's default
-    tolerance is the authors' 1e-3/sqrt(d)."""
+    tolerance is the authors' 1e-3/sqrt(d); the official AutoAttack runs with at most C - 1 targets and without
+    the components its code cannot run on C classes (``official_plan``)."""
 
     used = json.loads(json.dumps(settings))
     if name in ("apgd-t", "fab-t"):
@@ -734,13 +728,17 @@ def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: in
         used["options"] = {key: settings_used(key, value, num_classes, dim) for key, value in used["options"].items()}
     elif name == "rays" and used.get("tol") is None:
         used["tol"] = official_tol(dim)
+    elif name == "autoattack-official":
+        used.update(official_plan(list(OFFICIAL_VERSIONS.get(used.get("version"), ())), num_classes))
     return used
 
 
 def _clipped(requested: Any, used: Any) -> bool:
-    """Whether a requested setting ran with another value (a default left as None does not count)."""
+    """Whether a requested setting ran with another value (a default left as None does not count), or the run
+    needed a setting that was not requested (the official AutoAttack's targets on a model of few classes)."""
     if isinstance(requested, dict):
-        return any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
+        added = isinstance(used, dict) and any(key not in requested for key in used)
+        return added or any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
     return requested != used
 
 
