@@ -14,6 +14,10 @@ random point at radius ``eps / 2``. The result is a misclassified point within `
 the reference keeps searching for closer ones, which decides nothing more at this ``eps``), else the clean
 point.
 
+With a chosen target (``fab_t(..., y_target=...)``) the run is targeted instead: ``y`` in ``g`` is the class in
+the target's way at ``x_i`` (the highest-scoring other class), a success is reaching the target, and a point is
+done only once classified as its target within ``eps``.
+
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
 points share one batch (``max_rows``), and the projection onto the linearised boundary solves for its

@@ -111,7 +111,8 @@ def _is_pickle(head: bytes, size: int) -> bool:
     return size > len(head)  # a long stream cut off by the head: give it the benefit of the doubt
 
 
-# torch.save's legacy (non-zip) format opens with a pickled magic number: PROTO 2, LONG1 of 10 bytes, 0x1950a86a20f9469cfc6c
+# torch.save's legacy (non-zip) format opens with a pickled magic number: PROTO 2, LONG1 of 10 bytes,
+# 0x1950a86a20f9469cfc6c
 TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
