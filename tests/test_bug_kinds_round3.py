@@ -54,11 +54,7 @@ H = 8  # images 3 x 8 x 8
 C = 4
 QUIET = dict(progress=False, log=lambda _message: None)
 needs_official = pytest.mark.skipif(not official_available(), reason="the official AutoAttack is not installed")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -224,6 +220,9 @@ def test_every_attack_takes_float64_images(name):
     out = ATTACKS[name](model, x, y)
     x_adv = out if isinstance(out, torch.Tensor) else out.within(x, 0.03)
     assert x_adv.dtype == torch.float64 and (x_adv - x).abs().max() <= 0.03 + 1e-9
+    with pytest.raises(ConfigError, match=r"x is a ndarray, expected a torch.Tensor .*torch.from_numpy\(x\)") as info:
+        ATTACKS[name](model, x.numpy(), y)  # a numpy batch at a batch-level entry point: one line with the fix
+    one_line(str(info.value))
 
 
 def test_evaluate_and_sanity_checks_take_float64_numpy_images():

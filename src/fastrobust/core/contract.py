@@ -1,9 +1,12 @@
 """The input contract of every public entry point (attacks, method losses, evaluate, sanity checks).
 
-Images are floating-point tensors ``[B, ...]`` with every value finite and in [0, 1] (pixel units; uint8
-``[N, C, H, W]`` is accepted by the data-level entry points, which divide by 255); labels are a ``[B]`` tensor
-of any integer dtype with values in ``[0, C)`` for a model with ``C`` outputs. A violation is one ConfigError
-line naming the value, what was expected and the fix.
+Images are floating-point tensors ``[B, ...]`` of any precision with every value finite and in [0, 1] (pixel
+units; uint8 ``[N, C, H, W]`` is accepted by the data-level entry points, which divide by 255; the model always
+sees them in its own floating dtype); labels are a ``[B]`` tensor of any integer dtype with values in ``[0, C)``
+for a model with ``C`` outputs; the model's first output must be logits ``[B, C]`` (a tuple, dict or ``.logits``
+object is refused naming the wrapper to write). Data-level entry points read their data by the shapes of its
+elements (``split_arrays``). A violation is one ConfigError (or ModelError) line naming the value, what was
+expected and the fix.
 
 Checks come in two kinds. Metadata (dtype, shape, device) costs nothing and is checked on every call. Values
 (finite, range, labels) need one reduction and one host sync, so they are checked once per public call at the
@@ -65,7 +68,9 @@ def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
 
 def _check_image_metadata(x: Tensor, *, where: str, name: str) -> None:
     if not isinstance(x, Tensor):
-        raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]")
+        hint = f": torch.from_numpy({name}) converts it" if hasattr(x, "__array__") else ""
+        raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]"
+                          f"{hint}")
     if x.dim() < 2:
         raise ConfigError(f"{where}: {name} has shape {tuple(x.shape)}, expected a batch of images [B, C, H, W] "
                           "(add the batch dimension with x[None])")
@@ -136,8 +141,7 @@ def _check_image_values(x: Tensor, low: float, high: float, *, where: str, name:
             cause = ("it looks mean/std-normalised: give [0, 1] images and put the normalisation inside the model "
                      "(fastrobust models take mean= and std=)")
         else:
-            cause = (f"a small overshoot of [0, 1] (rounding, resizing or noise): clamp them, "
-                     f"{name}.clamp(0, 1)")
+            cause = f"a small overshoot of [0, 1] (rounding, resizing or noise): clamp them, {name}.clamp(0, 1)"
         raise ConfigError(f"{where}: {name} has values in [{low:.4g}, {high:.4g}], expected images in [0, 1] "
                           f"(pixel units): {cause}")
 
