@@ -164,7 +164,7 @@ def test_fab_synchronises_only_at_its_checks_on_cuda(small, eps):
     model, x, y = small
     xs, ys, target, group, _ = _targeted_rows(x, y, 2)
     with HostSyncs() as syncs:
-        _, found = fab_module._fab_rows(xs, ys, target, start=xs.clone(), eps=eps, norm="linf", n_iter=N_ITER,
+        _, _, found = fab_module._fab_rows(xs, ys, target, start=xs.clone(), eps=eps, norm="linf", n_iter=N_ITER,
                                         alpha_max=0.1, eta=1.05, beta=0.9, execution=Execution(model, None, "cuda"),
                                         group=group, n_groups=len(x))
     checks = N_ITER // CUDA_CHECK_EVERY

@@ -14,9 +14,10 @@ from importlib import import_module
 import pytest
 import torch
 
-from fastrobust.attacks import apgd, autoattack, fab_t
+from fastrobust.attacks import apgd, autoattack
 from fastrobust.attacks.apgd import _apgd_rows, _loss_fn, ranked_targets
 from fastrobust.attacks._engine import execution_for
+from fastrobust.attacks.fab import _fab_rows
 from fastrobust.attacks.official import (
     official_apgd_flags,
     official_available,
@@ -106,7 +107,11 @@ def test_apgd_t_and_fab_t_fool_the_same_points_per_target(real):
         ours = _fooled(model, apgd(model, x, y, eps=EPS, loss="dlr-targeted", y_target=target, random_init=False), y)
         assert torch.equal(ours, official), f"APGD-T target rank {rank}"
         official_fab = official_fab_t_flags(model, x, y, eps=EPS, target_rank=rank)
-        ours_fab = _fooled(model, fab_t(model, x, y, eps=EPS, y_target=target), y)
+        # one FAB-T run of AutoAttack's kind (the boundary to the true class, done once misclassified);
+        # fab_t(y_target=...) is a targeted run, which crosses the boundary of whichever class is in the way
+        ours_fab = _fooled(model, _fab_rows(x, y, target, start=x.clone(), eps=EPS, norm="linf", n_iter=100,
+                                            alpha_max=0.1, eta=1.05, beta=0.9,
+                                            execution=execution_for(model, "fp32", x.device))[0], y)
         assert torch.equal(ours_fab, official_fab), f"FAB-T target rank {rank}"
         decided += int(official.sum()) + int(official_fab.sum())
     assert decided > 0

@@ -127,20 +127,23 @@ def autocast_forward(execution: Execution, model: nn.Module) -> Callable[[Tensor
     return forward
 
 
-def misclassified(execution: Execution, x: Tensor, y: Tensor) -> Tensor:
-    """``argmax != y`` by the attack's query model and precision (no gradient)."""
+def predicted(execution: Execution, x: Tensor) -> Tensor:
+    """The predicted class (argmax) by the attack's query model and precision (no gradient)."""
     with torch.no_grad(), forward_context(execution):
-        return execution.for_queries(x).argmax(1) != y
+        return execution.for_queries(x).argmax(1)
 
 
-def confirm(execution: Execution, x: Tensor, y: Tensor, flags: Tensor) -> Tensor:
-    """``flags`` (misclassified, as the attack computed it) kept only where the model itself in fp32 (TF32 off)
-    agrees; returned as they are when the attack computed them with the model in fp32 on the CPU. One host
-    synchronisation when approximate (which rows to confirm), none otherwise."""
-    return confirm_any(execution, x, y, flags)[0]
+def confirm(execution: Execution, x: Tensor, y: Tensor, flags: Tensor, target: Tensor | None = None) -> Tensor:
+    """``flags`` (as the attack computed them: misclassified, or with ``target`` classified as the target) kept
+    only where the model itself in fp32 (TF32 off) agrees; returned as they are when the attack computed them with
+    the model in fp32 on the CPU. A targeted row is done only once its target is reached, so its flag is confirmed
+    against the target, not against the label. One host synchronisation when approximate (which rows to confirm),
+    none otherwise."""
+    return confirm_any(execution, x, y, flags, target)[0]
 
 
-def confirm_any(execution: Execution, x: Tensor, y: Tensor, flags: Tensor) -> tuple[Tensor, bool]:
+def confirm_any(execution: Execution, x: Tensor, y: Tensor, flags: Tensor,
+                target: Tensor | None = None) -> tuple[Tensor, bool]:
     """``confirm``, and whether any flag may be set afterwards: False only when the attack set none (which the
     confirmation's own host synchronisation tells), so that a check with nothing to confirm needs no other."""
     if not execution.approximate:
@@ -149,9 +152,9 @@ def confirm_any(execution: Execution, x: Tensor, y: Tensor, flags: Tensor) -> tu
     if len(idx) == 0:
         return flags, False
     with torch.no_grad(), no_tf32():
-        really = execution.model(x[idx]).argmax(1) != y[idx]
+        pred = execution.model(x[idx]).argmax(1)
     out = flags.clone()
-    out[idx] = really
+    out[idx] = pred != y[idx] if target is None else pred == target[idx]
     return out, True
 
 

@@ -121,7 +121,9 @@ def apgd(
     """Adversarial examples by APGD maximising ``loss`` (``ce``, ``dlr``, or targeted ``ce-targeted`` /
     ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept (targeted
     losses: the first one classified as the target, else the last misclassifying one), otherwise the point of
-    highest loss. Restarts run only on points not yet misclassified.
+    highest loss. A point is done once misclassified; with a targeted loss only once classified as its target, so
+    a point whose label is already wrong but which is not yet classified as its target is attacked (and restarted)
+    like any other. Restarts run only on the points not yet done.
     ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
     in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
     if n_iter < 1:
@@ -143,8 +145,9 @@ def apgd(
         result = x.clone()
         best_loss = torch.full((len(x),), float("-inf"), device=x.device)
         fooled = logits.argmax(1) != y
+        done = logits.argmax(1) == y_target if targeted else fooled.clone()
         for _ in range(n_restarts):
-            todo = (~fooled).nonzero().squeeze(1)
+            todo = (~done).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
             t = y_target[todo] if targeted else None
@@ -152,12 +155,22 @@ def apgd(
                 x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
                 random_init=random_init, generator=generator, execution=ex, until_target=targeted,
             )
-            better = adv_fooled | (adv_loss > best_loss[todo])
+            adv_done = _on_target(model, adv, t) if targeted else adv_fooled
+            before = fooled[todo]
+            # the target reached first, then a misclassifying point over none, then the higher loss
+            better = adv_done | (adv_fooled & ~before) | ((adv_fooled == before) & (adv_loss > best_loss[todo]))
             idx = todo[better]
             result[idx] = adv[better]
             best_loss[idx] = adv_loss[better]
-            fooled[todo] = adv_fooled
+            fooled[todo] = before | adv_fooled
+            done[todo] = adv_done
     return result
+
+
+def _on_target(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Which points the model (in fp32, the reference of every attack's success) classifies as their target."""
+    with torch.no_grad():
+        return model(x).argmax(1) == target
 
 
 def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
@@ -198,7 +211,8 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
 
     def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
         """Confirm the fooled rows (fp32), write out the finished ones and drop them from the batch."""
-        reached, any_reached = confirm_any(execution, s["x_fool"], s["y"], s["reached"])
+        reached, any_reached = confirm_any(execution, s["x_fool"], s["y"], s["reached"],
+                                           s["t"] if until_target else None)
         s["reached"] = s["fooled"] & reached
         if not any_reached:  # known from the confirmation's look-up: no row can finish
             return s
@@ -324,6 +338,11 @@ def apgd_t(
 ) -> Tensor:
     """APGD-T: one targeted APGD run per target class (the top-``n_targets`` non-top classes of the clean
     logits, in rank order), each run only on the points not yet misclassified.
+
+    This is AutoAttack's APGD-T, an untargeted attack: the ranked targets are only directions to search, and a
+    point is done as soon as it is misclassified, as any class (the authors' rule, which AutoAttack's per-point
+    worst case needs). To reach a chosen class use ``apgd(loss="ce-targeted", y_target=...)``, which stops a point
+    only once it is classified as its target.
 
     ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch. The points still robust
     are attacked with as many targets at once as fit; a point stops as soon as one of its targets fools it.

@@ -186,5 +186,8 @@ def autoattack_official(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The authors' AutoAttack (``pyautoattack`` or ``autoattack``) on this batch; FastRobustError when
-    neither is installed. ``generator`` is unused (the official code seeds the global RNG from ``seed``)."""
+    neither is installed. ``generator`` is unused (the official code seeds the global RNG from ``seed``).
+    On a model of C < 10 classes it runs as ``autoattack`` does: at most C - 1 targets, and below 4 classes
+    without APGD-T, whose official code knows only the targeted DLR loss (``official.official_plan``; an
+    evaluation records both in its settings)."""
     return run_official(model, x, y, eps=eps, norm=norm, version=version, seed=seed, eval_mode=eval_mode)

@@ -14,6 +14,10 @@ random point at radius ``eps / 2``. The result is a misclassified point within `
 the reference keeps searching for closer ones, which decides nothing more at this ``eps``), else the clean
 point.
 
+With a chosen target (``fab_t(..., y_target=...)``) the run is targeted instead: ``y`` in ``g`` is the class in
+the target's way at ``x_i`` (the highest-scoring other class), a success is reaching the target, and a point is
+done only once classified as its target within ``eps``.
+
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
 points share one batch (``max_rows``), and the projection onto the linearised boundary solves for its
@@ -34,7 +38,7 @@ from fastrobust.attacks._engine import (
     autocast_forward,
     confirm_any,
     execution_for,
-    misclassified,
+    predicted,
     target_rows,
     target_waves,
     write_per_point,
@@ -156,12 +160,20 @@ def fab_t(
     precision: str = "fp32",
 ) -> Tensor:
     """Targeted FAB: for each target (given ``y_target``, else the top-``n_targets`` ranked classes of the
-    clean logits), run on the points not yet misclassified within ``eps``; returns a misclassified point
-    within ``eps`` per example (the first one found), or ``x`` where none was found.
+    clean logits), run on the points not yet done; returns per example the first point within ``eps`` that is
+    done, else the first misclassified one within ``eps``, else ``x``.
+
+    Without ``y_target`` this is AutoAttack's FAB-T, an untargeted attack: the ranked targets are only
+    boundaries to search (the one between the target and the true class, as in the authors' code), and a point
+    is done once misclassified within ``eps`` (as any class). With ``y_target`` the run is targeted: each step
+    linearises the boundary between the target and the class in its way (the highest-scoring other class, the
+    true class while the point is classified correctly), a success that pulls the iterate back towards ``x``
+    is reaching the target, and a point is done only once it is classified as its target within ``eps`` -- a
+    point whose label is already wrong is attacked too.
 
     ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch; a point stops as soon as
-    one of its runs finds an adversarial within ``eps``. Runs are independent of each other, so which points
-    fall does not depend on ``max_rows``. ``precision``: as in ``apgd`` (fp32 by default)."""
+    one of its runs is done. Runs are independent of each other, so which points fall does not depend on
+    ``max_rows``. ``precision``: as in ``apgd`` (fp32 by default)."""
     if n_iter < 1 or n_restarts < 1 or n_targets < 1:
         raise ConfigError(f"n_iter={n_iter}, n_restarts={n_restarts}, n_targets={n_targets} must all be at least 1")
     x = x.detach()
@@ -172,29 +184,35 @@ def fab_t(
     with model_mode(model, training=not eval_mode):
         with torch.no_grad():
             logits = model(x)
-        if y_target is not None:
+        targeted = y_target is not None
+        if targeted:
             targets = y_target.detach().view(-1, 1)
         else:
             targets = torch.stack(ranked_targets(logits, n_targets), dim=1)  # [B, K]
         result = x.clone()
-        undecided = logits.argmax(1) == y
+        undecided = logits.argmax(1) != y_target if targeted else logits.argmax(1) == y
+        misclassified_kept = logits.argmax(1) != y  # result holds a misclassified point (x itself, at first)
 
         def run(points: Tensor, first: int, count: int) -> Tensor:
             rows_point, rows_target, rows_group = target_rows(points, targets, first, count)
-            fooled_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
+            done_points = torch.zeros(len(points), dtype=torch.bool, device=x.device)
             for restart in range(n_restarts):
-                live = (~fooled_points[rows_group]).nonzero().squeeze(1)
+                live = (~done_points[rows_group]).nonzero().squeeze(1)
                 if len(live) == 0:
                     break
                 xs = x[rows_point[live]]
                 start = xs.clone() if restart == 0 else _random_start_half_eps(xs, eps, norm, generator)
-                adv, found = _fab_rows(xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
-                                       norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
-                                       execution=ex, group=rows_group[live], n_groups=len(points))
-                # per point: its last run that found an adversarial (write_per_point's rule); the others write nothing
-                write_per_point(result, rows_point[live], adv, found.long() - 1)
-                fooled_points |= any_per_point(found, rows_group[live], len(points))
-            return fooled_points
+                adv, done, found = _fab_rows(xs, y[rows_point[live]], rows_target[live], start=start, eps=eps,
+                                             norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta,
+                                             execution=ex, group=rows_group[live], n_groups=len(points),
+                                             until_target=targeted)
+                # per point (write_per_point's rule: highest rank, then the last row): a run that is done wins; a
+                # misclassified point is kept where the point holds none yet; the other runs write nothing
+                fresh = found & ~misclassified_kept[rows_point[live]]
+                write_per_point(result, rows_point[live], adv, torch.where(done, 1, torch.where(fresh, 0, -1)))
+                misclassified_kept.logical_or_(any_per_point(found, rows_point[live], len(x)))
+                done_points |= any_per_point(done, rows_group[live], len(points))
+            return done_points
 
         target_waves(undecided, targets.shape[1], max(max_rows or len(x), 1), run)
     return result
@@ -211,11 +229,16 @@ def _random_start_half_eps(x: Tensor, eps: float, norm: str, generator: torch.Ge
     return (x + 0.5 * eps * noise).clamp(0, 1)
 
 
-def _jacobian_row(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """g = f_t - f_y at x and its input gradient (``model``: the module, or a function that calls it)."""
+def _jacobian_row(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, t: Tensor,
+                  rival: bool = False) -> tuple[Tensor, Tensor]:
+    """g = f_t - f_y at x and its input gradient (``model``: the module, or a function that calls it); with
+    ``rival``, ``y`` is replaced by the class in the target's way at x (the highest-scoring class other than t),
+    the boundary a targeted run has to cross."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
+        if rival:
+            y = logits.detach().scatter(1, t[:, None], float("-inf")).argmax(1)
         g = (logits.gather(1, t[:, None]) - logits.gather(1, y[:, None])).squeeze(1).float()
         (grad,) = grad_or_zeros(g.sum(), [x])  # zero when the logits do not depend on x
     # an infinite entry (e.g. sqrt at 0) becomes a large finite slope, so the linearised boundary still
@@ -226,34 +249,44 @@ def _jacobian_row(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, t: Te
 
 def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, norm: str, n_iter: int,
               alpha_max: float, eta: float, beta: float, execution: Execution, group: Tensor | None = None,
-              n_groups: int = 0) -> tuple[Tensor, Tensor]:
-    """FAB-T iterations on every row (an example and its target); returns per row the first adversarial
-    found within ``eps`` and whether one was found. A row leaves the batch once it has one; with ``group``
-    all rows of the same point leave together."""
+              n_groups: int = 0, until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """FAB-T iterations on every row (an example and its target). Returns per row the point found (the first
+    one within ``eps`` classified as the target with ``until_target``, else the first misclassified one within
+    ``eps``, else ``x``), whether the row is done (misclassified within ``eps``; with ``until_target``: on its
+    target) and whether a misclassified point within ``eps`` was found. A row leaves the batch once done; with
+    ``group`` all rows of the same point leave together."""
     n = len(x)
     shape = (-1,) + (1,) * (x.dim() - 1)
     rows = Rows(n, x.device, group=group, n_groups=n_groups, check_every=execution.check_every)
     forward = autocast_forward(execution, execution.for_gradients)  # the backward runs outside autocast
     out = x.clone()
+    out_done = torch.zeros(n, dtype=torch.bool, device=x.device)
     out_found = torch.zeros(n, dtype=torch.bool, device=x.device)
-    s = {"x0": x, "y": y, "t": t, "x_i": start, "found": torch.zeros(n, dtype=torch.bool, device=x.device),
-         "x_found": x}
+    nothing = torch.zeros(n, dtype=torch.bool, device=x.device)
+    s = {"x0": x, "y": y, "t": t, "x_i": start, "found": nothing, "x_found": x, "reached": nothing, "x_reached": x}
+
+    def write_out(s: dict[str, Tensor], idx: Tensor, pos: Tensor) -> None:
+        found, reached = s["found"][idx], s["reached"][idx]
+        best = torch.where(found.view(shape), s["x_found"].index_select(0, idx), s["x0"].index_select(0, idx))
+        out[pos] = torch.where(reached.view(shape), s["x_reached"].index_select(0, idx), best)
+        out_done[pos] = reached if until_target else found
+        out_found[pos] = found
 
     def settle(s: dict[str, Tensor]) -> dict[str, Tensor]:
-        s["found"], any_found = confirm_any(execution, s["x_found"], s["y"], s["found"])
-        if not any_found:  # known from the confirmation's look-up: no row can finish
+        s["found"], any_done = confirm_any(execution, s["x_found"], s["y"], s["found"])
+        if until_target:
+            s["reached"], any_done = confirm_any(execution, s["x_reached"], s["y"], s["reached"], s["t"])
+        if not any_done:  # known from the confirmation's look-up: no row can finish
             return s
-        done, kept = rows.split(rows.finished(s["found"]))
+        done, kept = rows.split(rows.finished(s["reached"] if until_target else s["found"]))
         if len(done) == 0:
             return s
-        pos = rows.positions[done]
-        out[pos] = s["x_found"].index_select(0, done)
-        out_found[pos] = s["found"][done]
+        write_out(s, done, rows.positions[done])
         return rows.keep(kept, s)
 
     for k in range(n_iter):
         x0, x_i = s["x0"], s["x_i"]
-        g, w = _jacobian_row(forward, x_i, s["y"], s["t"])
+        g, w = _jacobian_row(forward, x_i, s["y"], s["t"], rival=until_target)
         w = w.flatten(1)
         flat_i, flat_x = x_i.flatten(1), x0.flatten(1)
         # the linearised boundary g + w^T (z - x_i) = 0, seen from x_i and from the original point
@@ -265,13 +298,22 @@ def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, nor
         a = torch.clamp(nd / (nd + nd0), max=alpha_max)[:, None]
         nxt = ((flat_i + eta * d) * (1 - a) + (flat_x + eta * d0) * a).clamp(0, 1)
         nxt = torch.nan_to_num(nxt, nan=0.0).view_as(x0)
-        adv_now = misclassified(execution, nxt, s["y"])
-        win = adv_now & (_flat_norm(nxt - x0, norm) <= eps) & ~s["found"]
+        pred = predicted(execution, nxt)
+        adv_now = pred != s["y"]
+        within = _flat_norm(nxt - x0, norm) <= eps
+        win = adv_now & within & ~s["found"]
         s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
         s["found"] = s["found"] | win
-        s["x_i"] = torch.where(adv_now.view(shape), x0 + (nxt - x0) * beta, nxt)
+        if until_target:
+            on_target = (pred == s["t"]) & within & ~s["reached"]
+            s["x_reached"] = torch.where(on_target.view(shape), nxt, s["x_reached"])
+            s["reached"] = s["reached"] | on_target
+        success = pred == s["t"] if until_target else adv_now  # a success steps back towards x0
+        s["x_i"] = torch.where(success.view(shape), x0 + (nxt - x0) * beta, nxt)
         if rows.check_now(k) or k + 1 == n_iter:
             s = settle(s)
             if rows.empty:
                 break
-    return out, out_found
+    if until_target and not rows.empty:  # rows that never reached their target keep what they found
+        write_out(s, torch.arange(len(rows.positions), device=x.device), rows.positions)
+    return out, out_done, out_found

@@ -18,7 +18,7 @@ import importlib
 import inspect
 from importlib.metadata import version as dist_version
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -115,11 +115,42 @@ def _for_official(model: nn.Module, x: Tensor | None) -> nn.Module:
     return model if connected else InputPath(model)
 
 
+# classes each official component needs: its DLR loss reads the 3rd-highest logit, its targeted DLR the 4th
+# (the official APGD-T runs the targeted DLR only), a targeted attack one class besides the true one
+OFFICIAL_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4, "fab-t": 2}
+OFFICIAL_TARGETS = 9  # the official versions' APGD-T and FAB-T targets
+OFFICIAL_VERSIONS = {  # the components each official version runs, in its order (its _set_version)
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+
+
+def official_plan(attacks: list[str], num_classes: int) -> dict[str, Any]:
+    """How the official AutoAttack runs ``attacks`` on a model of ``num_classes`` outputs, as fastrobust's own
+    AutoAttack does: the targeted attacks with at most C - 1 targets (``n_targets``), and without the components
+    the official code cannot run on so few classes (it fails with an IndexError inside: its APGD-T knows only the
+    targeted DLR loss, which needs 4 classes). Returns ``{}`` when it runs as the version says, else
+    ``{"n_targets": ...}`` and, when a component is dropped, ``{"attacks": [what runs], "dropped": {name: why}}``
+    (what an evaluation record shows)."""
+    plan: dict[str, Any] = {}
+    if any(name in ("apgd-t", "fab-t") for name in attacks) and num_classes - 1 < OFFICIAL_TARGETS:
+        plan["n_targets"] = max(num_classes - 1, 1)
+    dropped = {name: f"the official {name.upper()} needs at least {OFFICIAL_MIN_CLASSES[name]} classes, the model "
+                     f"has {num_classes}" for name in attacks if num_classes < OFFICIAL_MIN_CLASSES.get(name, 0)}
+    if dropped:
+        plan["attacks"] = [name for name in attacks if name not in dropped]
+        plan["dropped"] = dropped
+    return plan
+
+
 def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version: str = "standard", seed: int = 0,
-                    device: torch.device | str = "cpu", attacks: list[str] | None = None, x: Tensor | None = None):
+                    device: torch.device | str = "cpu", attacks: list[str] | None = None, x: Tensor | None = None,
+                    num_classes: int | None = None):
     """An official ``AutoAttack`` object (quiet), with ``attacks`` (e.g. ``["apgd-t"]``) replacing the
     version's list the way the authors' ``run_standard_evaluation_individual`` does. With ``x`` (the points it
-    will attack) a model without an input gradient is wrapped in ``InputPath`` first."""
+    will attack) a model without an input gradient is wrapped in ``InputPath`` first. With ``num_classes`` the
+    targets and components are fitted to the model (``official_plan``)."""
     module = _require()
     cls = module.AutoAttack
     params = inspect.signature(cls.__init__).parameters
@@ -130,18 +161,34 @@ def official_runner(model: nn.Module, *, eps: float, norm: str = "linf", version
     runner.verbose = False
     if attacks is not None:
         runner.attacks_to_run = list(attacks)
+    if num_classes is not None:
+        plan = official_plan(list(runner.attacks_to_run), num_classes)
+        if "n_targets" in plan:
+            runner.apgd_targeted.n_target_classes = plan["n_targets"]
+            runner.fab.n_target_classes = plan["n_targets"]
+        runner.attacks_to_run = plan.get("attacks", list(runner.attacks_to_run))
     return runner
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """The model's number of outputs on the batch (no gradient, in eval mode; one forward, next to the official
+    AutoAttack's thousands)."""
+    with torch.no_grad(), model_mode(model, training=False):
+        return int(model(x).shape[-1])
 
 
 def run_official(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", version: str = "standard",
                  seed: int = 0, batch_size: int | None = None, attacks: list[str] | None = None,
                  eval_mode: bool = True, runner=None) -> Tensor:
     """The official AutoAttack's adversarials for ``x`` (per example: the first attack's adversarial, else x);
-    ``runner``: an ``official_runner`` to use instead of a new one."""
+    ``runner``: an ``official_runner`` to use instead of a new one. A new runner is fitted to the model's number
+    of outputs (``official_plan``: at most C - 1 targets, no component the official code cannot run on C)."""
     x = x.detach()
+    if len(x) == 0:
+        return x.clone()
     if runner is None:
         runner = official_runner(model, eps=eps, norm=norm, version=version, seed=seed, device=x.device,
-                                 attacks=attacks, x=x)
+                                 attacks=attacks, x=x, num_classes=_num_classes(model, x))
     run = runner.run_standard_evaluation
     bs = batch_size or max(len(x), 1)
     with model_mode(model, training=not eval_mode), _parameter_grads_kept(model):

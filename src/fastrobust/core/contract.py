@@ -1,9 +1,12 @@
 """The input contract of every public entry point (attacks, method losses, evaluate, sanity checks).
 
-Images are floating-point tensors ``[B, ...]`` with every value finite and in [0, 1] (pixel units; uint8
-``[N, C, H, W]`` is accepted by the data-level entry points, which divide by 255); labels are a ``[B]`` tensor
-of any integer dtype with values in ``[0, C)`` for a model with ``C`` outputs. A violation is one ConfigError
-line naming the value, what was expected and the fix.
+Images are floating-point tensors ``[B, ...]`` of any precision with every value finite and in [0, 1] (pixel
+units; uint8 ``[N, C, H, W]`` is accepted by the data-level entry points, which divide by 255; the model always
+sees them in its own floating dtype); labels are a ``[B]`` tensor of any integer dtype with values in ``[0, C)``
+for a model with ``C`` outputs; the model's first output must be logits ``[B, C]`` (a tuple, dict or ``.logits``
+object is refused naming the wrapper to write). Data-level entry points read their data by the shapes of its
+elements (``split_arrays``). A violation is one ConfigError (or ModelError) line naming the value, what was
+expected and the fix.
 
 Checks come in two kinds. Metadata (dtype, shape, device) costs nothing and is checked on every call. Values
 (finite, range, labels) need one reduction and one host sync, so they are checked once per public call at the
@@ -65,7 +68,9 @@ def check_images(x: Tensor, *, where: str, name: str = "x") -> Tensor:
 
 def _check_image_metadata(x: Tensor, *, where: str, name: str) -> None:
     if not isinstance(x, Tensor):
-        raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]")
+        hint = f": torch.from_numpy({name}) converts it" if hasattr(x, "__array__") else ""
+        raise ConfigError(f"{where}: {name} is a {type(x).__name__}, expected a torch.Tensor of images [B, C, H, W]"
+                          f"{hint}")
     if x.dim() < 2:
         raise ConfigError(f"{where}: {name} has shape {tuple(x.shape)}, expected a batch of images [B, C, H, W] "
                           "(add the batch dimension with x[None])")
@@ -118,19 +123,25 @@ def _check_values(images: Tensor, labels: Tensor, *, where: str, images_name: st
     return int(values[1])
 
 
+# a minimum below this reads as mean/std-normalised input (real images normalised that way reach -0.4 to -2.1);
+# a smaller overshoot of [0, 1] is rounding, resampling or noise, which a clamp repairs
+NORMALISED_BELOW = -0.1
+PIXELS_ABOVE = 1.5  # a maximum above this (and no clearly negative value) reads as 0..255 pixel values
+
+
 def _check_image_values(x: Tensor, low: float, high: float, *, where: str, name: str) -> None:
     if not (math.isfinite(low) and math.isfinite(high)):
         index = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0])
         raise ConfigError(f"{where}: {name}[{index}] holds NaN or Inf values: images must be finite; "
                           "remove or repair that image")
     if low < 0 or high > 1:
-        if high > 1.5 and low >= 0:
+        if high > PIXELS_ABOVE and low >= NORMALISED_BELOW:
             cause = "it looks like 0..255 pixel values: divide by 255"
-        elif low < 0:
+        elif low < NORMALISED_BELOW:
             cause = ("it looks mean/std-normalised: give [0, 1] images and put the normalisation inside the model "
                      "(fastrobust models take mean= and std=)")
         else:
-            cause = "clamp the images to [0, 1]"
+            cause = f"a small overshoot of [0, 1] (rounding, resizing or noise): clamp them, {name}.clamp(0, 1)"
         raise ConfigError(f"{where}: {name} has values in [{low:.4g}, {high:.4g}], expected images in [0, 1] "
                           f"(pixel units): {cause}")
 
@@ -170,6 +181,90 @@ def check_split(images: Tensor, labels: Tensor, *, where: str) -> tuple[Tensor, 
         _check_channels_first(images, where=where, name="images")
     labels = check_labels(labels, images.shape[0], where=where, name="labels")
     return images, labels, _check_values(images, labels, where=where, images_name="images", labels_name="labels")
+
+
+def check_first_logits(out: Any, x: Tensor, label_max: int, *, where: str) -> None:
+    """The first output of a model at an entry point: logits ``[B, C]`` for the batch ``x`` (``check_logits``: a
+    tuple, dict or ``.logits`` object gets the wrapper to write) and, unless ``label_max`` is -1 (checked by an
+    enclosing entry point), every label below ``C`` (``check_num_classes``). Metadata only, no host sync."""
+    check_logits(out, x, where=where)
+    if label_max != _NOT_CHECKED:
+        check_num_classes(label_max, out, where=where)
+
+
+SPLIT_KINDS = ("an ImageSet (.images, .labels), a Dataset (its test split is used), an (images [N, C, H, W], "
+               "labels [N]) pair, a list of (image [C, H, W], label) samples, or a list of (images [B, C, H, W], "
+               "labels [B]) batches such as list(loader)")
+
+
+def split_arrays(data: Any, *, where: str) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` of the data an evaluation entry point takes, decided by the shapes of its elements (a
+    list of two samples, or of two batches, is no ``(images, labels)`` pair): an object with ``.images`` and
+    ``.labels`` (ImageSet), one with ``.test`` (Dataset: its test split), a pair whose first element is an array of
+    images, a list of ``(image [C, H, W], label)`` samples (stacked) or of ``(images [B, C, H, W], labels [B])``
+    batches (concatenated). Arrays may be tensors or numpy arrays; their values are checked by ``check_split``.
+    Raises ConfigError listing the accepted kinds for anything else."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_images(data[0]) and _is_labels(data[1]):
+        return torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return torch.as_tensor(data.images), torch.as_tensor(data.labels)
+    if hasattr(data, "test") and hasattr(data.test, "images"):
+        return torch.as_tensor(data.test.images), torch.as_tensor(data.test.labels)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(item, (tuple, list)) and len(item) == 2
+                                                        for item in data):
+        dims = {(_dims(image), _dims(label)) for image, label in data}
+        if dims == {(3, 0)}:  # samples, as a Dataset's __getitem__ gives them
+            return _joined(data, torch.stack, where=where, what="samples"), torch.stack(
+                [torch.as_tensor(label) for _, label in data])
+        if dims == {(4, 1)}:  # batches, as a DataLoader gives them
+            return _joined(data, torch.cat, where=where, what="batches"), torch.cat(
+                [torch.as_tensor(labels) for _, labels in data])
+    raise ConfigError(f"{where}: data {_described(data)} is not an image split: give {SPLIT_KINDS}")
+
+
+def _dims(value: Any) -> int | None:
+    """Dimensions of an array (tensor, numpy) or 0 for a Python or numpy integer; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 0
+    ndim = getattr(value, "ndim", None)
+    return ndim if isinstance(ndim, int) and hasattr(value, "shape") else None
+
+
+def _is_images(value: Any) -> bool:
+    """An array of at least one dimension (its shape is checked by ``check_split``), not a sample or a batch pair."""
+    return (_dims(value) or 0) >= 1
+
+
+def _is_labels(value: Any) -> bool:
+    """Labels: an array of at most 2 dimensions (``[N]``; one-hot ``[N, C]`` and other shapes are refused with their
+    fix by ``check_labels``), or a list of numbers (not of samples); never a batch of images."""
+    if isinstance(value, (list, tuple)):
+        return not value or _dims(value[0]) == 0
+    dims = _dims(value)
+    return dims is not None and dims <= 2
+
+
+def _joined(data: Any, join: Callable[[list[Tensor]], Tensor], *, where: str, what: str) -> Tensor:
+    """The images of a list of samples or batches, joined; one ConfigError line when their shapes differ."""
+    images = [torch.as_tensor(image) for image, _ in data]
+    shapes = list(dict.fromkeys(tuple(image.shape[-3:]) for image in images))
+    if len(shapes) > 1:
+        raise ConfigError(f"{where}: the {what} hold images of different shapes ({list(shapes[0])} and "
+                          f"{list(shapes[1])}): resize them to one shape first")
+    return join(images)
+
+
+def _described(data: Any) -> str:
+    """``of type X``, and for a list or tuple what its first element holds (``(Tensor [3, 32, 32], int)``)."""
+    def one(value: Any) -> str:
+        shape = getattr(value, "shape", None)
+        return f"{type(value).__name__} {list(shape)}" if shape is not None else type(value).__name__
+
+    if not isinstance(data, (tuple, list)) or not data:
+        return f"of type {type(data).__name__}" + (" (empty)" if isinstance(data, (tuple, list)) else "")
+    first = data[0]
+    inner = f"({', '.join(one(v) for v in first[:3])})" if isinstance(first, (tuple, list)) else one(first)
+    return f"of type {type(data).__name__} of {len(data)} elements (the first: {inner})"
 
 
 def check_num_classes(label_max: int, logits: Tensor, *, where: str) -> None:
@@ -225,6 +320,15 @@ def parameter_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (or buffer); None when it has none."""
     tensors = itertools.chain(model.parameters(), model.buffers())
     return next((t.dtype for t in tensors if t.is_floating_point()), None)
+
+
+def images_for(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the model's floating dtype (``parameter_dtype``; unchanged for a model without one): the rule of
+    every entry point is that float images of any precision (float64 from numpy pipelines) are accepted and the
+    model sees them in its own dtype (``CheckedModel`` casts for attacks and evaluations; method losses, which
+    train the model itself, take their batch converted here)."""
+    dtype = parameter_dtype(model)
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
 
 
 class ModelError(FastRobustError):
@@ -290,19 +394,34 @@ def baked_training_ops(model: nn.Module) -> list[str]:
     return found
 
 
+def not_logits(out: Any) -> str | None:
+    """What is wrong with a model output that is no tensor (a tuple, a dict, an object with ``.logits`` such as a
+    transformer's output), completing "the model ...", with the wrapper to write; None for a tensor."""
+    if isinstance(out, Tensor):
+        return None
+    if isinstance(out, dict):  # also transformers' ModelOutput, a dict with attribute access
+        keys = list(out)
+        key = "logits" if "logits" in keys else (keys[0] if keys else None)
+        pick = f"[{key!r}]" if key is not None else "['logits']"
+        example = f"e.g. model(x){pick}; its keys are {keys}"
+    elif isinstance(getattr(out, "logits", None), Tensor):
+        pick = ".logits"
+        example = "e.g. model(x).logits"
+    else:
+        pick = "[0]"
+        example = "e.g. model(x)[0]"
+    return (f"returned a {type(out).__name__}; fastrobust needs logits [B, C]: wrap it in a module whose forward "
+            f"returns the logits tensor alone ({example}): class Logits(nn.Module): def __init__(self, net): "
+            f"super().__init__(); self.net = net; def forward(self, x): return self.net(x){pick} -- then pass "
+            "Logits(model)")
+
+
 def check_logits(out: Any, x: Tensor, *, where: str) -> None:
     """ModelError unless the model's output for the batch ``x`` is a logits tensor ``[B, C]`` with ``C >= 2``
-    (metadata only)."""
-    if not isinstance(out, Tensor):
-        if isinstance(out, dict):
-            keys = list(out)
-            key = "logits" if "logits" in keys else (keys[0] if keys else None)
-            pick = f"model(x)[{key!r}]" if key is not None else "the logits"
-            example = f"e.g. {pick}; its keys are {keys}"
-        else:
-            example = "e.g. model(x)[0]"
-        raise ModelError(where, f"returned a {type(out).__name__}; fastrobust needs logits [B, C]: wrap it in a "
-                                f"module whose forward returns the logits tensor alone ({example})")
+    (metadata only); an output that is no tensor gets the wrapper to write (``not_logits``)."""
+    problem = not_logits(out)
+    if problem is not None:
+        raise ModelError(where, problem)
     if out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ModelError(where, f"returned shape {list(out.shape)} for a batch of {x.shape[0]} images: expected "
                                 f"logits [{x.shape[0]}, C], one row of class scores per image")
@@ -327,7 +446,7 @@ class CheckedModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self._guarded(x) if self.guard else self.model(x if self.dtype is None else x.to(self.dtype))
         if self.label_max != _NOT_CHECKED:
-            check_num_classes(self.label_max, out, where=self.where)
+            check_first_logits(out, x, self.label_max, where=self.where)
             self.label_max = _NOT_CHECKED
         return out if self.dtype is None else out.float()
 

@@ -3,7 +3,9 @@
 Used to turn a failed load into "not a checkpoint: it looks like an HTML page" (a failed download saved under
 the checkpoint's name), "text", "a truncated archive", ... instead of a loader's low-level message, which for an
 HTML page reads like a security refusal ("Unsupported operand 60"). A file that parses as a pickle is never
-described here: the refusal of a pickle that would run code stays the loader's (``checkpoint.import_state_dict``).
+described here: the refusal of a pickle that would run code stays the loader's (``checkpoint.import_state_dict``),
+which asks :func:`plain_pickle_globals` whether a refused file is a plain ``pickle.dump`` stream (not torch.save's
+format: protocols 4 and 5 read as "damaged" to torch's unpickler) to say so and how to convert it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,45 @@ def _is_pickle(head: bytes, size: int) -> bool:
     except Exception:  # noqa: BLE001 - genops raises ValueError and others on non-pickles
         return False
     return size > len(head)  # a long stream cut off by the head: give it the benefit of the doubt
+
+
+# torch.save's legacy (non-zip) format opens with a pickled magic number: PROTO 2, LONG1 of 10 bytes,
+# 0x1950a86a20f9469cfc6c
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def plain_pickle_globals(path: str | Path) -> list[str] | None:
+    """The globals (``module.name``) a plain pickle stream names, as ``pickle.dump`` writes it (any protocol);
+    None when the file is no such stream: a torch.save file (a zip archive, or the legacy format that opens with
+    torch's magic number), safetensors, a damaged stream or anything else. The opcodes are parsed up to STOP by
+    pickletools, never executed; the names are read for a message, not to decide what is safe."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(TORCH_LEGACY_MAGIC))
+            if head[:2] == b"PK" or head.startswith(TORCH_LEGACY_MAGIC) or _is_safetensors(head):
+                return None
+            handle.seek(0)
+            return _stream_globals(handle)
+    except Exception:  # noqa: BLE001 - genops raises ValueError and others on non-pickles; OSError
+        return None
+
+
+def _stream_globals(handle: io.BufferedIOBase) -> list[str] | None:
+    """The globals named by the pickle stream read from ``handle`` (None unless it parses up to STOP)."""
+    names: list[str] = []
+    strings: list[str] = []  # the last strings pushed: STACK_GLOBAL (protocol 4+) takes module and name from them
+    with warnings.catch_warnings():  # decoding a garbage "string" argument warns about its escapes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for opcode, arg, _pos in pickletools.genops(handle):
+            if opcode.name == "GLOBAL":  # protocols 0-3: "module name"
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif "UNICODE" in opcode.name:
+                strings = [*strings[-1:], str(arg)]
+            if opcode.name == "STOP":
+                return list(dict.fromkeys(names))
+    return None
 
 
 def _as_text(head: bytes) -> str | None:

@@ -42,7 +42,11 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"ImageSet.images must be uint8 [N, C, H, W], got {self.images.dtype} {list(self.images.shape)}")
+            floating = getattr(self.images, "is_floating_point", lambda: False)()
+            hint = (": store float images in [0, 1] (float32 or float64) as (images * 255).round().to(torch.uint8)"
+                    if floating else "")
+            raise DataError(f"ImageSet.images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                            f"{list(self.images.shape)}{hint}")
         if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
             raise DataError(f"ImageSet.labels must be int64 [N], got {self.labels.dtype} {list(self.labels.shape)}")
         if len(self.images) != len(self.labels):

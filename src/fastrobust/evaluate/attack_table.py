@@ -29,6 +29,7 @@ from fastrobust.attacks import (
 )
 from fastrobust.attacks.apgd import targeted_settings_used
 from fastrobust.attacks.autoattack import DEFAULTS, VERSIONS
+from fastrobust.attacks.official import OFFICIAL_VERSIONS, official_plan
 from fastrobust.attacks.rays import official_tol
 from fastrobust.core.attack_options import check_options
 from fastrobust.errors import ConfigError
@@ -128,6 +129,13 @@ def _autoattack_used(used: dict, num_classes: int, dim: int) -> dict:
     return used
 
 
+def _official_used(used: dict, num_classes: int, dim: int) -> dict:
+    """The official AutoAttack runs with at most C - 1 targets and without the components its code cannot run on
+    C classes (``official_plan``)."""
+    used.update(official_plan(list(OFFICIAL_VERSIONS.get(used.get("version"), ())), num_classes))
+    return used
+
+
 def _rays_used(used: dict, num_classes: int, dim: int) -> dict:
     if used.get("tol") is None:
         used["tol"] = official_tol(dim)
@@ -186,7 +194,7 @@ TABLE: dict[str, NamedAttack] = {
     # tol None: the authors' 1e-3/sqrt(d)
     "rays": NamedAttack(lambda eps: {"n_queries": 10000, "tol": None, "early_stop": False}, _rays, used=_rays_used,
                         summary=_rays_summary, gradient_free=True, linf_only=True, queries=lambda n: {"n_queries": n}),
-    "autoattack-official": NamedAttack(lambda eps: {"version": "standard"}, _official),
+    "autoattack-official": NamedAttack(lambda eps: {"version": "standard"}, _official, used=_official_used),
 }
 ATTACKS = tuple(TABLE) + tuple(INVARIANCE)
 GRADIENT_FREE = tuple(name for name, entry in TABLE.items() if entry.gradient_free) + tuple(INVARIANCE)
@@ -261,7 +269,8 @@ def run_attack(name: str, settings: dict[str, Any], model: nn.Module, x: Tensor,
 def settings_used(name: str, settings: dict[str, Any], num_classes: int, dim: int) -> dict[str, Any]:
     """The settings an attack actually ran with on a model of ``num_classes`` outputs and images of ``dim``
     values: targeted attacks use at most C - 1 targets, APGD-T's DLR loss needs 4 classes, RayS's default
-    tolerance is the authors' 1e-3/sqrt(d)."""
+    tolerance is the authors' 1e-3/sqrt(d); the official AutoAttack runs with at most C - 1 targets and without
+    the components its code cannot run on C classes."""
     used = jsonable(settings)
     entry = TABLE.get(name)
     return entry.used(used, num_classes, dim) if entry is not None and entry.used is not None else used

@@ -34,6 +34,7 @@ from fastrobust.core.contract import (
     predicts,
     prepare_model,
     small_l2_eps_note,
+    split_arrays,
     validated,
 )
 from fastrobust.core.output_files import check_writable
@@ -157,20 +158,11 @@ def pgd_accuracy(
 
 
 def as_split(data: Any, where: str = "evaluate") -> tuple[Tensor, Tensor, int]:
-    """(images uint8 or float, labels int64, largest label) of an ImageSet, a Dataset's test split or a tuple;
-    checked by ``core.contract.check_split`` (one host sync)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        images, labels = data
-    elif hasattr(data, "images") and hasattr(data, "labels"):
-        images, labels = data.images, data.labels
-    elif hasattr(data, "test") and hasattr(data.test, "images"):
-        images, labels = data.test.images, data.test.labels
-    else:
-        raise ConfigError(
-            f"data of type {type(data).__name__} is not an image split: give an ImageSet (.images, .labels), "
-            "a Dataset (its test split is used) or an (images, labels) tuple"
-        )
-    return check_split(torch.as_tensor(images), torch.as_tensor(labels), where=where)
+    """(images uint8 or float, labels int64, largest label) of an ImageSet, a Dataset's test split, an (images,
+    labels) pair or a list of samples or batches (``core.contract.split_arrays`` reads it by the elements'
+    shapes); checked by ``core.contract.check_split`` (one host sync)."""
+    images, labels = split_arrays(data, where=where)
+    return check_split(images, labels, where=where)
 
 
 def evaluate(

@@ -29,9 +29,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def _clipped(requested: Any, used: Any) -> bool:
-    """Whether a requested setting ran with another value (a default left as None does not count)."""
+    """Whether a requested setting ran with another value (a default left as None does not count), or the run
+    needed a setting that was not requested (the official AutoAttack's targets on a model of few classes)."""
     if isinstance(requested, dict):
-        return any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
+        added = isinstance(used, dict) and any(key not in requested for key in used)
+        return added or any(value is not None and _clipped(value, used.get(key)) for key, value in requested.items())
     return requested != used
 
 

@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fastrobust.attacks.toolkit import (
     input_gradient,
@@ -48,6 +48,22 @@ from fastrobust.evaluate.evaluation import as_split, evaluate
 
 def _flag(name: str, passed: bool, detail: str) -> dict[str, Any]:
     return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def _checked_model(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int,
+                   device: torch.device | None) -> nn.Module:
+    """The model as the checks run it (``prepare_model``: bf16/fp16 inputs in its dtype, a failure of the model one
+    line), its first output on the first batch checked in sanity_checks' own name -- logits ``[B, C]`` (a tuple,
+    dict or ``.logits`` output gets the wrapper to write) with every label below C -- before ``evaluate`` runs.
+    The model is moved to ``device`` (default: where its parameters are), as ``evaluate`` moves it."""
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.to(device)
+    checked = prepare_model(model, int(labels.max()), "sanity_checks", guard=True)
+    with model_mode(model, training=False), validated(), torch.no_grad():
+        x, _ = next(iterate_split(images, labels, batch_size, device))
+        checked(x)
+    return checked
 
 
 def sanity_checks(
@@ -117,6 +133,7 @@ def sanity_checks(
         large_eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(images[0].numel())
     large_eps = check_eps(large_eps, norm=norm, name="large_eps")
     check_eps_fits(large_eps, norm, images.shape[1:], name="large_eps")
+    checked = _checked_model(model, images, labels, batch_size, device)
     common = dict(batch_size=batch_size, device=device, seed=seed, progress=progress)
     attacks = ["fgsm", "pgd20", "pgd100", "autoattack-fast", "square"] + (["rays"] if norm == "linf" else [])
     options = {
@@ -158,7 +175,6 @@ def sanity_checks(
     dev = torch.device(record["device"].split(" ")[0])
     zero = nan = total = 0
     max_diff = 0.0
-    checked = prepare_model(model, where="sanity_checks", guard=True)  # bf16/fp16: inputs in its dtype
     with model_mode(model, training=False), validated():
         for x, y in iterate_split(images, labels, batch_size, dev):
             grad = margin_gradient(checked, x, y)

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from fastrobust.attacks import model_mode
-from fastrobust.core.contract import check_batch, check_gradients_allowed, check_num_classes, validated
+from fastrobust.core.contract import (
+    check_batch,
+    check_first_logits,
+    check_gradients_allowed,
+    images_for,
+    validated,
+)
 from fastrobust.core.precision import attack_autocast
 from fastrobust.core.values import check_eps, parse_flag, parse_number, parse_whole
 from fastrobust.errors import ConfigError
@@ -52,12 +58,15 @@ class MethodConfig:
 
 
 def _checks_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a method's ``__call__``/``train_step(model, x, y, ...)`` with the input contract (``inputs``).
+    """Wrap a method's ``__call__``/``train_step(model, x, y, ...)`` with the input contract (``core.contract``).
 
-    Metadata (dtypes, shapes, devices) is checked on every call. Values -- images finite and in [0, 1], labels
-    in [0, C), C read from the model's first output -- only on the method's first call: they cost a host sync,
-    and a trainer calls the method every step with batches its DeviceLoader already guarantees. The body runs
-    inside ``inputs.validated()``, so the attacks it calls add no sync of their own.
+    Metadata (dtypes, shapes, devices) is checked on every call, and the images are handed to the method in the
+    model's floating dtype (``images_for``: float64 images from a numpy pipeline train a float32 model, as
+    ``evaluate`` runs them). Values -- images finite and in [0, 1], labels in [0, C), C read from the model's first
+    output -- only on the method's first call: they cost a host sync, and a trainer calls the method every step
+    with batches its DeviceLoader already guarantees. The model's first output on the first call must be logits
+    ``[B, C]`` (``check_first_logits``: a tuple, dict or ``.logits`` output is one line naming the wrapper to
+    write). The body runs inside ``validated()``, so the attacks it calls add no sync of their own.
     """
 
     @functools.wraps(fn)
@@ -70,15 +79,16 @@ def _checks_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
         else:
             with validated():
                 x, y, label_max = check_batch(x, y, where=where, model=model)
+        x = images_for(model, x)
         handle = None
-        if label_max >= 0:
+        if first:
             seen = False
 
-            def compare(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            def compare(_module: nn.Module, inputs: Any, output: Any) -> None:
                 nonlocal seen
-                if not seen and isinstance(output, Tensor):
+                if not seen:
                     seen = True
-                    check_num_classes(label_max, output, where=where)
+                    check_first_logits(output, inputs[0], label_max, where=where)
 
             handle = model.register_forward_hook(compare)
         try:

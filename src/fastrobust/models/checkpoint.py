@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fastrobust.core.filekind import MODEL_SUFFIXES, not_a_checkpoint
+from fastrobust.core.filekind import MODEL_SUFFIXES, not_a_checkpoint, plain_pickle_globals
 from fastrobust.core.files import atomic_write_bytes
 from fastrobust.errors import FastRobustError
 from fastrobust.models import create
@@ -208,6 +208,9 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         problem = not_a_checkpoint(path)
         if problem:
             raise FastRobustError(problem) from None
+        named = plain_pickle_globals(path)
+        if named is not None:  # pickle.dump's output (a FRAME opcode reads as "damaged" to torch's unpickler)
+            raise FastRobustError(plain_pickle_refusal(path, named)) from None
         if "Unsupported operand" in reason:  # an opcode no pickle has: damaged bytes, not a refused global
             raise FastRobustError(f"{path} is not a recognised checkpoint format: it starts like a pickle but is "
                                   f"damaged ({reason}); fetch or copy the file again") from None
@@ -216,6 +219,9 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FastRobustError(f"refused to load {path}: {reason}; only tensors and plain containers are accepted "
                               f"(weights_only=True), nothing in the file was run{hint}") from None
     except Exception as error:  # truncated zip, not a torch file, ...
+        named = plain_pickle_globals(path)
+        if named is not None:  # e.g. a small pickle.dump (protocol 2) that torch reads as a bad magic number
+            raise FastRobustError(plain_pickle_refusal(path, named)) from None
         raise FastRobustError(not_a_checkpoint(path) or (
             f"cannot read {path} as a torch state dict ({type(error).__name__}: "
             f"{load_failure_reason(error)}); it may be truncated or not a .pt file")) from None
@@ -231,6 +237,26 @@ def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise FastRobustError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor: not a state dict")
         state[name] = value  # keys as stored: wrapper prefixes are removed where the keys meet a module
     return state  # (models.layouts.strip_prefixes), so a module that has a `module` submodule still loads
+
+
+# what a pickled state dict of tensors names (protocol 2 pickles bytes through _codecs.encode)
+STATE_DICT_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
+
+
+def plain_pickle_refusal(path: Path, named: list[str]) -> str:
+    """The one line for a file ``pickle.dump`` wrote (naming the globals ``named``): what it is, why it is not
+    read and how to convert it -- or, when it names more than tensors and containers, not to."""
+    what = (f"refused to load {path}: it is a plain Python pickle (written by pickle.dump), not a torch.save or "
+            "safetensors file, and fastrobust does not unpickle arbitrary objects (unpickling can run any code; "
+            "nothing in the file was run)")
+    strange = [name for name in named if not name.startswith(STATE_DICT_GLOBALS)]
+    if strange:
+        return (f"{what}; it names {', '.join(strange[:3])}, which no state dict of tensors needs: do not unpickle "
+                "it, ask its author for a torch.save or safetensors file")
+    out = path.with_name(f"{path.stem}-converted.pt")
+    return (f"{what}; if you trust the file, convert it once on that machine: python -c \"import pickle, torch; "
+            f"state = pickle.load(open('{path}', 'rb')); torch.save(state, '{out}')\" (or "
+            f"safetensors.torch.save_file(state, '{out.with_suffix('.safetensors')}')), then load {out}")
 
 
 def load_failure_reason(error: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastrobust.core.contract import last_words
+from fastrobust.core.contract import last_words, not_logits
 from fastrobust.errors import FastRobustError
 
 SOURCE = "module"
@@ -95,8 +95,11 @@ def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, wh
                         "batch dimension, dynamic_shapes=({0: torch.export.Dim('batch')},)") from None
                 raise FastRobustError(f"{what} fails on {dataset}'s {'x'.join(map(str, image_shape))} images "
                                       f"({type(error).__name__}: {reason})") from None
-            if not (torch.is_tensor(logits) and logits.dim() == 2 and logits.shape[0] == batch):
-                shape = list(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            problem = not_logits(logits)  # a tuple, dict or .logits object: the wrapper to write
+            if problem is not None:
+                raise FastRobustError(f"{what}: the model {problem}")
+            if not (logits.dim() == 2 and logits.shape[0] == batch):
+                shape = list(logits.shape)
                 raise FastRobustError(f"{what} returns {shape} for a batch of {batch} images of {dataset}: expected "
                                       f"logits [{batch}, {num_classes}]")
             if logits.shape[1] != num_classes:
