@@ -156,10 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from fastrobust.data import load_dataset  # startup
     from fastrobust.evaluate import evaluate, query_budget  # startup
-    from fastrobust.models.checkpoint import (
-        data_mismatch,  # startup
-        load_model,  # startup
-    )
+    from fastrobust.models.checkpoint import data_mismatch, load_model  # startup
 
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
