@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "each training step, apart from --amp (docs/training.md)")
     parser.add_argument("--channels-last", help="auto, on or off")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic kernels only (on CUDA needed for a bit-identical resume or repeat; slower; "
+                             "docs/reliability.md)")
     parser.add_argument("--on-nan", help="stop or rollback when the loss becomes NaN/Inf")
     parser.add_argument("--on-collapse", help="warn, stop or restore on catastrophic overfitting (fast_at_plus "
                         "always restores and uses its own method.collapse_margin; the run says so)")
@@ -78,8 +81,9 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag, None)
         if value is not None:
             settings[name] = value
-    if args.compile:
-        settings["compile"] = True
+    for flag in ("compile", "deterministic"):  # store_true flags: given means true
+        if getattr(args, flag, None):
+            settings[flag] = True
     extra = parse_assignments(args.set)
     given = {key: dict(extra.get(key, {})) for key in ("method_params", "schedule_params")}
     for key in ("method_params", "model_params", "schedule_params"):

@@ -75,6 +75,7 @@ class TrainConfig:
     attack_precision: str = "auto"  # the attacks' precision inside a step (fastrobust.core.precision)
     channels_last: str = "auto"
     compile: bool = False
+    deterministic: bool = False  # deterministic kernels only (fastrobust.core.precision.deterministic_algorithms)
     sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
     val_pgd_steps: int = 10
     test_pgd_steps: int = 20
@@ -126,7 +127,7 @@ class TrainConfig:
             raise ConfigError(f"ema_start_epoch={self.ema_start_epoch} starts after the last epoch (0-based: at "
                               f"most {self.epochs - 1} with epochs={self.epochs}): no averaged model would ever be "
                               "made; start it earlier (or set ema_decay=0 for no averaging)")
-        for name in ("sync_bn", "decay_norm_and_bias"):
+        for name in ("sync_bn", "decay_norm_and_bias", "compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         lr_schedule(self.schedule, self.lr, self.epochs, **self.schedule_params)  # checks the schedule's parameters

@@ -436,9 +436,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs`` (or to a requested stop: TrainingStopped), then ``finish()``. A new run
-        that fails on a setting before its first checkpoint leaves no half-made run folder behind."""
+        that fails on a setting before its first checkpoint leaves no half-made run folder behind. With
+        ``config.deterministic`` torch runs deterministic kernels only, from the first step to the end of the
+        final evaluation (the previous settings come back after)."""
         try:
-            return self._fit()
+            with precision.deterministic_algorithms(self.config.deterministic):
+                return self._fit()
         except ConfigError:
             if not self.resumed and self.dist.is_main:
                 run_folder.undo_start(self.out, created=self._created_out)
