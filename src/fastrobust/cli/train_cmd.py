@@ -19,6 +19,8 @@ _FLAGS = {
     "test_subset": "test_subset", "val_size": "val_size", "seed": "seed", "out": "out", "activation": "activation",
     "device": "device", "amp": "amp", "attack_precision": "attack_precision", "on_nan": "on_nan", "on_collapse": "on_collapse",
     "checkpoint_every": "checkpoint_every", "channels_last": "channels_last",
+    "checkpoint_every_epochs": "checkpoint_every_epochs", "validate_every": "validate_every",
+    "validate_models": "validate_models",
 }
 
 
@@ -60,6 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--on-collapse", help="warn, stop or restore on catastrophic overfitting (fast_at_plus "
                         "always restores and uses its own method.collapse_margin; the run says so)")
     parser.add_argument("--checkpoint-every", type=str, help="also checkpoint every N steps inside an epoch")
+    parser.add_argument("--checkpoint-every-epochs", type=str, metavar="N",
+                        help="write the epoch-end checkpoint and last/averaged weights after every N-th epoch and the "
+                             "last (default 1)")
+    parser.add_argument("--validate-every", type=str, metavar="N",
+                        help="validate after every N-th epoch and the last (default 1); best is chosen among those")
+    parser.add_argument("--validate-models", help="with weight averaging, the models validated: both (default), "
+                        "trained or averaged")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, or method.PARAM=VALUE / model.PARAM=VALUE (repeatable)")
     parser.add_argument("--resume", metavar="RUN",
