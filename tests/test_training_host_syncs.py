@@ -42,14 +42,19 @@ class HostSyncs(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             self.reads += 1
-        elif func is torch.ops.aten._to_copy.default and _is_upload(args[0], kwargs.get("device")):
-            self.uploads += 1
-        elif func is torch.ops.aten.copy_.default and _is_upload(args[1], args[0].device):
+        elif _uploads(func, args, kwargs):
             self.uploads += 1
         return func(*args, **kwargs)
 
 
-def _is_upload(source: torch.Tensor, target) -> bool:
+def _uploads(func, args, kwargs) -> bool:
+    """Whether an op copies a CPU tensor to another device."""
+    if func is torch.ops.aten._to_copy.default:
+        source, target = args[0], kwargs.get("device")
+    elif func is torch.ops.aten.copy_.default:
+        source, target = args[1], args[0].device
+    else:
+        return False
     return source.device.type == "cpu" and target is not None and torch.device(target).type != "cpu"
 
 

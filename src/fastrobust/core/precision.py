@@ -190,7 +190,7 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
 
 
 __all__ = [
-    "ATTACK_PRECISIONS", "AttackPrecision", "CUBLAS_WORKSPACE_CONFIG", "attack_autocast", "attack_gradients",
+    "ATTACK_PRECISIONS", "CUBLAS_WORKSPACE_CONFIG", "AttackPrecision", "attack_autocast", "attack_gradients",
     "attack_precision", "check_attack_precision", "determinism", "deterministic_algorithms", "float32_precision",
     "loss_scale", "resolve",
 ]
