@@ -255,6 +255,12 @@ def test_a_compiled_model_gives_the_eager_loss_and_gradients(one_thread):
         for grad_e, grad_c in zip(grads_e, grads_c, strict=True):
             torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_plain, eager_plain, rtol=1e-6, atol=1e-6)
+    # a model compiled and run before SLAT's first call was traced without its hooks: refused, saying so
+    model = tiny("tinycnn")
+    forward = torch.compile(model, backend="aot_eager", dynamic=False)
+    forward(batch(8)[0])
+    with pytest.raises(ConfigError, match="traced this model before SLAT's hooks were registered"):
+        methods.create("slat")(forward, *batch(8))
 
 
 class LargeActivations(nn.Module):

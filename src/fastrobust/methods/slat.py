@@ -20,8 +20,9 @@ Hooks and torch.compile: the forward hooks on the latent modules are registered 
 SLAT call) and stay, switched by state: outside a SLAT call (and after one that raised) they do nothing.
 torch.compile traces a module's hooks into its graph and does not notice hooks added or removed later
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so hooks that came and went with every call ran stale
-under compile (a 0.4 loss difference on tinycnn); state it reads is guarded, so each phase gets its own graph.
-The clean pass needs gradients of hidden activations, which a compiled graph does not expose: it runs on the
+under compile (a loss 0.12-0.40 off the eager one on tinycnn); the state the hooks read is guarded, so each
+phase gets its own graph. A model compiled and run before its first SLAT call was traced without the hooks:
+SLAT then stops with a ConfigError that says so. The clean pass needs gradients of hidden activations, which a compiled graph does not expose: it runs on the
 uncompiled module; the perturbed pass (the training forward and backward) runs on the model as given, compiled
 or not. :func:`remove_latent_hooks` takes the hooks off a model.
 
@@ -279,7 +280,11 @@ class SLAT(Method):
             state.phase = "perturb"
             logits_adv = model(x_adv)
             if set(names) - state.applied:
-                raise ConfigError(f"slat: latent module(s) {', '.join(sorted(set(names) - state.applied))} did not run")
+                stale = (" (torch.compile traced this model before SLAT's hooks were registered and does not see "
+                         "them: make SLAT's call the compiled model's first, or call torch._dynamo.reset())"
+                         if _uncompiled(model) is not model else "")
+                raise ConfigError(f"slat: latent module(s) {', '.join(sorted(set(names) - state.applied))} did not "
+                                  f"run{stale}")
         finally:
             state.reset()
         loss = F.cross_entropy(upcast(logits_adv), y)
