@@ -110,7 +110,7 @@ def test_a_resume_from_an_epoch_checkpoint_of_the_cadence_is_exact(tmp_path, mon
     assert result["best_epoch"] == json.loads((tmp_path / "straight" / "result.json").read_text())["best_epoch"]
 
 
-def test_a_stop_after_an_epoch_without_a_checkpoint_still_writes_one_and_leaves_a_best(tmp_path, monkeypatch, one_thread):
+def test_a_stop_after_an_epoch_without_a_checkpoint_writes_one_and_leaves_a_best(tmp_path, monkeypatch, one_thread):
     written = checkpointed_epochs(monkeypatch)
 
     def stop_after_epoch_one(self, stop, *, sync):

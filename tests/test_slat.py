@@ -243,7 +243,7 @@ def slat_losses_and_gradients(compiled: bool, calls: int = 2):
     return results, plain
 
 
-@pytest.mark.slow  # three graphs compiled: about 12 s on a shared CPU; test_hooks_are_registered_once_per_model pins the mechanism
+@pytest.mark.slow  # compiles: about 15 s on a shared CPU; test_hooks_are_registered_once_per_model pins the mechanism
 def test_a_compiled_model_gives_the_eager_loss_and_gradients(one_thread):
     """torch.compile traces the hooks once: before they were registered once, every call after the first ran
     the first call's stale hooks (the loss differed from eager by 0.12 here, 0.40 with inductor). aot_eager is

@@ -22,9 +22,9 @@ torch.compile traces a module's hooks into its graph and does not notice hooks a
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so hooks that came and went with every call ran stale
 under compile (a loss 0.12-0.40 off the eager one on tinycnn); the state the hooks read is guarded, so each
 phase gets its own graph. A model compiled and run before its first SLAT call was traced without the hooks:
-SLAT then stops with a ConfigError that says so. The clean pass needs gradients of hidden activations, which a compiled graph does not expose: it runs on the
-uncompiled module; the perturbed pass (the training forward and backward) runs on the model as given, compiled
-or not. :func:`remove_latent_hooks` takes the hooks off a model.
+SLAT then stops with a ConfigError that says so. The clean pass needs gradients of hidden activations, which a
+compiled graph does not expose: it runs on the uncompiled module; the perturbed pass (the training forward and
+backward) runs on the model as given, compiled or not. :func:`remove_latent_hooks` takes the hooks off a model.
 
 Precision: under autocast a latent module's output may be bf16 or fp16, whose spacing above 8 (bf16) is
 larger than a latent step of 8/255 -- in bf16 ``h + delta`` doubles the step for 8 <= |h| < 16 and loses it
@@ -173,7 +173,7 @@ class _LatentHook:
 _STATE_ATTRIBUTE = "_slat_latent_state"
 
 
-def latent_hooks(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> _LatentState:
+def _latent_hooks(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> _LatentState:
     """The state of SLAT's hooks on ``model`` for these latent modules: registered on the first call and kept
     (so torch.compile sees them from its first trace); hooks for other modules are replaced."""
     base = _unwrap(model)
@@ -256,7 +256,7 @@ class SLAT(Method):
         c = self.config
         targets = resolve_latent_modules(model, c.latent_modules)
         names = [name for name, _ in targets]
-        state = latent_hooks(model, targets)
+        state = _latent_hooks(model, targets)
         state.eps_latent = c.latent_step
         try:
             state.phase = "record"
@@ -291,5 +291,4 @@ class SLAT(Method):
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y)}
 
 
-__all__ = ["SLAT", "SLATConfig", "latent_delta", "latent_hooks", "perturb_latent", "remove_latent_hooks",
-           "resolve_latent_modules"]
+__all__ = ["SLAT", "SLATConfig", "latent_delta", "perturb_latent", "remove_latent_hooks", "resolve_latent_modules"]

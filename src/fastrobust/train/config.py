@@ -83,7 +83,7 @@ class TrainConfig:
     eval_step_size: float | None = None  # None: evaluate's rule for the attack's eps (default_step; 2/255 at 8/255)
     eval_batch_size: int = 512
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
-    checkpoint_every_epochs: int = 1  # the epoch-end checkpoint, last and averaged weights: every N-th and the last epoch
+    checkpoint_every_epochs: int = 1  # epoch-end checkpoint, last and averaged weights: every N-th and the last epoch
     validate_every: int = 1  # validate after every N-th epoch and the last (best is chosen among validated epochs)
     validate_models: str = "both"  # with weight averaging, which are validated: both, trained or averaged
     nan_check_every: int = 50
@@ -158,14 +158,17 @@ class TrainConfig:
             raise ConfigError("validate_models=averaged validates the averaged model, but ema_decay=0 makes none: "
                               "set ema_decay (e.g. 0.99) or validate_models=both")
         if averaging_on and self.validate_models != "both":
-            needed = {"averaged": ("averaged",), "model": ("trained",), "either": ("trained", "averaged")}[self.ema_select]
+            needed = {"averaged": ("averaged",), "model": ("trained",),
+                      "either": ("trained", "averaged")}[self.ema_select]
             if self.validate_models not in needed or len(needed) > 1:
                 raise ConfigError(
                     f"validate_models={self.validate_models} leaves out what ema_select={self.ema_select} picks best "
-                    f"from ({' and '.join(needed)} weights): set validate_models={'both' if len(needed) > 1 else needed[0]}"
-                    f" or ema_select={'model' if self.validate_models == 'trained' else 'averaged'}")
+                    f"from ({' and '.join(needed)} weights): set validate_models="
+                    f"{'both' if len(needed) > 1 else needed[0]} or ema_select="
+                    f"{'model' if self.validate_models == 'trained' else 'averaged'}")
         method = methods_lib.method_class(self.method)
-        if getattr(method, "needs_validation", False) and (self.validate_every != 1 or self.validate_models == "averaged"):
+        every_epoch = self.validate_every == 1 and self.validate_models != "averaged"
+        if getattr(method, "needs_validation", False) and not every_epoch:
             raise ConfigError(f"method {self.method} checks the trained model's validation after every epoch (its "
                               f"fallback follows a collapse): it needs validate_every=1 (given {self.validate_every}) "
                               f"and validate_models=both or trained (given {self.validate_models})")

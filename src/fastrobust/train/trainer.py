@@ -554,7 +554,8 @@ class Trainer:
                          "val": {key: record[key] for key in _VAL_KEYS if key in record}}
             if self.dist.is_main:
                 chosen = self.model if weights == "model" else self.averager.module
-                save_model(chosen, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out), "weights": weights})
+                save_model(chosen, self.out / "best.safetensors",
+                           {"epoch": self.epoch, "run": str(self.out), "weights": weights})
         return new_best, weights
 
     def _save_epoch_models(self, *, latest: bool) -> None:
