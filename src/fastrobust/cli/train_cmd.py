@@ -19,6 +19,8 @@ _FLAGS = {
     "test_subset": "test_subset", "val_size": "val_size", "seed": "seed", "out": "out", "activation": "activation",
     "device": "device", "amp": "amp", "attack_precision": "attack_precision", "on_nan": "on_nan", "on_collapse": "on_collapse",
     "checkpoint_every": "checkpoint_every", "channels_last": "channels_last",
+    "checkpoint_every_epochs": "checkpoint_every_epochs", "validate_every": "validate_every",
+    "validate_models": "validate_models",
 }
 
 
@@ -53,10 +55,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "each training step, apart from --amp (docs/training.md)")
     parser.add_argument("--channels-last", help="auto, on or off")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic kernels only (on CUDA needed for a bit-identical resume or repeat; slower; "
+                             "docs/reliability.md)")
     parser.add_argument("--on-nan", help="stop or rollback when the loss becomes NaN/Inf")
     parser.add_argument("--on-collapse", help="warn, stop or restore on catastrophic overfitting (fast_at_plus "
                         "always restores and uses its own method.collapse_margin; the run says so)")
     parser.add_argument("--checkpoint-every", type=str, help="also checkpoint every N steps inside an epoch")
+    parser.add_argument("--checkpoint-every-epochs", type=str, metavar="N",
+                        help="write the epoch-end checkpoint and last/averaged weights after every N-th epoch and the "
+                             "last (default 1)")
+    parser.add_argument("--validate-every", type=str, metavar="N",
+                        help="validate after every N-th epoch and the last (default 1); best is chosen among those")
+    parser.add_argument("--validate-models", help="with weight averaging, the models validated: both (default), "
+                        "trained or averaged")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, or method.PARAM=VALUE / model.PARAM=VALUE (repeatable)")
     parser.add_argument("--resume", metavar="RUN",
@@ -78,8 +90,9 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag, None)
         if value is not None:
             settings[name] = value
-    if args.compile:
-        settings["compile"] = True
+    for flag in ("compile", "deterministic"):  # store_true flags: given means true
+        if getattr(args, flag, None):
+            settings[flag] = True
     extra = parse_assignments(args.set)
     given = {key: dict(extra.get(key, {})) for key in ("method_params", "schedule_params")}
     for key in ("method_params", "model_params", "schedule_params"):

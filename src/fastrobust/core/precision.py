@@ -1,4 +1,7 @@
-"""The numeric precision of the attacks inside a training step, set apart from the training forward/backward.
+"""The numeric precision of the attacks inside a training step, set apart from the training forward/backward;
+and the process-wide float32 precision (TF32) and determinism settings, which every record carries
+(:func:`float32_precision`, :func:`determinism`) and which ``deterministic`` runs set
+(:func:`deterministic_algorithms`).
 
 Under mixed precision (``amp``) a method's whole call runs in autocast, attack included. The attack's
 input gradient is more fragile than the training gradient: TRADES' first step starts from x + 0.001*N(0,1),
@@ -22,9 +25,10 @@ inherits whatever autocast is active, and gradients are plain ``torch.autograd.g
 from __future__ import annotations
 
 import contextlib
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -160,7 +164,70 @@ def attack_gradients(loss: Tensor, logits: Tensor, inputs: Sequence[Tensor]) -> 
         return tuple(g.float() / scale for g in grads)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# float32 precision and determinism of the whole process (recorded in every record, fastrobust.core.records)
+
+# cuBLAS needs a fixed workspace for deterministic matrix products on CUDA >= 10.2 (torch's reproducibility notes)
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def float32_precision() -> dict[str, Any]:
+    """The float32 arithmetic in force: on CUDA, "float32" matrix products and convolutions run in TF32 (a
+    10-bit mantissa) when these allow it (torch's default for convolutions: ``cudnn_allow_tf32`` True).
+
+    Returns:
+        ``{"cuda_matmul_allow_tf32": bool, "cudnn_allow_tf32": bool, "float32_matmul_precision": "highest" |
+        "high" | "medium"}`` (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``,
+        ``torch.get_float32_matmul_precision()``).
+    """
+    return {"cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def determinism() -> dict[str, Any]:
+    """Whether torch is held to deterministic kernels now.
+
+    Returns:
+        ``{"deterministic_algorithms": bool, "cudnn_deterministic": bool, "cudnn_benchmark": bool,
+        "cublas_workspace_config": str | None}``.
+    """
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Inside the block torch uses deterministic kernels only, as its reproducibility notes require:
+    ``torch.use_deterministic_algorithms(True)`` (an operation without a deterministic kernel raises a
+    RuntimeError naming it), ``torch.backends.cudnn.deterministic = True``, ``torch.backends.cudnn.benchmark =
+    False`` and ``CUBLAS_WORKSPACE_CONFIG`` (set to ``:4096:8`` unless already set; cuBLAS reads it when CUDA
+    first runs a matrix product, so it takes effect only if that happens inside the block). The previous
+    settings come back at the end (the environment variable stays).
+
+    Args:
+        enabled: False makes the block change nothing (the settings in force stay).
+    """
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
 __all__ = [
-    "ATTACK_PRECISIONS", "AttackPrecision", "attack_autocast", "attack_gradients", "attack_precision",
-    "check_attack_precision", "loss_scale", "no_tf32", "resolve",
+    "ATTACK_PRECISIONS", "CUBLAS_WORKSPACE_CONFIG", "AttackPrecision", "attack_autocast", "attack_gradients",
+    "attack_precision", "check_attack_precision", "determinism", "deterministic_algorithms", "float32_precision",
+    "loss_scale", "no_tf32", "resolve",
 ]

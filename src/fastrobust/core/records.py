@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fastrobust import __version__
+from fastrobust.core.precision import determinism, float32_precision
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,11 +40,15 @@ def device_description(device: torch.device | str) -> str:
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
+    """Where a number was computed: versions, the device, and the float32 precision (TF32 on CUDA) and
+    determinism settings in force (``fastrobust.core.precision``)."""
     return {
         "fastrobust": code_version(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device_description(device),
+        "float32_precision": float32_precision(),
+        "determinism": determinism(),
     }
 
 

@@ -55,7 +55,9 @@ def dirichlet_targets(
     Rows are probability vectors (non-negative, summing to 1); gradients flow from r back to ``u``.
     """
     num_classes = u.shape[-1]
-    concentration = label_concentration * F.one_hot(y, num_classes).to(u.dtype) + u
+    # not F.one_hot: on the CPU it reads the labels back to check their range (the input contract checks them)
+    onehot = (y.unsqueeze(-1) == torch.arange(num_classes, device=y.device)).to(u.dtype)
+    concentration = label_concentration * onehot + u
     concentration = concentration.clamp_min(min_concentration)
     return torch.distributions.Dirichlet(concentration, validate_args=False).rsample()  # no host sync
 
@@ -77,7 +79,7 @@ def noisy_mixup(x: Tensor, sigma: float, alpha: float, *, clamp: bool = False) -
         noisy = noisy.clamp(0.0, 1.0)
     perm = torch.randperm(x.shape[0], device=x.device)
     if alpha > 0:
-        concentration = torch.tensor(float(alpha), device=x.device, dtype=torch.float32)
+        concentration = torch.full((), float(alpha), device=x.device, dtype=torch.float32)  # filled there: no upload
         lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()
     else:
         lam = torch.ones((), device=x.device, dtype=torch.float32)

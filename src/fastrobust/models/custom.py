@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -74,10 +74,12 @@ def mismatch(saved: dict[str, Any], state: dict[str, torch.Tensor], model: nn.Mo
 PROBE_BATCHES = (2, 3)  # two batch sizes: a program exported or traced for one fixed batch fails on the other
 
 
-def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, what: str, dataset: str) -> None:
+def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, what: str, dataset: str,
+                  explain: Callable[[BaseException], str | None] | None = None) -> None:
     """Forwards of blank images in batches of 2 and 3 (in eval mode, no gradient, the mode restored): a model that
     cannot take ``image_shape`` (C, H, W), takes only one batch size, or returns another number of logits is one
-    FastRobustError naming both sides."""
+    FastRobustError naming both sides. ``explain``: returns the line for a failure it can explain (such as a
+    program's cross-device error), None for the others."""
 
     training = model.training
     try:
@@ -87,6 +89,9 @@ def check_pairing(model: nn.Module, *, num_classes: int, image_shape, device, wh
                 with torch.no_grad():
                     logits = model(torch.zeros(batch, *image_shape, device=device))
             except Exception as error:  # noqa: BLE001 - any failure of the model on this input
+                explained = explain(error) if explain is not None else None
+                if explained is not None:
+                    raise FastRobustError(explained) from None
                 reason = last_words(error)
                 if batch != PROBE_BATCHES[0]:
                     raise FastRobustError(

@@ -26,6 +26,7 @@ from unittest import mock
 
 import torch
 from torch import nn
+from torch.export.passes import move_to_device_pass
 
 from fastrobust.core.filekind import not_a_checkpoint
 from fastrobust.core.traced import TRAINING_MODE_FIX, describe_training_ops, export_training_ops, torchscript_mode_ops
@@ -174,10 +175,22 @@ def _refuse_pickle(*_args, **_kwargs):
     raise _PickleRefused("it holds a pickled Python object (an opaque or custom constant)")
 
 
-def load_export(path: Path) -> nn.Module:
+def load_export(path: Path, device: str | torch.device = "cpu") -> nn.Module:
     """``torch.export.load`` with every ``torch.load`` forced to ``weights_only=True`` and ``pickle.loads``
     refused, after :func:`check_export_archive`; returns the program as a module (its mode fixed). A program
-    exported for one fixed batch size runs on any batch through ``FixedBatch``."""
+    exported for one fixed batch size runs on any batch through ``FixedBatch``.
+
+    Args:
+        path: the ``.pt2`` archive.
+        device: where the program will run (default the CPU). A program is moved there with torch's own
+            ``torch.export.passes.move_to_device_pass``, which also rewrites the device arguments baked into its
+            graph (``torch.arange(n, device=x.device)`` traced on the CPU says ``cpu``); ``module.to(device)``
+            moves only parameters and buffers, and such a program then fails with a cross-device error.
+    Returns:
+        The program as an ``nn.Module`` on ``device``.
+    Raises:
+        FastRobustError: the archive is refused, damaged, or was exported in training mode.
+    """
 
     import torch.export.pt2_archive._package as package  # optional: torch's private archive reader
 
@@ -209,9 +222,33 @@ def load_export(path: Path) -> nn.Module:
         raise FastRobustError(f"refused to evaluate {path}: the torch.export program was exported in training mode "
                               f"({describe_training_ops(training)}: its results would depend on the batch or be random) and "
                               f"an exported program cannot be switched to eval mode; {TRAINING_MODE_FIX}")
+    if torch.device(device) != torch.device("cpu"):
+        program = move_to_device_pass(program, torch.device(device))
     batch = static_batch(program)
     module = program.module() if batch is None else FixedBatch(program.module(), batch)
     return FixedMode(module)
+
+
+_CROSS_DEVICE = re.compile(r"same device|expected device|found at least two devices|to be on .* device|"
+                           r"device type .* but got", re.IGNORECASE)
+
+
+def cross_device_reason(error: BaseException, path: Path, device: str | torch.device) -> str | None:
+    """The line that explains a TorchScript program failing on ``device`` with a cross-device error, else None.
+
+    TorchScript bakes the device of every tensor its code creates (``torch.arange(n, device=x.device)`` traced
+    on the CPU says ``cpu``) into the program; ``torch.jit.load(map_location=...)`` and ``.to(device)`` move
+    its parameters and buffers only, and TorchScript has no pass that rewrites the rest.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if _CROSS_DEVICE.search(line)]
+    if not lines:
+        return None
+    torch_says = re.sub(r"^(\w*Error: )+", "", lines[-1])[:200]  # the interpreter repeats the exception's name
+    return (f"{path} (a TorchScript program) cannot run on {device}: its code creates tensors on the device it was "
+            f"traced on (a device baked into the program; .to() moves only parameters and buffers): "
+            f"{torch_says}; trace or script it again with the model on {device}, save it with "
+            "torch.export instead (fastrobust moves an exported program with torch.export.passes."
+            "move_to_device_pass), or evaluate it on the device it was traced on")
 
 
 def load_torchscript(path: Path, note: Callable[[str], None] = _say) -> nn.Module:

@@ -42,7 +42,7 @@ from fastrobust.models.checkpoint import (
 )
 from fastrobust.models.custom import check_pairing, is_module_config, mismatch
 from fastrobust.models.layouts import convert, identify, strip_prefixes
-from fastrobust.models.programs import FixedBatch, load_export, load_torchscript
+from fastrobust.models.programs import FixedBatch, cross_device_reason, load_export, load_torchscript
 from fastrobust.models.registry import canonical_name, create, declared_keywords
 
 NORMALIZATION_CHOICES = "none, dataset, or MEAN,STD (two numbers, or one mean and one std per channel)"
@@ -439,7 +439,7 @@ def load_model(
         if build is not None or model is not None:
             raise ConfigError(f"{path} is a {'TorchScript archive' if kind == 'torchscript' else 'torch.export program'}: "
                               "it holds its own architecture, drop --model / --model-factory")
-        program = load_torchscript(path) if kind == "torchscript" else load_export(path)
+        program = load_torchscript(path) if kind == "torchscript" else load_export(path, device)
         inner_program = program
         while isinstance(getattr(inner_program, "program", None), nn.Module):  # FixedMode / FixedBatch wrappers
             inner_program = inner_program.program
@@ -475,8 +475,9 @@ def load_model(
             info.update(format="state dict", **layout_info)
     info["normalization"] = chosen.record()
     module = module.to(device).eval()
+    explain = (lambda error: cross_device_reason(error, path, device)) if kind == "torchscript" else None
     check_pairing(module, num_classes=num_classes, image_shape=image_shape, device=device,
-                  what=f"{path} ({info.get('architecture', info.get('format'))})", dataset=dataset)
+                  what=f"{path} ({info.get('architecture', info.get('format'))})", dataset=dataset, explain=explain)
     if chosen is ASSUMED_NONE:
         note(f"{path}: input normalisation {chosen.how}")
     return module, info

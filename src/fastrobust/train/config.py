@@ -22,6 +22,7 @@ from fastrobust.train import averaging
 from fastrobust.train.schedules import SCHEDULES, lr_schedule
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+VALIDATE_MODELS = ("both", "trained", "averaged")
 NAN_ACTIONS = ("stop", "rollback")
 COLLAPSE_ACTIONS = ("warn", "stop", "restore")
 
@@ -75,12 +76,16 @@ class TrainConfig:
     attack_precision: str = "auto"  # the attacks' precision inside a step (fastrobust.core.precision)
     channels_last: str = "auto"
     compile: bool = False
+    deterministic: bool = False  # deterministic kernels only (fastrobust.core.precision.deterministic_algorithms)
     sync_bn: bool = False  # with several ranks (torchrun): BatchNorm statistics over the global batch (GPUs only)
     val_pgd_steps: int = 10
     test_pgd_steps: int = 20
     eval_step_size: float | None = None  # None: evaluate's rule for the attack's eps (default_step; 2/255 at 8/255)
     eval_batch_size: int = 512
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    checkpoint_every_epochs: int = 1  # epoch-end checkpoint, last and averaged weights: every N-th and the last epoch
+    validate_every: int = 1  # validate after every N-th epoch and the last (best is chosen among validated epochs)
+    validate_models: str = "both"  # with weight averaging, which are validated: both, trained or averaged
     nan_check_every: int = 50
     on_nan: str = "stop"
     on_collapse: str = "warn"
@@ -101,7 +106,8 @@ class TrainConfig:
             self.eps = check_eps(self.eps)
         if self.eval_step_size is not None:
             self.eval_step_size = check_eps(self.eval_step_size, name="eval_step_size")
-        for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "nan_check_every", "checkpoint_every_epochs",
+                     "validate_every"):
             setattr(self, name, check_positive_int(getattr(self, name), name=name))
         for name in ("val_size", "checkpoint_every", "val_pgd_steps", "test_pgd_steps", "seed", "save_epoch_models"):
             setattr(self, name, check_nonnegative_int(getattr(self, name), name=name))
@@ -117,7 +123,7 @@ class TrainConfig:
         choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "attack_precision": precision.ATTACK_PRECISIONS,
                    "on_nan": NAN_ACTIONS,
                    "on_collapse": COLLAPSE_ACTIONS, "channels_last": ("auto", "on", "off"),
-                   "select_by": ("auto", "robust", "clean")}
+                   "select_by": ("auto", "robust", "clean"), "validate_models": VALIDATE_MODELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -126,7 +132,7 @@ class TrainConfig:
             raise ConfigError(f"ema_start_epoch={self.ema_start_epoch} starts after the last epoch (0-based: at "
                               f"most {self.epochs - 1} with epochs={self.epochs}): no averaged model would ever be "
                               "made; start it earlier (or set ema_decay=0 for no averaging)")
-        for name in ("sync_bn", "decay_norm_and_bias"):
+        for name in ("sync_bn", "decay_norm_and_bias", "compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         lr_schedule(self.schedule, self.lr, self.epochs, **self.schedule_params)  # checks the schedule's parameters
@@ -141,7 +147,34 @@ class TrainConfig:
         self.build_method()  # validates the method's own parameters
         if self.val_size == 0 and getattr(methods_lib.method_class(self.method), "needs_validation", False):
             raise ConfigError(NEEDS_VALIDATION.format(method=self.method))
+        self._check_validation_plan()
         return self
+
+    def _check_validation_plan(self) -> None:
+        """The validation cadence and models must give every decision that reads validation its numbers: the
+        choice of ``best`` (``ema_select``), collapse detection and methods that act on it (Fast AT+)."""
+        averaging_on = bool(self.ema_decay)
+        if self.validate_models == "averaged" and not averaging_on:
+            raise ConfigError("validate_models=averaged validates the averaged model, but ema_decay=0 makes none: "
+                              "set ema_decay (e.g. 0.99) or validate_models=both")
+        if averaging_on and self.validate_models != "both":
+            needed = {"averaged": ("averaged",), "model": ("trained",),
+                      "either": ("trained", "averaged")}[self.ema_select]
+            if self.validate_models not in needed or len(needed) > 1:
+                raise ConfigError(
+                    f"validate_models={self.validate_models} leaves out what ema_select={self.ema_select} picks best "
+                    f"from ({' and '.join(needed)} weights): set validate_models="
+                    f"{'both' if len(needed) > 1 else needed[0]} or ema_select="
+                    f"{'model' if self.validate_models == 'trained' else 'averaged'}")
+        method = methods_lib.method_class(self.method)
+        every_epoch = self.validate_every == 1 and self.validate_models != "averaged"
+        if getattr(method, "needs_validation", False) and not every_epoch:
+            raise ConfigError(f"method {self.method} checks the trained model's validation after every epoch (its "
+                              f"fallback follows a collapse): it needs validate_every=1 (given {self.validate_every}) "
+                              f"and validate_models=both or trained (given {self.validate_models})")
+        if self.validate_models == "averaged" and self.on_collapse != "warn":
+            raise ConfigError(f"on_collapse={self.on_collapse} watches the trained model's validation, which "
+                              "validate_models=averaged skips: set validate_models=both or on_collapse=warn")
 
     def method_settings(self) -> tuple[dict[str, Any], str | None]:
         """The method's parameters as the run uses them -- ``eps`` overriding the method's, and the step sizes

@@ -206,8 +206,25 @@ def trained_epochs(run_dir: Path) -> int | None:
 
 def restore(snapshot: Snapshot, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
             *, rng: bool = True) -> None:
-    """Load weights and optimiser state (and, with ``rng``, the random streams) from a snapshot."""
+    """Load weights and optimiser state (each state tensor in its parameter's memory layout; and, with ``rng``,
+    the random streams) from a snapshot."""
     unwrap(model).load_state_dict(snapshot.model)
     optimizer.load_state_dict(snapshot.optimizer)
+    match_parameter_layouts(optimizer)
     if rng:
         set_rng_state(snapshot.rng, device)
+
+
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimiser state tensor of a parameter's shape (momentum buffers) that parameter's strides.
+
+    A checkpoint stores tensors contiguous and ``load_state_dict`` keeps that layout, while a channels_last
+    model's weights are not contiguous; CUDA's fused SGD refuses a momentum buffer whose strides differ from its
+    parameter's, so a resumed channels_last run would fail at its first step. The values are unchanged.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)

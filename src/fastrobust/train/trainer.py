@@ -175,7 +175,11 @@ class Trainer:
         self.best: dict[str, Any] = {"epoch": None, "metric": config.selection_metric, "value": -1.0}
         self.peak_val_robust = -1.0  # the best validation robust accuracy so far: the collapse reference
         self.train_seconds = 0.0
+        self.overhead_seconds = {"validation": 0.0, "saving": 0.0}  # after the epochs: validation; models, checkpoints
         self.last_good: training_state.Snapshot | None = None
+        collapse_action = getattr(self.method, "collapse_action", None) or config.on_collapse
+        # the in-memory copy of the last good state is read only by a NaN rollback or a collapse restore
+        self.keeps_last_good = config.on_nan == "rollback" or collapse_action == "restore"
         self.partial: dict[str, Any] | None = None  # the sums of the epoch's batches before a mid-epoch checkpoint
         self.data_fingerprint = training_state.data_fingerprint(self.data)
         if resume:
@@ -198,6 +202,7 @@ class Trainer:
             "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step, "best": self.best,
             "peak_val_robust": self.peak_val_robust,
             "lr_scale": self.lr_scale, "train_seconds": self.train_seconds, "config": asdict(self.config),
+            "overhead_seconds": dict(self.overhead_seconds),
             "world_size": self.dist.world_size, "model_source": self.model_source,
             "data_fingerprint": self.data_fingerprint, "partial_epoch": self.partial if self.batch else None,
         }
@@ -282,7 +287,8 @@ class Trainer:
                 self.log(f"metrics.jsonl: dropped {dropped} line(s) after epoch {self.epoch} (trained again from the checkpoint)")
         self.best, self.lr_scale, self.train_seconds = info["best"], info["lr_scale"], info["train_seconds"]
         self.peak_val_robust = info["peak_val_robust"]
-        self.last_good = self._capture(info)
+        self.overhead_seconds.update(info.get("overhead_seconds") or {})  # absent in checkpoints of older versions
+        self.last_good = self._capture(info) if self.keeps_last_good else None
         self.log(f"resumed {self.out} at epoch {self.epoch + 1}, batch {self.batch} (from {snapshot.path.name})")
 
     def _restore_last_good(self) -> None:
@@ -391,6 +397,23 @@ class Trainer:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
+    def _validate_epoch(self) -> dict[str, Any]:
+        """The validation of the epoch just trained, as ``validate_every`` and ``validate_models`` ask (the last
+        epoch is always validated); {} when it is skipped. ``val_seconds``: the time it took."""
+        config = self.config
+        epoch = self.epoch + 1
+        if len(self.data.val.labels) == 0 or (epoch % config.validate_every and epoch != config.epochs):
+            return {}
+        start = time.perf_counter()
+        record: dict[str, Any] = {}
+        if config.validate_models != "averaged" or self.averager is None:
+            record.update(self.validate())
+        if config.validate_models != "trained":
+            record.update(self._validate_averaged())
+        seconds = time.perf_counter() - start
+        self.overhead_seconds["validation"] += seconds
+        return {**record, "val_seconds": seconds}
+
     def validate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Clean and PGD accuracy on the validation split of ``model`` (default: the trained model)."""
         if len(self.data.val.labels) == 0:
@@ -436,9 +459,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs`` (or to a requested stop: TrainingStopped), then ``finish()``. A new run
-        that fails on a setting before its first checkpoint leaves no half-made run folder behind."""
+        that fails on a setting before its first checkpoint leaves no half-made run folder behind. With
+        ``config.deterministic`` torch runs deterministic kernels only, from the first step to the end of the
+        final evaluation (the previous settings come back after)."""
         try:
-            return self._fit()
+            with precision.deterministic_algorithms(self.config.deterministic):
+                return self._fit()
         except ConfigError:
             if not self.resumed and self.dist.is_main:
                 run_folder.undo_start(self.out, created=self._created_out)
@@ -448,7 +474,7 @@ class Trainer:
         config = self.config
         if self.dist.is_main:
             (self.out / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
-        if self.last_good is None:
+        if self.last_good is None and self.keeps_last_good:
             self.last_good = self._capture()
         rollbacks = 0
         with _StopFlag() as stop:
@@ -473,8 +499,7 @@ class Trainer:
                 lr_end = self.optimizer.param_groups[0]["lr"]  # the lr of the epoch's last step
                 record: dict[str, Any] = {"epoch": self.epoch + 1, "lr_start": self.schedule(self.epoch) * self.lr_scale,
                                           "lr_end": lr_end, "lr": lr_end, **train_metrics}  # lr: = lr_end (older readers)
-                record.update(self.validate())
-                record.update(self._validate_averaged())
+                record.update(self._validate_epoch())
                 record.update(epoch_seconds=epoch_seconds, images_per_second=train_metrics["train_images"] / epoch_seconds)
                 if method_info:
                     record["method"] = method_info
@@ -484,38 +509,63 @@ class Trainer:
                 self.epoch += 1
                 self.batch = 0
                 self.partial = None
-                metric = config.selection_metric
-                weights, value = averaging.best_candidate(record, metric, config.ema_select, self.averager)
-                improved = (value if value is not None else 0.0) > self.best["value"] or self.best["epoch"] is None
-                new_best = "collapse" not in record and (improved or len(self.data.val.labels) == 0)
-                if new_best:
-                    self.best = {"epoch": self.epoch, "metric": metric, "value": -1.0 if value is None else value,
-                                 **({"weights": weights} if self.averager is not None else {}),
-                                 "val": {key: record[key] for key in _VAL_KEYS if key in record}}
-                    if self.dist.is_main:
-                        chosen = self.model if weights == "model" else self.averager.module
-                        save_model(chosen, self.out / "best.safetensors", {"epoch": self.epoch, "run": str(self.out), "weights": weights})
-                if "collapse" not in record:
+                saving_start = time.perf_counter()
+                new_best, weights = self._update_best(record)
+                checked = "val_seconds" in record or len(self.data.val.labels) == 0  # validated (or nothing to)
+                if "collapse" not in record and checked:
                     self.peak_val_robust = max(self.peak_val_robust, record.get("val_robust_acc", -1.0))
-                    self.last_good = self._capture()
+                    if self.keeps_last_good:
+                        self.last_good = self._capture()
+                checkpointing = (self.epoch % config.checkpoint_every_epochs == 0 or self.epoch == config.epochs
+                                 or self._stop_signal(stop, sync=True) is not None)
                 if self.dist.is_main:
-                    save_model(self.model, self.out / "last.safetensors", {"epoch": self.epoch, "run": str(self.out)})
-                    self._save_extra_models()
+                    self._save_epoch_models(latest=checkpointing)
                 if self.dist.is_main:  # before the checkpoint: a resume drops lines after its epoch, never lacks one
                     append_jsonl(self.out / "metrics.jsonl", record)
-                self.save_checkpoint()
+                if checkpointing:
+                    self.save_checkpoint()
+                self.overhead_seconds["saving"] += time.perf_counter() - saving_start
                 if self.progress:
                     self.log(_epoch_line(record, best=weights if new_best else None,
                                          averaged=self.averager is not None))
                 if self._stop_signal(stop, sync=True) is not None:
+                    if not checkpointing:  # the signal came while this epoch's records were written
+                        self.save_checkpoint()
                     raise TrainingStopped(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
         return self.finish()
 
-    def _save_extra_models(self) -> None:
-        """``averaged.safetensors`` (the averaged model now) and, with ``save_epoch_models`` N, the trained
-        weights of every N-th epoch as ``epochs/epoch-NNN.safetensors`` (for per-epoch analyses)."""
+    def _update_best(self, record: dict[str, Any]) -> tuple[bool, str]:
+        """Make this epoch ``best`` (and write ``best.safetensors``) when its validation beats the best so far.
+        An epoch that was not validated (``validate_every``) is ``best`` only until the first validation, so a
+        run stopped before it still has its latest weights there; without a validation split every epoch is.
+        Returns (whether it became best, which weights competed: "model" or "averaged")."""
+        metric = self.config.selection_metric
+        weights, value = averaging.best_candidate(record, metric, self.config.ema_select, self.averager)
+        if "collapse" in record:
+            return False, weights
+        provisional = self.best["epoch"] is None or self.best["value"] < 0  # no validated best yet
+        if len(self.data.val.labels) == 0:
+            new_best = True
+        else:
+            new_best = provisional or (value is not None and value > self.best["value"])
+        if new_best:
+            self.best = {"epoch": self.epoch, "metric": metric, "value": -1.0 if value is None else value,
+                         **({"weights": weights} if self.averager is not None else {}),
+                         "val": {key: record[key] for key in _VAL_KEYS if key in record}}
+            if self.dist.is_main:
+                chosen = self.model if weights == "model" else self.averager.module
+                save_model(chosen, self.out / "best.safetensors",
+                           {"epoch": self.epoch, "run": str(self.out), "weights": weights})
+        return new_best, weights
+
+    def _save_epoch_models(self, *, latest: bool) -> None:
+        """With ``latest`` (the epochs that checkpoint): ``last.safetensors`` and ``averaged.safetensors`` (the
+        trained and averaged models now); and, with ``save_epoch_models`` N, the trained weights of every N-th
+        epoch as ``epochs/epoch-NNN.safetensors`` (for per-epoch analyses)."""
         meta = {"epoch": self.epoch, "run": str(self.out)}
-        if self.averager is not None and self.averager.started:
+        if latest:
+            save_model(self.model, self.out / "last.safetensors", meta)
+        if latest and self.averager is not None and self.averager.started:
             save_model(self.averager.module, self.out / "averaged.safetensors", {**meta, "weights": "averaged",
                        "ema_decay": self.averager.decay, "ema_updates": self.averager.updates})
         every = self.config.save_epoch_models
@@ -572,6 +622,8 @@ class Trainer:
             "dataset": {"name": self.data.name, "source": self.data.source, "train": len(self.data.train.labels),
                         "val": len(self.data.val.labels), "test": len(self.data.test.labels)},
             "train_seconds": self.train_seconds,
+            # after the epochs: validation, and writing models and checkpoints (validate_every, checkpoint_every_epochs)
+            "epoch_overhead_seconds": dict(self.overhead_seconds),
             "best_epoch": self.best["epoch"],
             "best_selected_by": self.best["metric"],
             "best_val_value": self.best["value"],
