@@ -300,9 +300,9 @@ def test_tiny_imagenet_dir_and_mirror_archive(tmp_path, cache):
     assert d.num_classes == 3 and d.class_names == wnids  # wnids.txt order, not sorted
     assert d.image_shape == (3, 64, 64)
     assert len(d.train) == 13 and len(d.test) == 6
-    assert d.train.labels.tolist() == [0] * 4 + [1] * 5 + [2] * 4
-    assert d.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
-    grey = d.train.images[8]  # n01_4, the greyscale one, converted to RGB
+    assert d.train.labels.tolist() == [0, 1, 2] * 4 + [1]  # train/ class-interleaved (class 1 has one more)
+    assert d.test.labels.tolist() == [0, 0, 1, 1, 2, 2]  # val/ keeps its official (file-name) order
+    grey = d.train.images[12]  # n01_4, the greyscale one, converted to RGB
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     assert abs(grey.float().mean().item() - 77) < 2
 
@@ -332,8 +332,10 @@ def test_imagefolder_tree_and_tar(tmp_path, cache):
     assert d.image_shape == (3, 8, 8) and d.crop_padding == 1 and d.flip
     assert (len(d.train), len(d.val), len(d.test)) == (15, 3, 9)
     remap = {classes.index(n): i for i, n in enumerate(d.class_names)}
-    # test split: class order sorted, then files by name (lossless PNG: exact pixels)
-    order = np.argsort([d.class_names.index(classes[c]) for c in expected["test"][1]], kind="stable")
+    # test split class-interleaved: image 0 of each class (sorted class names), then image 1, ... (lossless PNG)
+    written = expected["test"][1]
+    rank = np.arange(len(written)) % 3  # write_tree writes 3 images per class, class by class
+    order = np.lexsort(([d.class_names.index(classes[c]) for c in written], rank))
     np.testing.assert_array_equal(d.test.images.numpy(), expected["test"][0][order])
     assert d.test.labels.tolist() == [remap[c] for c in expected["test"][1][order]]
 
