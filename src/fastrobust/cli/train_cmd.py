@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastrobust.core.values import check_positive_int, parse_number
+from fastrobust.core.values import check_positive_int, parse_number, pixel_text
 from fastrobust.errors import ConfigError, FastRobustError
 
 # flag -> TrainConfig field, for flags that map one to one
@@ -216,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
         robust_key = next(key for key in test if key.startswith("pgd"))
         print(
             f"{result['config']['method']}: test clean {test['clean_acc']:.4f}, {robust_key[:-4].upper()} "
-            f"{test[robust_key]:.4f} (n={test['n']}, eps={test['eps']:.4f}); {describe_best(result)}; "
+            f"{test[robust_key]:.4f} (n={test['n']}, eps={pixel_text(test['eps'])}); {describe_best(result)}; "
             f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
         )
     return 0

@@ -801,16 +801,27 @@ def _check_count(value, *, name: str, allow_zero: bool) -> int | None:
 
 
 # --------------------------------------------------------------------------- load_dataset
-def _how_to_provide(spec: Spec, *, downloaded: bool = False) -> str:
-    """The ways to provide ``spec``'s files; ``downloaded``: a download was just tried (and failed), so the
-    advice is to fetch the files elsewhere and point to them, not to download again."""
+def _how_to_provide(spec: Spec) -> str:
+    """The fix when ``spec``'s files are not found: where to get them and how to point to them."""
     urls = ", ".join(d.url for d in spec.downloads)
-    where = (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
-             f"--data-root DIR or FASTROBUST_DATA=DIR")
-    if downloaded:
-        return where + " (fetch them on a machine with a network if this one has none)"
-    return (where + f", or, with a network, leave both unset to download them once into ~/.cache/fastrobust/data "
-            f"(or run `fastrobust data {spec.name} --download --data-root DIR` to fetch them into the root given)")
+    return (f"Fix: put the official files ({urls}) in a folder and give it with --data-root DIR or "
+            f"FASTROBUST_DATA=DIR, or leave both unset to download them once into ~/.cache/fastrobust/data "
+            f"(`fastrobust data {spec.name} --download --data-root DIR` fetches them into DIR)")
+
+
+def _download_failed(key: str, spec: Spec, error: DataError) -> str:
+    """One short line for a failed download: what failed, and the two ways on."""
+    files = ", ".join(d.filename for d in spec.downloads)
+    return (f"{key}: download failed: {error}. Fix: run it again with a network (a partial download resumes), or "
+            f"fetch {files} elsewhere and give its folder with --data-root DIR or FASTROBUST_DATA=DIR")
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` as a name under ``root`` when it is one (shorter messages), else in full."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def locate(name: str, root: Path) -> tuple[Candidate | None, list[Candidate]]:
@@ -897,23 +908,22 @@ def load_dataset(
         if root_path.exists() and not root_path.is_dir():
             raise DataError(f"data root {root_path} is not a folder")
         candidate, looked = locate(key, root_path)
-        failure = ""
         if candidate is None and download:
             missing = [p for p in (root_path, *root_path.parents) if not p.exists()]  # made by the download
             try:
                 for item in spec.downloads:
                     download_file(item, root_path)
             except DataError as error:
-                failure = f" Download failed: {error}."
                 for folder in missing:  # innermost first; a partial download (FILE.part) stays, to be resumed
                     with contextlib.suppress(OSError):
                         folder.rmdir()
+                raise DataError(_download_failed(key, spec, error)) from None
             candidate, looked = locate(key, root_path)
         if candidate is None:
-            places = "; ".join(f"{c.path}" + (f" (+ {', '.join(str(p.name) for p in c.requires)})" if c.requires else "")
-                               for c in looked)
-            raise DataError(f"{key} not found under data root {root_path}. Looked at: {places}.{failure} "
-                            f"{_how_to_provide(spec, downloaded=bool(failure))}")
+            places = ", ".join(_relative(c.path, root_path) + (f" (+ {', '.join(p.name for p in c.requires)})"
+                                                                if c.requires else "") for c in looked)
+            raise DataError(f"{key} not found under data root {root_path} (looked for {places}). "
+                            f"{_how_to_provide(spec)}")
 
     cache_root = resolve_cache_dir(cache_dir)
     meta, arrays = _load_or_decode(key, candidate, cache_root)
