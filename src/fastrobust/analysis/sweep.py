@@ -21,8 +21,8 @@ A spec (YAML, parsed with ``yaml.safe_load``; nothing is evaluated)::
     #                                                   # per_epoch is true unless set, false: the best model only)
 
 The evaluation's ``test_subset: N`` and the Hessian's ``n`` take the first N points of the run's test split
-round-robin over its classes (``fastrobust.data.balanced_head``): the test splits are sorted by class, so a
-plain prefix would cover a few classes only. ``eval.json`` and ``hessian.json`` store that point set
+round-robin over its classes (``fastrobust.data.balanced_head``), class-balanced whatever the order of the
+split's source (an official order is not exactly balanced). ``eval.json`` and ``hessian.json`` store that point set
 (``points``); one stored with another point set, or without one (written before the points were
 class-balanced), is evaluated again.
 
