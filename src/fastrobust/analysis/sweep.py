@@ -21,8 +21,8 @@ A spec (YAML, parsed with ``yaml.safe_load``; nothing is evaluated)::
     #                                                   # per_epoch is true unless set, false: the best model only)
 
 The evaluation's ``test_subset: N`` and the Hessian's ``n`` take the first N points of the run's test split
-round-robin over its classes (``fastrobust.data.balanced_head``): the test splits are sorted by class, so a
-plain prefix would cover a few classes only. ``eval.json`` and ``hessian.json`` store that point set
+round-robin over its classes (``fastrobust.data.balanced_head``), class-balanced whatever the order of the
+split's source (an official order is not exactly balanced). ``eval.json`` and ``hessian.json`` store that point set
 (``points``); one stored with another point set, or without one (written before the points were
 class-balanced), is evaluated again.
 
@@ -674,7 +674,7 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
             continue
         failures = None  # a run finished: later failures are the runs' own
         sweep_file.set(index, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **_summary(run_dir))
-        log(f"[{index + 1}/{len(runs)}] {run.name}: done ({_short_summary(run_dir)})")
+        log(f"[{index + 1}/{len(runs)}] {run.name}: done ({short_summary(run_dir)})")
     sweep_file.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     sweep_file.save()
     return sweep_file.data
@@ -697,10 +697,22 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _short_summary(run_dir: Path) -> str:
+def short_summary(run_dir: Path) -> str:
+    """The result of a finished run in a few words, for its one ``done`` line (kept under ``--quiet``).
+
+    Args:
+        run_dir: the run folder (its ``result.json`` and, after the sweep's extra evaluation, ``eval.json``).
+
+    Returns:
+        test accuracies and training seconds, then ``eval at eps EPS: attack acc ...`` for every eps evaluated.
+    """
     summary = _summary(run_dir)
     test = summary.get("test", {})
     parts = [f"{k} {v:.4f}" for k, v in test.items() if k.endswith("_acc") and isinstance(v, (int, float))]
     if summary.get("train_seconds") is not None:
         parts.append(f"{summary['train_seconds']:.0f}s")
+    for eps, accuracies in (summary.get("eval") or {}).items():
+        shown = [f"{name} {acc:.4f}" for name, acc in accuracies.items() if isinstance(acc, (int, float))]
+        if shown:
+            parts.append(f"eval at eps {eps}: {' '.join(shown)}")
     return ", ".join(parts)

@@ -11,6 +11,7 @@ from pathlib import Path
 from fastrobust.cli.run_info import dataset_or_run_dataset
 from fastrobust.cli.run_info import run_eps as _run_eps
 from fastrobust.cli.run_info import trained_on as _trained_on
+from fastrobust.core.values import pixel_text
 from fastrobust.errors import ConfigError, FastRobustError
 
 
@@ -152,7 +153,6 @@ def _run(args: argparse.Namespace) -> int:
         check_eps_fits,
         check_nonnegative_int,
         check_positive_int,
-        pixel_text,
     )
     from fastrobust.data import load_dataset  # startup
     from fastrobust.evaluate import evaluate, query_budget  # startup
@@ -279,10 +279,11 @@ def _model_text(model, source: dict) -> str:
     architecture = config.get("name") or source.get("architecture") or type(model).__name__
     params = sum(p.numel() for p in model.parameters())
     normalization = source.get("normalization") or {}
-    values = "" if normalization.get("mean") is None else \
+    how = normalization.get("how", "none")
+    said = "mean" in how  # "given: mean [...], std [...]" and the module's own buffers already name the values
+    values = "" if normalization.get("mean") is None or said else \
         f" mean {_rounded(normalization['mean'])}, std {_rounded(normalization['std'])}"
-    return (f"model {architecture}, {params:,} parameters, input normalisation {normalization.get('how', 'none')}"
-            f"{values}")
+    return f"model {architecture}, {params:,} parameters, input normalisation {how}{values}"
 
 
 def _loaded_text(source: dict) -> str:
@@ -305,10 +306,14 @@ def _loaded_text(source: dict) -> str:
     return "loaded: " + "; ".join(parts)
 
 
+AUTOATTACK_FAST_NOTE = ("note: autoattack-fast runs APGD-CE and APGD-T only, a subset of the standard AutoAttack: "
+                        "its accuracy is an upper bound of standard AutoAttack's (--attack autoattack gives that)")
+
+
 def print_summary(record: dict, file=sys.stdout) -> None:
     """A small table: one row per attack, then the worst case and the sanity flags."""
     eps = record["eps"]
-    eps_text = f"{eps:.4g}" + (f" ({eps * 255:.3g}/255)" if record["norm"] == "linf" else "")
+    eps_text = pixel_text(eps) if record["norm"] == "linf" else f"{eps:.4g}"  # 8/255, as train prints it
     print(f"{record.get('checkpoint', record['model'])} on {record.get('dataset', '?')}: n={record['n']}, "
           f"{record['norm']} eps={eps_text}, device {record['device']}", file=file)
     loaded = _loaded_text(record.get("model_source") or {})
@@ -338,6 +343,8 @@ def print_summary(record: dict, file=sys.stdout) -> None:
         print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)
     if record["robust_acc"] is not None:
         print(f"{'worst case':<20} {record['robust_acc']:>9.2%}", file=file)
+    if "autoattack-fast" in record["attacks"]:
+        print(AUTOATTACK_FAST_NOTE, file=file)
     for name, reason in record.get("skipped", {}).items():
         print(f"skipped {name}: {reason}", file=file)
     for flag in record.get("sanity", []):

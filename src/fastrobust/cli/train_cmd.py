@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastrobust.core.values import check_positive_int, parse_number
+from fastrobust.core.values import check_positive_int, parse_number, pixel_text
 from fastrobust.errors import ConfigError, FastRobustError
+
+PRESET_TEXT_WIDTH = 110  # --list-presets wraps each description to this many characters
 
 # flag -> TrainConfig field, for flags that map one to one
 _FLAGS = {
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--preset", help="a shipped preset name (see --list-presets) or a YAML file")
     parser.add_argument("--list-presets", action="store_true",
-                        help="print the shipped presets with what each is (--json: the full descriptions) and exit")
+                        help="print the shipped presets, each with its full description (--json: as JSON) and exit")
     parser.add_argument("--method", help="training method (fastrobust methods lists them)")
     parser.add_argument("--model", help="model name (fastrobust models lists them)")
     parser.add_argument("--activation", help="activation for every ReLU of the model (SAT: silu, gelu, ...)")
@@ -109,17 +112,18 @@ def collect_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def list_presets(as_json: bool) -> None:
-    """Each shipped preset with the first clause of its description (``as_json``: the full descriptions)."""
-    from fastrobust.train.presets import preset_descriptions, summary_line  # startup
+    """Each shipped preset with its full description, wrapped under its name (``as_json``: a JSON object)."""
+    from fastrobust.train.presets import preset_descriptions  # startup
 
     described = preset_descriptions()
     if as_json:
         print(json.dumps(described, indent=2, sort_keys=True))
         return
-    width = max(map(len, described))
     for name, text in described.items():
-        print(f"{name:<{width}}  {summary_line(text)}".rstrip())
-    print("(--list-presets --json prints the full descriptions; use one with --preset NAME)")
+        print(name)
+        print(textwrap.fill(text, width=PRESET_TEXT_WIDTH, initial_indent="    ", subsequent_indent="    ",
+                            break_on_hyphens=False))
+    print("(use one with --preset NAME; --list-presets --json prints the same as JSON)")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
@@ -229,7 +233,7 @@ def _train(args: argparse.Namespace) -> int:
         robust_key = next(key for key in test if key.startswith("pgd"))
         print(
             f"{result['config']['method']}: test clean {test['clean_acc']:.4f}, {robust_key[:-4].upper()} "
-            f"{test[robust_key]:.4f} (n={test['n']}, eps={test['eps']:.4f}); {describe_best(result)}; "
+            f"{test[robust_key]:.4f} (n={test['n']}, eps={pixel_text(test['eps'])}); {describe_best(result)}; "
             f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
         )
     return 0

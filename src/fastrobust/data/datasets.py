@@ -26,7 +26,7 @@ from tqdm import tqdm
 from fastrobust.data import formats
 from fastrobust.errors import ConfigError, DataError
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: splits of class-sorted sources stored class-interleaved (older caches are class-sorted)
 VAL_SEED = 20240601  # fixed: the validation split never depends on the run seed
 
 
@@ -351,8 +351,9 @@ def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: s
                      by_name: bool = False) -> Raw:
     """``<prefix>/<split>/<class>/<image>`` from a folder or archive; class ids by ``class_order`` or sorted names.
 
-    Images are ordered by class, then by file name (natural order); with ``by_name`` by file name only
-    (the MNIST PNG mirror names files by their index in the official files, so this restores that order).
+    Images are stored class-interleaved (``interleave_classes``: the first image of every class, then the
+    second, ..., each class in file-name order), so any prefix is class-balanced; with ``by_name`` by file name
+    only (the MNIST PNG mirror names files by their index in the official files, so this restores that order).
     """
     members = formats.read_members(str(path), formats.is_image)
     layout: dict[str, dict[str, list[str]]] = {}
@@ -405,7 +406,9 @@ def _read_image_tree(path: Path, *, class_order: tuple[str, ...] | None, mode: s
                 labels.append(index[name])
         if by_name:
             order = sorted(range(len(files)), key=lambda i: formats.natural_key(files[i].rsplit("/", 1)[-1]))
-            files, labels = [files[i] for i in order], [labels[i] for i in order]
+        else:
+            order = interleave_classes(np.asarray(labels, dtype=np.int64)).tolist()
+        files, labels = [files[i] for i in order], [labels[i] for i in order]
         blobs = [members.pop(rel) for rel in files]
         images = formats.decode_many(blobs, files, mode=mode, size=size, source=str(path))
         if len(images):
@@ -458,6 +461,8 @@ def _read_tiny(path: Path) -> Raw:
             raise DataError(f"{path}: empty class {wnid!r}: no images in {prefix}train/{wnid}/images/")
         train_files += files
         train_labels += [index[wnid]] * len(files)
+    order = interleave_classes(np.asarray(train_labels, dtype=np.int64)).tolist()  # val/ keeps its official order
+    train_files, train_labels = [train_files[i] for i in order], [train_labels[i] for i in order]
     test_files, test_labels = [], []
     for line in annotations.decode("utf-8", "replace").splitlines():
         fields = line.split("\t")
@@ -740,6 +745,23 @@ def _rank_within_class(labels: np.ndarray, priority: np.ndarray) -> np.ndarray:
     return rank
 
 
+def interleave_classes(labels: np.ndarray) -> np.ndarray:
+    """The class-interleaved order of a split whose source lists its images class by class.
+
+    Round-robin over the classes in class-id order, each class in its own (file) order: the first image of
+    class 0, of class 1, ..., then the second of each; a class that runs out drops out of the rotation. Any
+    prefix of the result is then as class-balanced as the counts allow.
+
+    Args:
+        labels: int64 [N] class ids in file order.
+
+    Returns:
+        int64 [N] indices into ``labels``, the new order.
+    """
+    rank = _rank_within_class(labels, np.arange(len(labels)))
+    return _balanced_order(labels, int(labels.max()) + 1 if len(labels) else 0, rank)
+
+
 def balanced_take(labels: np.ndarray, count: int, num_classes: int, *, seed: int | None) -> np.ndarray:
     """``count`` indices balanced across classes (round-robin), sorted; random within class if ``seed``."""
     n = len(labels)
@@ -756,8 +778,9 @@ def balanced_head(images: torch.Tensor, labels: torch.Tensor, count: int | None)
     """The first ``count`` points of a split taken round-robin over its classes (the first of each class,
     then the second, ...), kept in split order; the whole split when ``count`` is None or not smaller.
 
-    Use this instead of ``images[:count]``: the test splits here are sorted by class (CIFAR-10's first 1,000
-    test images are all airplanes), so a plain prefix evaluates a few classes only.
+    Use this instead of ``images[:count]`` on a split whose order you do not know: splits decoded from
+    class-sorted sources are stored class-interleaved (a prefix is balanced; this returns that prefix), but an
+    official order (CIFAR-10's python batches, MNIST IDX, SVHN) or a split of your own may be class-sorted.
     """
     if count is None or count >= len(labels):
         return images, labels
@@ -782,16 +805,27 @@ def _check_count(value, *, name: str, allow_zero: bool) -> int | None:
 
 
 # --------------------------------------------------------------------------- load_dataset
-def _how_to_provide(spec: Spec, *, downloaded: bool = False) -> str:
-    """The ways to provide ``spec``'s files; ``downloaded``: a download was just tried (and failed), so the
-    advice is to fetch the files elsewhere and point to them, not to download again."""
+def _how_to_provide(spec: Spec) -> str:
+    """The fix when ``spec``'s files are not found: where to get them and how to point to them."""
     urls = ", ".join(d.url for d in spec.downloads)
-    where = (f"official download: {urls}. Provide the files in one of those places and point to their folder with "
-             f"--data-root DIR or FASTROBUST_DATA=DIR")
-    if downloaded:
-        return where + " (fetch them on a machine with a network if this one has none)"
-    return (where + f", or, with a network, leave both unset to download them once into ~/.cache/fastrobust/data "
-            f"(or run `fastrobust data {spec.name} --download --data-root DIR` to fetch them into the root given)")
+    return (f"Fix: put the official files ({urls}) in a folder and give it with --data-root DIR or "
+            f"FASTROBUST_DATA=DIR, or leave both unset to download them once into ~/.cache/fastrobust/data "
+            f"(`fastrobust data {spec.name} --download --data-root DIR` fetches them into DIR)")
+
+
+def _download_failed(key: str, spec: Spec, error: DataError) -> str:
+    """One short line for a failed download: what failed, and the two ways on."""
+    files = ", ".join(d.filename for d in spec.downloads)
+    return (f"{key}: download failed: {error}. Fix: run it again with a network (a partial download resumes), or "
+            f"fetch {files} elsewhere and give its folder with --data-root DIR or FASTROBUST_DATA=DIR")
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` as a name under ``root`` when it is one (shorter messages), else in full."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def locate(name: str, root: Path) -> tuple[Candidate | None, list[Candidate]]:
@@ -878,23 +912,22 @@ def load_dataset(
         if root_path.exists() and not root_path.is_dir():
             raise DataError(f"data root {root_path} is not a folder")
         candidate, looked = locate(key, root_path)
-        failure = ""
         if candidate is None and download:
             missing = [p for p in (root_path, *root_path.parents) if not p.exists()]  # made by the download
             try:
                 for item in spec.downloads:
                     download_file(item, root_path)
             except DataError as error:
-                failure = f" Download failed: {error}."
                 for folder in missing:  # innermost first; a partial download (FILE.part) stays, to be resumed
                     with contextlib.suppress(OSError):
                         folder.rmdir()
+                raise DataError(_download_failed(key, spec, error)) from None
             candidate, looked = locate(key, root_path)
         if candidate is None:
-            places = "; ".join(f"{c.path}" + (f" (+ {', '.join(str(p.name) for p in c.requires)})" if c.requires else "")
-                               for c in looked)
-            raise DataError(f"{key} not found under data root {root_path}. Looked at: {places}.{failure} "
-                            f"{_how_to_provide(spec, downloaded=bool(failure))}")
+            places = ", ".join(_relative(c.path, root_path) + (f" (+ {', '.join(p.name for p in c.requires)})"
+                                                                if c.requires else "") for c in looked)
+            raise DataError(f"{key} not found under data root {root_path} (looked for {places}). "
+                            f"{_how_to_provide(spec)}")
 
     cache_root = resolve_cache_dir(cache_dir)
     meta, arrays = _load_or_decode(key, candidate, cache_root)

@@ -90,7 +90,7 @@ def sanity_checks(
     Robustness"): whether a robust accuracy can be believed. See the module docstring for each check.
 
     The checks run on the first ``n`` points of ``data`` taken round-robin over its classes
-    (``fastrobust.data.balanced_head``: a plain prefix of a class-sorted test split is one class).
+    (``fastrobust.data.balanced_head``: a plain prefix of a split in a class-sorted order would be one class).
 
     Args:
         model: as for ``evaluate`` (same input contract).

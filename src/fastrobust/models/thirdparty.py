@@ -192,7 +192,8 @@ def _outside_normalization(module: nn.Module, normalization: Normalization | Non
 # --------------------------------------------------------------------------- user code
 def load_factory(spec: str) -> tuple[Callable[..., nn.Module], str]:
     """``FILE.py:FUNCTION`` -> (the function, its label). **Runs FILE.py** (as ``python FILE.py`` would, minus
-    ``__main__``); errors in it are reported with the file and line."""
+    ``__main__``): FILE's folder goes first on the import path, so FILE can import the modules beside it; errors
+    in it are reported with the file and line."""
     text = str(spec)
     file, _, function = text.rpartition(":")
     if not file or not function.isidentifier():
@@ -201,6 +202,7 @@ def load_factory(spec: str) -> tuple[Callable[..., nn.Module], str]:
     if path.suffix != ".py" or not path.is_file():
         raise ConfigError(f"--model-factory {text!r}: {path} is not a Python file")
     name = f"fastrobust_factory_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
+    _import_beside(path)
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
@@ -213,6 +215,13 @@ def load_factory(spec: str) -> tuple[Callable[..., nn.Module], str]:
     if not callable(factory):
         raise ConfigError(f"--model-factory {text!r}: {path} defines no function {function!r}")
     return factory, f"{path}:{function}"
+
+
+def _import_beside(path: Path) -> None:
+    """Put the folder of a user's file first on ``sys.path`` (kept: the factory may import lazily when called)."""
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def _where(error: BaseException, path: Path) -> str:

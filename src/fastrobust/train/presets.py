@@ -7,7 +7,6 @@ with the same strict grammar as the command line.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,6 @@ def preset_descriptions() -> dict[str, str]:
             text = ""
         described[name] = " ".join(str(text or "").split())
     return described
-
-
-def summary_line(description: str, width: int = 110) -> str:
-    """The description's first sentence (up to ". " or " -- "), cut after a word to ``width`` characters."""
-    head = re.split(r" -- |\. ", description, maxsplit=1)[0].rstrip(".")
-    if len(head) <= width:
-        return head
-    cut = max(head.rfind(", ", 0, width - 3), head.rfind("; ", 0, width - 3), head.rfind(" ", 0, width - 3))
-    return head[:cut].rstrip(" ,;(") + "..."
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
