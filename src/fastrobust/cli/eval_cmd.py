@@ -308,6 +308,17 @@ def _loaded_text(source: dict) -> str:
     return "loaded: " + "; ".join(parts)
 
 
+def _per_point(record: dict, name: str, kind: str) -> str:
+    """Passes of kind ``kind`` per point attacked by ``name`` (the clean pass: per point), as a short number."""
+    if name == "clean":
+        cost = {"forward_per_point": record["cost"]["clean"]["forward"] / max(record["n"], 1),
+                "backward_per_point": 0.0} if "cost" in record else {}
+    else:
+        cost = record["attacks"][name].get("cost", {})
+    value = cost.get(f"{kind}_per_point")
+    return "" if value is None else f"{value:.4g}"
+
+
 def print_summary(record: dict, file=sys.stdout) -> None:
     """A small table: one row per attack, then the worst case and the sanity flags."""
     eps = record["eps"]
@@ -317,8 +328,10 @@ def print_summary(record: dict, file=sys.stdout) -> None:
     loaded = _loaded_text(record.get("model_source") or {})
     if loaded:
         print(loaded, file=file)
-    print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9}  notes", file=file)
-    print(f"{'clean':<20} {record['clean_acc']:>9.2%} {'':>7} {'':>9}", file=file)
+    print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9} {'fwd/pt':>8} {'bwd/pt':>8}  notes",
+          file=file)
+    print(f"{'clean':<20} {record['clean_acc']:>9.2%} {'':>7} {'':>9} {_per_point(record, 'clean', 'forward'):>8} "
+          f"{_per_point(record, 'clean', 'backward'):>8}", file=file)
     for name, entry in record["attacks"].items():
         if name == "clean":
             continue
@@ -338,9 +351,15 @@ def print_summary(record: dict, file=sys.stdout) -> None:
             notes = f"all of {entry['transformations']} rotations/translations (not in the worst case)"
         if entry.get("non_finite"):
             notes += f"{', ' if notes else ''}{entry['non_finite']} non-finite (counted as broken)"
-        print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)
+        print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f} "
+              f"{_per_point(record, name, 'forward'):>8} {_per_point(record, name, 'backward'):>8}  {notes}", file=file)
     if record["robust_acc"] is not None:
         print(f"{'worst case':<20} {record['robust_acc']:>9.2%}", file=file)
+    cost = record.get("cost")
+    if cost:
+        print(f"cost: {cost['forward']:,} forward and {cost['backward']:,} backward passes of the model (rows), "
+              f"{cost['seconds']:.1f} s ({cost['process_seconds']:.1f} s process) on {cost['device']}, "
+              f"{cost['precision']}; fwd/pt, bwd/pt: passes per point attacked", file=file)
     for name, reason in record.get("skipped", {}).items():
         print(f"skipped {name}: {reason}", file=file)
     for flag in record.get("sanity", []):
