@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastrobust.analysis.report import build_report
 from fastrobust.attacks import autoattack
 from fastrobust.cli import main
 from fastrobust.core.passes import CountedModel
@@ -17,6 +18,7 @@ from fastrobust.models import create
 from fastrobust.models.checkpoint import save_model
 
 from helpers import write_cifar10_archive
+from test_report import write_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,3 +174,15 @@ def test_eval_prints_the_cost_column_and_json(cli):
     if correct:
         assert " 21 " in row and " 20 " in row, row
     assert f"{record['cost']['forward']:,} forward" in out and "float32" in out
+
+
+def test_the_report_states_the_passes_per_point(tmp_path):
+    """``fastrobust report`` says what each extra evaluation cost, from the records' compute column."""
+    root = tmp_path / "runs"
+    write_run(root, "trades", "trades", 0, 0.82, 0.53, 600.0)
+    record = {"eps": 8 / 255, "n": 10, "clean_acc": 0.7, "robust_acc": 0.5,
+              "attacks": {"pgd100": {"robust_acc": 0.5, "settings": {},
+                                     "cost": {"forward_per_point": 101.0, "backward_per_point": 100.0}}}}
+    (root / "trades" / "eval.json").write_text(json.dumps({"model": "best.safetensors", "evaluations": [record]}))
+    build_report(root, tmp_path / "r", html_page=False)
+    assert "pgd100 [101 forward + 100 backward passes per point]" in (tmp_path / "r" / "report.md").read_text()
