@@ -214,7 +214,10 @@ def evaluate(
     Returns:
         The record (docs/evaluation.md, "The record"): ``n``, ``clean_acc``, ``robust_acc`` (worst case),
         ``attacks`` (per attack: ``robust_acc``, ``robust``, ``broken``, ``non_finite``, the settings it ran with,
-        seconds, and what the attack adds), ``warnings``, ``versions``, ``device``, ``seed``.
+        seconds, its ``cost`` and what the attack adds), ``warnings``, ``versions``, ``device``, ``seed``, and
+        ``cost``: the passes of the model (forward and backward rows, counted at its call for every attack, the
+        clean pass and the pre-checks), wall and process seconds summed over the batches, device and precision
+        (docs/evaluation.md, "What an evaluation cost").
 
     Raises:
         ConfigError: a bad value (eps, norm, an attack name or setting, the input contract, a model whose number
