@@ -290,9 +290,10 @@ def test_broken_by_follows_the_attack_order():
     from fastrobust.evaluate.state import EvaluationState
 
     settings = {"autoattack": {"options": {"apgd-ce": {}, "apgd-t": {}, "fab-t": {}, "square": {}}}}
+    cost = {"forward": 0, "backward": 0, "process_seconds": 0.0}  # each batch's passes (state version 3)
     batch = {"robust": [False] * 4, "non_finite": [0] * 4, "seconds": 0.0,
-             "broken_by": ["square", "apgd-t", "apgd-ce", "square"]}
-    state = EvaluationState(clean={"0": [True] * 4}, clean_non_finite={"0": [0] * 4},
+             "broken_by": ["square", "apgd-t", "apgd-ce", "square"], **cost}
+    state = EvaluationState(clean={"0": [True] * 4}, clean_non_finite={"0": [0] * 4}, clean_cost={"0": cost},
                             attacks={"autoattack": {"batches": {"0": batch}}})
     record = build_record(nn.Identity(), state, ["autoattack"], settings, {}, eps=8 / 255, norm="linf", n=4,
                           n_batches=1, batch_size=4, seed=0, device=torch.device("cpu"), seconds=0.0, num_classes=10,

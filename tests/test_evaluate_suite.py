@@ -110,6 +110,8 @@ def strip_timing(record):
     record = json.loads(json.dumps(record))
     record.pop("seconds")
     record.pop("model")
+    for cost in [record["cost"]] + [entry["cost"] for entry in record["attacks"].values()]:
+        cost.pop("seconds"), cost.pop("process_seconds")  # the passes stay: a resume must report the same
     for entry in record["attacks"].values():
         entry.pop("seconds")
     return record

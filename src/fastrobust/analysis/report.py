@@ -751,21 +751,35 @@ def describe_runs(runs: list[Run]) -> tuple[list[str], bool]:
 def _eval_description(runs: list[Run]) -> str:
     attacks: dict[str, Any] = {}
     ns: dict[str, None] = {}
+    passes: dict[str, list[tuple[float, float]]] = {}  # per attack: (forward, backward) per point of each record
     for run in runs:
         for record in run.evaluations:
             ns[run.eval_points(record)] = None
             for name, entry in record.get("attacks", {}).items():
                 attacks.setdefault(name, entry.get("settings"))
+                cost = entry.get("cost") or {}
+                if _number(cost.get("forward_per_point")) is not None:
+                    passes.setdefault(name, []).append((cost["forward_per_point"], cost["backward_per_point"]))
     if not attacks:
         return ""
     parts = []
     for name, settings in attacks.items():
         if name in ("autoattack", "autoattack-fast") and isinstance(settings, dict):
             comps = ", ".join(f"{c} ({', '.join(f'{k}={v}' for k, v in s.items())})" for c, s in settings.get("options", {}).items())
-            parts.append(f"{name}: {comps}")
+            parts.append(f"{name}: {comps}{_passes_text(passes.get(name))}")
         else:
-            parts.append(name)
+            parts.append(f"{name}{_passes_text(passes.get(name))}")
     return f"Extra evaluation (eval.json) on {' / '.join(ns)} test points: " + "; ".join(parts)
+
+
+def _passes_text(per_point: list[tuple[float, float]] | None) -> str:
+    """The compute column of an attack in words: its mean forward and backward passes per point attacked (over
+    the records that state them), or nothing for records written before evaluations counted them."""
+    if not per_point:
+        return ""
+    forward = sum(f for f, _ in per_point) / len(per_point)
+    backward = sum(b for _, b in per_point) / len(per_point)
+    return f" [{forward:.4g} forward + {backward:.4g} backward passes per point]"
 
 
 # ----------------------------------------------------------------------------------------- writing

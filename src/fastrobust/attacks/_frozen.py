@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastrobust.core.gradients import grad_or_zeros
+from fastrobust.core.passes import count_like
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy
@@ -64,13 +65,20 @@ def frozen_copies(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:
     token = _token(model, x)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == token:
-        return cached[1]
+        return _counted(model, cached[1])
     copies = _build(model, x, y)
     try:
         _CACHE[model] = (token, copies)
     except TypeError:  # not weak-referenceable: no caching
         pass
-    return copies
+    return _counted(model, copies)
+
+
+def _counted(model: nn.Module, copies: FrozenCopies) -> FrozenCopies:
+    """The copies' passes counted as the model's (``core.passes``): a copy evaluated instead of the model is an
+    evaluation of the model."""
+    return copies._replace(grad_model=count_like(model, copies.grad_model),
+                           query_model=count_like(model, copies.query_model))
 
 
 def _build(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:

@@ -53,7 +53,23 @@ def register(subparsers) -> None:
                              "trained and tested at, else the CIFAR-10 budgets of AutoAttack and RobustBench, "
                              "8/255 for linf and 0.5 for l2")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
-    parser.add_argument("--test-subset", default=None, help="evaluate the first N test points (class-balanced)")
+    parser.add_argument("--test-subset", default=None,
+                        help="evaluate N test points: class-balanced, or with --protocol the first N of the test "
+                             "order")
+    parser.add_argument("--protocol", default=None, choices=PROTOCOL_CHOICES,
+                        help="a leaderboard's protocol: robustbench = standard AutoAttack at the dataset's standard "
+                             "eps (CIFAR-10/100 linf 8/255, CIFAR-10 l2 0.5) on the first N points of the official "
+                             "test order (all by default; --test-subset N), clean accuracy on the same points, and "
+                             "the leaderboard's model_info fields (--model-info FILE)")
+    parser.add_argument("--cross-check", default=None, metavar="K",
+                        help="with --protocol: also run the official AutoAttack (pip install pyautoattack) on K "
+                             "random points of those and report the per-point agreement")
+    parser.add_argument("--allow-other-order", action="store_true",
+                        help="with --protocol: proceed on data whose test order is not the official one (a "
+                             "class-sorted copy); its first N points are then not the leaderboard's")
+    parser.add_argument("--model-info", default=None, metavar="FILE.json",
+                        help="with --protocol: write the leaderboard's model_info JSON (clean_acc, autoattack_acc, "
+                             "eps, dataset, threat_model, architecture, ..., and the cost) to this file")
     parser.add_argument("--batch-size", default="256", help="batch size (default 256)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--queries", default=None,
@@ -86,6 +102,7 @@ def _device(name: str | None):
 
 # the usual CIFAR-10 budgets (AutoAttack, Croce & Hein 2020; RobustBench, Croce et al. 2021): l_inf 8/255, l_2 0.5
 DEFAULT_EPS = {"linf": "8/255", "l2": "0.5"}
+PROTOCOL_CHOICES = ("robustbench",)  # fastrobust.evaluate.leaderboard.PROTOCOLS (not imported at startup)
 SANITY_FAILED = 3  # exit status of `eval --sanity` when a check fails (the record is still printed and written)
 
 
@@ -121,6 +138,27 @@ def _check_files(args: argparse.Namespace) -> None:
         read_state_file(args.state)
         if args.out is not None and Path(args.out).resolve() == Path(args.state).resolve():
             raise ConfigError(f"--out and --state are the same file {args.out}: give two paths")
+    if args.model_info is not None:
+        check_writable(args.model_info, what="--model-info", example="model_info.json")
+        for flag, other in (("--out", args.out), ("--state", args.state)):
+            if other is not None and Path(other).resolve() == Path(args.model_info).resolve():
+                raise ConfigError(f"--model-info and {flag} are the same file {other}: give two paths")
+
+
+def _check_protocol(args: argparse.Namespace) -> None:
+    """The options that --protocol fixes are refused with it, and its own options without it."""
+    if args.protocol is None:
+        given = [flag for flag, value in (("--cross-check", args.cross_check), ("--model-info", args.model_info),
+                                          ("--allow-other-order", args.allow_other_order)) if value]
+        if given:
+            raise ConfigError(f"{given[0]} belongs to --protocol: add --protocol robustbench, or drop {given[0]}")
+        return
+    if args.attack:
+        raise ConfigError(f"--attack {' '.join(args.attack)} with --protocol {args.protocol}: the protocol runs "
+                          "standard AutoAttack and the clean pass; drop --attack (or drop --protocol)")
+    if args.queries is not None:
+        raise ConfigError(f"--queries {args.queries} with --protocol {args.protocol}: the protocol runs standard "
+                          "AutoAttack with its published budget; drop --queries (or drop --protocol)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,9 +194,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     from fastrobust.data import load_dataset  # startup
     from fastrobust.evaluate import evaluate, query_budget  # startup
+    from fastrobust.evaluate.leaderboard import check_official_order, robustbench_evaluation, standard_eps  # startup
     from fastrobust.models.checkpoint import data_mismatch, load_model  # startup
 
+    _check_protocol(args)
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
+    cross_check = 0 if args.cross_check is None else check_nonnegative_int(args.cross_check, name="--cross-check")
     batch_size = check_positive_int(args.batch_size, name="--batch-size")
     seed = check_nonnegative_int(args.seed, name="--seed")
     test_subset = None if args.test_subset is None else check_positive_int(args.test_subset, name="--test-subset")
@@ -170,7 +211,8 @@ def _run(args: argparse.Namespace) -> int:
     trained_on, run_folder = _trained_on(Path(args.checkpoint))
     args.dataset = dataset_or_run_dataset(args.dataset, trained_on, run_folder, command="eval", say=ctx.is_main)
 
-    run_eps = _run_eps(run_folder) if args.eps is None and args.norm == "linf" else None
+    # the protocol's eps is the leaderboard's (below, once the dataset is known)
+    run_eps = _run_eps(run_folder) if args.eps is None and args.norm == "linf" and not args.protocol else None
     if run_eps is not None and abs(run_eps - eps) > 1e-9:  # a run at another eps is evaluated at its own eps
         eps = check_eps(run_eps, name="--eps", norm=args.norm)
         if ctx.is_main:
@@ -183,7 +225,11 @@ def _run(args: argparse.Namespace) -> int:
         config = metadata.get("model") or {}
         source = {"format": "fastrobust", "normalization": {"mean": config.get("mean"), "std": config.get("std"),
                                                            "how": "from the weights (fastrobust model)"}}
-    dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=test_subset)  # only test is read
+    # only test is read; the protocol takes the first N points of the test order itself
+    dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=None if args.protocol else test_subset)
+    if args.protocol:  # refused before the model is loaded or any attack runs
+        check_official_order(dataset, args.allow_other_order)
+        eps = standard_eps(dataset.name, args.norm, args.eps)
     check_eps_fits(eps, args.norm, dataset.image_shape, name="--eps")
     if trained_on is not None and dataset.name != trained_on and ctx.is_main:
         print(f"fastrobust eval: warning: run {run_folder} was trained on {trained_on}, evaluated here on "
@@ -224,9 +270,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():  # said above in the command's words (and in the record's warnings)
             warnings.filterwarnings("ignore", message=r"l2 radius .* is small for", category=UserWarning)
-            record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
-                              device=device, state_file=args.state, progress=not args.quiet, seed=seed,
-                              attack_options=options, distributed=ctx.active)
+            if args.protocol:
+                record = robustbench_evaluation(
+                    model, dataset, n=test_subset, eps=eps, norm=args.norm, cross_check=cross_check,
+                    allow_other_order=args.allow_other_order, architecture=_architecture(model, source),
+                    batch_size=batch_size, device=device, state_file=args.state, progress=not args.quiet, seed=seed,
+                    distributed=ctx.active)
+            else:
+                record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
+                                  device=device, state_file=args.state, progress=not args.quiet, seed=seed,
+                                  attack_options=options, distributed=ctx.active)
             if args.sanity and ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
                 from fastrobust.evaluate.sanity import sanity_checks  # startup
 
@@ -250,6 +303,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(record, sort_keys=True))
     else:
         print_summary(record, file=sys.stdout)
+    if args.model_info:
+        from fastrobust.core.files import atomic_write_json  # startup
+
+        atomic_write_json(args.model_info, record["model_info"])
     if args.out:
         out = Path(args.out)
         try:
@@ -273,10 +330,15 @@ def _rounded(values) -> list:
     return [float(f"{v:.4g}") for v in values] if isinstance(values, (list, tuple)) else values
 
 
+def _architecture(model, source: dict) -> str:
+    """The model's architecture as a person names it: the zoo name, the recognised layout, else its class."""
+    config = getattr(model, "fastrobust_config", None) or {}
+    return config.get("name") or source.get("architecture") or type(model).__name__
+
+
 def _model_text(model, source: dict) -> str:
     """One line on the model about to be evaluated: architecture, parameter count, input normalisation."""
-    config = getattr(model, "fastrobust_config", None) or {}
-    architecture = config.get("name") or source.get("architecture") or type(model).__name__
+    architecture = _architecture(model, source)
     params = sum(p.numel() for p in model.parameters())
     normalization = source.get("normalization") or {}
     how = normalization.get("how", "none")
@@ -310,6 +372,17 @@ AUTOATTACK_FAST_NOTE = ("note: autoattack-fast runs APGD-CE and APGD-T only, a s
                         "its accuracy is an upper bound of standard AutoAttack's (--attack autoattack gives that)")
 
 
+def _per_point(record: dict, name: str, kind: str) -> str:
+    """Passes of kind ``kind`` per point attacked by ``name`` (the clean pass: per point), as a short number."""
+    if name == "clean":
+        cost = {"forward_per_point": record["cost"]["clean"]["forward"] / max(record["n"], 1),
+                "backward_per_point": 0.0} if "cost" in record else {}
+    else:
+        cost = record["attacks"][name].get("cost", {})
+    value = cost.get(f"{kind}_per_point")
+    return "" if value is None else f"{value:.4g}"
+
+
 def print_summary(record: dict, file=sys.stdout) -> None:
     """A small table: one row per attack, then the worst case and the sanity flags."""
     eps = record["eps"]
@@ -319,8 +392,10 @@ def print_summary(record: dict, file=sys.stdout) -> None:
     loaded = _loaded_text(record.get("model_source") or {})
     if loaded:
         print(loaded, file=file)
-    print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9}  notes", file=file)
-    print(f"{'clean':<20} {record['clean_acc']:>9.2%} {'':>7} {'':>9}", file=file)
+    print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9} {'fwd/pt':>8} {'bwd/pt':>8}  notes",
+          file=file)
+    print(f"{'clean':<20} {record['clean_acc']:>9.2%} {'':>7} {'':>9} {_per_point(record, 'clean', 'forward'):>8} "
+          f"{_per_point(record, 'clean', 'backward'):>8}", file=file)
     for name, entry in record["attacks"].items():
         if name == "clean":
             continue
@@ -340,13 +415,32 @@ def print_summary(record: dict, file=sys.stdout) -> None:
             notes = f"all of {entry['transformations']} rotations/translations (not in the worst case)"
         if entry.get("non_finite"):
             notes += f"{', ' if notes else ''}{entry['non_finite']} non-finite (counted as broken)"
-        print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f}  {notes}", file=file)
+        print(f"{name:<20} {entry['robust_acc']:>9.2%} {entry['broken']:>7} {entry['seconds']:>9.1f} "
+              f"{_per_point(record, name, 'forward'):>8} {_per_point(record, name, 'backward'):>8}  {notes}", file=file)
     if record["robust_acc"] is not None:
         print(f"{'worst case':<20} {record['robust_acc']:>9.2%}", file=file)
     if "autoattack-fast" in record["attacks"]:
         print(AUTOATTACK_FAST_NOTE, file=file)
+    cost = record.get("cost")
+    if cost:
+        print(f"cost: {cost['forward']:,} forward and {cost['backward']:,} backward passes of the model (rows), "
+              f"{cost['seconds']:.1f} s ({cost['process_seconds']:.1f} s process) on {cost['device']}, "
+              f"{cost['precision']}; fwd/pt, bwd/pt: passes per point attacked", file=file)
     for name, reason in record.get("skipped", {}).items():
         print(f"skipped {name}: {reason}", file=file)
+    protocol = record.get("protocol")
+    if protocol:
+        info = record["model_info"]
+        order = "the official test order" if protocol["official_order"] else "NOT the official test order"
+        print(f"protocol {protocol['name']}: {protocol['points']} ({order}); clean_acc {info['clean_acc']}, "
+              f"autoattack_acc {info['autoattack_acc']} ({info['autoattack_version']} AutoAttack), "
+              f"{info['threat_model']} eps {info['eps']}", file=file)
+    check = record.get("cross_check")
+    if check:
+        print(f"cross-check with the official AutoAttack on {check['points']} random points: {check['agree']} "
+              f"agree per point (robust: fastrobust {check['fastrobust_robust']}, official "
+              f"{check['official_robust']})" + (f"; differ at points {check['differ']}" if check["differ"] else ""),
+              file=file)
     for flag in record.get("sanity", []):
         mark = "ok  " if flag["passed"] else "FAIL"
         print(f"sanity {mark} {flag['name']}: {flag['detail']}", file=file)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from fastrobust.core.attack_options import check_options
+from fastrobust.core.passes import CountedModel
 from fastrobust.core.traced import TRAINING_MODE_FIX, describe_training_ops, export_training_ops, torchscript_mode_ops
 from fastrobust.errors import ConfigError, FastRobustError
 
@@ -491,12 +492,12 @@ def prepare_model(model: nn.Module, label_max: int = _NOT_CHECKED, where: str = 
 
 def fastrobust_config(model: nn.Module) -> dict[str, Any] | None:
     """The ``fastrobust_config`` of a fastrobust model, also through the wrappers that pass the input on unchanged
-    (CheckedModel, DataParallel/DDP, torch.compile); None for any other module."""
+    (CheckedModel, CountedModel, DataParallel/DDP, torch.compile); None for any other module."""
     for _ in range(8):
         config = getattr(model, "fastrobust_config", None)
         if isinstance(config, dict):
             return config
-        if isinstance(model, CheckedModel):
+        if isinstance(model, (CheckedModel, CountedModel)):
             model = model.model
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module

@@ -31,6 +31,7 @@ from fastrobust.core.contract import (
     check_model_images,
     check_split,
     finite_rows,
+    parameter_dtype,
     predicts,
     prepare_model,
     small_l2_eps_note,
@@ -38,6 +39,7 @@ from fastrobust.core.contract import (
     validated,
 )
 from fastrobust.core.output_files import check_writable
+from fastrobust.core.passes import CountedModel
 from fastrobust.core.values import (
     check_eps,
     check_eps_fits,
@@ -71,7 +73,7 @@ from fastrobust.evaluate.prechecks import (
     plan_attacks,
     zero_gradient_warnings,
 )
-from fastrobust.evaluate.record import build_record
+from fastrobust.evaluate.record import add_cost, build_record, cost_entry
 from fastrobust.evaluate.state import EvaluationState, evaluation_fingerprint
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -212,7 +214,10 @@ def evaluate(
     Returns:
         The record (docs/evaluation.md, "The record"): ``n``, ``clean_acc``, ``robust_acc`` (worst case),
         ``attacks`` (per attack: ``robust_acc``, ``robust``, ``broken``, ``non_finite``, the settings it ran with,
-        seconds, and what the attack adds), ``warnings``, ``versions``, ``device``, ``seed``.
+        seconds, its ``cost`` and what the attack adds), ``warnings``, ``versions``, ``device``, ``seed``, and
+        ``cost``: the passes of the model (forward and backward rows, counted at its call for every attack, the
+        clean pass and the pre-checks), wall and process seconds summed over the batches, device and precision
+        (docs/evaluation.md, "What an evaluation cost").
 
     Raises:
         ConfigError: a bad value (eps, norm, an attack name or setting, the input contract, a model whose number
@@ -254,6 +259,8 @@ def evaluate(
     model.to(device)
     # casts inputs to a bf16/fp16 model's dtype; a failure of the model is one ModelError line
     checked = prepare_model(model, label_max, "evaluate", guard=True)
+    # every pass of the model, whichever attack makes it, is counted at its call (record["cost"])
+    counted = CountedModel(checked)
     skipped: dict[str, str] = {}
     if "autoattack-official" in names and not official_available():
         skipped["autoattack-official"] = OFFICIAL_MISSING
@@ -265,9 +272,11 @@ def evaluate(
     n_batches = batch_count(n, batch_size)
     with model_mode(model, training=False), validated():
         _, x_first, y_first = next(indexed_batches(images, labels, batch_size, device, [0]))
-        warned, num_classes = output_warnings(checked, x_first)
+        before = counted.count.snapshot()
+        warned, num_classes = output_warnings(counted, x_first)
         if needs_gradients:
-            warned += zero_gradient_warnings(checked, x_first, y_first)
+            warned += zero_gradient_warnings(counted, x_first, y_first)
+        precheck_passes = counted.count.since(before)
     warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
     path = check_writable(state_file, what="state file", example="eval-state.json") if state_file is not None else None
     state = EvaluationState.shared(path, lambda: evaluation_fingerprint(images, labels, eps, norm, batch_size, seed,
@@ -279,17 +288,18 @@ def evaluate(
 
     started = time.perf_counter()
     with model_mode(model, training=False), validated():
-        for results in batches_of(state.pending_clean(n_batches), partial(_clean_batch, checked)):
-            for b, (correct, non_finite, seconds) in sorted(results.items()):
+        for results in batches_of(state.pending_clean(n_batches), partial(_clean_batch, counted)):
+            for b, (correct, non_finite, seconds, cost) in sorted(results.items()):
                 state.clean[str(b)] = correct
                 state.clean_non_finite[str(b)] = non_finite
                 state.clean_seconds += seconds
+                state.clean_cost[str(b)] = cost
             state.save()
         for name in names:
             if name == "clean" or name in skipped:
                 continue
             done = state.attack_batches(name, settings[name])
-            attack_batch = partial(_attack_batch, name, settings[name], checked, state, eps=eps, norm=norm,
+            attack_batch = partial(_attack_batch, name, settings[name], counted, state, eps=eps, norm=norm,
                                    seed=seed, device=device)
             bar = tqdm(total=n_batches, desc=name, unit="batch",  # None: drawn only on a terminal, not in logs
                        disable=True if not progress or not ctx.is_main else None,
@@ -304,12 +314,21 @@ def evaluate(
                 bar.close()
     record = build_record(model, state, names, settings, skipped, eps=eps, norm=norm, n=n, n_batches=n_batches,
                           batch_size=batch_size, seed=seed, device=device, seconds=time.perf_counter() - started,
-                          num_classes=num_classes, dim=images[0].numel() if n else 0)
+                          num_classes=num_classes, dim=images[0].numel() if n else 0, prechecks=precheck_passes,
+                          precision=str(parameter_dtype(model) or torch.float32).replace("torch.", ""))
     if invariance:  # the prepared model: inputs cast to a half-precision model's dtype, logits in fp32
         clean = state.clean_flags(n_batches)
-        record["attacks"].update(evaluate_invariance(checked, images, labels, invariance, clean=clean,
-                                                     batch_size=batch_size, device=device, seed=seed,
-                                                     distributed=ctx.active))
+        for name, invariance_settings in invariance.items():
+            before, t0, cpu0 = counted.count.snapshot(), time.perf_counter(), time.process_time()
+            entries = evaluate_invariance(counted, images, labels, {name: invariance_settings}, clean=clean,
+                                          batch_size=batch_size, device=device, seed=seed, distributed=ctx.active)
+            passes = counted.count.since(before)
+            if ctx.active:  # each rank scored its share of the batches
+                passes = dict(zip(passes, dist_lib.sum_counts(list(passes.values()), device=device)))
+            entries[name]["cost"] = cost_entry(passes, sum(state.clean_flags(n_batches)), time.perf_counter() - t0,
+                                               time.process_time() - cpu0)
+            record["attacks"].update(entries)
+            add_cost(record["cost"], entries[name]["cost"])
     record["warnings"] = ([small_eps] if small_eps else []) + warned + non_finite_warnings(record) + \
         chance_warnings(record)
     if ctx.is_main:
@@ -321,20 +340,25 @@ def evaluate(
     return record
 
 
-def _clean_batch(model: nn.Module, _b: int, x: Tensor, y: Tensor) -> tuple[list[bool], list[bool], float]:
-    """Per-point (correct, non-finite logits) of a batch's clean pass, and its seconds."""
-    t0 = time.perf_counter()
+def _clean_batch(model: CountedModel, _b: int, x: Tensor, y: Tensor
+                 ) -> tuple[list[bool], list[bool], float, dict[str, Any]]:
+    """Per-point (correct, non-finite logits) of a batch's clean pass, its seconds and its cost (passes of the
+    model, process seconds)."""
+    t0, cpu0, before = time.perf_counter(), time.process_time(), model.count.snapshot()
     with torch.no_grad():
         logits = model(x)
-    return predicts(logits, y).tolist(), (~finite_rows(logits)).tolist(), time.perf_counter() - t0
+    correct, non_finite = predicts(logits, y).tolist(), (~finite_rows(logits)).tolist()
+    cost = {**model.count.since(before), "process_seconds": time.process_time() - cpu0}
+    return correct, non_finite, time.perf_counter() - t0, cost
 
 
-def _attack_batch(name: str, settings: dict[str, Any], model: nn.Module, state: EvaluationState, b: int, x: Tensor,
-                  y: Tensor, *, eps: float, norm: str, seed: int, device: torch.device) -> dict[str, Any]:
+def _attack_batch(name: str, settings: dict[str, Any], model: CountedModel, state: EvaluationState, b: int,
+                  x: Tensor, y: Tensor, *, eps: float, norm: str, seed: int, device: torch.device) -> dict[str, Any]:
     """Attack ``name`` on the clean-correct points of batch ``b``: per-point robust and non-finite flags, the
-    attack's per-point extras, and the seconds. Every adversarial is checked (``check_ball``) and judged by the
-    model here: an attack's own claim is never trusted, and non-finite logits are never robust."""
-    t0 = time.perf_counter()
+    attack's per-point extras, the seconds and the passes of the model (the final check of the adversarials
+    included). Every adversarial is checked (``check_ball``) and judged by the model here: an attack's own claim
+    is never trusted, and non-finite logits are never robust."""
+    t0, cpu0, before = time.perf_counter(), time.process_time(), model.count.snapshot()
     correct = torch.tensor(state.clean[str(b)], dtype=torch.bool, device=device)
     robust = correct.clone()
     non_finite = torch.zeros_like(correct)
@@ -357,4 +381,5 @@ def _attack_batch(name: str, settings: dict[str, Any], model: nn.Module, state: 
     entry["robust"] = robust.tolist()
     entry["non_finite"] = non_finite.tolist()
     entry["seconds"] = time.perf_counter() - t0
+    entry.update(model.count.since(before), process_seconds=time.process_time() - cpu0)
     return entry

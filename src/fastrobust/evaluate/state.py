@@ -6,8 +6,12 @@ pending. The state is bound to its evaluation by a fingerprint (the data's hash,
 batch size, seed, and the model's class, architecture and weights): a state file of another evaluation is refused,
 never mixed in. The file is JSON::
 
-    {"version": 2, "fingerprint": {...}, "clean": {"0": [true, ...], ...}, "clean_non_finite": {...},
-     "clean_seconds": 0.12, "attacks": {"pgd20": {"settings": {...}, "batches": {"0": {"robust": [...], ...}}}}}
+    {"version": 3, "fingerprint": {...}, "clean": {"0": [true, ...], ...}, "clean_non_finite": {...},
+     "clean_seconds": 0.12, "clean_cost": {"0": {"forward": 256, "backward": 0, "process_seconds": 0.2}, ...},
+     "attacks": {"pgd20": {"settings": {...}, "batches": {"0": {"robust": [...], "forward": 5376, ...}}}}}
+
+The passes of the model (``core.passes``) and the process seconds are kept per batch, so a resumed evaluation
+reports the same cost as one that ran through.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from fastrobust.core.files import atomic_write_json
 from fastrobust.errors import FastRobustError
 from fastrobust.evaluate.attack_table import jsonable
 
-STATE_VERSION = 2  # 2: model in the fingerprint, non-finite flags per point
+STATE_VERSION = 3  # 2: model in the fingerprint, non-finite flags per point; 3: passes per batch
 STATE_FIELDS = ("version", "fingerprint", "clean", "attacks")
 _FINGERPRINT_NAMES = {"data_sha256": "data", "n": "number of points", "model_class": "model class",
                       "model_architecture": "model architecture", "model_weights": "model weights"}
@@ -99,13 +103,15 @@ def read_state_file(path: str | Path) -> dict[str, Any] | None:
 @dataclass
 class EvaluationState:
     """Per-batch results of one evaluation. ``clean[b]``/``clean_non_finite[b]``: per-point flags of batch ``b``;
+    ``clean_cost[b]``: the clean pass's ``{"forward", "backward", "process_seconds"}`` on batch ``b``;
     ``attacks[name]``: ``{"settings": ..., "batches": {b: {"robust": [...], "non_finite": [...], "seconds": s,
-    extras...}}}``. Batch keys are strings (JSON)."""
+    "forward": f, "backward": g, "process_seconds": p, extras...}}}``. Batch keys are strings (JSON)."""
 
     fingerprint: dict[str, Any] | None = None
     clean: dict[str, list] = field(default_factory=dict)
     clean_non_finite: dict[str, list] = field(default_factory=dict)
     clean_seconds: float = 0.0
+    clean_cost: dict[str, dict[str, Any]] = field(default_factory=dict)
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None  # where save() writes; None: kept in memory only
 
@@ -128,7 +134,7 @@ class EvaluationState:
             )
         return cls(fingerprint=saved["fingerprint"], clean=saved["clean"],
                    clean_non_finite=saved.get("clean_non_finite", {}), clean_seconds=saved.get("clean_seconds", 0.0),
-                   attacks=saved["attacks"], path=path)
+                   clean_cost=saved.get("clean_cost", {}), attacks=saved["attacks"], path=path)
 
     @classmethod
     def shared(cls, path: Path | None, fingerprint: Callable[[], dict[str, Any]],
@@ -153,7 +159,8 @@ class EvaluationState:
         if self.path is not None:
             atomic_write_json(self.path, {"version": STATE_VERSION, "fingerprint": self.fingerprint,
                                           "clean": self.clean, "clean_non_finite": self.clean_non_finite,
-                                          "clean_seconds": self.clean_seconds, "attacks": self.attacks})
+                                          "clean_seconds": self.clean_seconds, "clean_cost": self.clean_cost,
+                                          "attacks": self.attacks})
 
     def pending_clean(self, n_batches: int) -> list[int]:
         """The batches whose clean pass has not run yet."""
