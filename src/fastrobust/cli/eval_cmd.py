@@ -84,6 +84,8 @@ def register(subparsers) -> None:
                         help="resumable state file (JSON, created when missing): rerun the same command to resume")
     parser.add_argument("--seed", default="0", help="seed of the attacks' random starts (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only (on CUDA needed for the same flags every repeat; slower)")
     parser.add_argument("--nproc", default=None, metavar="N",
                         help="evaluate on N processes of this machine (re-runs the command under torchrun; "
                              "the record is the one-process record; see docs/distributed.md)")
@@ -279,7 +281,8 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 record = evaluate(model, dataset.test, attacks, eps=eps, norm=args.norm, batch_size=batch_size,
                                   device=device, state_file=args.state, progress=not args.quiet, seed=seed,
-                                  attack_options=options, distributed=ctx.active)
+                                  attack_options=options, distributed=ctx.active,
+                                  deterministic=args.deterministic)
             if args.sanity and ctx.is_main:  # rank 0 runs the sanity checks, prints and writes the record
                 from fastrobust.evaluate.sanity import sanity_checks  # startup
 

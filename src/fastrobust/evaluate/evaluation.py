@@ -40,6 +40,7 @@ from fastrobust.core.contract import (
 )
 from fastrobust.core.output_files import check_writable
 from fastrobust.core.passes import CountedModel
+from fastrobust.core.precision import determinism, deterministic_algorithms, float32_precision, no_tf32
 from fastrobust.core.values import (
     check_eps,
     check_eps_fits,
@@ -181,6 +182,7 @@ def evaluate(
     seed: int = 0,
     attack_options: dict[str, dict[str, Any]] | None = None,
     distributed: bool = False,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """Robust accuracy of ``model`` on ``data`` under each attack in ``attacks``, as one JSON-able record.
 
@@ -210,6 +212,11 @@ def evaluate(
         attack_options: settings per attack, e.g. ``{"square": {"n_queries": 1000}}`` (default None).
         distributed: share the batches out across the ranks of an initialised process group (every rank calls
             with the same arguments); the record equals the one-process record, timings and device aside.
+        deterministic: run with torch's deterministic kernels only (``core.precision.deterministic_algorithms``;
+            default False). On the CPU the results repeat exactly either way; on CUDA they repeat bit for bit only
+            with it (cuDNN picks nondeterministic kernels otherwise). Clean and final flags always run with TF32
+            off, and the record states the float32 precision and determinism in force (``float32_precision``,
+            ``determinism``).
 
     Returns:
         The record (docs/evaluation.md, "The record"): ``n``, ``clean_acc``, ``robust_acc`` (worst case),
@@ -287,7 +294,8 @@ def evaluate(
             yield run_round(group, compute, images, labels, batch_size, device, ctx)
 
     started = time.perf_counter()
-    with model_mode(model, training=False), validated():
+    with model_mode(model, training=False), validated(), deterministic_algorithms(deterministic):
+        conditions = {"float32_precision": float32_precision(), "determinism": determinism()}
         for results in batches_of(state.pending_clean(n_batches), partial(_clean_batch, counted)):
             for b, (correct, non_finite, seconds, cost) in sorted(results.items()):
                 state.clean[str(b)] = correct
@@ -315,7 +323,8 @@ def evaluate(
     record = build_record(model, state, names, settings, skipped, eps=eps, norm=norm, n=n, n_batches=n_batches,
                           batch_size=batch_size, seed=seed, device=device, seconds=time.perf_counter() - started,
                           num_classes=num_classes, dim=images[0].numel() if n else 0, prechecks=precheck_passes,
-                          precision=str(parameter_dtype(model) or torch.float32).replace("torch.", ""))
+                          precision=str(parameter_dtype(model) or torch.float32).replace("torch.", ""),
+                          conditions=conditions)
     if invariance:  # the prepared model: inputs cast to a half-precision model's dtype, logits in fp32
         clean = state.clean_flags(n_batches)
         for name, invariance_settings in invariance.items():
@@ -345,7 +354,7 @@ def _clean_batch(model: CountedModel, _b: int, x: Tensor, y: Tensor
     """Per-point (correct, non-finite logits) of a batch's clean pass, its seconds and its cost (passes of the
     model, process seconds)."""
     t0, cpu0, before = time.perf_counter(), time.process_time(), model.count.snapshot()
-    with torch.no_grad():
+    with torch.no_grad(), no_tf32():  # the flags are fp32 on CUDA too, not TF32
         logits = model(x)
     correct, non_finite = predicts(logits, y).tolist(), (~finite_rows(logits)).tolist()
     cost = {**model.count.since(before), "process_seconds": time.process_time() - cpu0}
@@ -369,7 +378,7 @@ def _attack_batch(name: str, settings: dict[str, Any], model: CountedModel, stat
         x_adv, extras = run_attack(name, settings, model, x[idx], y[idx], eps=eps, norm=norm, generator=generator,
                                    seed=seed, max_rows=len(x))
         check_ball(x_adv, x[idx], eps, norm, name)
-        with torch.no_grad():
+        with torch.no_grad(), no_tf32():  # the final flags are fp32 on CUDA too, not TF32
             logits = model(x_adv)
         robust[idx] = predicts(logits, y[idx])
         non_finite[idx] = ~finite_rows(logits)

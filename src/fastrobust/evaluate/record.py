@@ -66,7 +66,8 @@ def _batch_cost(batches: dict[str, dict[str, Any]], n_batches: int) -> tuple[dic
 def build_record(model: nn.Module, state: EvaluationState, names: list[str], settings: dict[str, dict[str, Any]],
                  skipped: dict[str, str], *, eps: float, norm: str, n: int, n_batches: int, batch_size: int, seed: int,
                  device: torch.device, seconds: float, num_classes: int, dim: int,
-                 prechecks: dict[str, int] | None = None, precision: str = "float32") -> dict[str, Any]:
+                 prechecks: dict[str, int] | None = None, precision: str = "float32",
+                 conditions: dict[str, Any] | None = None) -> dict[str, Any]:
     """The evaluation record (docs/evaluation.md, "The record") from the per-batch results in ``state``: clean
     accuracy, each attack's robust accuracy and what it adds, the per-example worst case over the attacks, and the
     cost (per attack ``cost``; in total ``cost``: the passes of the clean pass (``clean``), the attacks and the
@@ -137,4 +138,5 @@ def build_record(model: nn.Module, state: EvaluationState, names: list[str], set
         "device": _device_name(device),
         "cost": total,
         "versions": _versions(),
+        **(conditions or {}),
     }
