@@ -9,7 +9,7 @@ import pytest
 
 from fastrobust.train.schedules import lr_schedule
 from fastrobust.train import TrainConfig, train
-from fastrobust.train.trainer import _epoch_line
+from fastrobust.train.console import epoch_line as _epoch_line
 
 from helpers import synthetic_dataset
 

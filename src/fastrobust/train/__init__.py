@@ -6,7 +6,8 @@ averaging, schedules, optimiser groups, user modules and presets.
 
 from fastrobust.errors import TrainingStopped
 from fastrobust.train.config import TrainConfig, resolve_device
-from fastrobust.train.trainer import RESUME_OVERRIDES, Trainer, describe_best, read_run_config, resume, train
+from fastrobust.train.console import describe_best
+from fastrobust.train.trainer import RESUME_OVERRIDES, Trainer, read_run_config, resume, train
 
 __all__ = [
     "RESUME_OVERRIDES",

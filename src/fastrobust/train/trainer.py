@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -45,6 +44,7 @@ from fastrobust.train.config import (
     resolve_device,
     split_sizes_note,
 )
+from fastrobust.train.console import epoch_line, is_terminal
 from fastrobust.train.optim import parameter_groups
 from fastrobust.train.run_folder import check_can_write, check_folder_writable, check_resume_epochs, default_out
 from fastrobust.train.schedules import lr_schedule
@@ -340,7 +340,7 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         batches = self.loader.epoch(self.epoch, start_batch=self.batch)
         bar = tqdm(batches, total=len(self.loader), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not (self.progress and _is_terminal(sys.stderr)), leave=False, unit="batch",
+                   disable=not (self.progress and is_terminal(sys.stderr)), leave=False, unit="batch",
                    dynamic_ncols=True)
         start = time.perf_counter()
         for x, y in bar:
@@ -526,7 +526,7 @@ class Trainer:
                     self.save_checkpoint()
                 self.overhead_seconds["saving"] += time.perf_counter() - saving_start
                 if self.progress:
-                    self.log(_epoch_line(record, best=weights if new_best else None,
+                    self.log(epoch_line(record, best=weights if new_best else None,
                                          averaged=self.averager is not None))
                 if self._stop_signal(stop, sync=True) is not None:
                     if not checkpointing:  # the signal came while this epoch's records were written
@@ -645,55 +645,6 @@ class _NonFinite(Exception):
 
 
 _VAL_KEYS = ("val_clean_acc", "val_robust_acc", averaging.PREFIX + "val_clean_acc", averaging.PREFIX + "val_robust_acc")
-
-
-def _is_terminal(stream: Any) -> bool:
-    """Whether ``stream`` is a terminal: progress bars only there (in a log file they are kilobytes of noise)."""
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-def _lr_text(record: dict[str, Any]) -> str:
-    """The epoch's learning rate on the console: ``0.1->0.001`` (first step -> last step) when the schedule
-    moved it within the epoch, else the one value; records without ``lr_start`` (older) show ``lr``."""
-    start, end = record.get("lr_start"), record.get("lr_end", record.get("lr"))
-    if start is None or math.isclose(start, end, rel_tol=1e-9, abs_tol=0.0):
-        return f"{end:.4g}"
-    return f"{start:.4g}->{end:.4g}"
-
-
-def _epoch_line(record: dict[str, Any], *, best: str | None = None, averaged: bool = False) -> str:
-    """One epoch on the console. With weight averaging (``averaged``) the averaged model's validation accuracy
-    is shown beside the trained one's; ``best``: the weights this epoch made ``best`` ("model" or "averaged")."""
-    parts = [f"epoch {record['epoch']}", f"lr {_lr_text(record)}", f"loss {record.get('train_loss', float('nan')):.4f}"]
-    if "val_robust_acc" in record:
-        parts.append(f"{'trained ' if averaged else ''}val clean {record['val_clean_acc']:.3f} robust {record['val_robust_acc']:.3f}")
-    prefix = averaging.PREFIX
-    if averaged and prefix + "val_robust_acc" in record:
-        parts.append(f"averaged val clean {record[prefix + 'val_clean_acc']:.3f} robust {record[prefix + 'val_robust_acc']:.3f}")
-    parts.append(f"{record['epoch_seconds']:.1f}s ({record['images_per_second']:.0f} img/s)")
-    if best is not None:
-        parts.append(f"new best ({'averaged' if best == 'averaged' else 'trained'} weights)" if averaged else "new best")
-    return " | ".join(parts)
-
-
-def describe_best(result: dict[str, Any]) -> str:
-    """The final summary's account of ``best.safetensors`` for a result record: its epoch, with weight
-    averaging which weights it holds (trained or averaged), and the validation accuracies of that epoch
-    (with averaging, of both the trained and the averaged weights), e.g.
-    ``best: epoch 6, averaged weights; val trained clean 0.412 robust 0.231, averaged clean 0.430 robust 0.260``."""
-    averaged = float(result.get("config", {}).get("ema_decay") or 0) > 0
-    head = f"best: epoch {result['best_epoch']}"
-    if averaged:
-        head += f", {'averaged' if result.get('best_weights') == 'averaged' else 'trained'} weights"
-    val = result.get("best_val") or {}
-    shown = []
-    for label, prefix in (("trained ", ""), ("averaged ", averaging.PREFIX)) if averaged else (("", ""),):
-        if prefix + "val_robust_acc" in val:
-            shown.append(f"{label}clean {val[prefix + 'val_clean_acc']:.3f} robust {val[prefix + 'val_robust_acc']:.3f}")
-    return head + (f"; val {', '.join(shown)}" if shown else "")
 
 
 def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
