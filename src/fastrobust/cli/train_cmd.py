@@ -77,6 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN",
                         help="continue the run in this folder with its own settings (only --epochs, --device and "
                              "--data-root apply)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the device, precision, compile setting, the method's declared cost and an estimated "
+                             "time per epoch and in total on this machine (a few timed steps), then exit: no run "
+                             "folder is made and no data is read")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--json", action="store_true", help="print the result record as JSON")
     parser.add_argument("--nproc", type=str, default=None, metavar="N",
@@ -204,6 +208,7 @@ def _out_of(args: argparse.Namespace) -> str | None:
 def _train(args: argparse.Namespace) -> int:
     from fastrobust.core import distributed as dist_lib  # startup
     from fastrobust.train import Trainer, describe_best, resume  # startup
+    from fastrobust.train.plan import CPU_PRESETS, duration, gpu_preset_on_cpu, probe  # startup
     from fastrobust.train.presets import make_config  # startup
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
@@ -220,6 +225,15 @@ def _train(args: argparse.Namespace) -> int:
         config = make_config(collect_settings(args))
         if config.eps is not None:
             config.eps = parse_number(config.eps, name="eps")
+        if args.plan:
+            print("\n".join(probe(config).lines()))
+            return 0
+        if gpu_preset_on_cpu(config, args.preset) and dist_lib.context().is_main:
+            plan = probe(config, warmup=1, steps=1)
+            print(f"fastrobust train: warning: preset {args.preset!r} is sized for a GPU ({config.model}, "
+                  f"{config.epochs} epochs on the whole training set) and this run is on the CPU: about "
+                  f"{duration(plan.total_seconds)} here. For a CPU use --preset {CPU_PRESETS}; --plan prints "
+                  "this estimate without starting", file=sys.stderr)
         trainer = Trainer(config, progress=not args.quiet, log=log)
         ranks = f" on {trainer.dist.world_size} ranks" if trainer.dist.active else ""
         trainer.log(f"training {config.method} on {config.model} / {config.dataset}{ranks} -> {trainer.out}")
