@@ -68,3 +68,19 @@ def test_only_gpu_sized_runs_on_a_cpu_are_warned_about():
 def test_plan_refuses_a_dataset_of_unknown_shape():
     with pytest.raises(ConfigError, match="--plan needs a dataset of known image shape"):
         probe(make_config({"method": "natural", "model": "tinycnn", "dataset": "imagefolder", "device": "cpu"}))
+
+
+def test_sweep_dry_run_estimates_each_run_with_one_probe_per_setting(tmp_path, monkeypatch, capsys, one_thread):
+    import fastrobust.train.plan as plan_module
+
+    probed = []
+    real_probe = plan_module.probe
+    monkeypatch.setattr(plan_module, "probe", lambda config, **kw: probed.append(config.seed) or real_probe(config, **kw))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("base: {dataset: cifar10, model: tinycnn, train_subset: 64, val_size: 16, epochs: 2, "
+                    "batch_size: 16, device: cpu}\ngrid:\n  method: [natural]\n  seed: [0, 1]\n")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "sweep"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.count(", about ") == 2 and "estimated training time of the runs to do on this machine: about" in text
+    assert len(probed) == 1  # the two seeds share one probe
+    assert not (tmp_path / "sweep").exists()

@@ -30,12 +30,21 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
         return 0
     if args.dry_run:
+        from fastrobust.train.plan import duration, estimate_runs  # startup
+
         width = max([len(r["name"]) for r in summary["runs"]] + [3])
+        estimates = estimate_runs([r["config"] for r in summary["runs"] if r["status"] != "done"])
         print(f"{len(summary['runs'])} runs planned in {args.out} (nothing was run):")
         for record in summary["runs"]:
             config = record["config"]
+            seconds = estimates.get(id(config))
+            cost = "" if record["status"] == "done" else f", about {duration(seconds)}" if seconds else ", time ?"
             print(f"  {record['name']:<{width}}  {record['status']:<8}  {config['method']} / {config['model']} / "
-                  f"{config['dataset']}, {config['epochs']} epochs, seed {config['seed']}")
+                  f"{config['dataset']}, {config['epochs']} epochs, seed {config['seed']}{cost}")
+        known = [s for s in estimates.values() if s]
+        print(f"estimated training time of the runs to do on this machine: about {duration(sum(known))} (a few timed "
+              "steps per distinct setting; extra evaluations not included)" if known else
+              "no training time could be estimated (unknown dataset shapes)")
         return 0
     failed = [r for r in summary["runs"] if r["status"] == "failed"]
     done = [r for r in summary["runs"] if r["status"] == "done"]

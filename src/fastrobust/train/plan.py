@@ -13,9 +13,11 @@ preset to use instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -165,3 +167,20 @@ def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+def estimate_runs(configs: list[dict[str, Any]]) -> dict[int, float | None]:
+    """Estimated training seconds of each run config (``TrainConfig`` fields as a dict), keyed by ``id`` of the
+    dict: one probe per distinct setting (runs that differ only in seed or output folder share it); None where no
+    probe can run (a dataset of unknown shape)."""
+    probes: dict[str, Plan | None] = {}
+    out: dict[int, float | None] = {}
+    for fields in configs:
+        key = json.dumps({k: v for k, v in fields.items() if k not in ("seed", "out")}, sort_keys=True, default=str)
+        if key not in probes:
+            try:
+                probes[key] = probe(TrainConfig(**fields), warmup=1, steps=1)
+            except ConfigError:
+                probes[key] = None
+        plan = probes[key]
+        out[id(fields)] = None if plan is None else plan.total_seconds
+    return out
