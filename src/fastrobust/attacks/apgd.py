@@ -1,5 +1,9 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and the targeted APGD-T.
 
+Randomized models (``eot_iter > 1``, AutoAttack's ``rand`` version): each step's gradient is the mean of
+``eot_iter`` gradients at the same iterate (expectation over transformations), and the loss and prediction the
+step acts on are those of the last of these passes, as in the authors' code.
+
 The step size is not a parameter: it starts at ``2 * eps`` and is halved at checkpoints (after 22, 41, 57,
 70, 80, 87, 93 and 99 of 100 iterations; see ``checkpoints``) whenever, since the previous checkpoint,
 
@@ -114,6 +118,7 @@ def apgd(
     alpha: float = 0.75,
     rho: float = 0.75,
     random_init: bool = True,
+    eot_iter: int = 1,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
@@ -123,13 +128,16 @@ def apgd(
     losses: the first one classified as the target, else the last misclassifying one), otherwise the point of
     highest loss. A point is done once misclassified; with a targeted loss only once classified as its target, so
     a point whose label is already wrong but which is not yet classified as its target is attacked (and restarted)
-    like any other. Restarts run only on the points not yet done.
+    like any other. Restarts run only on the points not yet done. ``eot_iter`` (default 1): gradients averaged
+    per step, for a model whose outputs are random (AutoAttack's ``rand`` version uses 20).
     ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
     in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
     if n_iter < 1:
         raise ConfigError(f"n_iter={n_iter} must be at least 1")
     if n_restarts < 1:
         raise ConfigError(f"n_restarts={n_restarts} must be at least 1")
+    if eot_iter < 1:
+        raise ConfigError(f"eot_iter={eot_iter} must be at least 1 (1: one gradient per step, no EOT)")
     targeted = loss.endswith("-targeted")
     if targeted and y_target is None:
         raise ConfigError(f"loss={loss!r} needs y_target (the target class of each example); or use apgd_t")
@@ -154,6 +162,7 @@ def apgd(
             adv, adv_loss, adv_fooled = _apgd_rows(
                 x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
                 random_init=random_init, generator=generator, execution=ex, until_target=targeted,
+                eot_iter=eot_iter,
             )
             adv_done = _on_target(model, adv, t) if targeted else adv_fooled
             before = fooled[todo]
@@ -176,14 +185,15 @@ def _on_target(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
                n_iter: int, alpha: float, rho: float, random_init: bool, generator: torch.Generator | None,
                execution: Execution, group: Tensor | None = None, n_groups: int = 0,
-               until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               until_target: bool = False, eot_iter: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """APGD on every row (an example, with its own target class for targeted losses), evaluating the model as
     ``execution`` says.
 
     Returns per row: the last misclassifying iterate (else the highest-loss point), the best loss and the
     misclassified flag. A row leaves the working batch once misclassified (with ``until_target``: once
     classified as its target); with ``group`` (the point each row attacks) every row of a point leaves once
-    one of them is done (those rows then report their state at that moment).
+    one of them is done (those rows then report their state at that moment). ``eot_iter``: gradients averaged per
+    step (the loss and logits are the last pass's).
     """
     n = len(x)
     shape = (-1,) + (1,) * (x.dim() - 1)
@@ -193,7 +203,15 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     forward = autocast_forward(execution, execution.for_gradients)  # the backward runs outside autocast
 
     def gradient(x_adv: Tensor, labels: Tensor, goals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return input_gradient(forward, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
+        def one() -> tuple[Tensor, Tensor, Tensor]:
+            return input_gradient(forward, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
+        if eot_iter == 1:
+            return one()
+        total = torch.zeros_like(x_adv)
+        for _ in range(eot_iter):  # the reference sums, then divides once: the same rounding
+            grad, loss, logits = one()
+            total += grad
+        return total / float(eot_iter), loss, logits
 
     grad, loss, logits = gradient(start, y, target)
     rows = Rows(n, x.device, group=group, n_groups=n_groups, check_every=execution.check_every)
@@ -287,6 +305,21 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
 def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", n_iter: int = 100, **kwargs) -> Tensor:
     """APGD with the cross-entropy loss (AutoAttack's first attack)."""
     return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="ce", **kwargs)
+
+
+@entry_point("apgd_dlr")
+def apgd_dlr(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", n_iter: int = 100,
+             **kwargs) -> Tensor:
+    """APGD with the untargeted DLR loss (AutoAttack's ``plus`` and ``rand`` versions; needs >= 3 classes).
+
+    Args:
+        eps, norm, n_iter: as ``apgd``; ``**kwargs``: ``apgd``'s other settings (``n_restarts``, ``eot_iter``, ...).
+    Returns:
+        The adversarial examples (``apgd``'s rule per example).
+    Raises:
+        ConfigError: a model of fewer than 3 classes, or a bad setting.
+    """
+    return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="dlr", **kwargs)
 
 
 def targets_used(n_targets: int, num_classes: int) -> int:

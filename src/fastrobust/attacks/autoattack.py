@@ -3,6 +3,10 @@
 ``standard``: APGD-CE (100 iterations), APGD-T (9 targets, 100 iterations each), FAB-T (9 targets,
 100 iterations each), Square (5,000 queries, the p schedule not rescaled, as the authors' AutoAttack), each
 run only on the points every earlier attack left correctly classified. ``fast``: APGD-CE and APGD-T.
+The official's other versions, as its ``set_version`` defines them: ``plus``: APGD-CE and APGD-DLR (5 restarts
+each), untargeted FAB (5 restarts), Square (5,000 queries), APGD-T (9 targets) and FAB-T (9 targets, 1 restart);
+``rand`` (for randomized defenses): APGD-CE and APGD-DLR, 1 restart each, every step's gradient averaged over
+20 passes (expectation over transformations, ``eot_iter``).
 ``autoattack_official`` runs the authors' package (``pip install pyautoattack``, or the GitHub package
 ``autoattack``) when it is importable.
 
@@ -28,8 +32,8 @@ from torch import Tensor, nn
 
 from fastrobust.attacks._engine import check_precision, execution_for
 from fastrobust.attacks._frozen import frozen_copies
-from fastrobust.attacks.apgd import apgd_ce, apgd_t, targeted_settings_used
-from fastrobust.attacks.fab import fab_t
+from fastrobust.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, targeted_settings_used
+from fastrobust.attacks.fab import fab_t, fab_untargeted
 from fastrobust.attacks.official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
 from fastrobust.attacks.square import square
 from fastrobust.attacks.toolkit import model_mode
@@ -41,17 +45,35 @@ from fastrobust.errors import ConfigError
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "fast": ("apgd-ce", "apgd-t"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),  # the official's order
+    "rand": ("apgd-ce", "apgd-dlr"),
 }
-DEFAULTS: dict[str, dict[str, Any]] = {
+DEFAULTS: dict[str, dict[str, Any]] = {  # each component's settings in the standard version
     "apgd-ce": {"n_iter": 100, "n_restarts": 1},
+    "apgd-dlr": {"n_iter": 100, "n_restarts": 1},
     "apgd-t": {"n_iter": 100, "n_targets": 9, "n_restarts": 1},
+    "fab": {"n_iter": 100, "n_restarts": 1},
     "fab-t": {"n_iter": 100, "n_targets": 9, "n_restarts": 1},
     "square": {"n_queries": 5000, "p_init": 0.8, "rescale_schedule": False},
 }
+EOT_SAMPLES = 20  # the rand version's gradients per step (the official's eot_iter)
+# what each version changes (the official's set_version)
+VERSION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "plus": {"apgd-ce": {"n_restarts": 5}, "apgd-dlr": {"n_restarts": 5}, "fab": {"n_restarts": 5}},
+    "rand": {"apgd-ce": {"eot_iter": EOT_SAMPLES}, "apgd-dlr": {"eot_iter": EOT_SAMPLES}},
+}
 # how each component is run, besides its settings: (point, target) rows per batch, forward precision
-_EXECUTION = {"apgd-ce": ("precision",), "apgd-t": ("max_rows", "precision"), "fab-t": ("max_rows", "precision"),
-              "square": ("precision",)}
-_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"apgd-ce": apgd_ce, "apgd-t": apgd_t, "fab-t": fab_t, "square": square}
+_EXECUTION = {"apgd-ce": ("precision",), "apgd-dlr": ("precision",), "apgd-t": ("max_rows", "precision"),
+              "fab": ("precision",), "fab-t": ("max_rows", "precision"), "square": ("precision",)}
+_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"apgd-ce": apgd_ce, "apgd-dlr": apgd_dlr, "apgd-t": apgd_t,
+                                               "fab": fab_untargeted, "fab-t": fab_t, "square": square}
+DLR_MIN_CLASSES = 3  # the untargeted DLR reads the 3rd-highest logit
+
+
+def version_settings(version: str, name: str) -> dict[str, Any]:
+    """Component ``name``'s settings in AutoAttack ``version`` (the standard ones where the version changes none);
+    ``autoattack`` checks both names (KeyError here for an unknown component)."""
+    return {**DEFAULTS[name], **VERSION_SETTINGS.get(version, {}).get(name, {})}
 
 
 @dataclass
@@ -100,7 +122,10 @@ def autoattack(
     model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU, in
     fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
     the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
-    when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py)."""
+    when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py); never
+    in the ``rand`` version, whose model is random. ``version``: ``standard`` (default), ``fast``, ``plus`` or
+    ``rand`` (see the module's docstring). On a model of fewer than 3 classes APGD-DLR is left out (a note says so),
+    as the official does."""
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
@@ -111,11 +136,12 @@ def autoattack(
     for name, value in options.items():
         if not isinstance(value, dict):
             raise ConfigError(f"autoattack: options[{name!r}] must be a dict of settings, got {value!r}")
-    settings = {name: check_options(f"autoattack ({name})", {**DEFAULTS[name], **options.get(name, {})}, norm=norm)
+    settings = {name: check_options(f"autoattack ({name})", {**version_settings(version, name),
+                                                             **options.get(name, {})}, norm=norm)
                 for name in names}
     check_precision(precision)  # validated before any work
     rows = max(int(max_rows or len(x)), 1)
-    want_frozen = (x.device.type == "cpu") if freeze is None else bool(freeze)
+    want_frozen = (x.device.type == "cpu" and version != "rand") if freeze is None else bool(freeze)
     x = x.detach()
     notes: list[str] = [f"precision {precision}"]
     with model_mode(model, training=not eval_mode), _memory_format(model, channels_last):
@@ -125,6 +151,11 @@ def autoattack(
             logits = model(x)
         robust = predicts(logits, y)
         settings = {name: targeted_settings_used(name, s, logits.shape[1]) for name, s in settings.items()}
+        if "apgd-dlr" in names and logits.shape[1] < DLR_MIN_CLASSES:
+            names = tuple(name for name in names if name != "apgd-dlr")
+            settings.pop("apgd-dlr", None)
+            notes.append(f"apgd-dlr left out: its DLR loss needs {DLR_MIN_CLASSES} classes, the model has "
+                         f"{logits.shape[1]}")
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
         execution = execution_for(model, precision, x.device)

@@ -28,7 +28,7 @@ from fastrobust.attacks import (
     square,
 )
 from fastrobust.attacks.apgd import targeted_settings_used
-from fastrobust.attacks.autoattack import DEFAULTS, VERSIONS
+from fastrobust.attacks.autoattack import DEFAULTS, VERSIONS, version_settings
 from fastrobust.attacks.official import OFFICIAL_VERSIONS, official_plan
 from fastrobust.attacks.rays import official_tol
 from fastrobust.core.attack_options import check_options
@@ -149,7 +149,7 @@ def _pgd_defaults(steps: int, loss: str) -> Callable[[float], dict]:
 
 
 def _autoattack_defaults(version: str) -> Callable[[float], dict]:
-    return lambda eps: {"version": version, "options": {k: dict(DEFAULTS[k]) for k in VERSIONS[version]}}
+    return lambda eps: {"version": version, "options": {k: version_settings(version, k) for k in VERSIONS[version]}}
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,13 @@ TABLE: dict[str, NamedAttack] = {
                               summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION, components=True,
                               queries=lambda n: {"square": {"n_queries": n}}),
     "autoattack-fast": NamedAttack(_autoattack_defaults("fast"), _autoattack, used=_autoattack_used,
+                                   summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
+                                   components=True),
+    # the official's plus and rand versions (rand: for randomized models, 20 gradients per step)
+    "autoattack-plus": NamedAttack(_autoattack_defaults("plus"), _autoattack, used=_autoattack_used,
+                                   summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
+                                   components=True, queries=lambda n: {"square": {"n_queries": n}}),
+    "autoattack-rand": NamedAttack(_autoattack_defaults("rand"), _autoattack, used=_autoattack_used,
                                    summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
                                    components=True),
     # tol None: the authors' 1e-3/sqrt(d)

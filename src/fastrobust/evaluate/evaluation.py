@@ -194,7 +194,8 @@ def evaluate(
         data: an ``ImageSet`` (``.images``, ``.labels``), a ``Dataset`` (its test split) or ``(images, labels)``:
             images uint8, or float in [0, 1], ``[N, C, H, W]``; labels of any integer dtype in ``[0, C)``.
         attacks: names from ``ATTACKS`` (default ``("pgd20",)``): ``clean``, ``fgsm``, ``pgd20``, ``pgd100``,
-            ``cw20``, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, ``autoattack``, ``autoattack-fast``, ``rays``,
+            ``cw20``, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, ``autoattack``, ``autoattack-fast``,
+            ``autoattack-plus``, ``autoattack-rand`` (randomized models), ``rays``,
             ``autoattack-official`` and the invariance evaluations ``gaussian-noise``, ``spatial``.
         eps: the budget in [0, 1] pixel units (l_inf: 8/255 is CIFAR-10's usual; l_2: 0.5); text such as
             ``"8/255"`` is parsed.
