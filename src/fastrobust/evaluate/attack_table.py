@@ -116,7 +116,19 @@ def _autoattack_summary(settings: dict, per_point: PerPoint, clean: list[bool], 
         if who is not None and who != "clean":
             counts[who] = counts.get(who, 0) + 1
     order = [who for who in settings["options"] if who in counts]  # the order the components ran
-    return {"broken_by": {who: counts[who] for who in order + sorted(set(counts) - set(order))}}
+    out: dict[str, Any] = {"broken_by": {who: counts[who] for who in order + sorted(set(counts) - set(order))}}
+    eot = eot_samples_of(settings)
+    if eot > 1:  # the rand version: gradients averaged per step
+        out["eot_samples"] = eot
+    return out
+
+
+def eot_samples_of(settings: dict[str, Any]) -> int:
+    """The most gradients per step (``eot_iter``, EOT) an attack's settings average: 1 without EOT."""
+    values = [settings.get("eot_iter", 1)]
+    values += [component.get("eot_iter", 1) for component in (settings.get("options") or {}).values()
+               if isinstance(component, dict)]
+    return max(values)
 
 
 # ----------------------------------------------------------------------------------------- settings actually used

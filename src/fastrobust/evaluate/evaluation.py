@@ -50,6 +50,7 @@ from fastrobust.evaluate.attack_table import (
     GRADIENT_FREE,
     attack_settings,
     default_step,
+    eot_samples_of,
     run_attack,
 )
 from fastrobust.evaluate.batching import (
@@ -266,7 +267,8 @@ def evaluate(
     n_batches = batch_count(n, batch_size)
     with model_mode(model, training=False), validated():
         _, x_first, y_first = next(indexed_batches(images, labels, batch_size, device, [0]))
-        warned, num_classes = output_warnings(checked, x_first)
+        eot = max([eot_samples_of(settings[name]) for name in names] + [1])
+        warned, num_classes = output_warnings(checked, x_first, eot_samples=eot)
         if needs_gradients:
             warned += zero_gradient_warnings(checked, x_first, y_first)
     warned += class_count_warnings(num_classes, label_max, n, getattr(data, "num_classes", None))
