@@ -4,12 +4,16 @@ adversarials than one noisy gradient per step."""
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 from torch import nn
 
 from fastrobust.attacks import autoattack
+from fastrobust.cli import main
 from fastrobust.evaluate import evaluate
+from helpers import write_image_folder
 
 N_ITER = 10  # APGD iterations here (AutoAttack's are 100): enough for the comparison, a second on the CPU
 
@@ -75,3 +79,39 @@ def test_eot_finds_more_adversarials_than_one_noisy_gradient(noisy):
                             generator=torch.Generator().manual_seed(1))
         robust[eot] = int(result.robust.sum())
     assert robust[20] < robust[1], robust
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+class Noisy(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, num_classes))
+
+    def forward(self, x):
+        return self.net(x + 0.1 * torch.randn_like(x))
+
+
+def noisy(num_classes=10):
+    return Noisy(num_classes)
+'''
+
+
+def test_cli_runs_autoattack_rand_and_says_how_many_eot_samples(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent(FACTORY))
+    write_image_folder(tmp_path / "images", ["c0", "c1", "c2", "c3"], {"train": 1, "test": 2})
+    torch.manual_seed(0)
+    state = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).state_dict()
+    torch.save({f"net.{k}": v for k, v in state.items()}, tmp_path / "net.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
+    code = main(["eval", "--checkpoint", "net.pt", "--model-factory", "my_models.py:noisy", "--dataset",
+                 "imagefolder", "--data-root", "images", "--device", "cpu", "--eps", "0.01", "--attack",
+                 "autoattack-rand", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "autoattack-rand" in out
+    assert "randomised" in err and "averaged 20 gradients per step" in err
