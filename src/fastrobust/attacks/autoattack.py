@@ -6,7 +6,9 @@ run only on the points every earlier attack left correctly classified. ``fast``:
 The official's other versions, as its ``set_version`` defines them: ``plus``: APGD-CE and APGD-DLR (5 restarts
 each), untargeted FAB (5 restarts), Square (5,000 queries), APGD-T (9 targets) and FAB-T (9 targets, 1 restart);
 ``rand`` (for randomized defenses): APGD-CE and APGD-DLR, 1 restart each, every step's gradient averaged over
-20 passes (expectation over transformations, ``eot_iter``).
+20 passes (expectation over transformations, ``eot_iter``). ``norm="l1"``: the official standard version's l_1
+APGD (APGD-CE with 5 restarts, APGD-T with 5 targets, both from the large-eps start, see apgd.py) runs as
+``fast``; FAB and Square have no l_1 version here, so ``standard`` and ``plus`` refuse l_1 before any work.
 ``autoattack_official`` runs the authors' package (``pip install pyautoattack``, or the GitHub package
 ``autoattack``) when it is importable.
 
@@ -40,6 +42,7 @@ from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.attack_options import check_options
 from fastrobust.core.contract import entry_point, predicts
 from fastrobust.core.precision import no_tf32
+from fastrobust.core.values import GRADIENT_NORMS, NORMS, check_norm
 from fastrobust.errors import ConfigError
 
 VERSIONS = {
@@ -62,6 +65,8 @@ VERSION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "plus": {"apgd-ce": {"n_restarts": 5}, "apgd-dlr": {"n_restarts": 5}, "fab": {"n_restarts": 5}},
     "rand": {"apgd-ce": {"eot_iter": EOT_SAMPLES}, "apgd-dlr": {"eot_iter": EOT_SAMPLES}},
 }
+# the official standard version's l_1 APGD: 5 restarts, 5 targets, the large-eps start (fast: the same APGD)
+L1_SETTINGS = {"apgd-ce": {"n_restarts": 5, "large_eps": True}, "apgd-t": {"n_targets": 5, "large_eps": True}}
 # how each component is run, besides its settings: (point, target) rows per batch, forward precision
 _EXECUTION = {"apgd-ce": ("precision",), "apgd-dlr": ("precision",), "apgd-t": ("max_rows", "precision"),
               "fab": ("precision",), "fab-t": ("max_rows", "precision"), "square": ("precision",)}
@@ -70,10 +75,14 @@ _FUNCTIONS: dict[str, Callable[..., Tensor]] = {"apgd-ce": apgd_ce, "apgd-dlr": 
 DLR_MIN_CLASSES = 3  # the untargeted DLR reads the 3rd-highest logit
 
 
-def version_settings(version: str, name: str) -> dict[str, Any]:
-    """Component ``name``'s settings in AutoAttack ``version`` (the standard ones where the version changes none);
-    ``autoattack`` checks both names (KeyError here for an unknown component)."""
-    return {**DEFAULTS[name], **VERSION_SETTINGS.get(version, {}).get(name, {})}
+def version_settings(version: str, name: str, norm: str = "linf") -> dict[str, Any]:
+    """Component ``name``'s settings in AutoAttack ``version`` for the threat model ``norm`` (the standard ones where
+    the version changes none; l_1 standard and fast: ``L1_SETTINGS``); ``autoattack`` checks the names (KeyError
+    here for an unknown component)."""
+    settings = {**DEFAULTS[name], **VERSION_SETTINGS.get(version, {}).get(name, {})}
+    if norm == "l1" and version in ("standard", "fast"):
+        settings.update(L1_SETTINGS.get(name, {}))
+    return settings
 
 
 @dataclass
@@ -92,7 +101,7 @@ class AutoAttackResult:
         return out
 
 
-@entry_point("autoattack")
+@entry_point("autoattack", norms=NORMS)
 def autoattack(
     model: nn.Module,
     x: Tensor,
@@ -136,7 +145,9 @@ def autoattack(
     for name, value in options.items():
         if not isinstance(value, dict):
             raise ConfigError(f"autoattack: options[{name!r}] must be a dict of settings, got {value!r}")
-    settings = {name: check_options(f"autoattack ({name})", {**version_settings(version, name),
+    for name in names:  # before any work: a component without this threat model (l1: FAB and Square)
+        check_norm(norm, allowed=getattr(_FUNCTIONS[name], "norms", GRADIENT_NORMS), where=f"autoattack ({name})")
+    settings = {name: check_options(f"autoattack ({name})", {**version_settings(version, name, norm),
                                                              **options.get(name, {})}, norm=norm)
                 for name in names}
     check_precision(precision)  # validated before any work
@@ -203,7 +214,7 @@ def _memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
             t.data = data
 
 
-@entry_point("autoattack_official")
+@entry_point("autoattack_official", norms=NORMS)
 def autoattack_official(
     model: nn.Module,
     x: Tensor,

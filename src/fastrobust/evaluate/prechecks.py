@@ -28,7 +28,7 @@ def plan_attacks(attacks: Any, attack_options: dict[str, dict[str, Any]] | None,
 
     Raises:
         ConfigError: no attack, a name that is not one, options for an attack not asked for, a bad setting, or an
-            l_inf-only attack with ``norm='l2'``.
+            l_inf-only attack with ``norm='l2'``, or an attack without an l_1 version with ``norm='l1'``.
     """
     names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
     names = list(dict.fromkeys(names))  # keep order, drop repeats
@@ -46,6 +46,9 @@ def plan_attacks(attacks: Any, attack_options: dict[str, dict[str, Any]] | None,
     for name in names:
         if TABLE[name].linf_only and norm != "linf":
             raise ConfigError(f"attack {name!r} is l_inf only but norm={norm!r}: drop {name} or use --norm linf")
+        if norm == "l1" and not TABLE[name].l1 and name != "clean":
+            l1_names = [key for key, entry in TABLE.items() if entry.l1]
+            raise ConfigError(f"attack {name!r} has no l1 version: with norm='l1' use {', '.join(l1_names)}")
     return names, settings, invariance
 
 
@@ -53,7 +56,7 @@ def check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> No
     """RuntimeError (a bug in the attack) unless every adversarial is finite, in [0, 1] and in the eps-ball.
     Written so that NaN fails it: every comparison with NaN is False, so each test asks for the good case."""
     flat, delta = x_adv.flatten(1), (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.abs().sum(1) if norm == "l1" else delta.norm(dim=1)
     good = (torch.isfinite(flat).all(1) & (size <= eps * (1 + 1e-4) + 1e-6)
             & (flat.amin(1) >= 0) & (flat.amax(1) <= 1))
     if not bool(good.all()):
