@@ -325,7 +325,8 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     misclassified flag. A row leaves the working batch once misclassified (with ``until_target``: once
     classified as its target); with ``group`` (the point each row attacks) every row of a point leaves once
     one of them is done (those rows then report their state at that moment). ``eot_iter``: gradients averaged per
-    step (the loss and logits are the last pass's).
+    step (the loss and logits are the last pass's); above 1 (a randomised model) no row leaves early and each keeps
+    its last misclassifying iterate, as the authors' code.
     """
     if norm == "l1":
         return _apgd_l1_rows(x, y, target, fn, eps=eps, n_iter=n_iter, random_init=random_init, generator=generator,
@@ -375,7 +376,11 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     def into_ball(z: Tensor, s: dict[str, Tensor]) -> Tensor:
         return torch.clamp(z, s["lo"], s["hi"]) if norm == "linf" else project(z, s["x0"], eps, norm)
 
-    s = settle(s)
+    # a randomised model (EOT): every row runs every iteration and keeps its last misclassifying iterate, the
+    # authors' rule (on a deterministic model any misclassifying iterate decides the same, so rows leave early)
+    to_the_end = eot_iter > 1
+    if not to_the_end:
+        s = settle(s)
     marks = set(checkpoints(n_iter))
     last_mark = 0
     for k in range(n_iter):
@@ -391,7 +396,9 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
         grad, loss, logits = gradient(x_new, s["y"], s["t"])
         s["grad"] = grad
         pred = logits.argmax(1)
-        now = (pred != s["y"]) & ~s["reached"]  # frozen once done (until the batch is next checked)
+        now = pred != s["y"]
+        if not to_the_end:
+            now = now & ~s["reached"]  # frozen once done (until the batch is next checked)
         s["x_fool"] = torch.where(now.view(shape), x_new, s["x_fool"])
         s["fooled"] = s["fooled"] | now
         s["reached"] = s["reached"] | ((pred == s["t"]) if until_target else now)
@@ -413,7 +420,7 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
             s["reduced_last"] = reduce
             s["loss_best_last"] = s["loss_best"]
             last_mark = k + 1
-        if rows.check_now(k) or k + 1 == n_iter:
+        if not to_the_end and (rows.check_now(k) or k + 1 == n_iter):
             s = settle(s)
     if not rows.empty:  # never done; with until_target some may still be misclassified
         pos = rows.positions
