@@ -280,6 +280,6 @@ def test_bad_settings_raise_clear_errors(toy):
     with pytest.raises(ConfigError, match="eps"):
         apgd_ce(model, x, y, eps=8)
     with pytest.raises(ConfigError, match="version"):
-        autoattack(model, x, y, eps=0.1, version="plus")
+        autoattack(model, x, y, eps=0.1, version="turbo")
     with pytest.raises(ConfigError, match="n_queries"):
         square(model, x, y, eps=0.1, n_queries=0)

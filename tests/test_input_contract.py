@@ -237,8 +237,11 @@ def test_check_eps_units_per_norm():
     for bad in (0, -1, "nan", "inf"):
         with pytest.raises(ConfigError):
             check_eps(bad, norm="l2")
-    with pytest.raises(ConfigError, match="norm='l1' is not supported"):
-        check_eps(0.1, norm="l1")
+    assert check_eps(12, norm="l1") == 12  # an l1 radius (CIFAR-10's usual 12) may exceed 1
+    with pytest.raises(ConfigError, match="usual CIFAR-10 budget"):
+        check_eps(-1, norm="l1")
+    with pytest.raises(ConfigError, match="norm='l0' is not supported"):
+        check_eps(0.1, norm="l0")
 
 
 L2_ENTRIES = sorted(set(ATTACKS) - {"rays"} | {"evaluate"} | {"sanity_checks"})

@@ -1,5 +1,9 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and the targeted APGD-T.
 
+Randomized models (``eot_iter > 1``, AutoAttack's ``rand`` version): each step's gradient is the mean of
+``eot_iter`` gradients at the same iterate (expectation over transformations), and the loss and prediction the
+step acts on are those of the last of these passes, as in the authors' code.
+
 The step size is not a parameter: it starts at ``2 * eps`` and is halved at checkpoints (after 22, 41, 57,
 70, 80, 87, 93 and 99 of 100 iterations; see ``checkpoints``) whenever, since the previous checkpoint,
 
@@ -21,6 +25,7 @@ pass per target; a point leaves as soon as any of its targets fools it.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -39,8 +44,16 @@ from fastrobust.attacks._engine import (
     target_waves,
     write_per_point,
 )
-from fastrobust.attacks.toolkit import ascent_direction, input_gradient, model_mode, project, random_start
+from fastrobust.attacks.toolkit import (
+    ascent_direction,
+    draw,
+    input_gradient,
+    model_mode,
+    project,
+    random_start,
+)
 from fastrobust.core.contract import check_labels, entry_point
+from fastrobust.core.values import NORMS
 from fastrobust.errors import ConfigError
 
 LOSSES = ("ce", "dlr", "ce-targeted", "dlr-targeted")
@@ -99,7 +112,7 @@ def _loss_fn(name: str, num_classes: int) -> LossFn:
     return dlr_targeted_loss
 
 
-@entry_point("apgd")
+@entry_point("apgd", norms=NORMS)
 def apgd(
     model: nn.Module,
     x: Tensor,
@@ -114,6 +127,8 @@ def apgd(
     alpha: float = 0.75,
     rho: float = 0.75,
     random_init: bool = True,
+    eot_iter: int = 1,
+    large_eps: bool = False,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
@@ -123,14 +138,23 @@ def apgd(
     losses: the first one classified as the target, else the last misclassifying one), otherwise the point of
     highest loss. A point is done once misclassified; with a targeted loss only once classified as its target, so
     a point whose label is already wrong but which is not yet classified as its target is attacked (and restarted)
-    like any other. Restarts run only on the points not yet done.
+    like any other. Restarts run only on the points not yet done. ``eot_iter`` (default 1): gradients averaged
+    per step, for a model whose outputs are random (AutoAttack's ``rand`` version uses 20). ``norm="l1"``: the
+    authors' sparse l_1 APGD (``_apgd_l1_rows``); ``large_eps`` (l_1 only, AutoAttack's l_1 versions) starts it at
+    3 and 2 times ``eps`` before ``eps``. A targeted loss with ``y_target`` is l_inf / l_2 only (``apgd_t`` runs l_1).
     ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
     in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
     if n_iter < 1:
         raise ConfigError(f"n_iter={n_iter} must be at least 1")
     if n_restarts < 1:
         raise ConfigError(f"n_restarts={n_restarts} must be at least 1")
+    if eot_iter < 1:
+        raise ConfigError(f"eot_iter={eot_iter} must be at least 1 (1: one gradient per step, no EOT)")
     targeted = loss.endswith("-targeted")
+    _check_large_eps(large_eps, norm)
+    if targeted and norm == "l1":
+        raise ConfigError(f"loss={loss!r} with y_target is l_inf / l_2 only: for norm='l1' use apgd_t (AutoAttack's "
+                          "APGD-T) or an untargeted loss")
     if targeted and y_target is None:
         raise ConfigError(f"loss={loss!r} needs y_target (the target class of each example); or use apgd_t")
     x = x.detach()
@@ -154,6 +178,7 @@ def apgd(
             adv, adv_loss, adv_fooled = _apgd_rows(
                 x[todo], y[todo], t, fn, eps=eps, norm=norm, n_iter=n_iter, alpha=alpha, rho=rho,
                 random_init=random_init, generator=generator, execution=ex, until_target=targeted,
+                eot_iter=eot_iter, large_eps=large_eps,
             )
             adv_done = _on_target(model, adv, t) if targeted else adv_fooled
             before = fooled[todo]
@@ -167,33 +192,150 @@ def apgd(
     return result
 
 
+def _check_large_eps(large_eps: bool, norm: str) -> None:
+    if large_eps and norm != "l1":
+        raise ConfigError(f"large_eps=True is the l1 APGD's start (norm='l1'), not norm={norm!r}: drop large_eps")
+
+
 def _on_target(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """Which points the model (in fp32, the reference of every attack's success) classifies as their target."""
     with torch.no_grad():
         return model(x).argmax(1) == target
 
 
+def _gradient_fn(execution: Execution, fn: LossFn, eot_iter: int) -> Callable[[Tensor, Tensor, Tensor],
+                                                                               tuple[Tensor, Tensor, Tensor]]:
+    """``gradient(x, y, target) -> (input gradient, per-row loss, logits)`` evaluating the model as ``execution``
+    says; with ``eot_iter > 1`` the gradient is the mean of that many passes, the loss and logits the last one's."""
+    forward = autocast_forward(execution, execution.for_gradients)  # the backward runs outside autocast
+
+    def gradient(x_adv: Tensor, labels: Tensor, goals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def one() -> tuple[Tensor, Tensor, Tensor]:
+            return input_gradient(forward, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
+        if eot_iter == 1:
+            return one()
+        total = torch.zeros_like(x_adv)
+        for _ in range(eot_iter):  # the reference sums, then divides once: the same rounding
+            grad, loss, logits = one()
+            total += grad
+        return total / float(eot_iter), loss, logits
+
+    return gradient
+
+
+L1_SCHEDULE = ((3.0, 0.3), (2.0, 0.3), (1.0, 0.4))  # large-eps start: (eps factor, share of the iterations)
+
+
+def _l0(delta: Tensor) -> Tensor:
+    return (delta != 0).flatten(1).sum(1)
+
+
+def _apgd_l1_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, n_iter: int,
+                  random_init: bool, generator: torch.Generator | None, execution: Execution, eot_iter: int,
+                  large_eps: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """APGD in l_1 (the authors' ``autopgd_base.py`` with norm 'L1'; every row runs all its iterations).
+
+    The step moves the ``topk`` share of coordinates with the largest gradient (20% at first) by ``step / k``
+    along their gradient signs and projects onto the l_1 ball within [0, 1]; there is no momentum. Every
+    ``max(int(0.04 n), 1)`` iterations the sparsity of the best point sets the next ``topk`` (its share of nonzero
+    coordinates / 1.5), and the step is reset to ``eps`` (the iterate to the best point) where that sparsity fell by
+    more than 5%, else divided by 1.5 (within [eps/10, eps]). With ``large_eps`` (AutoAttack's l_1 versions) the
+    run is three stages at 3, 2 and 1 times ``eps`` (30%, 30%, 40% of the iterations, rounded up but the last),
+    each started at the previous one's best point projected onto its ball, the first at a normal draw projected
+    onto the 3 eps ball; only the last stage, at ``eps``, decides. Returns what ``_apgd_rows`` returns.
+
+    The projection is exact (``project_l1_box``). The authors' leaves float residues of about 1e-8 in coordinates it
+    zeroes, which their L0 sparsity counts, so from a random start the ``topk`` schedules can part (on 768 runs of a
+    small model: 5 points decided differently from the large-eps start, none from ``x``)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    target = target if target is not None else y
+    gradient = _gradient_fn(execution, fn, eot_iter)
+    if large_eps:
+        iters = [math.ceil(share * n_iter) for _, share in L1_SCHEDULE]
+        iters[-1] = n_iter - sum(iters[:-1])
+        start = x + draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        start = project(start, x, L1_SCHEDULE[0][0] * eps, "l1")
+        for (factor, _), stage_iter in zip(L1_SCHEDULE, iters):
+            start = project(start, x, factor * eps, "l1")
+            start, loss, fooled, x_fool = _apgd_l1_stage(x, y, target, gradient, eps=factor * eps, n_iter=stage_iter,
+                                                         start=start, sparse_start=True)
+    else:
+        start = random_start(x, eps, "l1", generator) if random_init else x.clone()
+        start, loss, fooled, x_fool = _apgd_l1_stage(x, y, target, gradient, eps=eps, n_iter=n_iter, start=start,
+                                                     sparse_start=not random_init)
+    fooled = confirm(execution, x_fool, y, fooled)
+    return torch.where(fooled.view(shape), x_fool, start), loss, fooled
+
+
+def _apgd_l1_stage(x: Tensor, y: Tensor, target: Tensor, gradient, *, eps: float, n_iter: int, start: Tensor,
+                   sparse_start: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One l_1 APGD run from ``start``: (best point, best loss, misclassified, last misclassifying iterate).
+    ``sparse_start``: the first ``topk`` from the start's own sparsity (a given start), else 20%."""
+    n = len(x)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    n_fts = x[0].numel()
+    rows = torch.arange(n, device=x.device)
+    x_adv = start.clamp(0.0, 1.0)
+    grad, loss, logits = gradient(x_adv, y, target)
+    x_best, grad_best, loss_best, x_fool = x_adv, grad, loss, x_adv
+    fooled = logits.argmax(1) != y
+    step = torch.full((n,), float(eps), device=x.device)
+    every = max(int(0.04 * n_iter), 1)
+    if sparse_start:
+        sp_old = _l0(x_adv - x).to(x.dtype)
+        topk = sp_old / n_fts / 1.5
+    else:
+        topk = torch.full((n,), 0.2, device=x.device)
+        sp_old = torch.full((n,), float(n_fts), device=x.device)
+    for k in range(n_iter):
+        magnitude = grad.abs().flatten(1)
+        rank = torch.clamp((1.0 - topk) * n_fts, min=0, max=n_fts - 1).long()
+        threshold = magnitude.sort(dim=1)[0][rows, rank].view(shape)
+        direction = (grad * (grad.abs() >= threshold).to(grad.dtype)).sign()
+        moved = x_adv + step.view(shape) * direction / (direction.abs().flatten(1).sum(1).view(shape) + 1e-10)
+        x_adv = project(moved, x, eps, "l1")
+        grad, loss, logits = gradient(x_adv, y, target)
+        now = logits.argmax(1) != y
+        x_fool = torch.where(now.view(shape), x_adv, x_fool)  # the last misclassifying iterate, as the reference
+        fooled = fooled | now
+        improved = loss > loss_best
+        x_best = torch.where(improved.view(shape), x_adv, x_best)
+        grad_best = torch.where(improved.view(shape), grad, grad_best)
+        loss_best = torch.where(improved, loss, loss_best)
+        if (k + 1) % every == 0:
+            sp_curr = _l0(x_best - x).to(x.dtype)
+            denser = sp_curr / sp_old < 0.95  # sparsity fell by more than 5%: start over from the best point
+            topk = sp_curr / n_fts / 1.5
+            step = torch.where(denser, torch.full_like(step, eps), step / 1.5).clamp(eps / 10, eps)
+            sp_old = sp_curr
+            x_adv = torch.where(denser.view(shape), x_best, x_adv)
+            grad = torch.where(denser.view(shape), grad_best, grad)
+    return x_best, loss_best, fooled, x_fool
+
+
 def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: float, norm: str,
                n_iter: int, alpha: float, rho: float, random_init: bool, generator: torch.Generator | None,
                execution: Execution, group: Tensor | None = None, n_groups: int = 0,
-               until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               until_target: bool = False, eot_iter: int = 1,
+               large_eps: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """APGD on every row (an example, with its own target class for targeted losses), evaluating the model as
     ``execution`` says.
 
     Returns per row: the last misclassifying iterate (else the highest-loss point), the best loss and the
     misclassified flag. A row leaves the working batch once misclassified (with ``until_target``: once
     classified as its target); with ``group`` (the point each row attacks) every row of a point leaves once
-    one of them is done (those rows then report their state at that moment).
+    one of them is done (those rows then report their state at that moment). ``eot_iter``: gradients averaged per
+    step (the loss and logits are the last pass's); above 1 (a randomised model) no row leaves early and each keeps
+    its last misclassifying iterate, as the authors' code.
     """
+    if norm == "l1":
+        return _apgd_l1_rows(x, y, target, fn, eps=eps, n_iter=n_iter, random_init=random_init, generator=generator,
+                             execution=execution, eot_iter=eot_iter, large_eps=large_eps)
     n = len(x)
     shape = (-1,) + (1,) * (x.dim() - 1)
     start = random_start(x, eps, norm, generator) if random_init else x.clone()
     target = target if target is not None else y
-
-    forward = autocast_forward(execution, execution.for_gradients)  # the backward runs outside autocast
-
-    def gradient(x_adv: Tensor, labels: Tensor, goals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return input_gradient(forward, x_adv, labels, lambda logits, lab: fn(logits, lab, goals))
+    gradient = _gradient_fn(execution, fn, eot_iter)
 
     grad, loss, logits = gradient(start, y, target)
     rows = Rows(n, x.device, group=group, n_groups=n_groups, check_every=execution.check_every)
@@ -234,7 +376,11 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     def into_ball(z: Tensor, s: dict[str, Tensor]) -> Tensor:
         return torch.clamp(z, s["lo"], s["hi"]) if norm == "linf" else project(z, s["x0"], eps, norm)
 
-    s = settle(s)
+    # a randomised model (EOT): every row runs every iteration and keeps its last misclassifying iterate, the
+    # authors' rule (on a deterministic model any misclassifying iterate decides the same, so rows leave early)
+    to_the_end = eot_iter > 1
+    if not to_the_end:
+        s = settle(s)
     marks = set(checkpoints(n_iter))
     last_mark = 0
     for k in range(n_iter):
@@ -250,7 +396,9 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
         grad, loss, logits = gradient(x_new, s["y"], s["t"])
         s["grad"] = grad
         pred = logits.argmax(1)
-        now = (pred != s["y"]) & ~s["reached"]  # frozen once done (until the batch is next checked)
+        now = pred != s["y"]
+        if not to_the_end:
+            now = now & ~s["reached"]  # frozen once done (until the batch is next checked)
         s["x_fool"] = torch.where(now.view(shape), x_new, s["x_fool"])
         s["fooled"] = s["fooled"] | now
         s["reached"] = s["reached"] | ((pred == s["t"]) if until_target else now)
@@ -272,7 +420,7 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
             s["reduced_last"] = reduce
             s["loss_best_last"] = s["loss_best"]
             last_mark = k + 1
-        if rows.check_now(k) or k + 1 == n_iter:
+        if not to_the_end and (rows.check_now(k) or k + 1 == n_iter):
             s = settle(s)
     if not rows.empty:  # never done; with until_target some may still be misclassified
         pos = rows.positions
@@ -283,10 +431,25 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     return out, out_loss, out_fooled
 
 
-@entry_point("apgd_ce")
+@entry_point("apgd_ce", norms=NORMS)
 def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", n_iter: int = 100, **kwargs) -> Tensor:
     """APGD with the cross-entropy loss (AutoAttack's first attack)."""
     return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="ce", **kwargs)
+
+
+@entry_point("apgd_dlr", norms=NORMS)
+def apgd_dlr(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", n_iter: int = 100,
+             **kwargs) -> Tensor:
+    """APGD with the untargeted DLR loss (AutoAttack's ``plus`` and ``rand`` versions; needs >= 3 classes).
+
+    Args:
+        eps, norm, n_iter: as ``apgd``; ``**kwargs``: ``apgd``'s other settings (``n_restarts``, ``eot_iter``, ...).
+    Returns:
+        The adversarial examples (``apgd``'s rule per example).
+    Raises:
+        ConfigError: a model of fewer than 3 classes, or a bad setting.
+    """
+    return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="dlr", **kwargs)
 
 
 def targets_used(n_targets: int, num_classes: int) -> int:
@@ -319,7 +482,7 @@ def ranked_targets(logits: Tensor, n_targets: int) -> list[Tensor]:
     return [order[:, k] for k in range(1, n + 1)]
 
 
-@entry_point("apgd_t")
+@entry_point("apgd_t", norms=NORMS)
 def apgd_t(
     model: nn.Module,
     x: Tensor,
@@ -354,7 +517,8 @@ def apgd_t(
         raise ConfigError(f"n_targets={n_targets} must be at least 1")
     if n_iter < 1 or n_restarts < 1:
         raise ConfigError(f"n_iter={n_iter} and n_restarts={n_restarts} must be at least 1")
-    unknown = set(kwargs) - {"alpha", "rho", "random_init", "precision"}
+    _check_large_eps(kwargs.get("large_eps", False), norm)
+    unknown = set(kwargs) - {"alpha", "rho", "random_init", "precision", "eot_iter", "large_eps"}
     if unknown:
         raise ConfigError(f"apgd_t has no setting(s) {sorted(unknown)}")
     x = x.detach()
@@ -380,7 +544,8 @@ def apgd_t(
                     x[rows_point[sel]], y[rows_point[sel]], rows_target[sel], fn, eps=eps, norm=norm,
                     n_iter=n_iter, alpha=kwargs.get("alpha", 0.75), rho=kwargs.get("rho", 0.75),
                     random_init=kwargs.get("random_init", True), generator=generator, execution=ex,
-                    group=rows_group[sel], n_groups=len(points),
+                    group=rows_group[sel], n_groups=len(points), eot_iter=kwargs.get("eot_iter", 1),
+                    large_eps=kwargs.get("large_eps", False),
                 )
                 # per point: its last fooling run, else (a robust point) its last run (write_per_point's rule)
                 write_per_point(result, rows_point[sel], adv, fooled.long())

@@ -3,6 +3,12 @@
 ``standard``: APGD-CE (100 iterations), APGD-T (9 targets, 100 iterations each), FAB-T (9 targets,
 100 iterations each), Square (5,000 queries, the p schedule not rescaled, as the authors' AutoAttack), each
 run only on the points every earlier attack left correctly classified. ``fast``: APGD-CE and APGD-T.
+The official's other versions, as its ``set_version`` defines them: ``plus``: APGD-CE and APGD-DLR (5 restarts
+each), untargeted FAB (5 restarts), Square (5,000 queries), APGD-T (9 targets) and FAB-T (9 targets, 1 restart);
+``rand`` (for randomized defenses): APGD-CE and APGD-DLR, 1 restart each, every step's gradient averaged over
+20 passes (expectation over transformations, ``eot_iter``). ``norm="l1"``: the official standard version's l_1
+APGD (APGD-CE with 5 restarts, APGD-T with 5 targets, both from the large-eps start, see apgd.py) runs as
+``fast``; FAB and Square have no l_1 version here, so ``standard`` and ``plus`` refuse l_1 before any work.
 ``autoattack_official`` runs the authors' package (``pip install pyautoattack``, or the GitHub package
 ``autoattack``) when it is importable.
 
@@ -28,30 +34,55 @@ from torch import Tensor, nn
 
 from fastrobust.attacks._engine import check_precision, execution_for
 from fastrobust.attacks._frozen import frozen_copies
-from fastrobust.attacks.apgd import apgd_ce, apgd_t, targeted_settings_used
-from fastrobust.attacks.fab import fab_t
+from fastrobust.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, targeted_settings_used
+from fastrobust.attacks.fab import fab_t, fab_untargeted
 from fastrobust.attacks.official import OFFICIAL_MISSING, official_available, run_official  # noqa: F401 (re-exported)
 from fastrobust.attacks.square import square
 from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.attack_options import check_options
 from fastrobust.core.contract import entry_point, predicts
 from fastrobust.core.precision import no_tf32
+from fastrobust.core.values import GRADIENT_NORMS, NORMS, check_norm
 from fastrobust.errors import ConfigError
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "fast": ("apgd-ce", "apgd-t"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),  # the official's order
+    "rand": ("apgd-ce", "apgd-dlr"),
 }
-DEFAULTS: dict[str, dict[str, Any]] = {
+DEFAULTS: dict[str, dict[str, Any]] = {  # each component's settings in the standard version
     "apgd-ce": {"n_iter": 100, "n_restarts": 1},
+    "apgd-dlr": {"n_iter": 100, "n_restarts": 1},
     "apgd-t": {"n_iter": 100, "n_targets": 9, "n_restarts": 1},
+    "fab": {"n_iter": 100, "n_restarts": 1},
     "fab-t": {"n_iter": 100, "n_targets": 9, "n_restarts": 1},
     "square": {"n_queries": 5000, "p_init": 0.8, "rescale_schedule": False},
 }
+EOT_SAMPLES = 20  # the rand version's gradients per step (the official's eot_iter)
+# what each version changes (the official's set_version)
+VERSION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "plus": {"apgd-ce": {"n_restarts": 5}, "apgd-dlr": {"n_restarts": 5}, "fab": {"n_restarts": 5}},
+    "rand": {"apgd-ce": {"eot_iter": EOT_SAMPLES}, "apgd-dlr": {"eot_iter": EOT_SAMPLES}},
+}
+# the official standard version's l_1 APGD: 5 restarts, 5 targets, the large-eps start (fast: the same APGD)
+L1_SETTINGS = {"apgd-ce": {"n_restarts": 5, "large_eps": True}, "apgd-t": {"n_targets": 5, "large_eps": True}}
 # how each component is run, besides its settings: (point, target) rows per batch, forward precision
-_EXECUTION = {"apgd-ce": ("precision",), "apgd-t": ("max_rows", "precision"), "fab-t": ("max_rows", "precision"),
-              "square": ("precision",)}
-_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"apgd-ce": apgd_ce, "apgd-t": apgd_t, "fab-t": fab_t, "square": square}
+_EXECUTION = {"apgd-ce": ("precision",), "apgd-dlr": ("precision",), "apgd-t": ("max_rows", "precision"),
+              "fab": ("precision",), "fab-t": ("max_rows", "precision"), "square": ("precision",)}
+_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"apgd-ce": apgd_ce, "apgd-dlr": apgd_dlr, "apgd-t": apgd_t,
+                                               "fab": fab_untargeted, "fab-t": fab_t, "square": square}
+DLR_MIN_CLASSES = 3  # the untargeted DLR reads the 3rd-highest logit
+
+
+def version_settings(version: str, name: str, norm: str = "linf") -> dict[str, Any]:
+    """Component ``name``'s settings in AutoAttack ``version`` for the threat model ``norm`` (the standard ones where
+    the version changes none; l_1 standard and fast: ``L1_SETTINGS``); ``autoattack`` checks the names (KeyError
+    here for an unknown component)."""
+    settings = {**DEFAULTS[name], **VERSION_SETTINGS.get(version, {}).get(name, {})}
+    if norm == "l1" and version in ("standard", "fast"):
+        settings.update(L1_SETTINGS.get(name, {}))
+    return settings
 
 
 @dataclass
@@ -70,7 +101,7 @@ class AutoAttackResult:
         return out
 
 
-@entry_point("autoattack")
+@entry_point("autoattack", norms=NORMS)
 def autoattack(
     model: nn.Module,
     x: Tensor,
@@ -100,7 +131,10 @@ def autoattack(
     model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU, in
     fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
     the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
-    when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py)."""
+    when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py); never
+    in the ``rand`` version, whose model is random. ``version``: ``standard`` (default), ``fast``, ``plus`` or
+    ``rand`` (see the module's docstring). On a model of fewer than 3 classes APGD-DLR is left out (a note says so),
+    as the official does."""
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
@@ -111,11 +145,14 @@ def autoattack(
     for name, value in options.items():
         if not isinstance(value, dict):
             raise ConfigError(f"autoattack: options[{name!r}] must be a dict of settings, got {value!r}")
-    settings = {name: check_options(f"autoattack ({name})", {**DEFAULTS[name], **options.get(name, {})}, norm=norm)
+    for name in names:  # before any work: a component without this threat model (l1: FAB and Square)
+        check_norm(norm, allowed=getattr(_FUNCTIONS[name], "norms", GRADIENT_NORMS), where=f"autoattack ({name})")
+    settings = {name: check_options(f"autoattack ({name})", {**version_settings(version, name, norm),
+                                                             **options.get(name, {})}, norm=norm)
                 for name in names}
     check_precision(precision)  # validated before any work
     rows = max(int(max_rows or len(x)), 1)
-    want_frozen = (x.device.type == "cpu") if freeze is None else bool(freeze)
+    want_frozen = (x.device.type == "cpu" and version != "rand") if freeze is None else bool(freeze)
     x = x.detach()
     notes: list[str] = [f"precision {precision}"]
     with model_mode(model, training=not eval_mode), _memory_format(model, channels_last):
@@ -125,6 +162,11 @@ def autoattack(
             logits = model(x)
         robust = predicts(logits, y)
         settings = {name: targeted_settings_used(name, s, logits.shape[1]) for name, s in settings.items()}
+        if "apgd-dlr" in names and logits.shape[1] < DLR_MIN_CLASSES:
+            names = tuple(name for name in names if name != "apgd-dlr")
+            settings.pop("apgd-dlr", None)
+            notes.append(f"apgd-dlr left out: its DLR loss needs {DLR_MIN_CLASSES} classes, the model has "
+                         f"{logits.shape[1]}")
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
         execution = execution_for(model, precision, x.device)
@@ -172,7 +214,7 @@ def _memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
             t.data = data
 
 
-@entry_point("autoattack_official")
+@entry_point("autoattack_official", norms=NORMS)
 def autoattack_official(
     model: nn.Module,
     x: Tensor,

@@ -1,4 +1,5 @@
-"""FAB-T, the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf and l_2.
+"""FAB-T, the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf and l_2, and its untargeted
+run ``fab_untargeted`` (AutoAttack's ``plus`` version).
 
 At the iterate ``x_i`` the decision boundary between the true class ``y`` and the target ``t`` is
 linearised: ``g(z) ~ g(x_i) + w^T (z - x_i)`` with ``g = f_t - f_y`` and ``w`` its input gradient.
@@ -17,6 +18,10 @@ point.
 With a chosen target (``fab_t(..., y_target=...)``) the run is targeted instead: ``y`` in ``g`` is the class in
 the target's way at ``x_i`` (the highest-scoring other class), a success is reaching the target, and a point is
 done only once classified as its target within ``eps``.
+
+The untargeted run (``fab_untargeted``, the component ``fab``) linearises, at each iterate, the boundary between ``y`` and the class ``j`` whose
+linearised boundary is closest: the smallest ``|f_j - f_y| / ||grad(f_j - f_y)||_*`` (the dual norm: l_1 for
+l_inf, l_2 for l_2), which takes the gradient of every logit (C backward passes per step, as the authors' code).
 
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
@@ -218,6 +223,58 @@ def fab_t(
     return result
 
 
+@entry_point("fab_untargeted")
+def fab_untargeted(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+    precision: str = "fp32",
+) -> Tensor:
+    """Untargeted FAB (AutoAttack's ``fab``): each step crosses the closest linearised boundary of the true class.
+
+    Args:
+        eps: the budget a found point must be within; norm: ``linf`` or ``l2``.
+        n_iter: steps per run (100). n_restarts: runs (1); the first starts at ``x``, the others at a random point
+            at radius ``eps / 2``, each only on the points not yet fooled (AutoAttack ``plus``: 5).
+        alpha_max, eta, beta: FAB's step settings (0.1, 1.05, 0.9, the authors').
+        precision: as in ``apgd`` (fp32 by default).
+    Returns:
+        Per example the first misclassified point found within ``eps``, else ``x``.
+    Raises:
+        ConfigError: a count below 1.
+    """
+    if n_iter < 1 or n_restarts < 1:
+        raise ConfigError(f"n_iter={n_iter} and n_restarts={n_restarts} must be at least 1")
+    x = x.detach()
+    y = y.detach()
+    ex = execution_for(model, precision, x.device)
+    with model_mode(model, training=not eval_mode):
+        with torch.no_grad():
+            todo_mask = model(x).argmax(1) == y
+        result = x.clone()
+        for restart in range(n_restarts):
+            todo = todo_mask.nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            xs = x[todo]
+            start = xs.clone() if restart == 0 else _random_start_half_eps(xs, eps, norm, generator)
+            adv, done, _ = _fab_rows(xs, y[todo], None, start=start, eps=eps, norm=norm, n_iter=n_iter,
+                                     alpha_max=alpha_max, eta=eta, beta=beta, execution=ex)
+            result[todo[done]] = adv[done]
+            todo_mask[todo[done]] = False
+    return result
+
+
 def _random_start_half_eps(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """A restart's start: a random direction at radius eps / 2 (the reference resets its best distance at
     every restart, so its ``min(best distance, eps) / 2`` is always ``eps / 2``)."""
@@ -247,10 +304,35 @@ def _jacobian_row(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, t: Te
     return g.detach(), grad
 
 
-def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, norm: str, n_iter: int,
+def _closest_boundary(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """``g = f_j - f_y`` at x and its input gradient for the class ``j != y`` whose linearised boundary is closest
+    (``|g_j| / ||grad g_j||_*``, the dual norm), from the gradients of all C logits (the authors' rule: each logit's
+    gradient, then the differences)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        grads = []
+        for c in range(logits.shape[1]):
+            (grad,) = grad_or_zeros(logits[:, c].float().sum(), [x], retain_graph=True)
+            grads.append(grad.detach())
+    rows = torch.arange(len(x), device=x.device)
+    jac = torch.stack(grads, dim=1)  # [B, C, ...]
+    jac = torch.nan_to_num(jac, nan=0.0, posinf=_FINITE_SLOPE, neginf=-_FINITE_SLOPE)
+    f = logits.detach().float()
+    df = f - f[rows, y][:, None]
+    dg = (jac - jac[rows, y][:, None]).flatten(2)
+    dual = dg.abs().sum(2) if norm == "linf" else dg.pow(2).sum(2).sqrt()
+    dist = df.abs() / (dual + 1e-12)
+    dist[rows, y] = float("inf")  # not a boundary
+    j = dist.argmin(1)
+    return df[rows, j], dg[rows, j].view_as(x)
+
+
+def _fab_rows(x: Tensor, y: Tensor, t: Tensor | None, *, start: Tensor, eps: float, norm: str, n_iter: int,
               alpha_max: float, eta: float, beta: float, execution: Execution, group: Tensor | None = None,
               n_groups: int = 0, until_target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """FAB-T iterations on every row (an example and its target). Returns per row the point found (the first
+    """FAB-T iterations on every row (an example and its target; ``t=None``: untargeted FAB, the closest boundary
+    of each step, see ``_closest_boundary``). Returns per row the point found (the first
     one within ``eps`` classified as the target with ``until_target``, else the first misclassified one within
     ``eps``, else ``x``), whether the row is done (misclassified within ``eps``; with ``until_target``: on its
     target) and whether a misclassified point within ``eps`` was found. A row leaves the batch once done; with
@@ -263,6 +345,8 @@ def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, nor
     out_done = torch.zeros(n, dtype=torch.bool, device=x.device)
     out_found = torch.zeros(n, dtype=torch.bool, device=x.device)
     nothing = torch.zeros(n, dtype=torch.bool, device=x.device)
+    untargeted = t is None
+    t = y if untargeted else t  # unused by the untargeted steps; keeps every row's state the same shape
     s = {"x0": x, "y": y, "t": t, "x_i": start, "found": nothing, "x_found": x, "reached": nothing, "x_reached": x}
 
     def write_out(s: dict[str, Tensor], idx: Tensor, pos: Tensor) -> None:
@@ -286,7 +370,10 @@ def _fab_rows(x: Tensor, y: Tensor, t: Tensor, *, start: Tensor, eps: float, nor
 
     for k in range(n_iter):
         x0, x_i = s["x0"], s["x_i"]
-        g, w = _jacobian_row(forward, x_i, s["y"], s["t"], rival=until_target)
+        if untargeted:
+            g, w = _closest_boundary(forward, x_i, s["y"], norm)
+        else:
+            g, w = _jacobian_row(forward, x_i, s["y"], s["t"], rival=until_target)
         w = w.flatten(1)
         flat_i, flat_x = x_i.flatten(1), x0.flatten(1)
         # the linearised boundary g + w^T (z - x_i) = 0, seen from x_i and from the original point

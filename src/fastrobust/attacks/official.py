@@ -27,7 +27,7 @@ from fastrobust.attacks.toolkit import model_mode
 from fastrobust.errors import FastRobustError
 
 PACKAGES = ("pyautoattack", "autoattack")
-NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+NORM_NAMES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 OFFICIAL_MISSING = (
     "the official AutoAttack is not importable: install it with `pip install pyautoattack` "
     "(or `pip install 'fastrobust[reference]'`), or use attack 'autoattack'"

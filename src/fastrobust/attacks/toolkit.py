@@ -43,9 +43,12 @@ def model_mode(model: nn.Module, *, training: bool = False) -> Iterator[nn.Modul
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
-    """Project onto the eps-ball around ``x`` (l_inf or l_2), then clamp to [0, 1]. Non-finite entries of
-    ``x_adv`` become the entries of ``x`` (a NaN or Inf never leaves a projection)."""
+    """Project onto the eps-ball around ``x`` (l_inf or l_2), then clamp to [0, 1]; for l_1 the Euclidean
+    projection onto the l_1 ball intersected with [0, 1] (``project_l1_box``). Non-finite entries of ``x_adv``
+    become the entries of ``x`` (a NaN or Inf never leaves a projection)."""
     x_adv = torch.where(torch.isfinite(x_adv), x_adv, x)
+    if norm == "l1":
+        return (x + project_l1_box(x_adv - x, x, eps)).clamp(0.0, 1.0)
     if norm == "linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     else:
@@ -54,6 +57,37 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
         delta = delta * torch.clamp(eps / norms, max=1.0)
         x_adv = x + delta
     return x_adv.clamp(0.0, 1.0)
+
+
+def project_l1_box(delta: Tensor, x: Tensor, eps: float) -> Tensor:
+    """The Euclidean projection of the perturbation ``delta`` onto ``{d : ||d||_1 <= eps, 0 <= x + d <= 1}``.
+
+    The constraints are separable but for the l_1 sum, so the projection is
+    ``d_i = sign(delta_i) * clamp(|delta_i| - lam, 0, room_i)`` with ``room_i`` the way to the box in the direction
+    of ``delta_i`` (``1 - x_i`` up, ``x_i`` down) and ``lam >= 0`` the smallest value with ``sum_i d_i <= eps``:
+    ``lam = 0`` when the box clamp alone is within the ball, else the root of the piecewise-linear, decreasing
+    ``h(lam) = sum_i clamp(|delta_i| - lam, 0, room_i)``, found exactly from its sorted breakpoints
+    (``|delta_i| - room_i``, where coordinate i starts to shrink, and ``|delta_i|``, where it reaches 0)."""
+    shape, dtype = delta.shape, delta.dtype
+    d = delta.flatten(1).double()  # the breakpoint sums in float64: exact to float32 rounding of the result
+    x = x.flatten(1).double()
+    sign = d.sign()
+    room = torch.where(d >= 0, 1 - x, x).clamp(min=0)
+    a = d.abs()
+    boxed = torch.minimum(a, room)
+    over = boxed.sum(1) > eps
+    # breakpoints and the slope change of -h at each: +1 where a coordinate starts to shrink, -1 where it stops
+    points = torch.cat([a - room, a], dim=1)
+    change = torch.cat([torch.ones_like(a), -torch.ones_like(a)], dim=1)
+    points, order = points.sort(dim=1)
+    active = change.gather(1, order).cumsum(1)  # coordinates shrinking just right of each breakpoint
+    gaps = torch.diff(points, dim=1, append=points[:, -1:])
+    # h at each breakpoint: what the shrinking coordinates still hold to the right of it
+    h = (gaps * active).flip(1).cumsum(1).flip(1)
+    k = (h > eps).sum(1).clamp(min=1) - 1  # h decreases: the last breakpoint where h still exceeds eps
+    lam = points.gather(1, k[:, None]) + (h.gather(1, k[:, None]) - eps) / active.gather(1, k[:, None]).clamp(min=1)
+    lam = torch.where(over[:, None], lam.clamp(min=0), torch.zeros_like(lam))
+    return (sign * torch.clamp(a - lam, min=0).minimum(room)).to(dtype).view(shape)
 
 
 def ascent_direction(grad: Tensor, norm: str) -> Tensor:
@@ -99,7 +133,11 @@ def draw(sample: Callable[..., Tensor], *args, generator: torch.Generator | None
 
 
 def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
-    """A uniform point of the eps-ball around ``x`` (for l_2: uniform direction, uniform radius)."""
+    """A uniform point of the eps-ball around ``x`` (for l_2: uniform direction, uniform radius; for l_1 the
+    authors' APGD start: a standard normal perturbation projected onto the l_1 ball within [0, 1])."""
+    if norm == "l1":
+        noise = draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return project(x + noise, x, eps, norm)
     if norm == "linf":
         noise = draw(torch.rand, x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
         return project(x + eps * noise, x, eps, norm)

@@ -49,10 +49,12 @@ def register(subparsers) -> None:
                         "(gaussian-noise and spatial are invariance evaluations, see docs/evaluation.md)")
     parser.add_argument("--eps", default=None,
                         help="perturbation size in [0,1] pixel units: l_inf in (0, 1], 8/255 accepted; l2 a positive "
-                             "radius up to sqrt(C*H*W). Default: for a fastrobust run folder (linf) the eps it was "
-                             "trained and tested at, else the CIFAR-10 budgets of AutoAttack and RobustBench, "
-                             "8/255 for linf and 0.5 for l2")
-    parser.add_argument("--norm", default="linf", choices=("linf", "l2"), help="threat model (default linf)")
+                             "radius up to sqrt(C*H*W); l1 a positive radius up to C*H*W. Default: for a fastrobust "
+                             "run folder (linf) the eps it was trained and tested at, else the CIFAR-10 budgets of "
+                             "AutoAttack and RobustBench, 8/255 for linf, 0.5 for l2 and 12 for l1")
+    parser.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"),
+                        help="threat model (default linf); l1 runs with apgd-ce, apgd-t, autoattack-fast (the official "
+                             "standard version's l1 APGD) and autoattack-rand")
     parser.add_argument("--test-subset", default=None,
                         help="evaluate N test points: class-balanced, or with --protocol the first N of the test "
                              "order")
@@ -103,7 +105,7 @@ def _device(name: str | None):
 
 
 # the usual CIFAR-10 budgets (AutoAttack, Croce & Hein 2020; RobustBench, Croce et al. 2021): l_inf 8/255, l_2 0.5
-DEFAULT_EPS = {"linf": "8/255", "l2": "0.5"}
+DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
 PROTOCOL_CHOICES = ("robustbench",)  # fastrobust.evaluate.leaderboard.PROTOCOLS (not imported at startup)
 SANITY_FAILED = 3  # exit status of `eval --sanity` when a check fails (the record is still printed and written)
 
@@ -263,8 +265,9 @@ def _run(args: argparse.Namespace) -> int:
     model_file = metadata.get("path", str(args.checkpoint))
     if ctx.is_main and not args.quiet:
         print(f"fastrobust eval: {_model_text(model, source)}", file=sys.stderr)
-    if args.eps is None and args.norm == "l2" and ctx.is_main:  # said once every check has passed
-        print(f"fastrobust eval: --eps {DEFAULT_EPS['l2']} (the usual l2 budget, RobustBench's for CIFAR-10; "
+    if args.eps is None and args.norm in ("l2", "l1") and ctx.is_main:  # said once every check has passed
+        whose = "RobustBench's" if args.norm == "l2" else "the official AutoAttack's"
+        print(f"fastrobust eval: --eps {DEFAULT_EPS[args.norm]} (the usual {args.norm} budget, {whose} for CIFAR-10; "
               "give --eps for another)", file=sys.stderr)
     small_eps = small_l2_eps_note(eps, args.norm, tuple(dataset.image_shape), linf="--norm linf")
     if small_eps is not None and ctx.is_main:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from fastrobust.core.attack_options import check_options
 from fastrobust.core.passes import CountedModel
 from fastrobust.core.traced import TRAINING_MODE_FIX, describe_training_ops, export_training_ops, torchscript_mode_ops
+from fastrobust.core.values import GRADIENT_NORMS, check_norm
 from fastrobust.errors import ConfigError, FastRobustError
 
 _VALIDATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastrobust_inputs_validated", default=False)
@@ -551,22 +552,26 @@ def check_gradients_allowed(where: str) -> None:
                           "attack needs: call it outside that block (torch.no_grad() around it is fine)")
 
 
-def entry_point(where: str, *, gradients: bool = True) -> Callable[[F], F]:
+def entry_point(where: str, *, gradients: bool = True, norms: tuple[str, ...] = GRADIENT_NORMS) -> Callable[[F], F]:
     """Decorator of a public ``fn(model, x, y, ...)``: refuses ``torch.inference_mode()`` unless the function
-    needs no ``gradients``, checks its keyword settings (``attack_options``), the batch (values once, outside
-    ``validated()``), hands ``fn`` the model through ``prepare_model`` and runs it inside ``validated()``."""
+    needs no ``gradients``, checks its keyword settings (``attack_options``; ``norm`` one of ``norms``, the threat
+    models it supports, also readable as ``fn.norms``), the batch (values once, outside ``validated()``), hands
+    ``fn`` the model through ``prepare_model`` and runs it inside ``validated()``."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def run(model: nn.Module, x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Any:
             if gradients:
                 check_gradients_allowed(where)
+            if "norm" in kwargs:
+                check_norm(kwargs["norm"], allowed=norms, where=where)
             kwargs = check_options(where, kwargs, norm=kwargs.get("norm", "linf"))
             x, y, label_max = check_batch(x, y, where=where, model=model)
             model = prepare_model(model, label_max, where, x.dtype)
             with validated():
                 return fn(model, x, y, *args, **kwargs)
 
+        run.norms = norms  # type: ignore[attr-defined]
         return run  # type: ignore[return-value]
 
     return decorate

@@ -19,15 +19,16 @@ from torch import Tensor
 
 
 def grad_or_zeros(output: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor | None = None, *,
-                  create_graph: bool = False) -> tuple[Tensor, ...]:
+                  create_graph: bool = False, retain_graph: bool | None = None) -> tuple[Tensor, ...]:
     """``torch.autograd.grad(output, inputs, grad_outputs, create_graph=...)``, with a zero tensor (shape, dtype
     and layout of the input) for every input that ``output`` does not depend on through autograd, also when
-    ``output`` does not require grad at all. Never accumulates into ``.grad``; no host synchronisation."""
+    ``output`` does not require grad at all. Never accumulates into ``.grad``; no host synchronisation.
+    ``retain_graph``: keep the graph for another gradient of the same forward (FAB's per-logit gradients)."""
     inputs = list(inputs)
     if not output.requires_grad:
         return tuple(torch.zeros_like(t) for t in inputs)
     return torch.autograd.grad(output, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
-                               allow_unused=True, materialize_grads=True)
+                               retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
 
 
 __all__ = ["grad_or_zeros"]

@@ -51,13 +51,20 @@ def parse_number(value: str | float | int, *, name: str = "value") -> float:
     return result
 
 
-NORMS = ("linf", "l2")  # the threat models: l_inf and l_2 balls in [0, 1] pixel units
+NORMS = ("linf", "l2", "l1")  # the threat models: l_inf, l_2 and l_1 balls in [0, 1] pixel units
+GRADIENT_NORMS = ("linf", "l2")  # what an attack supports unless it says more (l_1: APGD and AutoAttack's APGD)
+L1_ATTACKS = "apgd, apgd_ce, apgd_dlr, apgd_t and autoattack's APGD components (evaluate: apgd-ce, apgd-t, autoattack-fast)"
 
 
-def check_norm(norm: str) -> str:
-    """``norm`` when it is a supported threat model (``NORMS``); else one ConfigError naming the choices."""
+def check_norm(norm: str, *, allowed: tuple[str, ...] = NORMS, where: str = "") -> str:
+    """``norm`` when it is a threat model ``allowed`` here (default: every one of ``NORMS``); else one ConfigError
+    naming the choices (and, for l_1, the attacks that support it). ``where``: who asks (an attack's name)."""
+    prefix = f"{where}: " if where else ""
     if norm not in NORMS:
-        raise ConfigError(f"norm={norm!r} is not supported: choose one of {', '.join(NORMS)}")
+        raise ConfigError(f"{prefix}norm={norm!r} is not supported: choose one of {', '.join(NORMS)}")
+    if norm not in allowed:
+        more = f" (l1 runs with {L1_ATTACKS})" if norm == "l1" else ""
+        raise ConfigError(f"{prefix}norm={norm!r} is not supported here: choose one of {', '.join(allowed)}{more}")
     return norm
 
 
@@ -65,17 +72,20 @@ def check_eps(value: float, *, name: str = "eps", allow_zero: bool = False, norm
     """A perturbation size in [0,1] pixel units for the threat model ``norm``.
 
     l_inf: in (0, 1] (a value above 1 gets the hint "did you mean 8/255?"); l_2: any positive value (the radius
-    of the ball; 0.5 is the usual CIFAR-10 budget, and the largest useful one is sqrt(C*H*W)). With
+    of the ball; 0.5 is the usual CIFAR-10 budget, and the largest useful one is sqrt(C*H*W)); l_1: any positive
+    value (the radius: the sum of the absolute pixel changes; 12 is the usual CIFAR-10 budget, C*H*W the largest
+    useful one). With
     ``allow_zero`` 0 is accepted too. Raises ConfigError otherwise.
     """
     norm = check_norm(norm)
     value = parse_number(value, name=name)
     low_ok = value >= 0 if allow_zero else value > 0
-    if norm == "l2":
+    if norm in ("l2", "l1"):
         if not low_ok:
             bound = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{name}={value:g} must be {bound}: an l2 budget is the radius of the ball in [0,1] "
-                              "pixel units (0.5 is the usual CIFAR-10 budget)")
+            usual = "0.5" if norm == "l2" else "12"
+            raise ConfigError(f"{name}={value:g} must be {bound}: an {norm} budget is the radius of the ball in [0,1] "
+                              f"pixel units ({usual} is the usual CIFAR-10 budget)")
         return value
     if not low_ok or value > 1:
         hint = f"; did you mean {value:g}/255?" if value > 1 else ""
@@ -88,9 +98,16 @@ def check_eps_fits(eps: float, norm: str, image_shape, *, name: str = "eps") -> 
     """ConfigError when an l_2 radius exceeds the diameter of the [0, 1] image box, ``sqrt(C*H*W)`` (the distance
     from the all-black to the all-white image): no two images are farther apart, so the budget is a typo (l_inf
     radii are bounded by 1 in ``check_eps``). ``image_shape``: (C, H, W) or any per-image shape."""
-    if norm != "l2":
+    if norm not in ("l2", "l1"):
         return
     size = math.prod(int(d) for d in image_shape)
+    if norm == "l1":
+        if size and eps > size * (1 + 1e-9):
+            shape = "x".join(str(int(d)) for d in image_shape)
+            raise ConfigError(f"{name}={eps:g} is larger than the l1 diameter of the [0, 1] image box for {shape} "
+                              f"images, C*H*W = {size}: no two images are that far apart in l1; the usual CIFAR-10 "
+                              "l1 budget is 12")
+        return
     diameter = math.sqrt(size)
     if size and eps > diameter * (1 + 1e-9):
         shape = "x".join(str(int(d)) for d in image_shape)

@@ -28,7 +28,7 @@ from fastrobust.attacks import (
     square,
 )
 from fastrobust.attacks.apgd import targeted_settings_used
-from fastrobust.attacks.autoattack import DEFAULTS, VERSIONS
+from fastrobust.attacks.autoattack import DEFAULTS, VERSIONS, version_settings
 from fastrobust.attacks.official import OFFICIAL_VERSIONS, official_plan
 from fastrobust.attacks.rays import official_tol
 from fastrobust.core.attack_options import check_options
@@ -116,7 +116,19 @@ def _autoattack_summary(settings: dict, per_point: PerPoint, clean: list[bool], 
         if who is not None and who != "clean":
             counts[who] = counts.get(who, 0) + 1
     order = [who for who in settings["options"] if who in counts]  # the order the components ran
-    return {"broken_by": {who: counts[who] for who in order + sorted(set(counts) - set(order))}}
+    out: dict[str, Any] = {"broken_by": {who: counts[who] for who in order + sorted(set(counts) - set(order))}}
+    eot = eot_samples_of(settings)
+    if eot > 1:  # the rand version: gradients averaged per step
+        out["eot_samples"] = eot
+    return out
+
+
+def eot_samples_of(settings: dict[str, Any]) -> int:
+    """The most gradients per step (``eot_iter``, EOT) an attack's settings average: 1 without EOT."""
+    values = [settings.get("eot_iter", 1)]
+    values += [component.get("eot_iter", 1) for component in (settings.get("options") or {}).values()
+               if isinstance(component, dict)]
+    return max(values)
 
 
 # ----------------------------------------------------------------------------------------- settings actually used
@@ -149,7 +161,13 @@ def _pgd_defaults(steps: int, loss: str) -> Callable[[float], dict]:
 
 
 def _autoattack_defaults(version: str) -> Callable[[float], dict]:
-    return lambda eps: {"version": version, "options": {k: dict(DEFAULTS[k]) for k in VERSIONS[version]}}
+    return lambda eps: {"version": version, "options": {k: version_settings(version, k) for k in VERSIONS[version]}}
+
+
+def _autoattack_for_norm(settings: dict, norm: str) -> dict:
+    """AutoAttack's component settings for the threat model (l_1: 5 restarts, 5 targets, the large-eps start)."""
+    settings["options"] = {k: version_settings(settings["version"], k, norm) for k in settings["options"]}
+    return settings
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,8 @@ class NamedAttack:
     extra_settings: tuple[str, ...] = ()
     components: bool = False
     linf_only: bool = False
+    l1: bool = False  # runs in l_1 too
+    for_norm: Callable[[dict, str], dict] | None = None  # its defaults for a threat model, from the l_inf ones
     queries: Callable[[int], dict[str, Any]] | None = None  # its settings for a query budget (--queries)
 
 
@@ -180,17 +200,26 @@ TABLE: dict[str, NamedAttack] = {
     "pgd20": NamedAttack(_pgd_defaults(20, "ce"), _pgd),
     "pgd100": NamedAttack(_pgd_defaults(100, "ce"), _pgd),
     "cw20": NamedAttack(_pgd_defaults(20, "cw"), _pgd),
-    "apgd-ce": NamedAttack(lambda eps: dict(DEFAULTS["apgd-ce"]), _calling(apgd_ce)),
-    "apgd-t": NamedAttack(lambda eps: dict(DEFAULTS["apgd-t"]), _calling(apgd_t), used=_targeted_used("apgd-t")),
+    "apgd-ce": NamedAttack(lambda eps: dict(DEFAULTS["apgd-ce"]), _calling(apgd_ce), l1=True),
+    "apgd-t": NamedAttack(lambda eps: dict(DEFAULTS["apgd-t"]), _calling(apgd_t), used=_targeted_used("apgd-t"),
+                          l1=True),
     "fab-t": NamedAttack(lambda eps: dict(DEFAULTS["fab-t"]), _calling(fab_t), used=_targeted_used("fab-t")),
     "square": NamedAttack(lambda eps: dict(DEFAULTS["square"]), _square, summary=_square_summary,
                           gradient_free=True, queries=lambda n: {"n_queries": n}),
     "autoattack": NamedAttack(_autoattack_defaults("standard"), _autoattack, used=_autoattack_used,
                               summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION, components=True,
                               queries=lambda n: {"square": {"n_queries": n}}),
+    # l_1: the standard version's APGD-CE and APGD-T (5 restarts, 5 targets, large-eps start)
     "autoattack-fast": NamedAttack(_autoattack_defaults("fast"), _autoattack, used=_autoattack_used,
                                    summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
-                                   components=True),
+                                   components=True, l1=True, for_norm=_autoattack_for_norm),
+    # the official's plus and rand versions (rand: for randomized models, 20 gradients per step)
+    "autoattack-plus": NamedAttack(_autoattack_defaults("plus"), _autoattack, used=_autoattack_used,
+                                   summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
+                                   components=True, queries=lambda n: {"square": {"n_queries": n}}),
+    "autoattack-rand": NamedAttack(_autoattack_defaults("rand"), _autoattack, used=_autoattack_used,
+                                   summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
+                                   components=True, l1=True),
     # tol None: the authors' 1e-3/sqrt(d)
     "rays": NamedAttack(lambda eps: {"n_queries": 10000, "tol": None, "early_stop": False}, _rays, used=_rays_used,
                         summary=_rays_summary, gradient_free=True, linf_only=True, queries=lambda n: {"n_queries": n}),
@@ -213,6 +242,8 @@ def attack_settings(name: str, eps: float, norm: str, options: dict[str, Any] | 
         return INVARIANCE[name].settings(options)
     entry = TABLE[name]
     base = entry.defaults(eps)
+    if entry.for_norm is not None:
+        base = entry.for_norm(base, norm)
     options = dict(options or {})
     if entry.components and options:
         merged = {k: dict(v) for k, v in base["options"].items()}

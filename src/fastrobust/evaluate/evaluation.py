@@ -53,6 +53,7 @@ from fastrobust.evaluate.attack_table import (
     GRADIENT_FREE,
     attack_settings,
     default_step,
+    eot_samples_of,
     run_attack,
 )
 from fastrobust.evaluate.batching import (
@@ -198,7 +199,8 @@ def evaluate(
         data: an ``ImageSet`` (``.images``, ``.labels``), a ``Dataset`` (its test split) or ``(images, labels)``:
             images uint8, or float in [0, 1], ``[N, C, H, W]``; labels of any integer dtype in ``[0, C)``.
         attacks: names from ``ATTACKS`` (default ``("pgd20",)``): ``clean``, ``fgsm``, ``pgd20``, ``pgd100``,
-            ``cw20``, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, ``autoattack``, ``autoattack-fast``, ``rays``,
+            ``cw20``, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, ``autoattack``, ``autoattack-fast``,
+            ``autoattack-plus``, ``autoattack-rand`` (randomized models), ``rays``,
             ``autoattack-official`` and the invariance evaluations ``gaussian-noise``, ``spatial``.
         eps: the budget in [0, 1] pixel units (l_inf: 8/255 is CIFAR-10's usual; l_2: 0.5); text such as
             ``"8/255"`` is parsed.
@@ -280,7 +282,8 @@ def evaluate(
     with model_mode(model, training=False), validated():
         _, x_first, y_first = next(indexed_batches(images, labels, batch_size, device, [0]))
         before = counted.count.snapshot()
-        warned, num_classes = output_warnings(counted, x_first)
+        eot = max([eot_samples_of(settings[name]) for name in names] + [1])
+        warned, num_classes = output_warnings(counted, x_first, eot_samples=eot)
         if needs_gradients:
             warned += zero_gradient_warnings(counted, x_first, y_first)
         precheck_passes = counted.count.since(before)

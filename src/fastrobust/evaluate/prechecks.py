@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastrobust.attacks.autoattack import EOT_SAMPLES
 from fastrobust.attacks.toolkit import margin_gradient
 from fastrobust.errors import ConfigError
 from fastrobust.evaluate.attack_table import TABLE, attack_settings
@@ -27,7 +28,7 @@ def plan_attacks(attacks: Any, attack_options: dict[str, dict[str, Any]] | None,
 
     Raises:
         ConfigError: no attack, a name that is not one, options for an attack not asked for, a bad setting, or an
-            l_inf-only attack with ``norm='l2'``.
+            l_inf-only attack with ``norm='l2'``, or an attack without an l_1 version with ``norm='l1'``.
     """
     names = [attacks] if isinstance(attacks, str) else list(attacks)  # one name alone: "pgd20"
     names = list(dict.fromkeys(names))  # keep order, drop repeats
@@ -45,6 +46,9 @@ def plan_attacks(attacks: Any, attack_options: dict[str, dict[str, Any]] | None,
     for name in names:
         if TABLE[name].linf_only and norm != "linf":
             raise ConfigError(f"attack {name!r} is l_inf only but norm={norm!r}: drop {name} or use --norm linf")
+        if norm == "l1" and not TABLE[name].l1 and name != "clean":
+            l1_names = [key for key, entry in TABLE.items() if entry.l1]
+            raise ConfigError(f"attack {name!r} has no l1 version: with norm='l1' use {', '.join(l1_names)}")
     return names, settings, invariance
 
 
@@ -52,7 +56,7 @@ def check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> No
     """RuntimeError (a bug in the attack) unless every adversarial is finite, in [0, 1] and in the eps-ball.
     Written so that NaN fails it: every comparison with NaN is False, so each test asks for the good case."""
     flat, delta = x_adv.flatten(1), (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.abs().sum(1) if norm == "l1" else delta.norm(dim=1)
     good = (torch.isfinite(flat).all(1) & (size <= eps * (1 + 1e-4) + 1e-6)
             & (flat.amin(1) >= 0) & (flat.amax(1) <= 1))
     if not bool(good.all()):
@@ -61,10 +65,19 @@ def check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, name: str) -> No
                            f"non-finite (point {i} of the batch, distance {float(size[i]):.6g}, eps {eps:g}): a bug")
 
 
-def output_warnings(model: nn.Module, x: Tensor) -> tuple[list[str], int]:
+def output_warnings(model: nn.Module, x: Tensor, eot_samples: int = 1) -> tuple[list[str], int]:
     """The official AutoAttack's pre-checks on the first batch: outputs that look like probabilities (every row
     non-negative and summing to 1) and a randomised model (two forward passes of the same input differ by more
-    than 1e-4, relative). Returns (warnings, number of outputs)."""
+    than 1e-4, relative). Unlike the official, the randomness check also runs for the EOT attacks
+    (``autoattack-rand``): the warning then says how many gradients they averaged, and a model whose outputs do
+    not vary is said to gain nothing from them.
+
+    Args:
+        model: the model (in the mode the evaluation runs it); x: the first batch.
+        eot_samples: the most gradients per step any planned attack averages (``eot_samples_of``; 1: no EOT).
+    Returns:
+        (warnings, number of outputs).
+    """
     with torch.no_grad():
         first, second = model(x).float(), model(x).float()
     found = []
@@ -76,10 +89,18 @@ def output_warnings(model: nn.Module, x: Tensor) -> tuple[list[str], int]:
     both = torch.isfinite(first) & torch.isfinite(second)
     scale = first[both].abs().max().clamp_min(1.0) if bool(both.any()) else torch.tensor(1.0)
     diff = float(((first - second).abs()[both].max() / scale)) if bool(both.any()) else 0.0
-    if not same_pattern or diff > 1e-4:
+    randomised = not same_pattern or diff > 1e-4
+    if randomised and eot_samples > 1:
         found.append(f"two forward passes of the same input differ (by {diff:.3g}, relative): the model is "
-                     "randomised, so these attacks underestimate its vulnerability; use EOT attacks "
-                     "(the official AutoAttack's version='rand')")
+                     f"randomised; autoattack-rand averaged {eot_samples} gradients per step (EOT), the other "
+                     "attacks one, so theirs underestimate its vulnerability")
+    elif randomised:
+        found.append(f"two forward passes of the same input differ (by {diff:.3g}, relative): the model is "
+                     "randomised, so these attacks underestimate its vulnerability; use --attack autoattack-rand "
+                     f"(APGD with {EOT_SAMPLES} gradients per step, EOT: the official AutoAttack's version='rand')")
+    elif eot_samples > 1:
+        found.append(f"the model's outputs do not vary between identical passes: autoattack-rand's {eot_samples} "
+                     "gradients per step (EOT) cost that many times more and find nothing more; use autoattack")
     return found, first.shape[1] if first.dim() == 2 else 0
 
 
