@@ -173,16 +173,51 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"{file} holds the weights of a module fastrobust did not build (class {config.get('class')}): "
             "give the code that builds it, fastrobust eval --model-factory FILE.py:FUNCTION "
             "(Python: fastrobust.models.thirdparty.load_model(path, factory=...))")
+    model = rebuild(file, state, config)
+    metadata = dict(metadata, model=config, path=str(file))
+    return model.to(device).eval(), metadata
+
+
+def rebuild(file: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> nn.Module:
+    """The model a fastrobust file describes: built from its saved ``config`` by the registry, its weights
+    ``state`` loaded strictly (``load_into``). Every loader of fastrobust's own files goes through here.
+
+    Raises:
+        FastRobustError: the config names no buildable model, or the weights do not fit it (one line each).
+    """
     try:
         model = create(**config)
     except (TypeError, ValueError, KeyError) as error:  # FastRobustError (unknown model) passes through
         raise FastRobustError(f"{file}: cannot build the model from its saved config {config} ({error})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise FastRobustError(f"{file}: the weights do not fit the model config {config}: {error}") from None
-    metadata = dict(metadata, model=config, path=str(file))
-    return model.to(device).eval(), metadata
+    load_into(model, state, weights=str(file), architecture=f"its saved config {config.get('name')}")
+    return model
+
+
+def _fill_untracked(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm's ``num_batches_tracked`` (absent from checkpoints written before PyTorch 0.4.1) does not change
+    what an evaluated model computes: take the model's own where the file has none."""
+    expected = model.state_dict()
+    return {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, weights: str, architecture: str) -> None:
+    """Strict ``load_state_dict``; a mismatch is one line naming the weights and the architecture."""
+    state = _fill_untracked(state, model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch (weights vs model): " + ", ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
+        if missing:
+            parts.append(f"missing from the weights: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(f"not in the model: {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else ""))
+        raise FastRobustError(f"{weights} does not fit {architecture}: {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 def import_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

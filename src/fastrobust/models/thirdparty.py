@@ -37,7 +37,9 @@ from fastrobust.models.checkpoint import (
     MODEL_KEY,
     check_model_path,
     import_state_dict,
+    load_into,
     read_model_file,
+    rebuild,
     resolve_model_file,
 )
 from fastrobust.models.custom import check_pairing, is_module_config, mismatch
@@ -273,39 +275,12 @@ def _training_state_problem(state: dict[str, torch.Tensor], path: Path) -> str |
             f"weights, so no --model can load it: {hint}")
 
 
-def _fill_untracked(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """BatchNorm's ``num_batches_tracked`` (absent from checkpoints written before PyTorch 0.4.1) does not change
-    what an evaluated model computes: take the model's own where the file has none."""
-    expected = model.state_dict()
-    return {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
-
-
 def _fit_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The state with ``module.``/``model.``/``_orig_mod.`` prefixes stripped, unless the keys fit the model as
     they are."""
 
     expected = set(model.state_dict())
     return state if set(state) <= expected and state else strip_prefixes(state)
-
-
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, weights: str, architecture: str) -> None:
-    """Strict ``load_state_dict``; a mismatch is one line naming the weights and the architecture."""
-    state = _fill_untracked(state, model)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch (weights vs model): " + ", ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
-        if missing:
-            parts.append(f"missing from the weights: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
-        if unexpected:
-            parts.append(f"not in the model: {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else ""))
-        raise FastRobustError(f"{weights} does not fit {architecture}: {'; '.join(parts)}")
-    model.load_state_dict(state)
 
 
 def _layout_model(state: dict[str, torch.Tensor], path: Path, *, model_name: str | None, num_classes: int,
@@ -523,11 +498,7 @@ def _from_fastrobust_file(path, state, config, build, label, model_name, normali
         raise ConfigError(f"{path} holds a fastrobust {config.get('name')} model: drop --model-factory")
     if model_name is not None and canonical_name(model_name) != config.get("name"):
         raise FastRobustError(f"{path} holds a {config.get('name')} model, not --model {model_name}: drop --model")
-    try:
-        module = create(**config)
-    except (TypeError, ValueError, KeyError) as error:
-        raise FastRobustError(f"{path}: cannot build the model from its saved config {config} ({error})") from None
-    load_into(module, state, weights=str(path), architecture=f"its saved config {config.get('name')}")
+    module = rebuild(path, state, config)
     mean, std = config.get("mean"), config.get("std")
     return module, Normalization(None if mean is None else tuple(mean), None if std is None else tuple(std),
                                  "from the weights (fastrobust model)")
