@@ -133,8 +133,11 @@ def apgd(
     generator: torch.Generator | None = None,
     precision: str = "fp32",
 ) -> Tensor:
-    """Adversarial examples by APGD maximising ``loss`` (``ce``, ``dlr``, or targeted ``ce-targeted`` /
-    ``dlr-targeted`` with ``y_target``). Per example, the first misclassifying iterate found is kept (targeted
+    """Adversarial examples by Auto-PGD (Croce & Hein 2020) maximising ``loss``, l_inf, l_2 or l_1.
+
+    APGD maximises ``loss`` (``ce``, ``dlr``, or targeted ``ce-targeted`` / ``dlr-targeted`` with ``y_target``)
+    with a step size that starts at ``2 * eps`` and is halved at checkpoints (see the module docstring), and
+    momentum ``alpha``. Per example, the first misclassifying iterate found is kept (targeted
     losses: the first one classified as the target, else the last misclassifying one), otherwise the point of
     highest loss. A point is done once misclassified; with a targeted loss only once classified as its target, so
     a point whose label is already wrong but which is not yet classified as its target is attacked (and restarted)
@@ -143,7 +146,40 @@ def apgd(
     authors' sparse l_1 APGD (``_apgd_l1_rows``); ``large_eps`` (l_1 only, AutoAttack's l_1 versions) starts it at
     3 and 2 times ``eps`` before ``eps``. A targeted loss with ``y_target`` is l_inf / l_2 only (``apgd_t`` runs l_1).
     ``precision``: ``fp32`` (default), ``bf16`` (autocast forwards; every misclassification is confirmed
-    in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere)."""
+    in fp32 before an example stops) or ``auto`` (bf16 on CUDA, fp32 elsewhere).
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the budget in [0, 1] pixel units: l_inf in (0, 1], l_2 / l_1 a positive radius; text such as
+            ``"8/255"`` is parsed. Required.
+        norm: the threat model, ``"linf"`` (default), ``"l2"`` or ``"l1"``.
+        n_iter: iterations per restart (default 100, the authors').
+        loss: ``"ce"`` (default), ``"dlr"`` (needs >= 3 classes), ``"ce-targeted"`` or ``"dlr-targeted"`` (needs
+            >= 4 classes; both need ``y_target``).
+        y_target: target labels ``[B]`` for a targeted loss (default None).
+        n_restarts: runs, each only on the points not yet done (default 1).
+        alpha: the momentum weight in (0, 1] (default 0.75, Croce & Hein 2020).
+        rho: the checkpoint condition's share of increasing steps in (0, 1] (default 0.75, Croce & Hein 2020).
+        random_init: start at a random point of the ball (default True), else at ``x``.
+        eot_iter: gradients averaged per step (default 1: no EOT; AutoAttack's ``rand`` version uses 20).
+        large_eps: l_1 only: start at 3 and 2 times ``eps`` before ``eps`` (default False).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the random starts (default None: the global RNG).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``, as above.
+    Returns:
+        The adversarial examples, a tensor shaped like ``x`` (per example the rule above; points already done at
+        ``x`` are returned unchanged).
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in [0, 1],
+            labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            also an unknown ``loss`` or one with too few classes, a targeted loss without ``y_target`` or with
+            ``norm="l1"``, or ``large_eps`` without ``norm="l1"``; each message names the value and the fix.
+    Example:
+        >>> x_adv = apgd(model, x, y, eps=8 / 255, loss="dlr", n_iter=100)
+    """
     if n_iter < 1:
         raise ConfigError(f"n_iter={n_iter} must be at least 1")
     if n_restarts < 1:
@@ -433,7 +469,25 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
 
 @entry_point("apgd_ce", norms=NORMS)
 def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf", n_iter: int = 100, **kwargs) -> Tensor:
-    """APGD with the cross-entropy loss (AutoAttack's first attack)."""
+    """APGD with the cross-entropy loss (AutoAttack's first attack; Croce & Hein 2020).
+
+    Args:
+        model, x, y: as ``apgd``.
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
+        n_iter: iterations per restart (default 100).
+        **kwargs: ``apgd``'s other settings (``n_restarts``, ``eot_iter``, ``precision``, ...); not ``loss``.
+    Returns:
+        The adversarial examples (``apgd``'s rule per example), shaped like ``x``.
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in [0, 1],
+            labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            each message names the value and the fix.
+    Example:
+        >>> x_adv = apgd_ce(model, x, y, eps=8 / 255)
+    """
     return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="ce", **kwargs)
 
 
@@ -442,12 +496,25 @@ def apgd_dlr(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = 
              **kwargs) -> Tensor:
     """APGD with the untargeted DLR loss (AutoAttack's ``plus`` and ``rand`` versions; needs >= 3 classes).
 
+    The Difference of Logits Ratio loss of Croce & Hein 2020 (``dlr_loss``), invariant to shifts and scaling of
+    the logits.
+
     Args:
-        eps, norm, n_iter: as ``apgd``; ``**kwargs``: ``apgd``'s other settings (``n_restarts``, ``eot_iter``, ...).
+        model, x, y: as ``apgd``.
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
+        n_iter: iterations per restart (default 100).
+        **kwargs: ``apgd``'s other settings (``n_restarts``, ``eot_iter``, ...); not ``loss``.
     Returns:
-        The adversarial examples (``apgd``'s rule per example).
+        The adversarial examples (``apgd``'s rule per example), shaped like ``x``.
     Raises:
-        ConfigError: a model of fewer than 3 classes, or a bad setting.
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in [0, 1],
+            labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            also a model of fewer than 3 classes; each message names the value and the fix.
+    Example:
+        >>> x_adv = apgd_dlr(model, x, y, eps=8 / 255, n_restarts=5)
     """
     return apgd(model, x, y, eps=eps, norm=norm, n_iter=n_iter, loss="dlr", **kwargs)
 
@@ -499,9 +566,9 @@ def apgd_t(
     max_rows: int | None = None,
     **kwargs,
 ) -> Tensor:
-    """APGD-T: one targeted APGD run per target class (the top-``n_targets`` non-top classes of the clean
-    logits, in rank order), each run only on the points not yet misclassified.
+    """APGD-T (Croce & Hein 2020): one targeted APGD run per target class, each on the points not yet misclassified.
 
+    The targets are the top-``n_targets`` non-top classes of the clean logits, in rank order (at most C - 1).
     This is AutoAttack's APGD-T, an untargeted attack: the ranked targets are only directions to search, and a
     point is done as soon as it is misclassified, as any class (the authors' rule, which AutoAttack's per-point
     worst case needs). To reach a chosen class use ``apgd(loss="ce-targeted", y_target=...)``, which stops a point
@@ -510,7 +577,35 @@ def apgd_t(
     ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch. The points still robust
     are attacked with as many targets at once as fit; a point stops as soon as one of its targets fools it.
     Each run depends on its own point and target only, so which points fall does not depend on
-    ``max_rows`` (with ``random_init=False``; random starts are drawn per run)."""
+    ``max_rows`` (with ``random_init=False``; random starts are drawn per run).
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
+        n_iter: iterations per run (default 100).
+        n_targets: target classes per point (default 9, AutoAttack's; at most C - 1 are used).
+        loss: ``"dlr-targeted"`` (default; below 4 classes ``"ce-targeted"`` is used) or ``"ce-targeted"``.
+        n_restarts: runs per target, each on the points not yet fooled (default 1).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the random starts (default None: the global RNG).
+        max_rows: (point, target) runs per batch, the working memory (default None: ``len(x)``).
+        **kwargs: ``apgd``'s ``alpha``, ``rho``, ``random_init``, ``precision``, ``eot_iter`` and ``large_eps``.
+    Returns:
+        The adversarial examples, shaped like ``x``: per point its last fooling run, else (a robust point) its last
+        run.
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in [0, 1],
+            labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            also a loss that is not targeted, a count below 1, ``large_eps`` without ``norm="l1"`` or an unknown
+            setting in ``kwargs``; each message names the value and the fix.
+    Example:
+        >>> x_adv = apgd_t(model, x, y, eps=8 / 255, n_targets=9)
+    """
     if loss not in ("dlr-targeted", "ce-targeted"):
         raise ConfigError(f"loss={loss!r} is not a targeted loss: use 'dlr-targeted' or 'ce-targeted'")
     if n_targets < 1:

@@ -120,8 +120,11 @@ def autoattack(
     channels_last: bool = False,
     freeze: bool | None = None,
 ) -> Tensor | AutoAttackResult:
-    """Run the ensemble; ``attacks`` overrides the version's list, ``options`` the settings of each
-    component (e.g. ``{"square": {"n_queries": 1000}}``). Returns ``x_adv``, or an AutoAttackResult
+    """AutoAttack (Croce & Hein 2020): the parameter-free ensemble, keeping the per-example worst case.
+
+    Runs the components of ``version`` in turn, each only on the points every earlier one left correctly
+    classified (see the module docstring). ``attacks`` overrides the version's list, ``options`` the settings of
+    each component (e.g. ``{"square": {"n_queries": 1000}}``). Returns ``x_adv``, or an AutoAttackResult
     with ``return_details=True``.
 
     How it runs (the attacks stay the same): ``max_rows`` (default ``len(x)``) caps the rows (points, or
@@ -129,12 +132,44 @@ def autoattack(
     ``fp32`` (default), ``bf16`` or ``auto`` (bf16 on CUDA) for the attacks' forwards, every
     misclassification confirmed in fp32; ``channels_last`` runs the model on channels-last tensors (the
     model's parameters are converted for the call and converted back); ``freeze`` (default: on the CPU, in
-    fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded into
-    the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
+    fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded
+    into the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
     when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py); never
     in the ``rand`` version, whose model is random. ``version``: ``standard`` (default), ``fast``, ``plus`` or
-    ``rand`` (see the module's docstring). On a model of fewer than 3 classes APGD-DLR is left out (a note says so),
-    as the official does."""
+    ``rand`` (see the module's docstring). On a model of fewer than 3 classes APGD-DLR is left out (a note says
+    so), as the official does.
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"`` (l_1: the APGD components only, so ``fast``).
+        version: ``"standard"`` (default), ``"fast"``, ``"plus"`` or ``"rand"``.
+        attacks: component names to run instead of the version's (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab``,
+            ``fab-t``, ``square``; default None).
+        options: per component, settings over the version's (default None).
+        return_details: return an ``AutoAttackResult`` instead of ``x_adv`` (default False).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the components' random draws (default None: the global RNG).
+        max_rows: rows per batch, the working memory (default None: ``len(x)``).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``.
+        channels_last: run the model on channels-last tensors (default False).
+        freeze: use a frozen TorchScript copy after APGD-CE (default None: on the CPU, fp32, not ``rand``).
+    Returns:
+        ``x_adv`` shaped like ``x`` (per example the first adversarial found, else ``x``), or with
+        ``return_details`` an ``AutoAttackResult`` (``x_adv``, ``robust``, ``broken_by``, ``settings``, ``notes``).
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
+            [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            also an unknown ``version`` or component, ``options`` values that are not dicts, a component
+            without this ``norm`` (l_1: FAB and Square) or a bad ``precision``, all before any work; each
+            message names the value and the fix.
+    Example:
+        >>> x_adv = autoattack(model, x, y, eps=8 / 255, version="standard")
+    """
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
@@ -227,9 +262,34 @@ def autoattack_official(
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The authors' AutoAttack (``pyautoattack`` or ``autoattack``) on this batch; FastRobustError when
-    neither is installed. ``generator`` is unused (the official code seeds the global RNG from ``seed``).
+    """The authors' AutoAttack (``pyautoattack`` or ``autoattack``, Croce & Hein 2020) on this batch.
+
+    ``generator`` is unused (the official code seeds the global RNG from ``seed``).
     On a model of C < 10 classes it runs as ``autoattack`` does: at most C - 1 targets, and below 4 classes
     without APGD-T, whose official code knows only the targeted DLR loss (``official.official_plan``; an
-    evaluation records both in its settings)."""
+    evaluation records both in its settings).
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
+        version: the official version, ``"standard"`` by default.
+        seed: the seed of the official code's global RNG (default 0).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: unused (default None).
+    Returns:
+        The official AutoAttack's adversarial examples, shaped like ``x`` (per example the first attack's
+        adversarial, else ``x``).
+    Raises:
+        FastRobustError: neither ``pyautoattack`` nor ``autoattack`` is installed (``pip install pyautoattack``).
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
+            [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            each message names the value and the fix.
+    Example:
+        >>> x_adv = autoattack_official(model, x, y, eps=8 / 255)
+    """
     return run_official(model, x, y, eps=eps, norm=norm, version=version, seed=seed, eval_mode=eval_mode)

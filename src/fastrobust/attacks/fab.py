@@ -164,7 +164,9 @@ def fab_t(
     max_rows: int | None = None,
     precision: str = "fp32",
 ) -> Tensor:
-    """Targeted FAB: for each target (given ``y_target``, else the top-``n_targets`` ranked classes of the
+    """Targeted FAB (Croce & Hein 2020): per target, runs on the points not yet done.
+
+    For each target (given ``y_target``, else the top-``n_targets`` ranked classes of the
     clean logits), run on the points not yet done; returns per example the first point within ``eps`` that is
     done, else the first misclassified one within ``eps``, else ``x``.
 
@@ -178,7 +180,35 @@ def fab_t(
 
     ``max_rows`` (default ``len(x)``): how many (point, target) runs share one batch; a point stops as soon as
     one of its runs is done. Runs are independent of each other, so which points fall does not depend on
-    ``max_rows``. ``precision``: as in ``apgd`` (fp32 by default)."""
+    ``max_rows``. ``precision``: as in ``apgd`` (fp32 by default).
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the l_inf or l_2 budget in [0, 1] pixel units (l_inf in (0, 1], l_2 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        n_iter: steps per run (default 100, the authors').
+        n_targets: ranked target classes per point without ``y_target`` (default 9, AutoAttack's; at most C - 1).
+        n_restarts: runs per target (default 1); the first starts at ``x``, the others at a random point at radius
+            ``eps / 2``.
+        alpha_max, eta, beta: FAB's step settings (defaults 0.1, 1.05, 0.9, the authors'; see the module docstring).
+        y_target: target labels ``[B]`` for a targeted run (default None: AutoAttack's FAB-T).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the restarts' random starts (default None: the global RNG).
+        max_rows: (point, target) runs per batch, the working memory (default None: ``len(x)``).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``, as in ``apgd``.
+    Returns:
+        The adversarial examples, shaped like ``x`` (the rule above; ``x`` where nothing was found within ``eps``).
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
+            [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            also a count below 1; each message names the value and the fix.
+    Example:
+        >>> x_adv = fab_t(model, x, y, eps=8 / 255, n_targets=9)
+    """
     if n_iter < 1 or n_restarts < 1 or n_targets < 1:
         raise ConfigError(f"n_iter={n_iter}, n_restarts={n_restarts}, n_targets={n_targets} must all be at least 1")
     x = x.detach()
@@ -242,16 +272,33 @@ def fab_untargeted(
 ) -> Tensor:
     """Untargeted FAB (AutoAttack's ``fab``): each step crosses the closest linearised boundary of the true class.
 
+    Fast Adaptive Boundary attack (Croce & Hein 2020): at each iterate the boundary between ``y`` and the class
+    whose linearised boundary is closest is projected onto (C backward passes per step, as the authors' code);
+    see the module docstring. AutoAttack's ``plus`` version runs it with 5 restarts.
+
     Args:
-        eps: the budget a found point must be within; norm: ``linf`` or ``l2``.
-        n_iter: steps per run (100). n_restarts: runs (1); the first starts at ``x``, the others at a random point
-            at radius ``eps / 2``, each only on the points not yet fooled (AutoAttack ``plus``: 5).
-        alpha_max, eta, beta: FAB's step settings (0.1, 1.05, 0.9, the authors').
-        precision: as in ``apgd`` (fp32 by default).
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the l_inf or l_2 budget a found point must be within, in [0, 1] pixel units (l_inf in (0, 1], l_2 a
+            positive radius); text such as ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        n_iter: steps per run (default 100).
+        n_restarts: runs (default 1); the first starts at ``x``, the others at a random point at radius
+            ``eps / 2``, each only on the points not yet fooled (AutoAttack ``plus``: 5).
+        alpha_max, eta, beta: FAB's step settings (defaults 0.1, 1.05, 0.9, the authors').
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the restarts' random starts (default None: the global RNG).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``, as in ``apgd``.
     Returns:
         Per example the first misclassified point found within ``eps``, else ``x``.
     Raises:
-        ConfigError: a count below 1.
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
+            [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
+            also a count below 1; each message names the value and the fix.
+    Example:
+        >>> x_adv = fab_untargeted(model, x, y, eps=8 / 255, n_restarts=5)
     """
     if n_iter < 1 or n_restarts < 1:
         raise ConfigError(f"n_iter={n_iter} and n_restarts={n_restarts} must be at least 1")

@@ -43,14 +43,46 @@ def pgd(
 ) -> Tensor:
     """Return adversarial examples for ``(x, y)``: ``steps`` projected signed (l_inf) or normalised (l_2) ascent steps.
 
-    ``start`` gives an explicit starting point (e.g. TRADES' small Gaussian start); otherwise a uniform
-    point of the ball when ``random_init``, else ``x``. ``target`` turns the attack into a targeted one
-    (descent of the loss towards ``target``). ``reference_logits`` are the clean logits for ``loss="kl"``.
-    The model runs in eval mode (unless ``eval_mode=False``) and is restored to the mode it was in.
+    Projected gradient descent (Madry et al. 2018). ``start`` gives an explicit starting point (e.g. TRADES' small
+    Gaussian start); otherwise a uniform point of the ball when ``random_init``, else ``x``. ``target`` turns the
+    attack into a targeted one (descent of the loss towards ``target``). ``reference_logits`` are the clean logits
+    for ``loss="kl"``. The model runs in eval mode (unless ``eval_mode=False``) and is restored to the mode it was in.
     ``stop_at_fooled`` keeps each point at the first iterate whose (finite) logits are misclassified (hit
     the target, when targeted) instead of the last iterate: the last iterate can step back out of a
     misclassified region, so without it PGD-100 can report more robust points than PGD-20 on the same
     trajectory. Training keeps the last iterate (Madry et al.); ``evaluate`` stops at the fooled one.
+    With ``restarts > 1`` the per-example worst case is kept: an adversarial that fools the model wins, otherwise
+    the one with the higher loss.
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the l_inf or l_2 budget in [0, 1] pixel units (l_inf in (0, 1]; l_2 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        steps: ascent steps (default 10); 0 returns the start point itself.
+        step_size: size of each step in pixel units; default ``2.5 * eps / steps`` (at most 1 in l_inf, where a
+            longer step reaches the same corner).
+        norm: the threat model, ``"linf"`` (default) or ``"l2"``.
+        loss: the per-example loss maximised: ``"ce"`` (default, cross-entropy), ``"cw"`` (CW margin) or ``"kl"``
+            (KL to ``reference_logits``).
+        random_init: start at a uniform point of the eps-ball (default True); ignored when ``start`` is given.
+        restarts: independent runs, the per-example worst case kept (default 1).
+        start: an explicit starting point ``[B, C, H, W]``, projected onto the ball (default None).
+        reference_logits: the clean logits ``[B, C]`` that ``loss="kl"`` moves away from (default None).
+        target: target labels ``[B]`` for a targeted attack (default None: untargeted).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the random start (default None: the global RNG).
+        stop_at_fooled: keep each point at its first fooled iterate (default False: the last iterate).
+    Returns:
+        The adversarial examples, a tensor shaped like ``x`` within ``eps`` of it and in [0, 1].
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in [0, 1],
+            labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``; also an unknown
+            ``loss``, or ``loss="kl"`` without ``reference_logits``; each message names the value and the fix.
+    Example:
+        >>> x_adv = pgd(model, x, y, eps=8 / 255, steps=20)
     """
     if steps < 0:
         raise ConfigError(f"steps={steps} must be zero or positive")
@@ -117,7 +149,30 @@ def fgsm(
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One signed gradient step (Goodfellow et al.); with ``random_init`` it is FGSM-RS (Wong et al.)."""
+    """One signed gradient step (Goodfellow et al. 2015); with ``random_init`` it is FGSM-RS (Wong et al. 2020).
+
+    Runs ``pgd`` with ``steps=1`` and the cross-entropy loss.
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the l_inf or l_2 budget in [0, 1] pixel units; text such as ``"8/255"`` is parsed. Required.
+        step_size: the step in pixel units (default None: ``eps``).
+        norm: the threat model, ``"linf"`` (default) or ``"l2"``.
+        random_init: start at a uniform point of the eps-ball (FGSM-RS; default False: start at ``x``).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: the ``torch.Generator`` of the random start (default None: the global RNG).
+    Returns:
+        The adversarial examples, a tensor shaped like ``x`` within ``eps`` of it and in [0, 1].
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in [0, 1],
+            labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``; each message names
+            the value and the fix.
+    Example:
+        >>> x_adv = fgsm(model, x, y, eps=8 / 255, random_init=True, step_size=10 / 255)
+    """
     return pgd(
         model,
         x,

@@ -83,11 +83,40 @@ def rays(
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
 ) -> RaySResult:
-    """Run RayS on a batch ``x`` [B, ...] in [0,1] with labels ``y`` [B]. ``eps`` is needed only for
-    ``early_stop``; robust accuracy at any eps is ``distance > eps`` over the correctly classified points.
-    ``tol``: the l_inf precision of each binary search (default ``official_tol(d)``, the authors' 1e-3 along the
-    l2-normalised direction). ``n_queries``: the per-example budget (10,000 as in the RayS paper's tables; the
-    leaderboard uses 40,000). ``generator`` is unused (RayS is deterministic)."""
+    """Run RayS (Chen & Gu 2020), a hard-label l_inf ray search, on a batch ``x`` with labels ``y``.
+
+    Only predicted labels are queried (no gradients, so ``torch.inference_mode()`` is allowed). ``eps`` is needed
+    only for ``early_stop``; robust accuracy at any eps is ``distance > eps`` over the correctly classified
+    points. ``tol``: the l_inf precision of each binary search (default ``official_tol(d)``, the authors' 1e-3
+    along the l2-normalised direction). ``n_queries``: the per-example budget (10,000 as in the RayS paper's
+    tables; the leaderboard uses 40,000). ``generator`` is unused (RayS is deterministic).
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the l_inf budget in [0, 1] pixel units; text such as ``"8/255"`` is parsed. Default None; needed only
+            with ``early_stop``.
+        norm: ``"linf"`` only (default).
+        n_queries: label queries per example (default 10000).
+        tol: the binary search's l_inf precision in (0, 1) (default None: ``official_tol(d)``, 1.8e-5 for 3x32x32).
+        early_stop: stop an example once its distance is within ``eps`` (default False).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        generator: unused (default None).
+    Returns:
+        A ``RaySResult``: ``x_adv`` (the boundary point found; ``x`` where none), ``queries`` (int64 ``[B]``),
+        ``distance`` (l_inf, ``inf`` where none was found, 0 for points misclassified at the start) and
+        ``direction``; ``result.within(x, eps)`` gives the adversarials within ``eps``.
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
+            [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``);
+            also ``norm`` other than ``linf``, ``early_stop`` without ``eps``, ``n_queries`` below 1 or ``tol``
+            outside (0, 1); each message names the value and the fix.
+    Example:
+        >>> result = rays(model, x, y, n_queries=10000)
+        >>> robust = result.robust(8 / 255)
+    """
     if norm != "linf":
         raise ConfigError(f"norm={norm!r}: RayS searches l_inf sign directions only; use norm='linf'")
     if early_stop and eps is None:

@@ -101,12 +101,42 @@ def square(
     rescale_schedule: bool = True,
     precision: str = "fp32",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Square attack; returns ``x_adv`` (and the queries used per example with ``return_queries``).
+    """Square Attack (Andriushchenko et al. 2020); returns ``x_adv`` (and the queries used with ``return_queries``).
 
-    ``n_queries`` is the budget per example, the start included. ``rescale_schedule`` stretches the p
-    schedule to the budget (default True, the authors' ``SquareAttack`` default; AutoAttack uses False).
+    A score-based random search with forward passes only (no gradients, so ``torch.inference_mode()`` is
+    allowed): each query changes one random square window and is kept when the margin loss decreases; a point
+    stops once misclassified (see the module docstring). ``n_queries`` is the budget per example, the start
+    included. ``rescale_schedule`` stretches the p schedule to the budget (default True, the authors'
+    ``SquareAttack`` default; AutoAttack uses False).
     ``precision``: as in ``apgd`` (fp32 by default; with bf16 a point stops only once an fp32 forward
-    confirms it is misclassified)."""
+    confirms it is misclassified).
+
+    Args:
+        model: the classifier, images in [0, 1] -> logits ``[B, C]``.
+        x: images ``[B, C, H, W]``, float in [0, 1] (pixel units).
+        y: true labels ``[B]``, any integer dtype, in [0, C).
+        eps: the l_inf or l_2 budget in [0, 1] pixel units (l_inf in (0, 1], l_2 a positive radius); text such as
+            ``"8/255"`` is parsed. Required.
+        norm: ``"linf"`` (default) or ``"l2"``.
+        n_queries: model queries per example, the start included (default 5000, AutoAttack's).
+        p_init: the initial share of pixels changed per query, in (0, 1] (default 0.8, AutoAttack's).
+        eval_mode: run the model in eval mode (default True); its previous mode is restored.
+        return_queries: also return the queries used per example (default False).
+        generator: the ``torch.Generator`` of the windows and signs (default None: the global RNG).
+        rescale_schedule: stretch the p schedule, written for 10,000 queries, to ``n_queries`` (default True).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``, as in ``apgd``.
+    Returns:
+        ``x_adv`` shaped like ``x``; with ``return_queries`` the pair ``(x_adv, queries)``, ``queries`` an int64
+        ``[B]`` tensor.
+    Raises:
+        ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
+            [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
+            ``core/attack_options.check_options``);
+            also ``n_queries`` below 1, ``p_init`` outside (0, 1] or images that are not 4-d; each message names
+            the value and the fix.
+    Example:
+        >>> x_adv = square(model, x, y, eps=8 / 255, n_queries=5000)
+    """
     if n_queries < 1:
         raise ConfigError(f"n_queries={n_queries} must be at least 1")
     if not 0 < p_init <= 1:

@@ -48,7 +48,62 @@ def collapse_overrides(config: TrainConfig, method: methods_lib.Method) -> list[
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; saved in every checkpoint and result record."""
+    """Everything that defines a training run; saved in every checkpoint and result record.
+
+    Every setting is checked once, with the reason and the fix, by ``validate()`` (``train`` calls it before any
+    work), so the training loop carries no checks. The inline comments on the fields say the rest.
+
+    Args:
+        method: the training method's registered name (default ``"backward_smoothing"``, Chen et al.,
+            "Efficient Robust Training via Backward Smoothing").
+        method_params: the method's own parameters (default {}); step sizes not given scale with ``eps``
+            (``methods.step_scaling``).
+        model: the registry's architecture name (default ``"preactresnet18"``).
+        model_params: extra keyword arguments of the model (default {}).
+        activation: the model's activation (default ``"relu"``; ``model_params`` may override it).
+        dataset: the dataset name (default ``"cifar10"``).
+        data_root: where the data lives (default None: ``$FASTROBUST_DATA``, else ``~/.cache/fastrobust/data``);
+            stored resolved.
+        val_size: validation images carved from the training set, never the test split (default 1000; 0: none).
+        train_subset, test_subset: use only this many training / test images (default None: all).
+        eps: the budget in [0, 1] pixel units (text such as ``"8/255"`` is parsed); overrides the method's eps and
+            the evaluation eps when given (default None: the method's, else 8/255).
+        epochs, batch_size: training length and batch (defaults 100 and 128).
+        lr, momentum, weight_decay, decay_norm_and_bias, nesterov: SGD (defaults 0.1, 0.9 in [0, 1), 5e-4, True,
+            False).
+        schedule, schedule_params: the learning-rate schedule, ``piecewise`` (default: x0.1 at 50% and 75% of the
+            training, the Backward Smoothing paper's epochs 50 and 75 of 100), ``cyclic``, ``cosine`` or
+            ``constant`` (``schedules.lr_schedule``).
+        seed: the random seed (default 0).
+        device: ``"auto"`` (default: CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: ``"auto"`` (default: bf16 on a CUDA GPU that supports it, else off), ``"off"``, ``"bf16"`` or
+            ``"fp16"`` (with a grad scaler on CUDA).
+        attack_precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        channels_last: ``"auto"`` (default: on CUDA), ``"on"`` or ``"off"``.
+        compile: train through ``torch.compile(model)`` (default False).
+        deterministic, sync_bn: booleans (default False).
+        val_pgd_steps, test_pgd_steps: PGD steps of validation and of the final test (defaults 10 and 20).
+        eval_step_size, eval_batch_size: the evaluation attacks' step (default None) and batch (default 512).
+        checkpoint_every, checkpoint_every_epochs: checkpoint cadence in steps and epochs (defaults 0 and 1).
+        validate_every, validate_models: validation cadence in epochs (default 1) and which models (``both``,
+            ``trained`` or ``averaged``; default ``both``).
+        nan_check_every: check the loss for NaN/Inf every N steps (default 50).
+        on_nan: ``"stop"`` (default) or ``"rollback"`` (to the last good state, learning rate halved; at most 3).
+        on_collapse: on catastrophic overfitting (validation robust accuracy more than ``collapse_margin`` below its
+            best): ``"warn"`` (default), ``"stop"`` or ``"restore"``.
+        collapse_margin: that accuracy drop, in (0, 1] (default 0.1).
+        select_by: ``"auto"`` (default), ``"robust"`` or ``"clean"``.
+        ema_decay, ema_start_epoch, ema_select: weight averaging (defaults 0.0 = off, 0, ``"averaged"``).
+        save_epoch_models: default 0 (never).
+        out: the run folder (default None: a new timestamped folder, ``default_out``).
+    Raises:
+        ConfigError: from ``validate()``: a value out of range or not among its choices, two disagreeing budgets
+            (``eps`` and ``method_params["eps"]``), or a validation plan that leaves out what a decision reads; the
+            message names the setting and the fix.
+    Example:
+        >>> config = TrainConfig(method="fast_at", epochs=30, eps=8 / 255, out="runs/fast")
+        >>> result = train(config)
+    """
 
     method: str = "backward_smoothing"
     method_params: dict[str, Any] = field(default_factory=dict)

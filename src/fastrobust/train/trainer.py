@@ -651,9 +651,31 @@ def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
           log: Callable[[str], None] = print, model: nn.Module | None = None) -> dict[str, Any]:
     """Train a model as ``config`` says and return the result record (also in ``RUN/result.json``).
 
+    Builds data, model and method, trains with per-step learning rates, validates clean and PGD accuracy on a
+    split carved from the training set, keeps ``best`` and ``last``, writes resumable checkpoints, and ends with
+    the test clean and PGD accuracy of ``best``. Every setting is checked, the data loaded and the model and
+    method built before the run folder is made.
+
     ``model``: train this ``nn.Module`` (pixels in [0, 1] -> logits; trained in place) instead of building
     ``config.model`` from the registry; ``config.model`` then reads ``"module"`` (docs/models.md).
-    ``config.out`` must not hold another run (ConfigError): ``resume(out)`` continues one."""
+    ``config.out`` must not hold another run (ConfigError): ``resume(out)`` continues one.
+
+    Args:
+        config: the run's ``TrainConfig`` (validated here).
+        dataset: a loaded dataset to train on instead of ``config.dataset`` (default None).
+        progress: show progress bars (default True; rank 0 only).
+        log: where progress lines go (default ``print``).
+        model: a module to train instead of ``config.model`` (default None).
+    Returns:
+        The result record (a dict): ``config``, ``test`` (``clean_acc``, ``pgd{N}_acc``, ``n``, ``eps``,
+        ``step_size``), ``best_epoch``, ``best_val``, ``train_seconds``, the environment and more.
+    Raises:
+        ConfigError: a bad setting (``TrainConfig.validate``) or an ``out`` folder holding another run; the message
+            names the fix.
+        TrainingStopped: training ended early on purpose (signal, NaN, collapse); the message says how to continue.
+    Example:
+        >>> result = train(TrainConfig(method="fast_at", epochs=30, out="runs/fast"))
+    """
     return Trainer(config, dataset=dataset, progress=progress, log=log, model=model).fit()
 
 
@@ -691,7 +713,26 @@ def resume(run_dir: str | Path, *, progress: bool = True, log: Callable[[str], N
     fingerprint in the checkpoint must match). Anything else is a ConfigError: start a new run for it.
     A run that trained a module passed as ``train(config, model=...)`` needs the same module again (``model``).
     Under torchrun, rank 0 reads the run folder and every rank gets its config; the checkpoint may come from
-    any number of ranks (docs/distributed.md says what is exact)."""
+    any number of ranks (docs/distributed.md says what is exact).
+
+    Args:
+        run_dir: the run folder (holding ``config.json`` and ``checkpoints/``).
+        progress: show progress bars (default True).
+        log: where progress lines go (default ``print``).
+        dataset: a loaded dataset instead of the recorded one (default None).
+        overrides: ``epochs``, ``device`` and/or ``data_root`` (default None).
+        model: the module a ``train(config, model=...)`` run trained (default None).
+    Returns:
+        The result record, as ``train`` returns it.
+    Raises:
+        ConfigError: an override outside ``RESUME_OVERRIDES``, or fewer ``epochs`` than already trained; start a
+            new run instead.
+        FastRobustError: ``run_dir`` has no or a damaged ``config.json``, or the data is not the run's; the message
+            names the fix.
+        TrainingStopped: training ended early on purpose (signal, NaN, collapse).
+    Example:
+        >>> result = resume("runs/fast", overrides={"epochs": 40})
+    """
     run_dir = Path(run_dir)
     changing = sorted(set(overrides or {}) - set(RESUME_OVERRIDES))
     if changing:
