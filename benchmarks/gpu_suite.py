@@ -275,7 +275,7 @@ class Canary:
             "data_root": p.get("data_root"), "train_subset": p["train_subset"], "val_size": p["val_size"],
             "test_subset": p["test_subset"], "batch_size": p["batch_size"], "eval_batch_size": p["eval_batch_size"],
             "epochs": 1, "val_pgd_steps": 2, "test_pgd_steps": 2, "amp": "bf16", "channels_last": "off",
-            "ema_decay": 0.0, "compile": False, "out": str(self.work / name)})
+            "ema_decay": 0.0, "validate_models": "both", "compile": False, "out": str(self.work / name)})
         settings.update(changes)
         return make_config(settings)
 
