@@ -185,3 +185,16 @@ def fgsm(
         eval_mode=eval_mode,
         generator=generator,
     )
+
+
+def default_step(eps: float, steps: int, norm: str) -> float:
+    """The PGD step size of evaluations (``evaluate``'s pgd20/pgd100/cw20, the trainer's validation and test).
+
+    l_inf: the Backward Smoothing paper's 2/255 (eps/4 below 2/255, and large enough to reach eps in ``steps / 2.5``
+    steps for large eps, at most 1: a longer l_inf step only reaches the same corner); l_2: ``2.5 * eps / steps``
+    (a step that can cross the ball). ``pgd`` itself, called with ``step_size=None``, keeps its own
+    ``2.5 * eps / steps`` for both norms.
+    """
+    if norm == "l2":
+        return 2.5 * eps / steps
+    return min(max(min(2 / 255, eps / 4), 2.5 * eps / steps), 1.0)

@@ -30,6 +30,7 @@ from fastrobust.attacks import (
 from fastrobust.attacks.apgd import targeted_settings_used
 from fastrobust.attacks.autoattack import DEFAULTS, VERSIONS, version_settings
 from fastrobust.attacks.official import OFFICIAL_VERSIONS, official_plan
+from fastrobust.attacks.pgd import default_step
 from fastrobust.attacks.rays import official_tol
 from fastrobust.core.attack_options import check_options
 from fastrobust.errors import ConfigError
@@ -37,15 +38,6 @@ from fastrobust.evaluate.invariance import EVALUATIONS as INVARIANCE
 
 AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_options["autoattack"]: how it runs
 PerPoint = Callable[[str], list]  # the per-point values of one extra (None where a batch has none), in point order
-
-
-def default_step(eps: float, steps: int, norm: str) -> float:
-    """PGD step size: the paper's 2/255 for l_inf (eps/4 below 2/255, and large enough to reach eps in
-    ``steps / 2.5`` steps for large eps, at most 1: a longer l_inf step only reaches the same corner);
-    ``2.5 * eps / steps`` for l_2 (Croce & Hein's rule for a step that can cross the ball)."""
-    if norm == "l2":
-        return 2.5 * eps / steps
-    return min(max(min(2 / 255, eps / 4), 2.5 * eps / steps), 1.0)
 
 
 # ----------------------------------------------------------------------------------------- running on a batch
