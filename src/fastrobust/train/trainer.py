@@ -76,6 +76,7 @@ class _StopFlag:
 class Trainer:
     """The state of one run; ``fit()`` trains to the end (or to a requested stop)."""
 
+    # ------------ assembly: data, model, method, optimiser, run folder (every setting checked before the folder)
     def __init__(self, config: TrainConfig, *, dataset: Any = None, progress: bool = True,
                  log: Callable[[str], None] = print, resume: bool = False, model: nn.Module | None = None) -> None:
         """``resume``: continue the run in ``config.out`` from its newest checkpoint. Otherwise ``config.out``
@@ -196,6 +197,172 @@ class Trainer:
         check_folder_writable(self.out)
         return created
 
+    # ---- the loop ----------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------ one step: the method's loss, the backward and the optimiser
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        progress = self.epoch + self.batch / len(self.loader)
+        lr = self.schedule(progress) * self.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.grad_sync is not None:  # this rank's share of the global batch weights its gradient
+            global_size = min(self.loader.batch_size, self.loader.num_samples - self.batch * self.loader.batch_size)
+            self.grad_sync.weight = y.shape[0] / global_size
+        custom_step = getattr(self.method, "train_step", None)
+        if custom_step is not None:  # methods that own several updates per batch (SPROUT)
+            return custom_step(self.forward_model, x, y, self.optimizer, autocast=self._autocast, scaler=self.scaler)[1]
+        with self._autocast(), precision.attack_precision(self.attack_policy):
+            loss, stats = self.method(self.forward_model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return stats
+
+    # ------------ one epoch: the steps, the NaN check every few steps, a requested stop agreed across ranks
+    def _train_epoch(self, stop: _StopFlag) -> dict[str, float]:
+
+        self.model.train()
+        # the batches before a mid-epoch checkpoint count once: rank 0 starts from their (global) sums
+        carried, self.partial = self.partial, None
+        sums: dict[str, Any] = {key: (value if self.dist.is_main else 0.0) for key, value in (carried or {}).get("sums", {}).items()}
+        seen = int((carried or {}).get("images", 0)) if self.dist.is_main else 0
+        self._running = {"sums": sums, "seen": seen}
+        fresh = 0  # images of this call (for images/s)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        batches = self.loader.epoch(self.epoch, start_batch=self.batch)
+        bar = tqdm(batches, total=len(self.loader), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not (self.progress and is_terminal(sys.stderr)), leave=False, unit="batch",
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        for x, y in bar:
+            stats = self._step(x, y)
+            if self.averager is not None:
+                self.averager.update(self.model, self.epoch)
+            size = y.shape[0]
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0) + value.detach().float() * size
+            nonfinite |= ~torch.isfinite(stats["loss"])
+            seen += size
+            fresh += size
+            self._running["seen"] = seen
+            self.batch += 1
+            self.global_step += 1
+            if self.global_step % self.config.nan_check_every == 0 and self._agree(nonfinite):
+                raise _NonFinite()
+            if not bar.disable and self.global_step % 20 == 0:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", img_s=f"{fresh / max(elapsed, 1e-9):.0f}")
+            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0 and self.batch < len(self.loader):
+                if self._agree(bool(nonfinite) or not self._weights_finite()):  # never checkpoint NaN/Inf weights
+                    raise _NonFinite()
+                self.train_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save_checkpoint()
+            if self._stop_signal(stop, sync=self.global_step % 10 == 0) is not None:
+                break
+        bar.close()
+        if self._agree(bool(nonfinite) or not self._weights_finite()):
+            raise _NonFinite()
+        self.train_seconds += time.perf_counter() - start
+        if self.dist.active:  # the epoch's means over the global batch
+            keys = sorted(sums)
+            totals = dist_lib.sum_counts([float(sums[k]) for k in keys] + [float(seen)], device=self.device)
+            sums, seen = dict(zip(keys, totals[:-1])), int(totals[-1])
+        return {f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()} | {"train_images": seen}
+
+    def _agree(self, flag: bool | torch.Tensor) -> bool:
+        """``flag`` true on any rank (every rank calls this at the same step); ``bool(flag)`` with one process."""
+        return dist_lib.any_rank(flag, self.device) if self.dist.active else bool(flag)
+
+    def _stop_signal(self, stop: "_StopFlag", *, sync: bool) -> int | None:
+        """The signal that stops the run. With several ranks all must stop at the same step: they agree on
+        it (one tiny all-reduce) only at ``sync`` points (every 10 steps and at epoch ends)."""
+        if not self.dist.active:
+            return stop.signal
+        if sync and self._agreed_stop is None and dist_lib.any_rank(stop.signal is not None, self.device):
+            self._agreed_stop = stop.signal or signal.SIGTERM
+        return self._agreed_stop
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer is finite (one sync; before any checkpoint)."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+    # ------------ validation and the choice of best (never on the test split)
+    def _validate_epoch(self) -> dict[str, Any]:
+        """The validation of the epoch just trained, as ``validate_every`` and ``validate_models`` ask (the last
+        epoch is always validated); {} when it is skipped. ``val_seconds``: the time it took."""
+        config = self.config
+        epoch = self.epoch + 1
+        if len(self.data.val.labels) == 0 or (epoch % config.validate_every and epoch != config.epochs):
+            return {}
+        start = time.perf_counter()
+        record: dict[str, Any] = {}
+        if config.validate_models != "averaged" or self.averager is None:
+            record.update(self.validate())
+        if config.validate_models != "trained":
+            record.update(self._validate_averaged())
+        seconds = time.perf_counter() - start
+        self.overhead_seconds["validation"] += seconds
+        return {**record, "val_seconds": seconds}
+
+    def validate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Clean and PGD accuracy on the validation split of ``model`` (default: the trained model)."""
+        if len(self.data.val.labels) == 0:
+            return {}
+        if model is None and self.grad_sync is not None:
+            self.grad_sync.broadcast_buffers()
+        result = pgd_accuracy(
+            model if model is not None else self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
+            steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,  # None: eps's rule
+            batch_size=self.config.eval_batch_size, device=self.device, distributed=self.dist.active,
+        )
+        return {"val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
+
+    def _validate_averaged(self) -> dict[str, float]:
+        """The averaged model's validation metrics (``ema_val_*``), once averaging has started."""
+        if self.averager is None or not self.averager.started:
+            return {}
+        if self.dist.active:
+            dist_lib.broadcast_module(self.averager.module)
+        return {averaging.PREFIX + key: value for key, value in self.validate(self.averager.module).items()}
+
+    def _update_best(self, record: dict[str, Any]) -> tuple[bool, str]:
+        """Make this epoch ``best`` (and write ``best.safetensors``) when its validation beats the best so far.
+        An epoch that was not validated (``validate_every``) is ``best`` only until the first validation, so a
+        run stopped before it still has its latest weights there; without a validation split every epoch is.
+        Returns (whether it became best, which weights competed: "model" or "averaged")."""
+        metric = self.config.selection_metric
+        weights, value = averaging.best_candidate(record, metric, self.config.ema_select, self.averager)
+        if "collapse" in record:
+            return False, weights
+        provisional = self.best["epoch"] is None or self.best["value"] < 0  # no validated best yet
+        if len(self.data.val.labels) == 0:
+            new_best = True
+        else:
+            new_best = provisional or (value is not None and value > self.best["value"])
+        if new_best:
+            self.best = {"epoch": self.epoch, "metric": metric, "value": -1.0 if value is None else value,
+                         **({"weights": weights} if self.averager is not None else {}),
+                         "val": {key: record[key] for key in _VAL_KEYS if key in record}}
+            if self.dist.is_main:
+                chosen = self.model if weights == "model" else self.averager.module
+                save_model(chosen, self.out / "best.safetensors",
+                           {"epoch": self.epoch, "run": str(self.out), "weights": weights})
+        return new_best, weights
+
+    # ------------ checkpoints and resume
     # ---- checkpoints -------------------------------------------------------------------
     def _info(self) -> dict[str, Any]:
         return {
@@ -291,149 +458,48 @@ class Trainer:
         self.last_good = self._capture(info) if self.keeps_last_good else None
         self.log(f"resumed {self.out} at epoch {self.epoch + 1}, batch {self.batch} (from {snapshot.path.name})")
 
+    def _save_epoch_models(self, *, latest: bool) -> None:
+        """With ``latest`` (the epochs that checkpoint): ``last.safetensors`` and ``averaged.safetensors`` (the
+        trained and averaged models now); and, with ``save_epoch_models`` N, the trained weights of every N-th
+        epoch as ``epochs/epoch-NNN.safetensors`` (for per-epoch analyses)."""
+        meta = {"epoch": self.epoch, "run": str(self.out)}
+        if latest:
+            save_model(self.model, self.out / "last.safetensors", meta)
+        if latest and self.averager is not None and self.averager.started:
+            save_model(self.averager.module, self.out / "averaged.safetensors", {**meta, "weights": "averaged",
+                       "ema_decay": self.averager.decay, "ema_updates": self.averager.updates})
+        every = self.config.save_epoch_models
+        if every and self.epoch % every == 0:
+            (self.out / "epochs").mkdir(exist_ok=True)
+            save_model(self.model, self.out / "epochs" / f"epoch-{self.epoch:03d}.safetensors", meta)
+
+    # ------------ failures: NaN rollback, catastrophic overfitting
     def _restore_last_good(self) -> None:
         assert self.last_good is not None
         training_state.restore(self.last_good, self.model, self.optimizer, self.device, rng=False)
         self.method.load_state_dict({k: v.to(self.device) for k, v in self.last_good.method.items()})
         self._restore_averaged(self.last_good)
 
-    # ---- the loop ----------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        progress = self.epoch + self.batch / len(self.loader)
-        lr = self.schedule(progress) * self.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.grad_sync is not None:  # this rank's share of the global batch weights its gradient
-            global_size = min(self.loader.batch_size, self.loader.num_samples - self.batch * self.loader.batch_size)
-            self.grad_sync.weight = y.shape[0] / global_size
-        custom_step = getattr(self.method, "train_step", None)
-        if custom_step is not None:  # methods that own several updates per batch (SPROUT)
-            return custom_step(self.forward_model, x, y, self.optimizer, autocast=self._autocast, scaler=self.scaler)[1]
-        with self._autocast(), precision.attack_precision(self.attack_policy):
-            loss, stats = self.method(self.forward_model, x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        return stats
-
-    def _train_epoch(self, stop: _StopFlag) -> dict[str, float]:
-
-        self.model.train()
-        # the batches before a mid-epoch checkpoint count once: rank 0 starts from their (global) sums
-        carried, self.partial = self.partial, None
-        sums: dict[str, Any] = {key: (value if self.dist.is_main else 0.0) for key, value in (carried or {}).get("sums", {}).items()}
-        seen = int((carried or {}).get("images", 0)) if self.dist.is_main else 0
-        self._running = {"sums": sums, "seen": seen}
-        fresh = 0  # images of this call (for images/s)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        batches = self.loader.epoch(self.epoch, start_batch=self.batch)
-        bar = tqdm(batches, total=len(self.loader), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not (self.progress and is_terminal(sys.stderr)), leave=False, unit="batch",
-                   dynamic_ncols=True)
-        start = time.perf_counter()
-        for x, y in bar:
-            stats = self._step(x, y)
-            if self.averager is not None:
-                self.averager.update(self.model, self.epoch)
-            size = y.shape[0]
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0) + value.detach().float() * size
-            nonfinite |= ~torch.isfinite(stats["loss"])
-            seen += size
-            fresh += size
-            self._running["seen"] = seen
-            self.batch += 1
-            self.global_step += 1
-            if self.global_step % self.config.nan_check_every == 0 and self._agree(nonfinite):
-                raise _NonFinite()
-            if not bar.disable and self.global_step % 20 == 0:
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", img_s=f"{fresh / max(elapsed, 1e-9):.0f}")
-            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0 and self.batch < len(self.loader):
-                if self._agree(bool(nonfinite) or not self._weights_finite()):  # never checkpoint NaN/Inf weights
-                    raise _NonFinite()
-                self.train_seconds += time.perf_counter() - start
-                start = time.perf_counter()
-                self.save_checkpoint()
-            if self._stop_signal(stop, sync=self.global_step % 10 == 0) is not None:
-                break
-        bar.close()
-        if self._agree(bool(nonfinite) or not self._weights_finite()):
-            raise _NonFinite()
-        self.train_seconds += time.perf_counter() - start
-        if self.dist.active:  # the epoch's means over the global batch
-            keys = sorted(sums)
-            totals = dist_lib.sum_counts([float(sums[k]) for k in keys] + [float(seen)], device=self.device)
-            sums, seen = dict(zip(keys, totals[:-1])), int(totals[-1])
-        return {f"train_{k}": float(v) / max(seen, 1) for k, v in sums.items()} | {"train_images": seen}
-
-    def _agree(self, flag: bool | torch.Tensor) -> bool:
-        """``flag`` true on any rank (every rank calls this at the same step); ``bool(flag)`` with one process."""
-        return dist_lib.any_rank(flag, self.device) if self.dist.active else bool(flag)
-
-    def _stop_signal(self, stop: "_StopFlag", *, sync: bool) -> int | None:
-        """The signal that stops the run. With several ranks all must stop at the same step: they agree on
-        it (one tiny all-reduce) only at ``sync`` points (every 10 steps and at epoch ends)."""
-        if not self.dist.active:
-            return stop.signal
-        if sync and self._agreed_stop is None and dist_lib.any_rank(stop.signal is not None, self.device):
-            self._agreed_stop = stop.signal or signal.SIGTERM
-        return self._agreed_stop
-
-    def _weights_finite(self) -> bool:
-        """Whether every floating-point parameter and buffer is finite (one sync; before any checkpoint)."""
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-
-    def _validate_epoch(self) -> dict[str, Any]:
-        """The validation of the epoch just trained, as ``validate_every`` and ``validate_models`` ask (the last
-        epoch is always validated); {} when it is skipped. ``val_seconds``: the time it took."""
-        config = self.config
-        epoch = self.epoch + 1
-        if len(self.data.val.labels) == 0 or (epoch % config.validate_every and epoch != config.epochs):
-            return {}
-        start = time.perf_counter()
-        record: dict[str, Any] = {}
-        if config.validate_models != "averaged" or self.averager is None:
-            record.update(self.validate())
-        if config.validate_models != "trained":
-            record.update(self._validate_averaged())
-        seconds = time.perf_counter() - start
-        self.overhead_seconds["validation"] += seconds
-        return {**record, "val_seconds": seconds}
-
-    def validate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Clean and PGD accuracy on the validation split of ``model`` (default: the trained model)."""
-        if len(self.data.val.labels) == 0:
-            return {}
-        if model is None and self.grad_sync is not None:
-            self.grad_sync.broadcast_buffers()
-        result = pgd_accuracy(
-            model if model is not None else self.model, self.data.val.images, self.data.val.labels, eps=self.config.attack_eps,
-            steps=self.config.val_pgd_steps, step_size=self.config.eval_step_size,  # None: eps's rule
-            batch_size=self.config.eval_batch_size, device=self.device, distributed=self.dist.active,
-        )
-        return {"val_clean_acc": result["clean_acc"], "val_robust_acc": result["robust_acc"]}
-
-    def _validate_averaged(self) -> dict[str, float]:
-        """The averaged model's validation metrics (``ema_val_*``), once averaging has started."""
-        if self.averager is None or not self.averager.started:
-            return {}
-        if self.dist.active:
-            dist_lib.broadcast_module(self.averager.module)
-        return {averaging.PREFIX + key: value for key, value in self.validate(self.averager.module).items()}
+    def _handle_nonfinite(self, rollbacks: int) -> int:
+        where = f"epoch {self.epoch + 1}, batch {self.batch}"
+        if self.config.on_nan == "stop" or rollbacks >= 3:
+            saved = (f"the last good checkpoint is intact in {self.out}" if any((self.out / "checkpoints").glob("step-*"))
+                     else "no checkpoint had been written yet")
+            if rollbacks >= 3:
+                raise TrainingStopped(f"the loss became NaN or Inf at {where} again after {rollbacks} rollbacks "
+                                      f"(learning rate x{self.lr_scale:g}); {saved}. Lower --lr or try --amp off")
+            raise TrainingStopped(f"the loss became NaN or Inf at {where}; {saved}. "
+                                  "Lower --lr, try --amp off, or use --on-nan rollback")
+        assert self.last_good is not None
+        self._restore_last_good()
+        self.epoch, self.batch = self.last_good.info["epoch"], self.last_good.info["batch"]
+        self.partial = self.last_good.info.get("partial_epoch") if self.batch else None
+        self.global_step = self.last_good.info["global_step"]
+        self.lr_scale *= 0.5
+        self.log(f"the loss became NaN or Inf at {where}: rolled back to epoch {self.epoch} with lr x{self.lr_scale:g}")
+        if self.dist.is_main:
+            append_jsonl(self.out / "metrics.jsonl", {"event": "nan_rollback", "at": where, "lr_scale": self.lr_scale})
+        return rollbacks + 1
 
     def _handle_collapse(self, record: dict[str, Any]) -> None:
         """Catastrophic overfitting: validation robust accuracy falling far below its best."""
@@ -457,6 +523,7 @@ class Trainer:
         else:
             self.log(f"{message}; continuing (use --on-collapse restore or stop)")
 
+    # ------------ the loop, and the end: test accuracy of best and the result record
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs`` (or to a requested stop: TrainingStopped), then ``finish()``. A new run
         that fails on a setting before its first checkpoint leaves no half-made run folder behind. With
@@ -533,66 +600,6 @@ class Trainer:
                         self.save_checkpoint()
                     raise TrainingStopped(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
         return self.finish()
-
-    def _update_best(self, record: dict[str, Any]) -> tuple[bool, str]:
-        """Make this epoch ``best`` (and write ``best.safetensors``) when its validation beats the best so far.
-        An epoch that was not validated (``validate_every``) is ``best`` only until the first validation, so a
-        run stopped before it still has its latest weights there; without a validation split every epoch is.
-        Returns (whether it became best, which weights competed: "model" or "averaged")."""
-        metric = self.config.selection_metric
-        weights, value = averaging.best_candidate(record, metric, self.config.ema_select, self.averager)
-        if "collapse" in record:
-            return False, weights
-        provisional = self.best["epoch"] is None or self.best["value"] < 0  # no validated best yet
-        if len(self.data.val.labels) == 0:
-            new_best = True
-        else:
-            new_best = provisional or (value is not None and value > self.best["value"])
-        if new_best:
-            self.best = {"epoch": self.epoch, "metric": metric, "value": -1.0 if value is None else value,
-                         **({"weights": weights} if self.averager is not None else {}),
-                         "val": {key: record[key] for key in _VAL_KEYS if key in record}}
-            if self.dist.is_main:
-                chosen = self.model if weights == "model" else self.averager.module
-                save_model(chosen, self.out / "best.safetensors",
-                           {"epoch": self.epoch, "run": str(self.out), "weights": weights})
-        return new_best, weights
-
-    def _save_epoch_models(self, *, latest: bool) -> None:
-        """With ``latest`` (the epochs that checkpoint): ``last.safetensors`` and ``averaged.safetensors`` (the
-        trained and averaged models now); and, with ``save_epoch_models`` N, the trained weights of every N-th
-        epoch as ``epochs/epoch-NNN.safetensors`` (for per-epoch analyses)."""
-        meta = {"epoch": self.epoch, "run": str(self.out)}
-        if latest:
-            save_model(self.model, self.out / "last.safetensors", meta)
-        if latest and self.averager is not None and self.averager.started:
-            save_model(self.averager.module, self.out / "averaged.safetensors", {**meta, "weights": "averaged",
-                       "ema_decay": self.averager.decay, "ema_updates": self.averager.updates})
-        every = self.config.save_epoch_models
-        if every and self.epoch % every == 0:
-            (self.out / "epochs").mkdir(exist_ok=True)
-            save_model(self.model, self.out / "epochs" / f"epoch-{self.epoch:03d}.safetensors", meta)
-
-    def _handle_nonfinite(self, rollbacks: int) -> int:
-        where = f"epoch {self.epoch + 1}, batch {self.batch}"
-        if self.config.on_nan == "stop" or rollbacks >= 3:
-            saved = (f"the last good checkpoint is intact in {self.out}" if any((self.out / "checkpoints").glob("step-*"))
-                     else "no checkpoint had been written yet")
-            if rollbacks >= 3:
-                raise TrainingStopped(f"the loss became NaN or Inf at {where} again after {rollbacks} rollbacks "
-                                      f"(learning rate x{self.lr_scale:g}); {saved}. Lower --lr or try --amp off")
-            raise TrainingStopped(f"the loss became NaN or Inf at {where}; {saved}. "
-                                  "Lower --lr, try --amp off, or use --on-nan rollback")
-        assert self.last_good is not None
-        self._restore_last_good()
-        self.epoch, self.batch = self.last_good.info["epoch"], self.last_good.info["batch"]
-        self.partial = self.last_good.info.get("partial_epoch") if self.batch else None
-        self.global_step = self.last_good.info["global_step"]
-        self.lr_scale *= 0.5
-        self.log(f"the loss became NaN or Inf at {where}: rolled back to epoch {self.epoch} with lr x{self.lr_scale:g}")
-        if self.dist.is_main:
-            append_jsonl(self.out / "metrics.jsonl", {"event": "nan_rollback", "at": where, "lr_scale": self.lr_scale})
-        return rollbacks + 1
 
     def finish(self) -> dict[str, Any]:
         """Evaluate ``best`` on the test split (clean and PGD-20) and write ``result.json``."""
