@@ -164,6 +164,7 @@ def test_l1_settings_are_the_officials(small):
     assert (t["n_targets"], t["large_eps"]) == (runner.apgd_targeted.n_target_classes, True) and t["n_targets"] == 5
 
 
+@pytest.mark.filterwarnings("ignore:there are .* points with zero gradient")  # the official's own pre-check
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_l1_apgd_fools_the_officials_points(small, loss):
     """Started at x: point for point. From the large-eps start drawn from the same normal numbers: within one point

@@ -45,6 +45,7 @@ def test_an_exported_program_is_moved_with_its_baked_devices(tmp_path):
     assert info["format"] == "export" and model(torch.rand(2, *SHAPE, device="meta")).device.type == "meta"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace is deprecated: the test needs a trace
 def test_a_torchscript_program_with_a_baked_device_fails_in_one_line_that_says_why(tmp_path):
     """Traced on one device (here meta, as if on a GPU) and run on another (the CPU): TorchScript cannot move
     the device inside its code."""
