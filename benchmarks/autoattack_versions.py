@@ -38,6 +38,8 @@ ROWS = [  # (fastrobust version, norm, eps, official version, official attacks o
 
 
 class InputDropout(nn.Module):
+    """``inner`` on the input with a share ``p`` of its values dropped at random at every call (a randomised defense)."""
+
     def __init__(self, inner: nn.Module, p: float = 0.3):
         super().__init__()
         self.inner, self.p = inner, p

@@ -55,7 +55,7 @@ def test_the_flag_passes_are_exactly_those_without_tf32(monkeypatch):
     import fastrobust.evaluate.evaluation as evaluation
 
     flags: list[bool] = []
-    real_clean, real_attack = evaluation._clean_batch, evaluation._attack_batch
+    real_clean = evaluation._clean_batch
 
     def clean_batch(model, b, x, y):
         model_seen = len(model_module.seen)
@@ -71,7 +71,6 @@ def test_the_flag_passes_are_exactly_those_without_tf32(monkeypatch):
     finally:
         torch.backends.cudnn.allow_tf32 = before
     assert flags == [False, False]  # two batches, each its clean pass with TF32 off
-    assert real_attack is evaluation._attack_batch
 
 
 def test_deterministic_holds_torch_to_deterministic_kernels_during_the_evaluation_only():

@@ -4,7 +4,9 @@ adversarials than one noisy gradient per step."""
 
 from __future__ import annotations
 
+import importlib.util
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,15 +20,17 @@ from helpers import write_image_folder
 N_ITER = 10  # APGD iterations here (AutoAttack's are 100): enough for the comparison, a second on the CPU
 
 
-class InputDropout(nn.Module):
-    """``inner`` on the input with 30% of its values dropped at random at every call (a randomised defense)."""
+def _benchmark_module():
+    """benchmarks/autoattack_versions.py, whose ``InputDropout`` (30% of the input dropped at every call: a randomised
+    defense) is the noisy model of these tests too."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "autoattack_versions.py"
+    spec = importlib.util.spec_from_file_location("autoattack_versions_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, inner: nn.Module, p: float = 0.3):
-        super().__init__()
-        self.inner, self.p = inner, p
 
-    def forward(self, x):
-        return self.inner(x * (torch.rand_like(x) > self.p).to(x.dtype) / (1 - self.p))
+InputDropout = _benchmark_module().InputDropout
 
 
 @pytest.fixture(scope="module")
