@@ -418,12 +418,13 @@ def _l1_init(x: Tensor, generator) -> Tensor:
     side = max(min(h, w) // 5, 1)
     delta = torch.zeros_like(x)
     offset_h, offset_w = max(h - 5 * side, 0) // 2, max(w - 5 * side, 0) // 2
-    for i in range(offset_h, h - side + 1, side):
-        for j in range(offset_w, w - side + 1, side):
-            eta = _eta(side, x.device, "l1")
-            if float(draw(torch.rand, 1, generator=generator, device=torch.device("cpu"))) < 0.5:
-                eta = eta.t()
-            delta[:, :, i : i + side, j : j + side] = eta * _signs((b, c, 1, 1), generator, x.device)
+    corners = [(i, j) for i in range(offset_h, h - side + 1, side) for j in range(offset_w, w - side + 1, side)]
+    # the orientations at once (one host transfer), then each square's signs
+    flips = draw(torch.rand, len(corners), generator=generator, device=torch.device("cpu")).tolist()
+    eta = _eta(side, x.device, "l1")
+    for (i, j), flip in zip(corners, flips):
+        pattern = eta.t() if flip < 0.5 else eta
+        delta[:, :, i : i + side, j : j + side] = pattern * _signs((b, c, 1, 1), generator, x.device)
     return delta
 
 
