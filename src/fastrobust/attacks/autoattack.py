@@ -176,8 +176,8 @@ def autoattack(
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
     if norm == "l1" and version not in L1_VERSIONS:
-        raise ConfigError(f"autoattack: version={version!r} has no l1 definition (the authors define it for linf and l2 "
-                          f"only): with norm='l1' use version {', '.join(map(repr, L1_VERSIONS))}")
+        raise ConfigError(f"autoattack: version={version!r} has no l1 definition (the authors define it for linf and "
+                          f"l2 only): with norm='l1' use version {', '.join(map(repr, L1_VERSIONS))}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
     options = options or {}
     for name in list(names) + list(options):

@@ -21,7 +21,8 @@ done only once classified as its target within ``eps``.
 
 The untargeted run (``fab_untargeted``, the component ``fab``) linearises, at each iterate, the boundary between ``y`` and the class ``j`` whose
 linearised boundary is closest: the smallest ``|f_j - f_y| / ||grad(f_j - f_y)||_*`` (the dual norm: l_1 for
-l_inf, l_2 for l_2, l_inf for l_1), which takes the gradient of every logit (C backward passes per step, as the authors' code).
+l_inf, l_2 for l_2, l_inf for l_1), which takes the gradient of every logit (C backward passes per step, as the
+authors' code).
 
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust

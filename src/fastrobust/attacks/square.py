@@ -22,7 +22,7 @@ l2 (paper, Alg. 3 and appendix): a grid of squares holding the pattern eta with 
 query the perturbation mass of two random windows moved into the first with a fresh signed eta; see
 ``_square_l2``.
 
-l1 (the authors' code, the official standard l_1 AutoAttack's Square): the same scheme with l_1 masses, a pattern
+l_1 (the authors' code, the official standard l_1 AutoAttack's Square): the same scheme with l_1 masses, a pattern
 whose rings weigh ``1 / (k + 1)^4`` and, instead of a rescaling, the exact projection onto the l_1 ball within
 [0, 1] after every change; see ``_square_l1``.
 Only forward passes under ``torch.no_grad`` are used, so the model is never differentiated.
@@ -471,7 +471,8 @@ def _square_l1(ex, x, y, eps, n_queries, p_init, generator, rescale):
             active = (margin > 0).nonzero().squeeze(1)
             if len(active) == 0:
                 break
-        signs = _signs((b, c, 1, 1), generator, x.device)[active]  # every point's, so no point's depend on others
+        # drawn for every point, so that no point's search depends on which others are still searching
+        signs = _signs((b, c, 1, 1), generator, x.device)[active]
         live = margin[active] > 0
         xa = x[active]
         d = x_best[active] - xa
