@@ -217,7 +217,7 @@ TABLE: dict[str, NamedAttack] = {
     # tol None: the authors' 1e-3/sqrt(d)
     "rays": NamedAttack(lambda eps: {"n_queries": 10000, "tol": None, "early_stop": False}, _rays, used=_rays_used,
                         summary=_rays_summary, gradient_free=True, linf_only=True, queries=lambda n: {"n_queries": n}),
-    "autoattack-official": NamedAttack(lambda eps: {"version": "standard"}, _official, used=_official_used, l1=True),
+    "autoattack-official": NamedAttack(lambda eps: {"version": "standard"}, _official, used=_official_used),
 }
 ATTACKS = tuple(TABLE) + tuple(INVARIANCE)
 GRADIENT_FREE = tuple(name for name, entry in TABLE.items() if entry.gradient_free) + tuple(INVARIANCE)
