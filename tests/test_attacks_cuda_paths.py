@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:precision='bf16' on a CPU without")]  # bf16 on purpose here
 C = 6
 N_ITER = 20  # a multiple of CUDA_CHECK_EVERY: the last iteration is a check
+FAB_L1_NONE, FAB_L1_SOME = 3.0, 15.0  # l_1 budgets at which no FAB-T run / some run finds an adversarial here
+SQUARE_L1_EPS = 6.0  # some points fall within 40 l_1 Square queries, some do not
 
 
 class Counting(nn.Module):
@@ -94,7 +96,9 @@ def test_random_draws_happen_on_the_generators_device():
         drawn = [random_start(meta, 0.1, "linf", g), random_start(meta, 0.5, "l2", g),
                  fab_module._random_start_half_eps(meta, 0.1, "linf", g),
                  fab_module._random_start_half_eps(meta, 0.5, "l2", g),
+                 fab_module._random_start_half_eps(meta, 2.0, "l1", g),
                  square_module._signs((2, 3, 1, 8), g, meta.device), square_module._l2_init(meta, 0.5, g),
+                 square_module._l1_init(meta, g),
                  square_module._corners(2, 8, 8, 3, g, meta.device)[0], square_module._eta_batch(2, 3, g, meta.device),
                  add_gaussian_noise(meta, 0.1, g)]
     assert all(t.device.type == "meta" for t in drawn)
@@ -159,20 +163,21 @@ def test_apgd_synchronises_once_per_check(small, falls, grouped):
         assert checks + 1 < syncs.count <= 3 * checks + 1, syncs.where
 
 
-@pytest.mark.parametrize("eps", [0.1, 0.15])  # no run finds an adversarial / one does
-def test_fab_synchronises_only_at_its_checks_on_cuda(small, eps):
+@pytest.mark.parametrize("norm,eps,falls", [("linf", 0.1, False), ("linf", 0.15, True),  # no run finds one / one does
+                                            ("l1", FAB_L1_NONE, False), ("l1", FAB_L1_SOME, True)])
+def test_fab_synchronises_only_at_its_checks_on_cuda(small, norm, eps, falls):
     model, x, y = small
     xs, ys, target, group, _ = _targeted_rows(x, y, 2)
     with HostSyncs() as syncs:
-        _, _, found = fab_module._fab_rows(xs, ys, target, start=xs.clone(), eps=eps, norm="linf", n_iter=N_ITER,
+        _, _, found = fab_module._fab_rows(xs, ys, target, start=xs.clone(), eps=eps, norm=norm, n_iter=N_ITER,
                                         alpha_max=0.1, eta=1.05, beta=0.9, execution=Execution(model, None, "cuda"),
                                         group=group, n_groups=len(x))
     checks = N_ITER // CUDA_CHECK_EVERY
-    # per iteration none (Newton's projection without asking the host); per check the look-up of the rows to
-    # confirm, and the split when some are found
+    # per iteration none (Newton's projection, or l_1's sort, without asking the host); per check the look-up of
+    # the rows to confirm, and the split when some are found
     assert syncs.within("confirm_any") == checks, syncs.where
     assert syncs.count == checks + syncs.within("split") <= 2 * checks, syncs.where
-    assert bool(found.any()) == (eps > 0.12)
+    assert bool(found.any()) == falls
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
@@ -197,17 +202,19 @@ def test_square_linf_synchronises_per_check_only(small, monkeypatch, device_type
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
-def test_square_l2_looks_up_its_points_once_per_check(small, device_type):
+@pytest.mark.parametrize("norm,eps", [("l2", 3.0), ("l1", SQUARE_L1_EPS)])
+def test_square_l2_and_l1_look_up_their_points_once_per_check(small, device_type, norm, eps):
     model, x, y = small
     n_queries = 41
+    search = {"l2": square_module._square_l2, "l1": square_module._square_l1}[norm]
     with HostSyncs() as syncs:
-        _, queries = square_module._square_l2(Execution(model, None, device_type), x, y, 3.0, n_queries, 0.8,
-                                              seeded(), False)
+        _, queries = search(Execution(model, None, device_type), x, y, eps, n_queries, 0.8, seeded(), False)
     assert bool((queries < n_queries).any()) and bool((queries == n_queries).any())
+    drawn = 0 if norm == "l2" else 2  # l_1: its start's orientations and every query's windows, read once each
     if device_type == "cpu":  # one look-up of the points still searching per query
-        assert syncs.count == n_queries - 1, syncs.where
+        assert syncs.count == drawn + n_queries - 1, syncs.where
     else:  # every 5 queries: the fp32 confirmation's look-up and the points still searching
-        assert syncs.count == 2 * -(-(n_queries - 1) // CUDA_CHECK_EVERY), syncs.where
+        assert syncs.count == drawn + 2 * -(-(n_queries - 1) // CUDA_CHECK_EVERY), syncs.where
 
 
 def test_rays_synchronises_once_per_look_up_and_its_results_do_not_depend_on_how_often(monkeypatch):

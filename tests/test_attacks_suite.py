@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import linprog
 from torch import nn
 
 from fastrobust.attacks import (
@@ -73,13 +75,20 @@ FAST = {
         options={"apgd-ce": {"n_iter": 10}, "apgd-t": {"n_iter": 10, "n_targets": 2}}, generator=g),
     "rays": lambda m, x, y, eps, norm, g: rays(m, x, y, n_queries=150).within(x, eps),
 }
-CASES = [(name, "linf") for name in FAST] + [(name, "l2") for name in FAST if name != "rays"]
+# the standard version with every component shortened: in l_1 its FAB-T and Square act on the points APGD leaves
+STANDARD_SHORT = {"apgd-ce": {"n_iter": 3, "n_restarts": 1}, "apgd-t": {"n_iter": 3, "n_targets": 2},
+                  "fab-t": {"n_iter": 5, "n_targets": 2}, "square": {"n_queries": 100}}
+FAST["autoattack"] = lambda m, x, y, eps, norm, g: autoattack(m, x, y, eps=eps, norm=norm, options=STANDARD_SHORT,
+                                                               generator=g)
+CASES = ([(name, "linf") for name in FAST if name != "autoattack"] + [(name, "l2") for name in FAST if name != "rays"]
+         + [(name, "l1") for name in FAST if name != "rays"])
+BUDGET = {"linf": 0.05, "l2": 0.4, "l1": 2.0}  # l_1: 2 on 1x8x8 images (64 values)
 
 
 @pytest.mark.parametrize("name,norm", CASES)
 def test_inside_ball_and_box_mode_and_grads(toy, name, norm):
     model, x, y = toy
-    eps = 0.05 if norm == "linf" else 0.4
+    eps = BUDGET[norm]
     model.train()
     model.body[2].eval()  # a mixed mode (frozen BatchNorm) must come back exactly as it was
     model.body[4].weight.grad = torch.ones_like(model.body[4].weight)  # an existing gradient must stay untouched
@@ -93,13 +102,14 @@ def test_inside_ball_and_box_mode_and_grads(toy, name, norm):
     model.body[4].weight.grad = None
     model.eval()
     delta = (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    size = {"linf": delta.abs().amax(1), "l2": delta.norm(dim=1), "l1": delta.abs().sum(1)}[norm]
     assert size.max() <= eps * (1 + 1e-5) + 1e-6
+    assert torch.isfinite(x_adv).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert x_adv.shape == x.shape and not x_adv.requires_grad
 
 
-@pytest.mark.parametrize("name", list(FAST))
+@pytest.mark.parametrize("name", [name for name in FAST if name != "autoattack"])
 def test_large_eps_breaks_an_undefended_model(toy, name):
     model, x, y = toy
     g = torch.Generator().manual_seed(0)
@@ -249,7 +259,7 @@ def test_square_p_schedule():
     assert p_selection(0.8, 15, 5000) == 0.4  # rescaled to the budget
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_fab_projection_is_feasible_and_minimal(norm):
     g = torch.Generator().manual_seed(0)
     p = torch.rand(50, 20, generator=g)
@@ -265,6 +275,14 @@ def test_fab_projection_is_feasible_and_minimal(norm):
         room = torch.where(w * c.sign()[:, None] > 0, 1 - p, p)
         best = (w.abs() * torch.minimum(room, t[:, None])).sum(1)
         assert (best[feasible] < c.abs()[feasible] + 1e-6).all()
+    elif norm == "l1":  # the least l_1 step, as a linear program: min sum(u + v), w^T (u - v) = c, 0 <= p + u - v <= 1
+        for i in torch.nonzero(feasible).squeeze(1)[:8].tolist():
+            n = p.shape[1]
+            wi, pi = w[i].double().numpy(), p[i].double().numpy()
+            bounds = [(0, 1 - v) for v in pi] + [(0, v) for v in pi]  # u up to the top, v down to 0
+            lp = linprog(np.ones(2 * n), A_eq=np.concatenate([wi, -wi])[None], b_eq=[float(c[i])], bounds=bounds)
+            assert lp.status == 0
+            assert float(d[i].abs().sum()) == pytest.approx(lp.fun, rel=1e-4, abs=1e-6)
     else:  # away from the box the minimal l2 step is c w / |w|^2
         p_mid = torch.full_like(p, 0.5)
         small = c * 0.01

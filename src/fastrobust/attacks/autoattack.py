@@ -6,9 +6,11 @@ run only on the points every earlier attack left correctly classified. ``fast``:
 The official's other versions, as its ``set_version`` defines them: ``plus``: APGD-CE and APGD-DLR (5 restarts
 each), untargeted FAB (5 restarts), Square (5,000 queries), APGD-T (9 targets) and FAB-T (9 targets, 1 restart);
 ``rand`` (for randomized defenses): APGD-CE and APGD-DLR, 1 restart each, every step's gradient averaged over
-20 passes (expectation over transformations, ``eot_iter``). ``norm="l1"``: the official standard version's l_1
-APGD (APGD-CE with 5 restarts, APGD-T with 5 targets, both from the large-eps start, see apgd.py) runs as
-``fast``; FAB and Square have no l_1 version here, so ``standard`` and ``plus`` refuse l_1 before any work.
+20 passes (expectation over transformations, ``eot_iter``). ``norm="l1"``: ``standard`` is the official standard
+l_1 AutoAttack: APGD-CE with 5 restarts and APGD-T with 5 targets, both from the large-eps start (see apgd.py), then
+FAB-T (9 targets) and Square (5,000 queries) in their l_1 versions (fab.py, square.py); ``fast`` runs its two APGD
+components; ``rand`` as for the other norms. The official defines ``plus`` for l_inf and l_2 only (it warns on
+l_1), so ``plus`` refuses l_1 before any work.
 ``autoattack_official`` runs the authors' package (``pip install pyautoattack``, or the GitHub package
 ``autoattack``) when it is importable.
 
@@ -67,6 +69,7 @@ VERSION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 # the official standard version's l_1 APGD: 5 restarts, 5 targets, the large-eps start (fast: the same APGD)
 L1_SETTINGS = {"apgd-ce": {"n_restarts": 5, "large_eps": True}, "apgd-t": {"n_targets": 5, "large_eps": True}}
+L1_VERSIONS = ("standard", "fast", "rand")  # the versions defined for l_1 (the official's plus is not)
 # how each component is run, besides its settings: (point, target) rows per batch, forward precision
 _EXECUTION = {"apgd-ce": ("precision",), "apgd-dlr": ("precision",), "apgd-t": ("max_rows", "precision"),
               "fab": ("precision",), "fab-t": ("max_rows", "precision"), "square": ("precision",)}
@@ -145,7 +148,7 @@ def autoattack(
         y: true labels ``[B]``, any integer dtype, in [0, C).
         eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
             ``"8/255"`` is parsed. Required.
-        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"`` (l_1: the APGD components only, so ``fast``).
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"`` (l_1: every version but ``plus``).
         version: ``"standard"`` (default), ``"fast"``, ``"plus"`` or ``"rand"``.
         attacks: component names to run instead of the version's (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab``,
             ``fab-t``, ``square``; default None).
@@ -164,14 +167,17 @@ def autoattack(
         ConfigError: from the ``entry_point`` input contract (``core/contract.py``): images not float in
             [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
             ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
-            also an unknown ``version`` or component, ``options`` values that are not dicts, a component
-            without this ``norm`` (l_1: FAB and Square) or a bad ``precision``, all before any work; each
-            message names the value and the fix.
+            also an unknown ``version`` or component, ``options`` values that are not dicts, ``version="plus"``
+            with ``norm="l1"``, a component without this ``norm`` or a bad ``precision``, all before any work;
+            each message names the value and the fix.
     Example:
         >>> x_adv = autoattack(model, x, y, eps=8 / 255, version="standard")
     """
     if version not in VERSIONS:
         raise ConfigError(f"version={version!r} is not an AutoAttack version: choose one of {', '.join(VERSIONS)}")
+    if norm == "l1" and version not in L1_VERSIONS:
+        raise ConfigError(f"autoattack: version={version!r} has no l1 definition (the authors define it for linf and "
+                          f"l2 only): with norm='l1' use version {', '.join(map(repr, L1_VERSIONS))}")
     names = tuple(attacks) if attacks is not None else VERSIONS[version]
     options = options or {}
     for name in list(names) + list(options):
@@ -180,7 +186,7 @@ def autoattack(
     for name, value in options.items():
         if not isinstance(value, dict):
             raise ConfigError(f"autoattack: options[{name!r}] must be a dict of settings, got {value!r}")
-    for name in names:  # before any work: a component without this threat model (l1: FAB and Square)
+    for name in names:  # before any work: a component without this threat model
         check_norm(norm, allowed=getattr(_FUNCTIONS[name], "norms", GRADIENT_NORMS), where=f"autoattack ({name})")
     settings = {name: check_options(f"autoattack ({name})", {**version_settings(version, name, norm),
                                                              **options.get(name, {})}, norm=norm)

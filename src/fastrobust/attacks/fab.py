@@ -1,5 +1,5 @@
-"""FAB-T, the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf and l_2, and its untargeted
-run ``fab_untargeted`` (AutoAttack's ``plus`` version).
+"""FAB-T, the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), l_inf, l_2 and l_1, and its
+untargeted run ``fab_untargeted`` (AutoAttack's ``plus`` version).
 
 At the iterate ``x_i`` the decision boundary between the true class ``y`` and the target ``t`` is
 linearised: ``g(z) ~ g(x_i) + w^T (z - x_i)`` with ``g = f_t - f_y`` and ``w`` its input gradient.
@@ -21,12 +21,18 @@ done only once classified as its target within ``eps``.
 
 The untargeted run (``fab_untargeted``, the component ``fab``) linearises, at each iterate, the boundary between ``y`` and the class ``j`` whose
 linearised boundary is closest: the smallest ``|f_j - f_y| / ||grad(f_j - f_y)||_*`` (the dual norm: l_1 for
-l_inf, l_2 for l_2), which takes the gradient of every logit (C backward passes per step, as the authors' code).
+l_inf, l_2 for l_2, l_inf for l_1), which takes the gradient of every logit (C backward passes per step, as the
+authors' code).
 
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
 points share one batch (``max_rows``), and the projection onto the linearised boundary solves for its
 radius by Newton's method (exact after a few steps) instead of sorting all coordinates every iteration.
+
+l_1 (as the authors' code, the official standard l_1 AutoAttack's FAB-T): the minimal-l_1 point of the box on the
+hyperplane moves the coordinates of largest ``|w_i|`` first, each as far as the box lets it, until the hyperplane is
+reached (one sort per projection, ``_l1_hyperplane_box``); the restarts' random start is a normal draw scaled to
+l_1 radius ``eps / 2``.
 """
 
 from __future__ import annotations
@@ -52,16 +58,25 @@ from fastrobust.attacks.apgd import ranked_targets
 from fastrobust.attacks.toolkit import draw, model_mode
 from fastrobust.core.contract import check_labels, entry_point
 from fastrobust.core.gradients import grad_or_zeros
+from fastrobust.core.values import NORMS
 from fastrobust.errors import ConfigError
 
 
 def _flat_norm(v: Tensor, norm: str) -> Tensor:
     v = v.flatten(1)
+    if norm == "l1":
+        return v.abs().sum(dim=1)
     return v.abs().amax(dim=1) if norm == "linf" else v.norm(dim=1)
 
 
+DUAL_NORM = {"linf": "l1", "l2": "l2", "l1": "linf"}  # a boundary's distance divides by its gradient's dual norm
+# a coordinate whose hyperplane weight is at most this is left where it is by the l_1 projection (the reference's
+# cut-off: moving it would buy almost nothing for a large l_1 cost)
+L1_MIN_WEIGHT = 1e-8
+
+
 def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_free: bool | None = None) -> Tensor:
-    """The minimal l_inf or l_2 perturbation ``d`` (flat ``[B, D]``) with ``w^T d = c`` and ``p + d`` in [0,1].
+    """The minimal l_inf, l_2 or l_1 perturbation ``d`` (flat ``[B, D]``) with ``w^T d = c`` and ``p + d`` in [0,1].
 
     Flipping the sign so that ``c >= 0``, each coordinate moves only along ``sign(w_i)`` up to its room
     ``cap_i`` (``1 - p_i`` or ``p_i``). For l_inf ``d_i = sign(w_i) min(t, cap_i)``; for l_2
@@ -72,6 +87,7 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
     corner does not reach the hyperplane, the corner (the box point closest to it) is returned.
     ``sync_free`` (default: on CUDA) runs every Newton step and takes the sorted solution for the rows still
     moving without asking the host which they are (the sort of every row costs the GPU less than the stall).
+    l_1 has no radius to solve for: see ``_l1_hyperplane_box``.
     """
     sign_c = torch.where(c < 0, -1.0, 1.0).to(w.dtype)
     w = w * sign_c[:, None]
@@ -80,6 +96,8 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
     direction = torch.sign(w)
     # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU)
     cap = (p + direction.clamp(min=0) * (1 - 2 * p)).clamp_(min=0)
+    if norm == "l1":
+        return direction * _l1_hyperplane_box(a, cap, c)
     if norm == "linf":
         brk, slope = cap, a
     else:
@@ -100,6 +118,26 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
     else:
         mag = torch.minimum(t[:, None] * a, cap)
     return direction * mag  # w already carries the sign of c
+
+
+def _l1_hyperplane_box(a: Tensor, cap: Tensor, c: Tensor) -> Tensor:
+    """The magnitudes ``m_i`` in ``[0, cap_i]`` of least ``sum_i m_i`` with ``sum_i a_i m_i = c`` (``a, cap >= 0``,
+    ``c >= 0``; flat ``[B, D]``): a fractional knapsack, so the coordinates are filled in decreasing order of
+    ``a_i`` (the most boundary per unit of l_1), each to its room, the last one only as far as ``c`` needs. When even
+    all of them together fall short, every coordinate is at its room (the box corner). Coordinates with ``a_i`` at
+    most ``L1_MIN_WEIGHT`` stay at 0. The running sums are taken in float64, so the coordinate that is cut is the
+    exact one."""
+    a = torch.where(a > L1_MIN_WEIGHT, a, torch.zeros_like(a))
+    order = a.argsort(dim=1, descending=True, stable=True)
+    a_sorted = a.gather(1, order).double()
+    room_sorted = cap.gather(1, order).double() * (a_sorted > 0)
+    gain = a_sorted * room_sorted  # what filling coordinate i to its room adds to w^T d
+    before = gain.cumsum(1) - gain  # what the coordinates ahead of it add
+    need = c.double()[:, None] - before
+    # full where the ones ahead fall short by at least its whole gain, the cut one partly, the rest untouched
+    partial = (need / a_sorted.clamp_min(L1_MIN_WEIGHT)).clamp(min=0)
+    mag_sorted = torch.minimum(room_sorted, partial).to(a.dtype)
+    return torch.zeros_like(a).scatter_(1, order, mag_sorted)
 
 
 NEWTON_STEPS = 12
@@ -144,7 +182,7 @@ def _hyperplane_t_sorted(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor) -
     return (c - const_before.gather(1, k[:, None]).squeeze(1)) / slope_from.gather(1, k[:, None]).squeeze(1).clamp_min(1e-30)
 
 
-@entry_point("fab_t")
+@entry_point("fab_t", norms=NORMS)
 def fab_t(
     model: nn.Module,
     x: Tensor,
@@ -186,9 +224,9 @@ def fab_t(
         model: the classifier, images in [0, 1] -> logits ``[B, C]``.
         x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
         y: true labels ``[B]``, any integer dtype, in [0, C).
-        eps: the l_inf or l_2 budget in [0, 1] pixel units (l_inf in (0, 1], l_2 a positive radius); text such as
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
             ``"8/255"`` is parsed. Required.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         n_iter: steps per run (default 100, the authors').
         n_targets: ranked target classes per point without ``y_target`` (default 9, AutoAttack's; at most C - 1).
         n_restarts: runs per target (default 1); the first starts at ``x``, the others at a random point at radius
@@ -253,7 +291,7 @@ def fab_t(
     return result
 
 
-@entry_point("fab_untargeted")
+@entry_point("fab_untargeted", norms=NORMS)
 def fab_untargeted(
     model: nn.Module,
     x: Tensor,
@@ -280,9 +318,9 @@ def fab_untargeted(
         model: the classifier, images in [0, 1] -> logits ``[B, C]``.
         x: images ``[B, ...]`` (e.g. ``[B, C, H, W]``), float in [0, 1] (pixel units).
         y: true labels ``[B]``, any integer dtype, in [0, C).
-        eps: the l_inf or l_2 budget a found point must be within, in [0, 1] pixel units (l_inf in (0, 1], l_2 a
+        eps: the budget a found point must be within, in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a
             positive radius); text such as ``"8/255"`` is parsed. Required.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         n_iter: steps per run (default 100).
         n_restarts: runs (default 1); the first starts at ``x``, the others at a random point at radius
             ``eps / 2``, each only on the points not yet fooled (AutoAttack ``plus``: 5).
@@ -327,7 +365,7 @@ def _random_start_half_eps(x: Tensor, eps: float, norm: str, generator: torch.Ge
     every restart, so its ``min(best distance, eps) / 2`` is always ``eps / 2``)."""
     if norm == "linf":
         noise = draw(torch.rand, x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-    else:
+    else:  # l_2 and l_1: a normal draw, scaled to the radius in that norm (as the reference)
         noise = draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
     noise = noise / _flat_norm(noise, norm).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
     return (x + 0.5 * eps * noise).clamp(0, 1)
@@ -368,7 +406,7 @@ def _closest_boundary(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n
     f = logits.detach().float()
     df = f - f[rows, y][:, None]
     dg = (jac - jac[rows, y][:, None]).flatten(2)
-    dual = dg.abs().sum(2) if norm == "linf" else dg.pow(2).sum(2).sqrt()
+    dual = _flat_norm(dg.reshape(-1, dg.shape[2]), DUAL_NORM[norm]).view(dg.shape[:2])
     dist = df.abs() / (dual + 1e-12)
     dist[rows, y] = float("inf")  # not a boundary
     j = dist.argmin(1)

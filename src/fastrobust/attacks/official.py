@@ -231,5 +231,6 @@ def official_fab_t_flags(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, 
     with model_mode(model, training=False), _parameter_grads_kept(model), torch.no_grad():
         adv = attack.attack_single_run(x, y, use_rand_start=False, is_targeted=True)
         fooled = model(adv).argmax(1) != y
-    distance = (adv - x).flatten(1).abs().amax(1) if norm == "linf" else (adv - x).flatten(1).norm(dim=1)
+    delta = (adv - x).flatten(1)
+    distance = {"linf": delta.abs().amax(1), "l2": delta.norm(dim=1), "l1": delta.abs().sum(1)}[norm]
     return fooled & (distance <= eps)

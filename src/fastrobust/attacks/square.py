@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020), l_inf and l_2: a score-based random search, no gradients.
+"""Square Attack (Andriushchenko et al., ECCV 2020), l_inf, l_2 and l_1: a score-based random search, no gradients.
 
 l_inf start: vertical stripes, ``x + eps * s`` with one random sign per (channel, column). Each later query
 (iteration ``i = 0, 1, ...``) changes one random square window of side ``s = round(sqrt(p * H * W))`` to
@@ -21,6 +21,10 @@ Differences from the authors' code, none of which weakens the attack: ``n_querie
 l2 (paper, Alg. 3 and appendix): a grid of squares holding the pattern eta with random signs, then per
 query the perturbation mass of two random windows moved into the first with a fresh signed eta; see
 ``_square_l2``.
+
+l_1 (the authors' code, the official standard l_1 AutoAttack's Square): the same scheme with l_1 masses, a pattern
+whose rings weigh ``1 / (k + 1)^4`` and, instead of a rescaling, the exact projection onto the l_1 ball within
+[0, 1] after every change; see ``_square_l1``.
 Only forward passes under ``torch.no_grad`` are used, so the model is never differentiated.
 """
 
@@ -32,9 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from fastrobust.attacks._engine import Execution, Rows, execution_for, forward_context
-from fastrobust.attacks.toolkit import cw_margin, draw, model_mode
+from fastrobust.attacks.toolkit import cw_margin, draw, model_mode, project_l1_box
 from fastrobust.core.contract import entry_point
 from fastrobust.core.precision import no_tf32
+from fastrobust.core.values import NORMS
 from fastrobust.errors import ConfigError
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -85,7 +90,7 @@ def _signs(shape, generator, device) -> Tensor:
     return draw(torch.randint, 0, 2, shape, generator=generator, device=device).float() * 2 - 1
 
 
-@entry_point("square", gradients=False)
+@entry_point("square", gradients=False, norms=NORMS)
 def square(
     model: nn.Module,
     x: Tensor,
@@ -115,9 +120,9 @@ def square(
         model: the classifier, images in [0, 1] -> logits ``[B, C]``.
         x: images ``[B, C, H, W]``, float in [0, 1] (pixel units).
         y: true labels ``[B]``, any integer dtype, in [0, C).
-        eps: the l_inf or l_2 budget in [0, 1] pixel units (l_inf in (0, 1], l_2 a positive radius); text such as
+        eps: the budget in [0, 1] pixel units (l_inf in (0, 1], l_2 / l_1 a positive radius); text such as
             ``"8/255"`` is parsed. Required.
-        norm: ``"linf"`` (default) or ``"l2"``.
+        norm: ``"linf"`` (default), ``"l2"`` or ``"l1"``.
         n_queries: model queries per example, the start included (default 5000, AutoAttack's).
         p_init: the initial share of pixels changed per query, in (0, 1] (default 0.8, AutoAttack's).
         eval_mode: run the model in eval mode (default True); its previous mode is restored.
@@ -146,10 +151,8 @@ def square(
     x = x.detach()
     ex = execution_for(model, precision, x.device)
     with model_mode(model, training=not eval_mode), torch.no_grad():
-        if norm == "linf":
-            x_best, queries = _square_linf(ex, x, y, eps, n_queries, p_init, generator, rescale_schedule)
-        else:
-            x_best, queries = _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale_schedule)
+        search = {"linf": _square_linf, "l2": _square_l2, "l1": _square_l1}[norm]
+        x_best, queries = search(ex, x, y, eps, n_queries, p_init, generator, rescale_schedule)
     return (x_best, queries) if return_queries else x_best
 
 
@@ -273,26 +276,35 @@ def _speculate(ex, s, rows, settle, windows, signs, shape) -> dict[str, Tensor]:
     return s
 
 
-def _rings(rows: int, cols: int, device) -> Tensor:
+RING_POWER = {"l2": 2, "l1": 4}  # ring k of the window pattern weighs 1 / (k + 1)^power (the authors' choice)
+
+
+def _unit(t: Tensor, norm: str) -> Tensor:
+    """``t`` divided by its l_2 or l_1 norm (over all of it)."""
+    size = t.norm() if norm == "l2" else t.abs().sum()
+    return t / size.clamp_min(1e-12)
+
+
+def _rings(rows: int, cols: int, device, norm: str = "l2") -> Tensor:
     """Concentric rectangles around the centre ``(rows // 2, cols // 2)``: ring ``k`` (Chebyshev distance ``k``)
-    gets ``sum_{j >= k} 1 / (j + 1)^2`` over the ``K = max(rows, cols) // 2 + 1`` rings; unit l_2 norm."""
+    gets ``sum_{j >= k} 1 / (j + 1)^q`` over the ``K = max(rows, cols) // 2 + 1`` rings (``q``: 2 for l_2, 4 for
+    l_1); unit norm in ``norm``."""
     if rows == 0 or cols == 0:
         return torch.zeros(rows, cols, device=device)
     n_rings = max(rows // 2, cols // 2) + 1
-    weights = 1.0 / torch.arange(1, n_rings + 1, device=device, dtype=torch.float32) ** 2
+    weights = 1.0 / torch.arange(1, n_rings + 1, device=device, dtype=torch.float32) ** RING_POWER[norm]
     tail = weights.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{j >= k} weights[j]
     dr = (torch.arange(rows, device=device) - rows // 2).abs()[:, None]
     dc = (torch.arange(cols, device=device) - cols // 2).abs()[None, :]
-    pattern = tail[torch.maximum(dr, dc)]
-    return pattern / pattern.norm()
+    return _unit(tail[torch.maximum(dr, dc)], norm)
 
 
-def _eta(s: int, device) -> Tensor:
-    """The paper's l_2 window pattern eta (s x s): ring pattern on the top half, the negated ring pattern on the
-    bottom half, unit l_2 norm (the caller transposes it at random)."""
+def _eta(s: int, device, norm: str = "l2") -> Tensor:
+    """The paper's window pattern eta (s x s): ring pattern on the top half, the negated ring pattern on the
+    bottom half, unit norm in ``norm`` (l_2 or l_1; the caller transposes it at random)."""
     top = s // 2
-    pattern = torch.cat([_rings(top, s, device), -_rings(s - top, s, device)], dim=0)
-    return pattern / pattern.norm().clamp_min(1e-12)
+    pattern = torch.cat([_rings(top, s, device, norm), -_rings(s - top, s, device, norm)], dim=0)
+    return _unit(pattern, norm)
 
 
 def _eta_batch(m: int, s: int, generator, device) -> Tensor:
@@ -348,7 +360,6 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
     in between, a point that became misclassified makes no more queries and changes nothing.
     """
     b, c, h, w = x.shape
-    n = min(h, w)
     x_best = _l2_init(x, eps, generator)
     margin = _margin(ex, x_best, y)
     queries = torch.ones(b, dtype=torch.long, device=x.device)
@@ -366,10 +377,7 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
         xa, xb = x[active], x_best[active]
         d = xb - xa
         p = p_selection(p_init, it - 1, n_queries, rescale)
-        s = max(round(math.sqrt(p * h * w)), 3)
-        if s % 2 == 0:
-            s += 1
-        s = min(s, n)
+        s = _odd_window_side(p, h, w)
         top1, left1 = _corners(m, h, w, s, generator, x.device)
         top2, left2 = _corners(m, h, w, s, generator, x.device)
         ones = torch.ones(m, s, s, device=x.device)
@@ -390,5 +398,102 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
         cand = torch.where(w1, new_w1, cand)
         cand = eps * cand / cand.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         candidate = (xa + cand).clamp(0, 1)
+        _keep_improvements(ex, candidate, y, active, live, x_best, margin, queries)
+    return x_best, queries
+
+
+def _odd_window_side(p: float, h: int, w: int) -> int:
+    """The side of the l_2 / l_1 windows for the share ``p``: odd, at least 3, at most the image."""
+    s = max(round(math.sqrt(p * h * w)), 3)
+    if s % 2 == 0:
+        s += 1
+    return min(s, min(h, w))
+
+
+def _l1_init(x: Tensor, generator) -> Tensor:
+    """The l_1 start's perturbation, before its projection: a centred grid of squares of side ``min(H, W) // 5`` (at
+    least 1), each the l_1 pattern eta (transposed at random, one draw per square for the batch, as the authors')
+    times a random sign per (example, channel)."""
+    b, c, h, w = x.shape
+    side = max(min(h, w) // 5, 1)
+    delta = torch.zeros_like(x)
+    offset_h, offset_w = max(h - 5 * side, 0) // 2, max(w - 5 * side, 0) // 2
+    corners = [(i, j) for i in range(offset_h, h - side + 1, side) for j in range(offset_w, w - side + 1, side)]
+    # the orientations at once (one host transfer), then each square's signs
+    flips = draw(torch.rand, len(corners), generator=generator, device=torch.device("cpu")).tolist()
+    eta = _eta(side, x.device, "l1")
+    for (i, j), flip in zip(corners, flips):
+        pattern = eta.t() if flip < 0.5 else eta
+        delta[:, :, i : i + side, j : j + side] = pattern * _signs((b, c, 1, 1), generator, x.device)
+    return delta
+
+
+def _l1_windows(n_iter: int, p_init: float, n_queries: int, rescale: bool, h: int, w: int,
+                generator) -> list[tuple[int, int, int, int, int, bool]]:
+    """Every iteration's two windows and pattern orientation, shared by the batch (as the authors' l_1 code):
+    ``(side, top1, left1, top2, left2, transposed)``, drawn at once (one host transfer for the whole run). The
+    corners are uniform over all ``H - s + 1`` positions (the reference never draws the last one)."""
+    u = draw(torch.rand, (n_iter, 5), generator=generator, device=torch.device("cpu")).tolist()
+    out = []
+    for i, (*corners, flip) in enumerate(u):
+        s = _odd_window_side(p_selection(p_init, i, n_queries, rescale), h, w)
+        top1, left1, top2, left2 = (min(int(v * (n - s + 1)), n - s) for v, n in zip(corners, (h, w, h, w)))
+        out.append((s, top1, left1, top2, left2, flip < 0.5))
+    return out
+
+
+def _square_l1(ex, x, y, eps, n_queries, p_init, generator, rescale):
+    """The l_1 Square attack, as the authors' code (the official standard l_1 AutoAttack) defines it.
+
+    Start: ``_l1_init`` projected onto the l_1 ball of radius ``eps (1 - 1e-6)`` within [0, 1]
+    (``project_l1_box``; the reference's radius, a hair inside so float rounding never leaves the ball). Each query
+    takes two windows W1, W2 of side ``s`` (odd, at least 3, from the p schedule) and the pattern eta, shared by the
+    batch, and a random sign per (example, channel). Per channel, the new content of W1 is
+    ``eta * sign + delta_W1 / ||delta_W1||_1``, rescaled to l_1 mass
+    ``C * (max(eps - ||delta||_1, 0) / C + ||delta_{W1 u W2}||_1)`` (the reference's formula, the factor C
+    included): the mass of both windows plus the unused budget moves into W1; W2 is zeroed (W1 written after).
+    The perturbation is projected onto the ball within [0, 1] again and the candidate kept only when the margin loss
+    decreases. A point stops once misclassified (looked up every ``ex.check_every`` queries, as ``_square_l2``).
+    """
+    b, c, h, w = x.shape
+    radius = eps * (1 - 1e-6)
+    x_best = (x + project_l1_box(_l1_init(x, generator), x, radius)).clamp(0, 1)
+    margin = _margin(ex, x_best, y)
+    queries = torch.ones(b, dtype=torch.long, device=x.device)
+    confirmed = torch.zeros(b, dtype=torch.bool, device=x.device)  # fooled, as the model itself in fp32 says
+    patterns: dict[tuple[int, bool], Tensor] = {}
+    windows = _l1_windows(n_queries - 1, p_init, n_queries, rescale, h, w, generator)
+    for it, (s, top1, left1, top2, left2, transposed) in enumerate(windows):
+        if it % ex.check_every == 0:
+            if ex.approximate:  # stop only on a misclassification the model confirms
+                _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
+                confirmed = margin <= 0
+            active = (margin > 0).nonzero().squeeze(1)
+            if len(active) == 0:
+                break
+        # drawn for every point, so that no point's search depends on which others are still searching
+        signs = _signs((b, c, 1, 1), generator, x.device)[active]
+        live = margin[active] > 0
+        xa = x[active]
+        d = x_best[active] - xa
+        w1 = (slice(None), slice(None), slice(top1, top1 + s), slice(left1, left1 + s))
+        w2 = (slice(None), slice(None), slice(top2, top2 + s), slice(left2, left2 + s))
+        union = torch.zeros(h, w, dtype=torch.bool, device=x.device)
+        union[w1[2:]] = True
+        union[w2[2:]] = True
+        mass_w1 = d[w1].abs().sum(dim=(2, 3), keepdim=True)  # [m, C, 1, 1]
+        mass_union = (d.abs() * union).sum(dim=(2, 3), keepdim=True)
+        mass_image = d.abs().flatten(1).sum(1).view(-1, 1, 1, 1)
+        key = (s, transposed)
+        if key not in patterns:
+            eta = _eta(s, x.device, "l1")
+            patterns[key] = eta.t() if transposed else eta
+        new_w1 = patterns[key] * signs + d[w1] / (mass_w1 + 1e-12)
+        new_w1 = new_w1 / (new_w1.abs().sum(dim=(2, 3), keepdim=True) + 1e-12) * (
+            (eps - mass_image).clamp_min(0) / c + mass_union) * c
+        cand = d.clone()
+        cand[w2] = 0
+        cand[w1] = new_w1
+        candidate = (xa + project_l1_box(cand, xa, radius)).clamp(0, 1)
         _keep_improvements(ex, candidate, y, active, live, x_best, margin, queries)
     return x_best, queries

@@ -53,8 +53,9 @@ def register(subparsers) -> None:
                              "run folder (linf) the eps it was trained and tested at, else the CIFAR-10 budgets of "
                              "AutoAttack and RobustBench, 8/255 for linf, 0.5 for l2 and 12 for l1")
     parser.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"),
-                        help="threat model (default linf); l1 runs with apgd-ce, apgd-t, autoattack-fast (the official "
-                             "standard version's l1 APGD) and autoattack-rand")
+                        help="threat model (default linf); l1 runs with apgd-ce, apgd-t, fab-t, square, autoattack "
+                             "(the official standard l1 AutoAttack), autoattack-fast (its APGD components) and "
+                             "autoattack-rand")
     parser.add_argument("--test-subset", default=None,
                         help="evaluate N test points: class-balanced, or with --protocol the first N of the test "
                              "order")

@@ -52,8 +52,9 @@ def parse_number(value: str | float | int, *, name: str = "value") -> float:
 
 
 NORMS = ("linf", "l2", "l1")  # the threat models: l_inf, l_2 and l_1 balls in [0, 1] pixel units
-GRADIENT_NORMS = ("linf", "l2")  # what an attack supports unless it says more (l_1: APGD and AutoAttack's APGD)
-L1_ATTACKS = "apgd, apgd_ce, apgd_dlr, apgd_t and autoattack's APGD components (evaluate: apgd-ce, apgd-t, autoattack-fast)"
+GRADIENT_NORMS = ("linf", "l2")  # what an attack supports unless it says more (l_1: APGD, FAB, Square, AutoAttack)
+L1_ATTACKS = ("apgd, apgd_ce, apgd_dlr, apgd_t, fab_t, fab_untargeted, square and autoattack (evaluate: apgd-ce, "
+              "apgd-t, fab-t, square, autoattack, autoattack-fast, autoattack-rand)")
 
 
 def check_norm(norm: str, *, allowed: tuple[str, ...] = NORMS, where: str = "") -> str:

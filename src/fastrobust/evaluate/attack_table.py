@@ -195,12 +195,14 @@ TABLE: dict[str, NamedAttack] = {
     "apgd-ce": NamedAttack(lambda eps: dict(DEFAULTS["apgd-ce"]), _calling(apgd_ce), l1=True),
     "apgd-t": NamedAttack(lambda eps: dict(DEFAULTS["apgd-t"]), _calling(apgd_t), used=_targeted_used("apgd-t"),
                           l1=True),
-    "fab-t": NamedAttack(lambda eps: dict(DEFAULTS["fab-t"]), _calling(fab_t), used=_targeted_used("fab-t")),
+    "fab-t": NamedAttack(lambda eps: dict(DEFAULTS["fab-t"]), _calling(fab_t), used=_targeted_used("fab-t"),
+                         l1=True),
     "square": NamedAttack(lambda eps: dict(DEFAULTS["square"]), _square, summary=_square_summary,
-                          gradient_free=True, queries=lambda n: {"n_queries": n}),
+                          gradient_free=True, queries=lambda n: {"n_queries": n}, l1=True),
+    # l_1: the official standard l_1 version (APGD with 5 restarts, 5 targets, large-eps start; FAB-T; Square)
     "autoattack": NamedAttack(_autoattack_defaults("standard"), _autoattack, used=_autoattack_used,
                               summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION, components=True,
-                              queries=lambda n: {"square": {"n_queries": n}}),
+                              queries=lambda n: {"square": {"n_queries": n}}, l1=True, for_norm=_autoattack_for_norm),
     # l_1: the standard version's APGD-CE and APGD-T (5 restarts, 5 targets, large-eps start)
     "autoattack-fast": NamedAttack(_autoattack_defaults("fast"), _autoattack, used=_autoattack_used,
                                    summary=_autoattack_summary, extra_settings=AUTOATTACK_EXECUTION,
