@@ -65,7 +65,7 @@ def error_bar(values: list[float], counts: list[int | None]) -> tuple[float, flo
     if not n:
         return mean, 0.0, 0.0
     low, high = wilson_interval(values[0], n)
-    return mean, mean - low * 100, high * 100 - mean
+    return mean, max(0.0, mean - low * 100), max(0.0, high * 100 - mean)  # rounding at 0 or 1: never below 0
 
 
 INTERVAL_CAPTION = ("Intervals: a single run's accuracy is followed by its 95 % Wilson score interval [low, high] "

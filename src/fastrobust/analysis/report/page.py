@@ -135,10 +135,10 @@ def _accuracy_section(groups: Groups, runs: list, out: Path) -> Section:
         caption += (" †: AutoAttack-fast (APGD-CE + APGD-T only, see the settings above), an upper bound of the "
                     "standard AutoAttack accuracy.")
     section = Section("Accuracy and cost (the paper's Table 2 layout)").table(header, rows).text(caption)
-    kinds = {figures.robust_metric(g) for _, g in groups} - {None}
-    drawn = " / ".join(tables.METRIC_NAMES[k] for k in figures.ROBUST_ORDER if k in kinds)
-    section.figure(f"Robust accuracy ({drawn}: AutoAttack where run, else the strongest attack run) against "
-                   "training time and against the declared cost per training step; one point per "
+    kinds = [k for k in figures.ROBUST_ORDER if k in {figures.robust_metric(g) for _, g in groups}]
+    drawn = (f"{tables.METRIC_NAMES[kinds[0]]} accuracy" if len(kinds) == 1 else
+             f"Robust accuracy ({', else '.join(tables.METRIC_NAMES[k] for k in kinds)}: the strongest attack run)")
+    section.figure(f"{drawn} against training time and against the declared cost per training step; one point per "
                    f"{'method' if len(groups) == len({r.method for r in runs}) else 'group'} (several seeds: mean, "
                    "error bars ± std over the seeds; one run: its 95 % Wilson interval)",
                    figures.figure_cost(groups, out))
@@ -221,8 +221,8 @@ def _curves_section(groups: Groups, out: Path) -> Section | None:
 
 def _runs_section(runs: list, missing: list[dict[str, Any]]) -> Section:
     section = Section("Every run").table(*tables.every_run(runs))
-    evaluations, superseded = tables.every_evaluation(runs)
-    if evaluations[1]:
+    evaluations, superseded, more = tables.every_evaluation(runs)
+    if more:  # otherwise every evaluation is in the tables above already
         section.text("Every evaluation:").table(*evaluations).text(tables.every_evaluation_caption(superseded))
     if missing:
         section.text("Without a result:")

@@ -179,12 +179,23 @@ def every_run(runs: list[Run]) -> Table:
     return header, rows
 
 
-def every_evaluation(runs: list[Run]) -> tuple[Table, int]:
+def _in_tables(run: Run) -> set[tuple[int, str]]:
+    """(record id, attack) of the evaluations the run's table cells come from."""
+    shown = set()
+    for metric in ACCURACY_METRICS:
+        found = run.source(metric)
+        if found is not None and found[2] is not None:
+            shown.add((id(found[2]), run.autoattack_version() if metric == "autoattack" else metric))
+    return shown
+
+
+def every_evaluation(runs: list[Run]) -> tuple[Table, int, bool]:
     """Every evaluation the run folders hold: per run, evaluated weights, attack, eps and point set, the latest
-    record (accuracy with its Wilson interval, when written, which file); and how many older records of the same
-    (weights, attack, eps, points) were superseded."""
+    record (accuracy with its Wilson interval, when written, which file); how many older records of the same
+    (weights, attack, eps, points) were superseded; and whether the table shows more than the tables above (other
+    weights, eps or point sets, or superseded records)."""
     header = ["Run", "Weights", "Attack", "eps", "Points", "Accuracy (%)", "Written", "Record"]
-    rows, superseded = [], 0
+    rows, superseded, more = [], 0, False
     for run in runs:
         latest: dict[tuple, tuple[dict, str]] = {}
         for record in run.evaluations:
@@ -196,11 +207,12 @@ def every_evaluation(runs: list[Run]) -> tuple[Table, int]:
                 latest[key] = (record, attack)
         for (weights, attack, eps, points), (record, _) in latest.items():
             n = record.get("n")
+            more = more or (id(record), attack) not in _in_tables(run)
             rows.append([run.name, str(weights), attack, key_text(eps) if record.get("norm", "linf") == "linf"
                          else f"{eps:g} ({record.get('norm')})", points,
                          accuracy_cell([attack_acc(record, attack)], [n if isinstance(n, int) else None]),
                          str(record.get("written", "-"))[:19].replace("T", " "), str(record.get("file", "-"))])
-    return (header, rows), superseded
+    return (header, rows), superseded, more or superseded > 0
 
 
 def every_evaluation_caption(superseded: int) -> str:
