@@ -138,7 +138,7 @@ def test_weight_averaging_says_which_weights_best_holds_and_draws_both_curves(tm
     md = (tmp_path / "r" / "report.md").read_text()
     row = md_row(section(md, "Weight averaging"), "speedrun")
     assert row == ["speedrun", "0.999", "1", "averaged and trained weights",
-                   "the averaged weights of epoch 2 (validation val_robust_acc 31.00 %)"]
+                   "the averaged weights of epoch 2 (validation robust accuracy 31.00 %)"]
     assert "weight_averaging.png" in {Path(p).name for p in written["figures"]}
     assert drawn["weight_averaging.png"][1:] == (0, 1)
 

@@ -141,8 +141,9 @@ def best_weights_text(run: Run) -> str:
     which = run.result.get("best_weights", "model")
     weights = "the averaged weights" if which == "averaged" else "the trained weights"
     value = number(run.result.get("best_val_value"))
-    by = run.result.get("best_selected_by", "val_robust_acc")
-    chosen = f" (validation {by} {value * 100:.2f} %)" if value is not None else ""
+    by = str(run.result.get("best_selected_by", "val_robust_acc"))
+    what = {"val_robust_acc": "validation robust accuracy", "val_clean_acc": "validation clean accuracy"}.get(by, by)
+    chosen = f" ({what} {value * 100:.2f} %)" if value is not None else ""
     return f"{weights} of epoch {run.result.get('best_epoch', '?')}{chosen}"
 
 

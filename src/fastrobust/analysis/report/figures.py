@@ -94,9 +94,10 @@ def figure_cost(groups: Groups, out: Path) -> Path | None:
     left.set_xlabel("training time (min)"), left.set_ylabel(what)
     right.set_xlabel("declared cost (forward+backward passes per step)"), right.set_ylabel(what)
     left.set_title("against training time", fontsize=10), right.set_title("against declared passes", fontsize=10)
-    for ax in (left, right):
+    for ax in (left, right):  # from 0, with room right of the costliest point
         ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, max(ax.get_xlim()[1], 1.12 * max((line.get_xdata()[0] for line in ax.lines), default=0)))
+        ax.set_ylim(bottom=0)
     _legend_below(fig, [left, right])
     return _save(fig, out / "robust_vs_cost.png")
 
