@@ -15,7 +15,7 @@ from fastrobust.analysis.report.describe import JPEG_NOTE, averaging_rows, data_
 from fastrobust.analysis.report.groups import Groups, group_runs
 from fastrobust.analysis.report.hessian import hessian_curves, hessian_final, hessian_final_table, hessian_table
 from fastrobust.analysis.report.intervals import INTERVAL_CAPTION
-from fastrobust.analysis.report.runs import collect_runs
+from fastrobust.analysis.report.runs import Run, collect_runs
 from fastrobust.analysis.report.text import plural, short_key
 from fastrobust.errors import FastRobustError
 
@@ -112,7 +112,7 @@ def _html(title: str, sections: list[Section]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- sections
-def _what_was_run(runs: list, notes: list[str]) -> tuple[Section, str]:
+def _what_was_run(runs: list[Run], notes: list[str]) -> Section:
     described, jpeg = describe_runs(runs)
     lines = described + notes
     section = Section("What was run")
@@ -121,10 +121,10 @@ def _what_was_run(runs: list, notes: list[str]) -> tuple[Section, str]:
     section.blocks.append(("list", (markdown, markup)))
     if jpeg:
         section.text(f"**Note.** {JPEG_NOTE}")
-    return section, markdown
+    return section
 
 
-def _accuracy_section(groups: Groups, runs: list, out: Path) -> Section:
+def _accuracy_section(groups: Groups, runs: list[Run], out: Path) -> Section:
     header, rows = tables.table2(groups)
     caption = (f"{INTERVAL_CAPTION} Accuracies in % on the test points; time = training time (train_seconds: "
                "training steps only, without validation); Time / TRADES relative to TRADES runs of the same dataset, "
@@ -146,7 +146,7 @@ def _accuracy_section(groups: Groups, runs: list, out: Path) -> Section:
     return section
 
 
-def _averaging_section(runs: list, out: Path) -> Section | None:
+def _averaging_section(runs: list[Run], out: Path) -> Section | None:
     header, rows = averaging_rows(runs)
     if not rows:
         return None
@@ -157,7 +157,7 @@ def _averaging_section(runs: list, out: Path) -> Section | None:
                           "(dotted: the epoch of best)", figures.figure_averaging(runs, out))
 
 
-def _stability_section(groups: Groups, runs: list, out: Path) -> Section | None:
+def _stability_section(groups: Groups, runs: list[Run], out: Path) -> Section | None:
     names = tables.column_names(runs)
     section = Section("Stability over seeds (paper Figs. 1, 2, 5)")
     for metric in ("pgd20", "pgd100", "autoattack"):
@@ -169,7 +169,7 @@ def _stability_section(groups: Groups, runs: list, out: Path) -> Section | None:
     return section if section.blocks else None
 
 
-def _smoothness_section(groups: Groups, runs: list, out: Path) -> Section | None:
+def _smoothness_section(groups: Groups, runs: list[Run], out: Path) -> Section | None:
     curves, finals = hessian_curves(groups), hessian_final(groups)
     if not (curves or finals):
         return None
@@ -198,7 +198,7 @@ def _smoothness_section(groups: Groups, runs: list, out: Path) -> Section | None
                           figures.figure_hessian_final(finals, out))
 
 
-def _sensitivity_section(runs: list) -> Section | None:
+def _sensitivity_section(runs: list[Run]) -> Section | None:
     found = tables.sensitivity(runs)
     if not found:
         return None
@@ -219,7 +219,7 @@ def _curves_section(groups: Groups, out: Path) -> Section | None:
     return section if section.blocks else None
 
 
-def _runs_section(runs: list, missing: list[dict[str, Any]]) -> Section:
+def _runs_section(runs: list[Run], missing: list[dict[str, Any]]) -> Section:
     section = Section("Every run").table(*tables.every_run(runs))
     evaluations, superseded, more = tables.every_evaluation(runs)
     if more:  # otherwise every evaluation is in the tables above already
@@ -261,7 +261,7 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
     roots = data_roots(runs)
     notes = [portable_path(note, roots) for note in notes or []]
     missing = [dict(m, reason=portable_path(str(m["reason"]), roots)) for m in missing]
-    intro, _ = _what_was_run(runs, notes)
+    intro = _what_was_run(runs, notes)
     sections = [intro, _accuracy_section(groups, runs, out), _averaging_section(runs, out),
                 _stability_section(groups, runs, out), _smoothness_section(groups, runs, out),
                 _sensitivity_section(runs), _curves_section(groups, out), _runs_section(runs, missing)]
