@@ -97,7 +97,7 @@ def figure_cost(groups: Groups, out: Path) -> Path | None:
     for ax in (left, right):  # from 0, with room right of the costliest point
         ax.grid(alpha=0.3)
         ax.set_xlim(0, max(ax.get_xlim()[1], 1.12 * max((line.get_xdata()[0] for line in ax.lines), default=0)))
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=-0.03 * ax.get_ylim()[1])  # a point at 0 % shows whole
     _legend_below(fig, [left, right])
     return _save(fig, out / "robust_vs_cost.png")
 
