@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_cifar10_archive
+from test_report import md_row, write_run
 from torch import nn
 
 import fastrobust.evaluate
 import fastrobust.evaluate.sanity
-from fastrobust.models.checkpoint import save_model
+from fastrobust.analysis.report import build_report, wilson_interval
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.evaluate import evaluate
 from fastrobust.models import create
-
-from helpers import write_cifar10_archive
+from fastrobust.models.checkpoint import save_model
+from fastrobust.train.evaluations import read_evaluations
 
 
 @pytest.fixture(scope="module")
@@ -487,3 +489,34 @@ def test_a_verdict_status_reaches_the_caller_through_the_nproc_launcher(monkeypa
     assert dist_lib.relaunch(2, ["eval", "--checkpoint", "m.safetensors"]) == 1
     monkeypatch.delenv(dist_lib.EXIT_STATUS_ENV, raising=False)
     assert dist_lib.exit_status(3, dist_lib.Context()) == 3  # one process: the status itself
+
+
+# ----------------------------------------------------------------------------- the record kept in the run folder
+def _run_folder(root: Path, model: Path) -> Path:
+    write_run(root, "run", "fast_at", 0, 0.82, 0.53, 60.0)
+    run = root / "run"
+    (run / "best.safetensors").write_bytes(model.read_bytes())
+    return run
+
+
+def test_eval_of_a_run_keeps_each_record_in_the_run_and_the_report_fills_autoattack(cli, model_file, tmp_path):
+    run = _run_folder(tmp_path / "runs", model_file)
+    out = tmp_path / "extra.jsonl"
+    code, _, err, _ = cli(run, "--attack", "pgd100", "--out", out, dataset=False)
+    assert code == 0, err
+    code, _, err, _ = cli(run / "best.safetensors", "--attack", "autoattack-fast", "--queries", "20", dataset=False)
+    assert code == 0, err
+    records, unreadable = read_evaluations(run)
+    assert unreadable == [] and len(records) == 2  # the second did not replace the first
+    assert [sorted(r["attacks"]) for r in records] == [["clean", "pgd100"], ["autoattack-fast", "clean"]]
+    assert {r["weights"] for r in records} == {"best.safetensors"}
+    assert records[0]["points"] == {"split": "test", "selection": "balanced_head", "count": None}
+    assert len(out.read_text().splitlines()) == 1  # --out still gets its line
+    build_report(tmp_path / "runs", tmp_path / "report", html_page=False)
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = md_row(md, "fast_at")
+    n = records[1]["n"]
+    aa = records[1]["attacks"]["autoattack-fast"]["robust_acc"]
+    low, high = wilson_interval(aa, n)
+    assert row[4] == f"{aa * 100:.2f} [{low * 100:.2f}, {high * 100:.2f}] †"  # not "-"
+    assert md_row(md, "Method")[4] == f"AutoAttack (n={n})"  # the column names its points

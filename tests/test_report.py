@@ -81,12 +81,18 @@ def test_table2_numbers(records, tmp_path):
     written = build_report(records, out)
     md = (out / "report.md").read_text()
     header = md_row(md, "Method")
-    assert header == ["Method", "Clean", "PGD-20", "PGD-100", "AutoAttack", "Time (min)", "Time / TRADES", "Runs", "Declared passes"]
-    assert md_row(md, "trades") == ["trades", "82.00", "53.00", "52.50", "49.00", "10.0", "1.00x", "1", "12.33"]
-    assert md_row(md, "natural") == ["natural", "95.00", "0.00", "-", "-", "1.0", "0.10x", "1", "-"]
+    assert header == ["Method", "Clean", "PGD-20", "PGD-100", "AutoAttack", "Time (min)", "Time / TRADES", "Seeds",
+                      "Declared passes"]
+    # one run: each accuracy with its 95 % Wilson interval on its 10,000 points (scipy's binomtest(...).
+    # proportion_ci(method="wilson") gives the same bounds)
+    assert md_row(md, "trades") == ["trades", "82.00 [81.23, 82.74]", "53.00 [52.02, 53.98]", "52.50 [51.52, 53.48]",
+                                    "49.00 [48.02, 49.98]", "10.0", "1.00x", "1", "12.33"]
+    assert md_row(md, "natural") == ["natural", "95.00 [94.56, 95.41]", "0.00 [0.00, 0.04]", "-", "-", "1.0", "0.10x",
+                                     "1", "-"]
     # three seeds: mean ± sample std; 100, 110, 90 s -> 1.67 min, 1.67/10 = 0.17x
     assert md_row(md, "fast_at") == ["fast_at", "86.00 ± 2.00", "31.00 ± 24.27", "-", "-", "1.7 ± 0.2", "0.17x", "3", "-"]
-    assert md_row(md, "backward_smoothing (gamma=0.5)")[1:4] == ["80.00", "50.00", "49.00"]
+    assert md_row(md, "backward_smoothing (gamma=0.5)")[1:4] == ["80.00 [79.20, 80.77]", "50.00 [49.02, 50.98]",
+                                                                 "49.00 [48.02, 49.98]"]
     assert md_row(md, "backward_smoothing (gamma=1)")[5:7] == ["3.5", "0.35x"]
     # table rows in the paper's method order
     order = [line.split("|")[1].strip() for line in md.splitlines() if re.match(r"\| (natural|trades|fast_at|backward)", line)]
@@ -104,8 +110,9 @@ def test_stability_sensitivity_and_provenance(records, tmp_path):
     assert md_row(stab, "fast_at") == ["fast_at", "3", "31.00", "24.27", "44.00", "46.00", "3.00"]
     sens = md.split("## Sensitivity")[1].split("## ")[0]
     assert "backward_smoothing, gamma" in sens
-    assert md_row(sens, "0.5") == ["0.5", "1", "80.00", "50.00", "49.00", "-"]
-    assert md_row(sens, "1") == ["1", "1", "80.00", "52.00", "51.00", "-"]
+    assert md_row(sens, "0.5") == ["0.5", "1", "80.00 [79.20, 80.77]", "50.00 [49.02, 50.98]", "49.00 [48.02, 49.98]",
+                                   "-"]
+    assert md_row(sens, "1") == ["1", "1", "80.00 [79.20, 80.77]", "52.00 [51.02, 52.98]", "51.00 [50.02, 51.98]", "-"]
     intro = md.split("## What was run")[1].split("## ")[0]
     for text in ("cifar10", "resnet18", "3 epochs", "piecewise", "cpu (x86_64, 2 threads)", "torch 2.13.0", "JPEG re-encoding"):
         assert text in intro, text
@@ -115,7 +122,8 @@ def test_figures_are_valid_pngs_and_html_is_self_contained(records, tmp_path):
     out = tmp_path / "report"
     written = build_report(records, out)
     names = {Path(p).name for p in written["figures"]}
-    assert {"accuracy.png", "stability.png", "training_curves.png", "robust_vs_eps.png"} <= names
+    assert {"robust_vs_cost.png", "accuracy.png", "stability.png", "training_curves.png", "robust_vs_eps.png"} <= names
+    assert Path(written["figures"][0]).name == "robust_vs_cost.png"  # the first figure of the report
     for path in written["figures"]:
         data = Path(path).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000
@@ -130,7 +138,8 @@ def test_missing_columns_show_dash_and_fast_autoattack_is_marked(tmp_path):
     write_run(root, "bs", "backward_smoothing", 0, 0.7, 0.4, 30.0, aa=0.35, aa_name="autoattack-fast")
     build_report(root, tmp_path / "r", html_page=False)
     md = (tmp_path / "r" / "report.md").read_text()
-    assert md_row(md, "backward_smoothing") == ["backward_smoothing", "70.00", "40.00", "-", "35.00 †", "0.50", "-", "1", "-"]
+    assert md_row(md, "backward_smoothing") == ["backward_smoothing", "70.00 [69.09, 70.89]", "40.00 [39.04, 40.96]",
+                                                "-", "35.00 [34.07, 35.94] †", "0.50", "-", "1", "-"]
     assert "AutoAttack-fast" in md and not (tmp_path / "r" / "report.html").exists()
 
 

@@ -28,7 +28,8 @@ def test_columns_on_a_class_balanced_subset_are_labelled_with_their_points(tmp_p
     md = (tmp_path / "r" / "report.md").read_text()
     assert md_row(md, "Method")[:5] == ["Method", "Clean (n=10000)", "PGD-20 (n=10000)", "PGD-100 (n=300)",
                                         "AutoAttack (n=300)"]
-    assert md_row(md, "natural")[1:5] == ["36.40", "3.40", "3.67", "2.33"]
+    assert md_row(md, "natural")[1:5] == ["36.40 [35.46, 37.35]", "3.40 [3.06, 3.77]", "3.67 [2.06, 6.45]",
+                                          "2.33 [1.13, 4.73]"]  # Wilson intervals: n = 10,000 and 300
     assert md_row(md, "Run")[3:7] == ["Clean (n=10000)", "PGD-20 (n=10000)", "PGD-100 (n=300)", "AutoAttack (n=300)"]
     assert ("Clean and PGD-20 on 10000 test points; PGD-100 and AutoAttack on 300 of 10000, class-balanced test "
             "points") in md

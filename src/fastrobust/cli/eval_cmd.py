@@ -82,7 +82,8 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the record as one JSON object on stdout")
     parser.add_argument("--out", default=None,
                         help="append the record as one JSON line to this file (new, or a JSON-lines file; checked "
-                             "before any attack runs)")
+                             "before any attack runs); a fastrobust run's record is also kept in its folder, "
+                             "RUN/evaluations/, for `fastrobust report`")
     parser.add_argument("--state", default=None,
                         help="resumable state file (JSON, created when missing): rerun the same command to resume")
     parser.add_argument("--seed", default="0", help="seed of the attacks' random starts (default 0)")
@@ -314,6 +315,8 @@ def _run(args: argparse.Namespace) -> int:
         from fastrobust.core.files import atomic_write_json  # startup
 
         atomic_write_json(args.model_info, record["model_info"])
+    if run_folder is not None:
+        _save_in_run(run_folder, record, model_file, test_subset, args)
     if args.out:
         out = Path(args.out)
         try:
@@ -330,6 +333,28 @@ def _run(args: argparse.Namespace) -> int:
               f"{SANITY_FAILED})", file=sys.stderr)
         return dist_lib.exit_status(SANITY_FAILED, ctx)  # under --nproc: through the launcher, not torchrun
     return 0
+
+
+def _save_in_run(run_folder: Path, record: dict, model_file: str, test_subset: int | None,
+                 args: argparse.Namespace) -> None:
+    """Keep the record in the run folder it evaluated (``RUN/evaluations/``, a new file each time, see
+    ``fastrobust.train.evaluations``), so that ``fastrobust report`` shows it; said on stderr."""
+    from fastrobust.train.evaluations import save_evaluation  # startup
+
+    try:
+        weights = Path(model_file).resolve().relative_to(run_folder.resolve()).as_posix()
+    except ValueError:
+        weights = Path(model_file).name
+    selection = "official_head" if args.protocol else "balanced_head"
+    points = {"split": "test", "selection": selection, "count": record.get("n") if args.protocol else test_subset}
+    try:
+        path = save_evaluation(run_folder, record, weights=weights, points=points)
+    except OSError as error:
+        print(f"fastrobust eval: warning: the record could not be kept in run {run_folder} "
+              f"({error.strerror or error}); it is printed above", file=sys.stderr)
+        return
+    if not args.quiet:
+        print(f"fastrobust eval: record kept in {path} (fastrobust report {run_folder} shows it)", file=sys.stderr)
 
 
 def _rounded(values) -> list:

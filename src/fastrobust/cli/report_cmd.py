@@ -8,10 +8,11 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report", help="tables and figures from the runs under a folder (e.g. a sweep)",
-        description="Reads every result.json (with metrics.jsonl and eval.json) under DIR and writes report.md, "
-        "PNG figures and report.html (figures embedded) to --out (default DIR/report).",
+        description="Reads every result.json (with metrics.jsonl, a sweep's eval.json and the evaluations/ records "
+        "of fastrobust eval) under DIR and writes report.md, PNG figures and report.html (figures embedded) to --out "
+        "(default DIR/report).",
     )
-    parser.add_argument("dir", help="a sweep folder or any folder holding run folders")
+    parser.add_argument("dir", help="a run folder, a sweep folder or any folder holding run folders")
     parser.add_argument("--out", default=None, help="report folder (default: DIR/report)")
     parser.add_argument("--title", default=None, help="report title")
     parser.add_argument("--note", action="append", default=[], help="a line added to 'What was run' (repeatable)")
@@ -21,10 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastrobust.analysis.report import build_report  # startup
+    from fastrobust.analysis.report.text import plural  # startup
 
     written = build_report(args.dir, args.out, title=args.title, notes=args.note, html_page=not args.no_html)
-    print(f"report of {written['runs']} runs: {written['markdown']}"
+    print(f"report of {plural(written['runs'], 'run')}: {written['markdown']}"
           + (f", {written['html']}" if "html" in written else "")
-          + (f"; {len(written['figures'])} figures" if written["figures"] else "")
-          + (f"; {len(written['missing'])} run folders without a result" if written["missing"] else ""))
+          + (f"; {plural(len(written['figures']), 'figure')}" if written["figures"] else "")
+          + (f"; {plural(len(written['missing']), 'run folder')} without a result" if written["missing"] else ""))
     return 0

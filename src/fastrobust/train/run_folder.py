@@ -28,9 +28,10 @@ from fastrobust.evaluate import default_step
 from fastrobust.train import state
 
 # what a training run writes into its folder (eval.json, hessian.json and eval-state/ come from sweeps'
-# evaluations of the run's weights, so they go with them)
+# evaluations of the run's weights, evaluations/ from `fastrobust eval`, so they go with them)
 RUN_FILES = ("config.json", "result.json", "metrics.jsonl", "best.safetensors", "last.safetensors",
-             "averaged.safetensors", "checkpoints", "epochs", "eval.json", "hessian.json", "eval-state")
+             "averaged.safetensors", "checkpoints", "epochs", "eval.json", "hessian.json", "eval-state",
+             "evaluations")
 
 FRESH, RESTART = "fresh", "restart"
 
