@@ -8,6 +8,7 @@ the two real ones compile a tiny model in a subprocess with a private ``TORCHIND
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,7 @@ OUTPUT_CODE = textwrap.dedent('''\
 def write_cache(folder: Path) -> dict[str, Path]:
     """A cache folder with one complete file of each kind and the same files cut short."""
     elf = Path(sys.executable).resolve().read_bytes()  # a complete ELF file (a .so is ELF too)
+    entry = pickle.dumps({"graph": list(range(100))}, protocol=4)  # a compiled-graph entry is one pickle
     files = {
         "module": ("ab/complete.py", OUTPUT_CODE.encode()),
         "helper": ("ab/helper.py", b"x = 1\n"),  # not inductor output code: parsing is all that is checked
@@ -144,6 +146,8 @@ def write_cache(folder: Path) -> dict[str, Path]:
         "module_cut_mid_line": ("ef/cut_mid.py", OUTPUT_CODE.encode()[:OUTPUT_CODE.index("(args)")]),
         "library_cut": ("gh/cut.so", elf[: len(elf) // 2]),
         "library_empty": ("gh/empty.so", b""),
+        "graph": ("fxgraph/ij/fij/complete", entry),
+        "graph_cut": ("aotautograd/akl/cut", entry[:-20]),
     }
     paths = {}
     for name, (relative, data) in files.items():
@@ -157,7 +161,7 @@ def write_cache(folder: Path) -> dict[str, Path]:
 def test_damaged_cache_files_are_the_cut_ones(tmp_path):
     paths = write_cache(tmp_path)
     damaged = {name for name, path in paths.items() if path in damaged_cache_files(tmp_path)}
-    assert damaged == {"module_cut_at_a_line", "module_cut_mid_line", "library_cut", "library_empty"}
+    assert damaged == {"module_cut_at_a_line", "module_cut_mid_line", "library_cut", "library_empty", "graph_cut"}
     assert damaged_cache_files(tmp_path / "missing") == []
 
 
@@ -169,8 +173,8 @@ def test_the_compile_door_removes_damaged_files_and_says_so_in_one_line(tmp_path
     lines: list[str] = []
     model = compile_model(torch.nn.Linear(2, 2), lines.append)
     assert hasattr(model, "_orig_mod")
-    assert len(lines) == 1 and str(tmp_path) in lines[0] and "removed 4 damaged file(s)" in lines[0]
-    assert {name for name, path in paths.items() if path.exists()} == {"module", "helper", "library"}
+    assert len(lines) == 1 and str(tmp_path) in lines[0] and "removed 5 damaged file(s)" in lines[0]
+    assert {name for name, path in paths.items() if path.exists()} == {"module", "helper", "library", "graph"}
     assert repair_cache(tmp_path, lines.append) == [] and len(lines) == 1  # nothing left to say
 
 

@@ -4,8 +4,8 @@ torch.compile (inductor) keeps what it builds in a cache folder shared by every 
 (``TORCHINDUCTOR_CACHE_DIR``, by default ``torchinductor_USER`` in the temporary folder) and trusts a file it
 finds there: a generated Python module or a compiled library cut short (a build killed half-way, a full disk)
 makes every later start that needs it fail inside torch's build. Before compiling, the door removes such files
-(a generated ``.py`` that does not parse or lost its end, an ELF ``.so`` shorter than its own header says), which torch then
-rebuilds, and says so in one line.
+(a generated ``.py`` that does not parse or lost its end, an ELF ``.so`` shorter than its own header says, a
+compiled-graph entry without its last byte), which torch then rebuilds, and says so in one line.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ _ELF_MAGIC = b"\x7fELF"
 _OUTPUT_CODE_FIRST_LINE = b"# AOT ID:"  # inductor's generated wrapper modules start so ...
 _OUTPUT_CODE_LAST_CALL = b"compiled_module_main("  # ... and end with their benchmark stanza calling this
 _TAIL_BYTES = 1024
+_PICKLED_ENTRIES = ("fxgraph", "aotautograd")  # torch's compiled-graph entries, each one pickle
+_PICKLE_PROTO, _PICKLE_STOP = 0x80, b"."  # a pickle (protocol 2+) starts with PROTO and ends with STOP
 _ELF64_HEADER = 64  # bytes; e_shoff at 0x28 (8 bytes), e_shentsize and e_shnum at 0x3A and 0x3C (2 bytes each)
 
 
@@ -43,8 +45,9 @@ def inductor_cache_dir() -> Path:
 
 def damaged_cache_files(folder: Path) -> list[Path]:
     """The files of an inductor cache ``folder`` that are cut short: generated Python modules that do not parse
-    or lack the end inductor writes, and ELF shared libraries shorter than their header says (or empty). Other files (torch's pickled graph
-    entries) are left to torch, which checks them itself and rebuilds a bad one.
+    or lack the end inductor writes, ELF shared libraries shorter than their header says (or empty), and
+    compiled-graph entries (pickles) that lack the pickle's last byte. Nothing is unpickled: torch rebuilds a
+    bad entry itself, but prints a traceback for each one it meets.
 
     Args:
         folder: the cache folder (a missing folder has no damaged files).
@@ -56,6 +59,8 @@ def damaged_cache_files(folder: Path) -> list[Path]:
         return []
     damaged = [path for path in folder.rglob("*.py") if not _complete_module(path)]
     damaged += [path for path in folder.rglob("*.so") if _truncated_library(path)]
+    damaged += [path for entries in _PICKLED_ENTRIES for path in (folder / entries).rglob("*")
+                if path.is_file() and _truncated_pickle(path)]
     return sorted(damaged)
 
 
@@ -99,6 +104,18 @@ def _complete_module(path: Path) -> bool:
     except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
         return False
     return not source.startswith(_OUTPUT_CODE_FIRST_LINE) or _OUTPUT_CODE_LAST_CALL in source[-_TAIL_BYTES:]
+
+
+def _truncated_pickle(path: Path) -> bool:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            first = handle.read(1)
+            handle.seek(max(size - 1, 0))
+            last = handle.read(1)
+    except OSError:
+        return False
+    return size == 0 or (first[0] == _PICKLE_PROTO and last != _PICKLE_STOP)
 
 
 def _truncated_library(path: Path) -> bool:
