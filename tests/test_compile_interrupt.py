@@ -7,6 +7,7 @@ the two real ones compile a tiny model in a subprocess with a private ``TORCHIND
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -22,12 +23,13 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import CppCompileError
 
+from fastrobust.analysis.sweep import run_sweep
 from fastrobust.cli import main
 from fastrobust.core.compiling import compile_model, damaged_cache_files, inductor_cache_dir, repair_cache
 from fastrobust.errors import is_interrupt
 from fastrobust.train import Trainer
 
-from helpers import write_image_folder
+from helpers import synthetic_dataset, write_image_folder
 
 EXE = shutil.which("fastrobust") or str(Path(sys.executable).with_name("fastrobust"))
 INTERRUPTED = "fastrobust train: interrupted"
@@ -117,6 +119,22 @@ def test_cli_still_reports_a_real_compile_failure(image_folder, tmp_path, monkey
     with pytest.raises(BackendCompilerFailed):
         main(train_argv(image_folder, tmp_path / "run"))
 
+
+
+def test_a_sweep_run_interrupted_inside_the_compile_is_interrupted_not_failed(tmp_path, monkeypatch, one_thread):
+    def interrupted_compile(self, x, y):
+        raise wrapped_in_compile(KeyboardInterrupt())
+
+    spec = {"base": {"model": "tinycnn", "model_params": {"width": 4}, "dataset": "synthetic", "epochs": 1,
+                     "batch_size": 64, "device": "cpu", "compile": True},
+            "grid": {"method": ["natural"], "seed": [0, 1]}}
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(Trainer, "_step", interrupted_compile)
+    with pytest.raises(BackendCompilerFailed):  # the sweep stops (the CLI prints the one line)
+        run_sweep(spec, tmp_path / "sweep", dataset_loader=lambda config: synthetic_dataset(train=64, val=16, test=16),
+                  progress=False, log=lambda _line: None)
+    runs = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    assert [run["status"] for run in runs] == ["interrupted", "pending"]
 
 # ----------------------------------------------------------------------------- a damaged compile cache
 OUTPUT_CODE = textwrap.dedent('''\
@@ -231,8 +249,9 @@ def compiler_running(pid: int) -> bool:
     return bool(names & COMPILERS)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the compiler process through /proc (Linux)")
+@pytest.mark.skipif(not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_ctrl_c_during_a_real_compile_prints_one_line(image_folder, tmp_path):
     """Ctrl-C at a terminal reaches the whole process group (the C++ compiler too); a user who sees no reaction
     presses it again."""
