@@ -92,7 +92,8 @@ def test_eval_of_a_thirdparty_model_names_its_normalisation_once_in_all(run_cli,
     assert ("normalisation" in loaded) == quiet
 
 
-DEVELOPMENT_WORDS = re.compile(r"\bdevelopment\b|\bthe project\b|benchmarks/|\bthis machine\b|\bour\b|\bwe\b", re.I)
+DEVELOPMENT_WORDS = re.compile(r"\bdevelopment\b|\bthe project\b|benchmarks/|\bthis machine\b|\bour\b|\bwe\b",
+                               re.IGNORECASE)
 
 
 def test_preset_descriptions_speak_to_a_user_not_of_how_fastrobust_is_developed():

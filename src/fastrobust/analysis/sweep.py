@@ -669,7 +669,7 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
                 raise
             failed(index, str(error))
             continue
-        except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
+        except Exception as error:  # one failed run must not lose the others
             if is_interrupt(error):  # an interrupt wrapped by torch.compile's build stops the sweep as Ctrl-C does
                 sweep_file.set(index, status="interrupted", error="interrupted")
                 raise

@@ -15,8 +15,8 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
