@@ -196,6 +196,24 @@ def test_the_compile_door_removes_damaged_files_and_says_so_in_one_line(tmp_path
     assert repair_cache(tmp_path, lines.append) == [] and len(lines) == 1  # nothing left to say
 
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the library check reads ELF files (Linux)")
+def test_a_damaged_file_that_cannot_be_removed_is_named_in_the_line(tmp_path, monkeypatch):
+    paths = write_cache(tmp_path)
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):  # another user's cache folder
+        if self == paths["library_cut"]:
+            raise PermissionError(13, "Permission denied", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    lines: list[str] = []
+    removed = repair_cache(tmp_path, lines.append)
+    assert len(removed) == 4 and paths["library_cut"].exists()
+    assert len(lines) == 1 and "removed 4 damaged file(s)" in lines[0] and "could not remove 1" in lines[0]
+    assert "TORCHINDUCTOR_CACHE_DIR" in lines[0]
+
 # ----------------------------------------------------------------------------- real compiles (subprocesses)
 COMPILE_TINYCNN = textwrap.dedent("""\
     import sys

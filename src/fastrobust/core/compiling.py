@@ -66,15 +66,23 @@ def damaged_cache_files(folder: Path) -> list[Path]:
 
 def repair_cache(folder: Path, log: Callable[[str], None]) -> list[Path]:
     """Remove the damaged files of ``folder`` (``damaged_cache_files``; torch rebuilds them) and say so in one
-    line through ``log``; returns the files removed."""
-    damaged = damaged_cache_files(folder)
-    for path in damaged:
-        path.unlink(missing_ok=True)
-    if damaged:
-        log(f"torch.compile cache {folder}: removed {len(damaged)} damaged file(s) left by an interrupted build "
-            f"({', '.join(path.name for path in damaged[:3])}{', ...' if len(damaged) > 3 else ''}); torch rebuilds "
-            "them. If compilation still fails, delete that folder (it is only a cache)")
-    return damaged
+    line through ``log``; returns the files removed (a file this user may not remove is named in the line)."""
+    removed, kept = [], []
+    for path in damaged_cache_files(folder):
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except OSError:  # another user's cache folder: say so, torch's own error follows if it needs the file
+            kept.append(path)
+    if removed or kept:
+        names = [path.name for path in removed + kept]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        done = f"removed {len(removed)} damaged file(s)" if removed else "found damaged files"
+        left = f", could not remove {len(kept)}" if kept else ""
+        log(f"torch.compile cache {folder}: {done} left by an interrupted build ({shown}){left}; torch rebuilds "
+            "what is removed. If compilation still fails, delete that folder (it is only a cache) or set "
+            "TORCHINDUCTOR_CACHE_DIR to another")
+    return removed
 
 
 def compile_model(model: nn.Module, log: Callable[[str], None] = print) -> nn.Module:
