@@ -5,6 +5,7 @@ train and eval alike, the extra evaluation in the --quiet sweep lines, a short d
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 from fastrobust.analysis.sweep import short_summary
 from fastrobust.cli import main
 from fastrobust.cli.eval_cmd import print_summary
+from fastrobust.train.presets import preset_descriptions
 
 from helpers import write_cifar10_archive
 
@@ -74,6 +76,31 @@ def test_the_eval_model_line_names_the_normalisation_once(run_cli, cifar_root, t
     assert line.count("mean") == 1 and line.count("std") == 1, line
     assert "[0.5, 0.5, 0.5]" in line
 
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["model-line", "quiet"])
+def test_eval_of_a_thirdparty_model_names_its_normalisation_once_in_all(run_cli, cifar_root, tmp_path, quiet):
+    """The model line says it; the "loaded:" line of the table says it only when no model line was printed."""
+    factory, weights = _factory_weights(tmp_path)
+    code, out, err = run_cli("eval", "--checkpoint", weights, "--model-factory", f"{factory}:build",
+                             "--normalization", "0.5,0.25", "--dataset", "cifar10", "--data-root", cifar_root,
+                             "--attack", "clean", "--device", "cpu", *(["--quiet"] if quiet else []))
+    assert code == 0, err
+    (loaded,) = [line for line in out.splitlines() if line.startswith("loaded: ")]
+    assert "built by" in loaded  # the rest of the line stays
+    assert (out + err).count("normalisation") == 1 and (out + err).count("[0.5, 0.5, 0.5]") == 1, out + err
+    assert ("normalisation" in loaded) == quiet
+
+
+DEVELOPMENT_WORDS = re.compile(r"\bdevelopment\b|\bthe project\b|benchmarks/|\bthis machine\b|\bour\b|\bwe\b",
+                               re.IGNORECASE)
+
+
+def test_preset_descriptions_speak_to_a_user_not_of_how_fastrobust_is_developed():
+    described = preset_descriptions()
+    assert "laptop or desktop CPU" in described["cifar10-tinycnn-speedrun-cpu"] and "--plan" in described["cifar10-tinycnn-speedrun-cpu"]
+    spoken = {name: DEVELOPMENT_WORDS.findall(text) for name, text in described.items()}
+    assert not {name: words for name, words in spoken.items() if words}
 
 def _record(attacks):
     return {"model": "m", "dataset": "cifar10", "n": 200, "norm": "linf", "eps": 8 / 255, "device": "cpu",

@@ -63,7 +63,7 @@ from fastrobust.analysis.hessian import INITS, LOSSES, epoch_model_files, model_
 from fastrobust.core.files import atomic_write_json
 from fastrobust.core.values import check_eps, check_nonnegative_int, check_positive_int, parse_number, pixel_text
 from fastrobust.data import balanced_head, load_dataset
-from fastrobust.errors import ConfigError, FastRobustError
+from fastrobust.errors import ConfigError, FastRobustError, is_interrupt
 from fastrobust.evaluate import ATTACKS, attack_settings, evaluate
 from fastrobust.methods import method_class
 from fastrobust.models.checkpoint import load_model
@@ -669,7 +669,10 @@ def run_sweep(spec: SweepSpec | str | Path | dict[str, Any], out: str | Path, *,
                 raise
             failed(index, str(error))
             continue
-        except Exception as error:  # noqa: BLE001 - one failed run must not lose the others
+        except Exception as error:  # one failed run must not lose the others
+            if is_interrupt(error):  # an interrupt wrapped by torch.compile's build stops the sweep as Ctrl-C does
+                sweep_file.set(index, status="interrupted", error="interrupted")
+                raise
             failed(index, f"{type(error).__name__}: {error}" if not isinstance(error, FastRobustError) else str(error))
             continue
         failures = None  # a run finished: later failures are the runs' own

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from fastrobust import __version__
-from fastrobust.errors import FastRobustError
+from fastrobust.errors import FastRobustError, is_interrupt
 
 _COMMANDS = ("train", "eval", "data", "models", "methods", "sweep", "report", "analyze")
 _PLUGIN_COMMANDS = ("train", "eval", "models", "sweep", "analyze")  # commands that take --import MODULE
@@ -61,14 +61,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastrobust {args.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as error:  # the machine, not the input: disk full, permissions, a vanished file
+        if is_interrupt(error):
+            return _interrupted(args.command)
         where = f" ({error.filename})" if error.filename else ""
         hint = "; every file written so far is complete (atomic writes): fix it, then rerun" + (
             " with --resume RUN" if args.command == "train" else "")
         print(f"fastrobust {args.command}: error: {error.strerror or error}{where}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastrobust {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
+    except Exception as error:  # an interrupt wrapped by what it stopped (torch.compile's build): the same line
+        if is_interrupt(error):
+            return _interrupted(args.command)
+        raise
+
+
+def _interrupted(command: str) -> int:
+    """The one line of a stopped command, and its exit status (130, as a shell reports Ctrl-C)."""
+    print(f"fastrobust {command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

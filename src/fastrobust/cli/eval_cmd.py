@@ -310,7 +310,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:  # printed first: a record is never lost to a failing --out
         print(json.dumps(record, sort_keys=True))
     else:
-        print_summary(record, file=sys.stdout)
+        print_summary(record, file=sys.stdout, model_line_shown=not args.quiet)
     if args.model_info:
         from fastrobust.core.files import atomic_write_json  # startup
 
@@ -380,8 +380,9 @@ def _model_text(model, source: dict) -> str:
     return f"model {architecture}, {params:,} parameters, input normalisation {how}{values}"
 
 
-def _loaded_text(source: dict) -> str:
-    """One line on what a model trained elsewhere was loaded as (empty for fastrobust's own files)."""
+def _loaded_text(source: dict, *, normalisation: bool = True) -> str:
+    """One line on what a model trained elsewhere was loaded as (empty for fastrobust's own files);
+    ``normalisation``: name the input normalisation too (not when the model line has said it already)."""
     if not source or source.get("format") in (None, "fastrobust"):
         return ""
     parts = [f"format {source['format']}"]
@@ -391,7 +392,7 @@ def _loaded_text(source: dict) -> str:
         parts.append(f"layout {source['layout']}")
     if source.get("factory"):
         parts.append(f"built by {source['factory']}")
-    normalization = source.get("normalization") or {}
+    normalization = (source.get("normalization") or {}) if normalisation else {}
     if normalization.get("how"):
         mean, std = normalization.get("mean"), normalization.get("std")
         values = "" if mean is None or "mean [" in normalization["how"] else \
@@ -415,13 +416,20 @@ def _per_point(record: dict, name: str, kind: str) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
-def print_summary(record: dict, file=sys.stdout) -> None:
-    """A small table: one row per attack, then the worst case and the sanity flags."""
+def print_summary(record: dict, file=sys.stdout, *, model_line_shown: bool = False) -> None:
+    """A small table: one row per attack, then the worst case and the sanity flags.
+
+    Args:
+        record: the evaluation record.
+        file: where to print (default stdout).
+        model_line_shown: the model line (``_model_text``, with the input normalisation) was printed already,
+            so the ``loaded:`` line leaves the normalisation out (default False: it names it).
+    """
     eps = record["eps"]
     eps_text = pixel_text(eps) if record["norm"] == "linf" else f"{eps:.4g}"  # 8/255, as train prints it
     print(f"{record.get('checkpoint', record['model'])} on {record.get('dataset', '?')}: n={record['n']}, "
           f"{record['norm']} eps={eps_text}, device {record['device']}", file=file)
-    loaded = _loaded_text(record.get("model_source") or {})
+    loaded = _loaded_text(record.get("model_source") or {}, normalisation=not model_line_shown)
     if loaded:
         print(loaded, file=file)
     print(f"{'attack':<20} {'accuracy':>9} {'broken':>7} {'seconds':>9} {'fwd/pt':>8} {'bwd/pt':>8}  notes",

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fastrobust.core import distributed as dist_lib
 from fastrobust.core import precision
+from fastrobust.core.compiling import compile_model
 from fastrobust.core.filekind import looks_like
 from fastrobust.core.files import atomic_write_json
 from fastrobust.core.records import append_jsonl, environment
@@ -140,7 +141,7 @@ class Trainer:
             torch.manual_seed(dist_lib.rank_seed(config.seed, self.dist.rank))
         self._agreed_stop: int | None = None
         self.averager = averaging.WeightAverager.from_config(config, self.model)  # None without averaging
-        self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.forward_model: nn.Module = compile_model(self.model, self.log) if config.compile else self.model
         self.method = config.build_method()
         if self.grad_sync is not None:  # parameters the method owns (SPROUT's u) follow the global batch too
             self.method.gradient_reduce = self.grad_sync.all_reduce
