@@ -520,3 +520,19 @@ def test_eval_of_a_run_keeps_each_record_in_the_run_and_the_report_fills_autoatt
     low, high = wilson_interval(aa, n)
     assert row[4] == f"{aa * 100:.2f} [{low * 100:.2f}, {high * 100:.2f}] †"  # not "-"
     assert md_row(md, "Method")[4] == f"AutoAttack (n={n})"  # the column names its points
+
+
+# ----------------------------------------------------------------------------- Ctrl-C: one line, with what to do next
+@pytest.mark.parametrize("state", [False, True], ids=["no-state", "with-state"])
+def test_ctrl_c_during_an_evaluation_prints_one_line_that_says_how_to_resume(cli, model_file, tmp_path, monkeypatch,
+                                                                           state):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastrobust.evaluate, "evaluate", interrupted)
+    extra = ["--state", tmp_path / "state.json"] if state else []
+    code, out, err, _ = cli(model_file, *extra)
+    assert code == 130 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fastrobust eval: interrupted; ")
+    assert (f"kept in --state {tmp_path / 'state.json'}" if state else "add --state FILE") in err

@@ -68,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
             " with --resume RUN" if args.command == "train" else "")
         print(f"fastrobust {args.command}: error: {error.strerror or error}{where}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return _interrupted(args.command)
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(args.command, interrupt)
     except Exception as error:  # an interrupt wrapped by what it stopped (torch.compile's build): the same line
         if is_interrupt(error):
             return _interrupted(args.command)
         raise
 
 
-def _interrupted(command: str) -> int:
-    """The one line of a stopped command, and its exit status (130, as a shell reports Ctrl-C)."""
-    print(f"fastrobust {command}: interrupted", file=sys.stderr)
+def _interrupted(command: str, interrupt: KeyboardInterrupt | None = None) -> int:
+    """The one line of a stopped command (with what to do next, when the command raised the interrupt with it as
+    its message), and its exit status (130, as a shell reports Ctrl-C)."""
+    detail = str(interrupt.args[0]) if interrupt is not None and interrupt.args else ""
+    print(f"fastrobust {command}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
     return 130
 
 

@@ -297,12 +297,12 @@ def _run(args: argparse.Namespace) -> int:
     except ModelError as error:
         raise FastRobustError(f"during the evaluation, the model {model_file} {error.detail}") from None
     except KeyboardInterrupt:
-        if ctx.is_main:
-            print("fastrobust eval: interrupted; " + (
-                f"the finished batches are kept in --state {args.state}: run the same command again to resume"
-                if args.state else "add --state FILE to make a long evaluation resumable (each finished batch is "
-                "kept, and the same command resumes)"), file=sys.stderr)
-        raise
+        if not ctx.is_main:
+            raise
+        raise KeyboardInterrupt(  # the CLI's one interrupt line carries what to do next
+            f"the finished batches are kept in --state {args.state}: run the same command again to resume"
+            if args.state else "add --state FILE to make a long evaluation resumable (each finished batch is "
+            "kept, and the same command resumes)") from None
     if not ctx.is_main:
         return 0
     record = {"checkpoint": model_file, "dataset": dataset.name, "test_subset": test_subset, "model_source": source,
