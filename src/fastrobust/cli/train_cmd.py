@@ -250,4 +250,22 @@ def _train(args: argparse.Namespace) -> int:
             f"{test[robust_key]:.4f} (n={test['n']}, eps={pixel_text(test['eps'])}); {describe_best(result)}; "
             f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
         )
+        if args.preset and not args.resume:
+            print(_against_expected(args, test))
     return 0
+
+
+def _against_expected(args: argparse.Namespace, test: dict[str, Any]) -> str:
+    """How a finished run of a preset compares with the result the preset declares (docs/results.md)."""
+    from fastrobust.train.expected import changed_settings, compare  # startup
+    from fastrobust.train.presets import load_preset, preset_expected  # startup
+
+    expected = preset_expected(args.preset)
+    if expected is None:
+        return (f"preset {args.preset} has no fastrobust measurement yet: docs/results.md says what its paper "
+                "reports")
+    changed = changed_settings(collect_settings(args), load_preset(args.preset))
+    if changed:
+        return (f"preset {args.preset}'s expected result is for its own settings, and this run changed "
+                f"{', '.join(changed)}: no comparison")
+    return compare(test, expected, args.preset)

@@ -16,6 +16,7 @@ import yaml
 from fastrobust.core.values import parse_flag, parse_number, parse_whole
 from fastrobust.errors import ConfigError
 from fastrobust.train.config import TrainConfig
+from fastrobust.train.expected import Expected
 
 PRESET_DIR = Path(__file__).resolve().parent / "preset_files"
 ALIASES = {"speedrun": "cifar10-preactresnet18-speedrun", "speedrun-cpu": "cifar10-tinycnn-speedrun-cpu"}
@@ -41,7 +42,21 @@ def preset_descriptions() -> dict[str, str]:
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
-    """Read a preset by name (shipped with fastrobust) or by path to a YAML file."""
+    """Read a preset by name (shipped with fastrobust) or by path to a YAML file: its settings (without its
+    ``description`` and ``expected`` result)."""
+    _, data = _read_preset(name_or_path)
+    data.pop("description", None)
+    data.pop("expected", None)
+    return data
+
+
+def preset_expected(name_or_path: str) -> Expected | None:
+    """The result a preset declares under ``expected:`` (measured by fastrobust, see docs/results.md), or None."""
+    path, data = _read_preset(name_or_path)
+    return Expected.parse(data["expected"], str(path)) if "expected" in data else None
+
+
+def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PRESET_DIR / f"{ALIASES.get(name_or_path, name_or_path)}.yaml"
@@ -56,8 +71,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"preset {path} is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a mapping of settings, got {type(data).__name__}")
-    data.pop("description", None)
-    return data
+    return path, data
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
