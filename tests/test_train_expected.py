@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import write_image_folder
 
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError
 from fastrobust.train.expected import Expected, changed_settings, compare
 from fastrobust.train.presets import available_presets, load_preset, make_config, preset_expected
-
-from helpers import write_image_folder
 
 QUICKSTART = Expected("docs/results.md", seeds=3, test_points=1000,
                       metrics={"clean_acc": (32.27, 2.03), "pgd20_acc": (19.53, 0.38)})
@@ -20,7 +19,8 @@ QUICKSTART = Expected("docs/results.md", seeds=3, test_points=1000,
 def test_the_band_joins_the_seed_spread_and_the_sampling_error():
     mean, sd = QUICKSTART.band("pgd20_acc", 1000)
     sampling = 100 * math.sqrt(0.1953 * 0.8047 / 1000)  # 1.254 points
-    assert mean == 19.53 and sd == pytest.approx(math.sqrt(0.38 ** 2 + sampling ** 2)) and sd == pytest.approx(1.310, abs=1e-3)
+    assert mean == 19.53 and sd == pytest.approx(math.sqrt(0.38 ** 2 + sampling ** 2))
+    assert sd == pytest.approx(1.310, abs=1e-3)
     assert QUICKSTART.band("pgd20_acc", 200)[1] > sd  # fewer points: a wider band
 
 
@@ -45,10 +45,10 @@ def test_every_shipped_expected_result_parses_and_stays_out_of_the_settings():
         make_config(load_preset(name))  # the settings alone build a config
 
 
-@pytest.mark.parametrize("bad, needle", [({"source": "x", "seeds": 3, "test_points": 10, "clean_acc": "32"},
-                                          "expected.clean_acc must read 'MEAN +- STD'"),
-                                         ({"source": "x", "clean_acc": "1 +- 2"}, "needs source, seeds and test_points"),
-                                         ([1, 2], "must be a mapping")])
+@pytest.mark.parametrize("bad, needle", [
+    ({"source": "x", "seeds": 3, "test_points": 10, "clean_acc": "32"}, "expected.clean_acc must read 'MEAN +- STD'"),
+    ({"source": "x", "clean_acc": "1 +- 2"}, "needs source, seeds and test_points"),
+    ([1, 2], "must be a mapping")])
 def test_a_malformed_expected_result_is_one_line_naming_the_file(bad, needle):
     with pytest.raises(ConfigError, match="my.yaml") as error:
         Expected.parse(bad, "my.yaml")
