@@ -331,6 +331,16 @@ def _corners(m: int, h: int, w: int, s: int, generator, device) -> tuple[Tensor,
     return top, left
 
 
+def _still_searching(ex: Execution, x_best: Tensor, y: Tensor, margin: Tensor, confirmed: Tensor) -> tuple[Tensor, Tensor]:
+    """At a check: the rows still searching (margin > 0) and the rows confirmed fooled. Under an approximate
+    (bf16) model a new misclassification is confirmed first by the model itself in fp32 (``margin`` is updated in
+    place), so a search stops only on a misclassification the model confirms."""
+    if ex.approximate:
+        _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
+        confirmed = margin <= 0
+    return (margin > 0).nonzero().squeeze(1), confirmed
+
+
 def _l2_init(x: Tensor, eps: float, generator) -> Tensor:
     """The l_2 start: a centred grid of squares of side ``min(H, W) // 5`` (at least 1), each filled with eta
     (random transpose) times a random sign per (example, channel), rescaled to ``||delta||_2 = eps``, clipped."""
@@ -366,10 +376,7 @@ def _square_l2(ex, x, y, eps, n_queries, p_init, generator, rescale):
     confirmed = torch.zeros(b, dtype=torch.bool, device=x.device)  # fooled, as the model itself in fp32 says
     for it in range(1, n_queries):
         if (it - 1) % ex.check_every == 0:
-            if ex.approximate:  # stop only on a misclassification the model confirms
-                _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
-                confirmed = margin <= 0
-            active = (margin > 0).nonzero().squeeze(1)
+            active, confirmed = _still_searching(ex, x_best, y, margin, confirmed)
             if len(active) == 0:
                 break
         live = margin[active] > 0
@@ -465,10 +472,7 @@ def _square_l1(ex, x, y, eps, n_queries, p_init, generator, rescale):
     windows = _l1_windows(n_queries - 1, p_init, n_queries, rescale, h, w, generator)
     for it, (s, top1, left1, top2, left2, transposed) in enumerate(windows):
         if it % ex.check_every == 0:
-            if ex.approximate:  # stop only on a misclassification the model confirms
-                _fp32_margins(ex, x_best, y, margin, ((margin <= 0) & ~confirmed).nonzero().squeeze(1))
-                confirmed = margin <= 0
-            active = (margin > 0).nonzero().squeeze(1)
+            active, confirmed = _still_searching(ex, x_best, y, margin, confirmed)
             if len(active) == 0:
                 break
         # drawn for every point, so that no point's search depends on which others are still searching
