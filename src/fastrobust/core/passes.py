@@ -7,7 +7,8 @@ to ``count.backward`` (one backward pass of the model per row, whatever the loss
 ints read from shapes, which are known without a host synchronisation, so counting never stalls a GPU. A pass of
 a stand-in of the model (a frozen TorchScript copy an attack evaluates instead, ``attacks/_frozen.py``) is a pass
 of the model: ``count_like`` wraps the stand-in with the same counter. While the model is traced (the frozen copies
-are made by ``torch.jit.trace``) nothing is counted: tracing is not an evaluation.
+are made by ``torch.jit.trace``) or compiled (``torch.compile`` of a counted model, ``attacks/_compiled.py``) nothing
+is counted: tracing is not an evaluation, and the compiled copy is counted at its own call, outside the graph.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class CountedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
             return out
         self.count.forward += x.shape[0] if x.dim() else 1
         if isinstance(out, Tensor) and out.requires_grad:
