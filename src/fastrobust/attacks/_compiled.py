@@ -21,7 +21,7 @@ give them); on the CPU with the default mode.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
