@@ -91,3 +91,14 @@ def test_compile_must_be_a_bool(setup):
     model, x, y = setup
     with pytest.raises(ConfigError, match="compile"):
         autoattack(model, x, y, eps=8 / 255, compile="yes")
+
+
+def test_cuda_graph_mode_copies_outputs_and_gradients_out_of_the_padded_batch(setup):
+    model, x, _ = setup
+    padded = BucketedModel(model, cuda_graphs=False)
+    padded.cuda_graphs = True  # the copies only (cudagraph_mark_step_begin is harmless without CUDA graphs)
+    xs = x[:5].clone().requires_grad_(True)
+    out = padded(xs)
+    assert out._base is None  # not a view of the padded batch's logits
+    (grad,) = torch.autograd.grad(out.sum(), [xs])
+    assert grad._base is None and grad.shape == xs.shape

@@ -71,13 +71,28 @@ class BucketedModel(nn.Module):
         rows = x.shape[0]
         size = bucket_size(rows, self.minimum)
         if size > rows:
-            x = torch.cat([x, x.new_zeros((size - rows,) + tuple(x.shape[1:]))])
+            x = _Padded.apply(x, size, self.cuda_graphs)
         if self.cuda_graphs:  # each call a new step of the graph trees: the previous outputs stay valid ...
             torch.compiler.cudagraph_mark_step_begin()
         with _recompile_limit():
             out = self.inner(x)
         # ... because they are copied out of the graph's static output, which the next replay overwrites
         return out[:rows].clone() if self.cuda_graphs else out[:rows]
+
+
+class _Padded(torch.autograd.Function):
+    """``x`` with zero rows appended up to ``size``; the gradient flowing back is the real rows' (copied out when
+    ``copy_gradient``: CUDA graphs hand back gradients in their static memory, which the next replay overwrites)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: int, copy_gradient: bool) -> Tensor:  # type: ignore[override]
+        ctx.rows, ctx.copy_gradient = x.shape[0], copy_gradient
+        return torch.cat([x, x.new_zeros((size - x.shape[0],) + tuple(x.shape[1:]))])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        real = grad[:ctx.rows]
+        return (real.clone() if ctx.copy_gradient else real), None, None
 
 
 @contextlib.contextmanager
