@@ -15,7 +15,9 @@ misclassifies its adversarial. The copy sits inside the model's pass counter (``
 sees the batch before padding: the counted passes are the real rows.
 
 On CUDA the copy is compiled with ``mode="reduce-overhead"`` (CUDA graphs, which need fixed shapes: the buckets
-give them); on the CPU with the default mode.
+give them; the logits and input gradients are copied out of the graphs' static memory, which the next replay
+overwrites); on the CPU with the default mode. Measured on a CPU (docs/performance.md, "AutoAttack against its
+limit"): the compiled copy's evaluations are no faster than the frozen copies', so ``compile`` is off by default.
 """
 
 from __future__ import annotations
