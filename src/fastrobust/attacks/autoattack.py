@@ -139,8 +139,8 @@ def autoattack(
     when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py); never
     in the ``rand`` version, whose model is random. ``compile=True`` evaluates a ``torch.compile`` copy instead
     (every component, batches padded to a few fixed sizes so that a run compiles a few shapes, not one per row
-    count; CUDA graphs on CUDA; the same confirmations, see _compiled.py); it pays only on long evaluations
-    (docs/performance.md, "The limit"). ``version``: ``standard`` (default), ``fast``, ``plus`` or
+    count; CUDA graphs on CUDA; the same confirmations, see _compiled.py); meant for GPUs: on a CPU it is slower
+    than the frozen copies at every length (docs/performance.md, "AutoAttack against its limit"). ``version``: ``standard`` (default), ``fast``, ``plus`` or
     ``rand`` (see the module's docstring). On a model of fewer than 3 classes APGD-DLR is left out (a note says
     so), as the official does.
 
