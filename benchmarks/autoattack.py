@@ -51,8 +51,9 @@ from fastrobust.core.values import parse_number  # noqa: E402
 
 aa_module = importlib.import_module("fastrobust.attacks.autoattack")
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
-VERSIONS = ("official", "fastrobust", "fastrobust-auto-cl")
+VERSIONS = ("official", "fastrobust", "fastrobust-auto-cl", "fastrobust-auto-cl-compile")
 GPU_VARIANT = "fastrobust-auto-cl"  # precision "auto" (bf16 on CUDA) and channels-last
+COMPILED_VARIANT = "fastrobust-auto-cl-compile"  # the same with compile=True (CUDA graphs on padded buckets)
 # the warm-up run: every component once, a few iterations, on two points
 WARMUP_OPTIONS = {"apgd-ce": {"n_iter": 2}, "apgd-t": {"n_iter": 2, "n_targets": 1},
                   "fab-t": {"n_iter": 2, "n_targets": 1}, "square": {"n_queries": 2}}
@@ -206,7 +207,7 @@ def run_official_once(model, x, y, eps, seed, batch, device) -> tuple[torch.Tens
     return x_adv, timer.seconds
 
 
-def run_fastrobust_once(model, x, y, eps, seed, batch, device, precision, channels_last):
+def run_fastrobust_once(model, x, y, eps, seed, batch, device, precision, channels_last, compile_=False):
     from fastrobust.attacks import _frozen
 
     _frozen._CACHE.clear()  # every run pays for its own frozen copies
@@ -217,15 +218,17 @@ def run_fastrobust_once(model, x, y, eps, seed, batch, device, precision, channe
             aa_module._FUNCTIONS[name] = timer.wrap(name, saved[name])
         generator = torch.Generator(device=device).manual_seed(seed)
         result = autoattack(model, x, y, eps=eps, generator=generator, max_rows=batch, precision=precision,
-                            channels_last=channels_last, return_details=True)
+                            channels_last=channels_last, compile=compile_, return_details=True)
     finally:
         aa_module._FUNCTIONS.update(saved)
     return result.x_adv, timer.seconds, result.notes
 
 
-def settings_of(version: str, args: argparse.Namespace) -> tuple[str, bool]:
-    """(precision, channels_last) of a fastrobust version."""
-    return ("auto", True) if version == GPU_VARIANT else (args.precision, args.channels_last)
+def settings_of(version: str, args: argparse.Namespace) -> tuple[str, bool, bool]:
+    """(precision, channels_last, compile) of a fastrobust version."""
+    if version in (GPU_VARIANT, COMPILED_VARIANT):
+        return "auto", True, version == COMPILED_VARIANT
+    return args.precision, args.channels_last, False
 
 
 def run_version(version: str, model, x, y, eps, args, batch, device):
@@ -233,8 +236,8 @@ def run_version(version: str, model, x, y, eps, args, batch, device):
     if version == "official":
         x_adv, per_attack = run_official_once(model, x, y, eps, args.seed, batch, device)
         return x_adv, per_attack, []
-    precision, channels_last = settings_of(version, args)
-    return run_fastrobust_once(model, x, y, eps, args.seed, batch, device, precision, channels_last)
+    precision, channels_last, compile_ = settings_of(version, args)
+    return run_fastrobust_once(model, x, y, eps, args.seed, batch, device, precision, channels_last, compile_)
 
 
 def warm_up(versions: list[str], model, x, y, eps, args, device) -> None:
@@ -248,7 +251,7 @@ def warm_up(versions: list[str], model, x, y, eps, args, device) -> None:
             model(x_warm).sum().backward()
             model.zero_grad(set_to_none=True)
             continue
-        precision, channels_last = settings_of(version, args)
+        precision, channels_last, _ = settings_of(version, args)  # compiling is part of the timed run
         autoattack(model, x[points], y[points], eps=eps, options=WARMUP_OPTIONS, precision=precision,
                    channels_last=channels_last, generator=torch.Generator(device=device).manual_seed(args.seed))
     sync(device)

@@ -151,6 +151,7 @@ def test_the_default_budget_holds_every_stage_in_order_even_when_each_uses_its_w
     aa_argv = next(command for label, _t, command in calls if label == "autoattack.py")
     versions = aa_argv[aa_argv.index("--versions") + 1:aa_argv.index("--versions") + 4]
     assert versions == ["fastrobust-auto-cl", "official", "fastrobust"] and "--progress-out" in aa_argv
+    assert aa_argv[aa_argv.index("--versions") + 4] == "fastrobust-auto-cl-compile"  # compile (CUDA graphs) last
     train = json.loads(next(command for label, _t, command in calls if label == "train")[5])
     assert train["overrides"]["compile"] is True  # nothing measured before it: the preset as shipped (S1)
     assert train["deadline_seconds"] == pytest.approx(caps["speedrun"] - gpu_suite.KILL_GRACE - gpu_suite.EVAL_RESERVE)
@@ -237,7 +238,8 @@ def test_a_stopped_autoattack_benchmark_keeps_its_finished_runs(tiny_cifar, tmp_
         bench.main(["--model", "tinycnn", "--data-root", str(tiny_cifar), "--n-points", "6", "--repeats", "1",
                     "--versions", "fastrobust-auto-cl", "official", "fastrobust", "--json-out", str(final),
                     "--progress-out", str(progress)])
-    assert ran[0] == ("fastrobust-auto-cl", ("auto", True))  # precision auto, channels-last: the GPU configuration
+    assert ran[0] == ("fastrobust-auto-cl", ("auto", True, False))  # precision auto, channels-last: the GPU configuration
+    assert bench.settings_of("fastrobust-auto-cl-compile", None) == ("auto", True, True)  # ... and compiled
     record, partial = gpu_suite.last_record(final, progress)
     assert partial and not final.exists() and record["version"] == "fastrobust-auto-cl"
     assert set(record["summary"]) == {"fastrobust-auto-cl"} and record["summary"]["fastrobust-auto-cl"]["median_s"] >= 0

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from fastrobust.attacks._compiled import compiled_copy
 from fastrobust.attacks._engine import check_precision, execution_for
 from fastrobust.attacks._frozen import frozen_copies
 from fastrobust.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, targeted_settings_used
@@ -122,6 +123,7 @@ def autoattack(
     precision: str = "fp32",
     channels_last: bool = False,
     freeze: bool | None = None,
+    compile: bool = False,
 ) -> Tensor | AutoAttackResult:
     """AutoAttack (Croce & Hein 2020): the parameter-free ensemble, keeping the per-example worst case.
 
@@ -138,7 +140,10 @@ def autoattack(
     fp32 only) lets the components after APGD-CE evaluate a frozen TorchScript copy of the model (BatchNorm folded
     into the convolutions; the same function up to float rounding, checked on the batch; the model itself is used
     when it cannot be traced), every misclassification they act on confirmed by the model (see _frozen.py); never
-    in the ``rand`` version, whose model is random. ``version``: ``standard`` (default), ``fast``, ``plus`` or
+    in the ``rand`` version, whose model is random. ``compile=True`` evaluates a ``torch.compile`` copy instead
+    (every component, batches padded to a few fixed sizes so that a run compiles a few shapes, not one per row
+    count; CUDA graphs on CUDA; the same confirmations, see _compiled.py); meant for GPUs: on a CPU it is slower
+    than the frozen copies at every length (docs/performance.md, "AutoAttack against its limit"). ``version``: ``standard`` (default), ``fast``, ``plus`` or
     ``rand`` (see the module's docstring). On a model of fewer than 3 classes APGD-DLR is left out (a note says
     so), as the official does.
 
@@ -160,6 +165,8 @@ def autoattack(
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``.
         channels_last: run the model on channels-last tensors (default False).
         freeze: use a frozen TorchScript copy after APGD-CE (default None: on the CPU, fp32, not ``rand``).
+        compile: evaluate a ``torch.compile`` copy on padded fixed-size batches in every component (default
+            False; replaces the frozen copy).
     Returns:
         ``x_adv`` shaped like ``x`` (per example the first adversarial found, else ``x``), or with
         ``return_details`` an ``AutoAttackResult`` (``x_adv``, ``robust``, ``broken_by``, ``settings``, ``notes``).
@@ -194,6 +201,7 @@ def autoattack(
     check_precision(precision)  # validated before any work
     rows = max(int(max_rows or len(x)), 1)
     want_frozen = (x.device.type == "cpu" and version != "rand") if freeze is None else bool(freeze)
+    want_frozen = want_frozen and not compile
     x = x.detach()
     notes: list[str] = [f"precision {precision}"]
     with model_mode(model, training=not eval_mode), _memory_format(model, channels_last):
@@ -211,6 +219,10 @@ def autoattack(
         broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
         x_adv = x.clone()
         execution = execution_for(model, precision, x.device)
+        if compile and eval_mode:  # a stand-in needs the eval-mode model (no batch statistics across rows)
+            stand_in = compiled_copy(model, x.device.type)
+            execution = dataclasses.replace(execution, grad_model=stand_in, query_model=stand_in)
+            notes.append("torch.compile copy (fixed padded batch buckets)")
         for name in names:
             todo = robust.nonzero().squeeze(1)
             if len(todo) == 0:

@@ -25,7 +25,7 @@ from fastrobust.core.values import check_eps, check_norm, parse_number, parse_wh
 from fastrobust.errors import ConfigError
 
 FLAGS = frozenset({"random_init", "stop_at_fooled", "rescale_schedule", "early_stop", "eval_mode", "channels_last",
-                   "return_details", "return_queries", "large_eps"})
+                   "return_details", "return_queries", "large_eps", "compile"})
 OPTIONAL_FLAGS = frozenset({"freeze"})  # None: the attack's default
 # smallest allowed value of each count; pgd's steps may be 0 (the start point itself), evaluate's PGD names need 1
 COUNTS = {"steps": 0, "restarts": 1, "n_iter": 1, "n_restarts": 1, "n_targets": 1, "n_queries": 1, "eot_iter": 1}

@@ -7,12 +7,13 @@ to ``count.backward`` (one backward pass of the model per row, whatever the loss
 ints read from shapes, which are known without a host synchronisation, so counting never stalls a GPU. A pass of
 a stand-in of the model (a frozen TorchScript copy an attack evaluates instead, ``attacks/_frozen.py``) is a pass
 of the model: ``count_like`` wraps the stand-in with the same counter. While the model is traced (the frozen copies
-are made by ``torch.jit.trace``) nothing is counted: tracing is not an evaluation.
+are made by ``torch.jit.trace``) or compiled (``torch.compile`` of a counted model, ``attacks/_compiled.py``) nothing
+is counted: tracing is not an evaluation, and the compiled copy is counted at its own call, outside the graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +22,17 @@ from torch import Tensor, nn
 @dataclass
 class PassCount:
     """Rows evaluated so far: ``forward`` (rows through the model) and ``backward`` (rows of gradient back
-    through it)."""
+    through it). With ``calls`` a dict (``PassCount(calls={})``), also how many calls of each batch size:
+    ``calls[("forward", rows)]`` and ``calls[("backward", rows)]`` (what the cost of an evaluation at each batch
+    size multiplies: ``benchmarks/eval_limit.py``); None (default) keeps no such log."""
 
     forward: int = 0
     backward: int = 0
+    calls: dict[tuple[str, int], int] | None = field(default=None)
+
+    def log(self, kind: str, rows: int) -> None:
+        if self.calls is not None:
+            self.calls[(kind, rows)] = self.calls.get((kind, rows), 0) + 1
 
     def snapshot(self) -> tuple[int, int]:
         return self.forward, self.backward
@@ -45,15 +53,19 @@ class CountedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
             return out
-        self.count.forward += x.shape[0] if x.dim() else 1
+        rows = x.shape[0] if x.dim() else 1
+        self.count.forward += rows
+        self.count.log("forward", rows)
         if isinstance(out, Tensor) and out.requires_grad:
             out.register_hook(self._backward)
         return out
 
     def _backward(self, grad: Tensor) -> None:
-        self.count.backward += grad.shape[0] if grad.dim() else 1
+        rows = grad.shape[0] if grad.dim() else 1
+        self.count.backward += rows
+        self.count.log("backward", rows)
 
 
 def pass_count(model: nn.Module) -> PassCount | None:

@@ -36,7 +36,7 @@ from fastrobust.core.attack_options import check_options
 from fastrobust.errors import ConfigError
 from fastrobust.evaluate.invariance import EVALUATIONS as INVARIANCE
 
-AUTOATTACK_EXECUTION = ("precision", "channels_last")  # accepted in attack_options["autoattack"]: how it runs
+AUTOATTACK_EXECUTION = ("precision", "channels_last", "compile")  # accepted in attack_options["autoattack"]: how it runs
 PerPoint = Callable[[str], list]  # the per-point values of one extra (None where a batch has none), in point order
 
 
