@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastrobust.train.presets import preset_descriptions
+from fastrobust.train.presets import preset_descriptions, preset_expected
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_DOCS = sorted([ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -76,7 +76,10 @@ def test_the_readme_python_example_uses_the_default_data_root():
 def test_the_readme_says_what_the_main_command_gives():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     main = readme[: readme.index("## A tour of the Python API")]
-    for figure in ("30.9 %", "19.7 %", "32.0 %", "20.5 %", "16.5 %"):
+    expected = preset_expected("quickstart")  # what the training's last line compares a run with
+    clean, pgd = expected.metrics["clean_acc"], expected.metrics["pgd20_acc"]
+    assert f"{clean[0]:.1f} +- {clean[1]:.1f} clean" in main and f"{pgd[0]:.1f} +- {pgd[1]:.1f} PGD-20" in main
+    for figure in ("33.5 % clean", "24.0 % PGD-20", "21.0 % AutoAttack-fast"):  # the evaluation's table
         assert figure in main, figure
     assert "[docs/results.md](docs/results.md)" in main
 
