@@ -54,12 +54,12 @@ def legend_labels(groups: Groups) -> dict[str, str]:
 
 
 def legend_key(groups: Groups) -> str:
-    """The sentence a figure's caption ends with when ``legend_labels`` numbers the groups (``" Legend: 1 =
+    """The sentence a figure's caption ends with when ``legend_labels`` numbers the groups (``". Legend: 1 =
     trades (beta=6, lr=0.1); 2 = ..."``), else ``""``."""
     short = legend_labels(groups)
     if all(short[label] == label for label, _ in groups):
         return ""
-    return " Legend: " + "; ".join(f"{short[label].split(' ')[0]} = {label}" for label, _ in groups) + "."
+    return ". Legend: " + "; ".join(f"{short[label].split(' ')[0]} = {label}" for label, _ in groups)
 
 
 def _wrapped(label: str) -> str:
