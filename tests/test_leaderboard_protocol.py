@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import cifar_arrays, write_cifar10
 from PIL import Image
 
 from fastrobust.attacks.official import official_available
@@ -20,8 +21,7 @@ from fastrobust.errors import ConfigError
 from fastrobust.evaluate.leaderboard import robustbench_evaluation
 from fastrobust.models import create
 from fastrobust.models.checkpoint import save_model
-
-from helpers import cifar_arrays, write_cifar10
+from fastrobust.train.evaluations import evaluated_points, read_evaluations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,3 +160,35 @@ def test_cli_refusals_are_one_line(cli):
         code, _, err = cli(*extra)
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert needle in err, err
+
+
+def test_protocol_points_kept_in_a_run_say_whether_the_order_is_official(tmp_path, monkeypatch, capsys):
+    """A run evaluated with --protocol on a class-sorted copy: its record's points are the first N of the whole
+    test split in that copy's order ("head"), not the official order."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in CIFAR10_CLASSES:
+            (root / "CIFAR-10-images" / split / name).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                root / "CIFAR-10-images" / split / name / "0.jpg")
+    monkeypatch.setenv("FASTROBUST_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"dataset": "cifar10"}))
+    save_model(tiny_model(), run / "best.safetensors")
+    code = main(["eval", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root), "--device", "cpu",
+                 "--quiet", "--batch-size", "4", "--protocol", "robustbench", "--allow-other-order",
+                 "--test-subset", "4"])
+    assert code == 0, capsys.readouterr().err
+    (record,), unreadable = read_evaluations(run)
+    assert not unreadable and record["protocol"]["official_order"] is False
+    assert record["points"] == {"split": "test", "selection": "head", "count": 4, "of": 10}
+
+
+def test_evaluated_points_of_each_kind():
+    protocol = {"name": "robustbench", "official_order": True, "test_images": 10000}
+    assert evaluated_points({"n": 100, "protocol": protocol}, None) == {
+        "split": "test", "selection": "official_head", "count": 100, "of": 10000}
+    assert evaluated_points({"n": 100, "protocol": {**protocol, "official_order": False}}, None)["selection"] == "head"
+    assert evaluated_points({"n": 300}, 300) == {"split": "test", "selection": "balanced_head", "count": 300}

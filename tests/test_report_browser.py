@@ -1,5 +1,6 @@
 """report.html in a real (headless) browser at a usual 1280 px window: every figure decodes and shows, and no
-table or figure runs past the page's right edge. Needs a chromium binary (Debian: ``apt-get install chromium``);
+table or figure runs past the page's right edge, and no figure is shrunk to fit (a PNG wider than the page is
+unreadable). Needs a chromium binary (Debian: ``apt-get install chromium``);
 without one the test skips and says how to get it."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_report import PNG_MAGIC, write_run
+from test_report_figures import long_settings_runs
 
 from fastrobust.analysis.report import build_report
 
@@ -26,6 +28,8 @@ window.addEventListener('load', function () {
   var images = Array.prototype.slice.call(document.images);
   images.forEach(function (img, i) {
     if (!(img.complete && img.naturalWidth > 0)) problems.push('image ' + i + ' (' + img.alt + ') did not load');
+    else if (img.naturalWidth > img.clientWidth + 0.5)
+      problems.push('image ' + i + ' is ' + img.naturalWidth + ' px wide, shrunk to ' + img.clientWidth + ' px');
   });
   var page = document.documentElement;
   if (page.scrollWidth > window.innerWidth) problems.push('the page scrolls sideways: ' + page.scrollWidth + ' px');
@@ -73,6 +77,7 @@ def page(tmp_path_factory) -> Path:
         write_run(root, f"bs_gamma-{gamma}", "backward_smoothing", 0, 0.80, acc, 200.0,
                   method_params={"gamma": gamma, "step_size": "8/255"}, pgd100=acc - 0.01, aa=acc - 0.05,
                   eps_curve={2 / 255: 0.75, 4 / 255: 0.65})
+    long_settings_runs(root / "settings")  # groups labelled with many settings: no figure may grow wide
     out = root.parent / "report"
     build_report(root, out)
     return out / "report.html"

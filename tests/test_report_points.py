@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from fastrobust.analysis.report import build_report
-
 from test_report import md_row, write_run
+
+from fastrobust.analysis.report import build_report
+from fastrobust.train.evaluations import save_evaluation
 
 
 def with_eval(root, name, n, points, pgd100, aa):
@@ -55,3 +56,32 @@ def test_one_point_set_keeps_the_plain_headers_and_says_so(tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert md_row(md, "Method")[1:5] == ["Clean", "PGD-20", "PGD-100", "AutoAttack"]
     assert "Every accuracy on the same 10000 test points." in md
+
+
+def protocol_record(run, n: int, official: bool, points: dict) -> None:
+    """A --protocol evaluation record in ``run``'s evaluations/ folder."""
+    record = {"eps": 8 / 255, "norm": "linf", "n": n, "clean_acc": 0.5, "robust_acc": 0.3,
+              "attacks": {"autoattack": {"robust_acc": 0.3, "settings": {}}},
+              "protocol": {"name": "robustbench", "official_order": official}}
+    save_evaluation(run, record, weights="best.safetensors", points=points)
+
+
+def test_protocol_points_are_the_first_of_the_whole_test_split_in_the_order_recorded(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("copy", "official", "old"):
+        write_run(root, name, "trades", 0, 0.5, 0.3, 60.0)
+        result = json.loads((root / name / "result.json").read_text())
+        result["test"]["n"] = result["dataset"]["test"] = 1000  # the run's own test subset: 1,000 points
+        (root / name / "result.json").write_text(json.dumps(result))
+    protocol_record(root / "copy", 100, False, {"split": "test", "selection": "head", "count": 100, "of": 10000})
+    protocol_record(root / "official", 1000, True,
+                    {"split": "test", "selection": "official_head", "count": 1000, "of": 10000})
+    # written before the selection said the order: official_head on a copy whose order is not the official
+    protocol_record(root / "old", 100, False, {"split": "test", "selection": "official_head", "count": 100})
+    build_report(root, tmp_path / "r", html_page=False)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "the first 100 of the 10,000 test images (this copy's order, not the official)" in md
+    assert "the first 1000 of the 10,000 test images, official order" in md  # 1000 points, yet not the run's 1000
+    assert "the first 100 of the test split (this copy's order, not the official)" in md
+    assert "100 of 1000, official order" not in md and "Warning: eval.json" not in md
+    assert md_row(md, "Method")[4] == "AutoAttack (n=1000/100)"

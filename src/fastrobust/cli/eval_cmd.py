@@ -339,16 +339,14 @@ def _save_in_run(run_folder: Path, record: dict, model_file: str, test_subset: i
                  args: argparse.Namespace) -> None:
     """Keep the record in the run folder it evaluated (``RUN/evaluations/``, a new file each time, see
     ``fastrobust.train.evaluations``), so that ``fastrobust report`` shows it; said on stderr."""
-    from fastrobust.train.evaluations import save_evaluation  # startup
+    from fastrobust.train.evaluations import evaluated_points, save_evaluation  # startup
 
     try:
         weights = Path(model_file).resolve().relative_to(run_folder.resolve()).as_posix()
     except ValueError:
         weights = Path(model_file).name
-    selection = "official_head" if args.protocol else "balanced_head"
-    points = {"split": "test", "selection": selection, "count": record.get("n") if args.protocol else test_subset}
     try:
-        path = save_evaluation(run_folder, record, weights=weights, points=points)
+        path = save_evaluation(run_folder, record, weights=weights, points=evaluated_points(record, test_subset))
     except OSError as error:
         print(f"fastrobust eval: warning: the record could not be kept in run {run_folder} "
               f"({error.strerror or error}); it is printed above", file=sys.stderr)
@@ -445,7 +443,7 @@ def print_summary(record: dict, file=sys.stdout, *, model_line_shown: bool = Fal
             notes = f"ADBD {adbd:.4f} (all points), " if adbd is not None else ""
             notes += f"{correct_only:.4f} (correct only), " if correct_only is not None else ""
             notes += f"queries {entry['queries_mean']:.0f} (mean)"
-        elif "broken_by" in entry and entry["broken_by"]:
+        elif entry.get("broken_by"):
             notes = ", ".join(f"{k} {v}" for k, v in entry["broken_by"].items())
         elif "by_std" in entry:  # invariance: not an eps-ball attack, not in the worst case
             notes = "noise std " + ", ".join(f"{std} {acc:.1%}" for std, acc in entry["by_std"].items())

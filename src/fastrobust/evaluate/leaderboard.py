@@ -142,7 +142,8 @@ def robustbench_evaluation(
         main = not distributed or dist_lib.context().is_main
         saved = read_state_file(state) if cross_check and main else None
     record["protocol"] = {"name": "robustbench", "points": f"the first {len(points)} of the test split",
-                          "official_order": dataset.official_order, "source": dataset.source}
+                          "official_order": dataset.official_order, "test_images": len(dataset.test),
+                          "source": dataset.source}
     if saved is not None:
         clean = _joined(saved["clean"])
         robust = _joined({b: batch["robust"] for b, batch in saved["attacks"]["autoattack"]["batches"].items()})

@@ -6,8 +6,10 @@ overwritten: a later evaluation adds a file, so the folder keeps the history and
 for each attack, the latest evaluation on each point set. Each file is the evaluation record (the one ``--json``
 prints) with three more keys: ``written`` (the UTC time, ISO 8601), ``weights`` (the evaluated file, relative to
 the run folder: ``best.safetensors``, ``last.safetensors``, ``checkpoints/step-N/model.safetensors`` ...) and
-``points`` (which test points: ``{"split": "test", "selection": "balanced_head" | "official_head",
-"count": N or null}``, the key sweeps store in ``eval.json``).
+``points`` (which test points, ``evaluated_points``: ``{"split": "test", "selection": "balanced_head",
+"count": N or null}``, the key sweeps store in ``eval.json``; for a leaderboard protocol ``{"split": "test",
+"selection": "official_head" | "head", "count": N, "of": the test split's size}``, ``official_head`` only when the
+split is in the official test order, ``head`` for the first N of another order).
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ EVALUATIONS_DIR = "evaluations"
 
 def _stamp(now: datetime.datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+
+
+def evaluated_points(record: dict[str, Any], test_subset: int | None) -> dict[str, Any]:
+    """The ``points`` key of an evaluation record: which test points it evaluated.
+
+    Args:
+        record: the evaluation record; with a ``protocol`` (``robustbench_evaluation``'s), the first ``n`` points
+            of the test split in its order.
+        test_subset: without a protocol, the number of class-balanced points (None: the whole test split).
+
+    Returns:
+        ``{"split": "test", "selection": "balanced_head", "count": test_subset}``, or for a protocol
+        ``{"split": "test", "selection": "official_head" (the official test order) or "head" (another order),
+        "count": n, "of": the test split's size or None}``.
+    """
+    protocol = record.get("protocol")
+    if not protocol:
+        return {"split": "test", "selection": "balanced_head", "count": test_subset}
+    selection = "official_head" if protocol.get("official_order") is True else "head"
+    return {"split": "test", "selection": selection, "count": record.get("n"), "of": protocol.get("test_images")}
 
 
 def save_evaluation(run_dir: str | Path, record: dict[str, Any], *, weights: str, points: dict[str, Any],

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fastrobust.analysis.report.runs import Run, number
+from fastrobust.analysis.report.runs import Run, number, points_text
 from fastrobust.analysis.report.text import key_text, plural
 from fastrobust.data.datasets import resolve_root
 
@@ -117,7 +117,7 @@ def eval_description(runs: list[Run]) -> str:
             parts.append(f"{name}: {comps}{passes_text(passes.get(name))}")
         else:
             parts.append(f"{name}{passes_text(passes.get(name))}")
-    return f"Extra evaluation on {' / '.join(ns)} test points: " + "; ".join(parts)
+    return f"Extra evaluation on {points_text(list(ns))}: " + "; ".join(parts)
 
 
 def passes_text(per_point: list[tuple[float, float]] | None) -> str:

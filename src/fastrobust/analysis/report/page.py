@@ -140,9 +140,10 @@ def _accuracy_section(groups: Groups, runs: list[Run], out: Path) -> Section:
              f"Robust accuracy ({', else '.join(tables.METRIC_NAMES[k] for k in kinds)}: the strongest attack run)")
     section.figure(f"{drawn} against training time and against the declared cost per training step; one point per "
                    f"{'method' if len(groups) == len({r.method for r in runs}) else 'group'} (several seeds: mean, "
-                   "error bars ± std over the seeds; one run: its 95 % Wilson interval)",
+                   "error bars ± std over the seeds; one run: its 95 % Wilson interval)" + figures.legend_key(groups),
                    figures.figure_cost(groups, out))
-    section.figure("Test accuracy by method (error bars: the intervals of the table)", figures.figure_table(groups, out))
+    section.figure("Test accuracy by method (error bars: the intervals of the table)" + figures.legend_key(groups),
+                   figures.figure_table(groups, out))
     return section
 
 
@@ -164,8 +165,8 @@ def _stability_section(groups: Groups, runs: list[Run], out: Path) -> Section | 
         header, rows = tables.stability(groups, metric)
         if rows:
             section.text(f"{names[metric]} accuracy (%) over seeds:").table(header, rows)
-    section.figure("Robust accuracy over seeds (box: quartiles, line: median, triangle: mean, dots: seeds)",
-                   figures.figure_stability(groups, out))
+    section.figure("Robust accuracy over seeds (box: quartiles, line: median, triangle: mean, dots: seeds)"
+                   + figures.legend_key(groups), figures.figure_stability(groups, out))
     return section if section.blocks else None
 
 
@@ -191,11 +192,12 @@ def _smoothness_section(groups: Groups, runs: list[Run], out: Path) -> Section |
         section.text("Final (best) model only (evaluate.hessian.per_epoch: false), mean ± std over seeds:")
         section.table(*hessian_final_table(finals))
     section.text(caption)
+    short, key = figures.legend_labels(groups), figures.legend_key(groups)
     if curves:
-        return section.figure("Top input-Hessian eigenvalue against the epoch: random vs backward-smoothing start",
-                              figures.figure_hessian(curves, out))
-    return section.figure("Top input-Hessian eigenvalue of the final (best) model: random vs backward-smoothing start",
-                          figures.figure_hessian_final(finals, out))
+        return section.figure("Top input-Hessian eigenvalue against the epoch: random vs backward-smoothing start"
+                              + key, figures.figure_hessian(curves, out, short))
+    return section.figure("Top input-Hessian eigenvalue of the final (best) model: random vs backward-smoothing start"
+                          + key, figures.figure_hessian_final(finals, out, short))
 
 
 def _sensitivity_section(runs: list[Run]) -> Section | None:
@@ -213,9 +215,12 @@ def _sensitivity_section(runs: list[Run]) -> Section | None:
 def _curves_section(groups: Groups, out: Path) -> Section | None:
     section = Section("Training curves")
     section.figure("Validation robust accuracy and training loss per epoch (mean over seeds; each method's own "
-                   "training loss: CE or the TRADES objective, so compare shapes, not levels)",
-                   figures.figure_curves(groups, out))
-    section.figure("Robust accuracy against eps", figures.figure_eps(figures.eps_curves(groups), out))
+                   "training loss: CE or the TRADES objective, so compare shapes, not levels)"
+                   + figures.legend_key(groups), figures.figure_curves(groups, out))
+    section.figure("Robust accuracy against eps, one panel per threat model (l_inf in x/255, l2 and l1 as given); "
+                   "a line joins the evaluations of one group on one set of test points (n: their number where a "
+                   "group was evaluated on several)" + figures.legend_key(groups),
+                   figures.figure_eps(figures.eps_curves(groups), out, figures.legend_labels(groups)))
     return section if section.blocks else None
 
 

@@ -158,9 +158,10 @@ class Run:
 
     def points(self, metric: str) -> str | None:
         """The test points ``metric`` was measured on: ``"N"`` (all N points of the run's test split, those of
-        result.json), ``"N of M, class-balanced"`` (an evaluation on a class-balanced subset), ``"N of M,
-        official order"`` (a leaderboard protocol's first N) or ``"first N of M"`` (eval.json on a prefix of the
-        class-sorted split, written before sweeps balanced it); None without a value."""
+        result.json), ``"N of M, class-balanced"`` (an evaluation on a class-balanced subset), ``"the first N of
+        the M test images, official order"`` (a leaderboard protocol's first N of the whole test split; ``"(this
+        copy's order, not the official)"`` when the split was in another order) or ``"first N of M"`` (eval.json
+        on a prefix of the class-sorted split, written before sweeps balanced it); None without a value."""
         found = self.source(metric)
         if found is None:
             return None
@@ -169,14 +170,37 @@ class Run:
     def eval_points(self, record: dict[str, Any]) -> str:
         """The point set of one evaluation record (see ``points``)."""
         n, test_n = record.get("n"), self.test_n
+        points = record.get("points") or {}
+        if record.get("protocol") or points.get("selection") in PROTOCOL_SELECTIONS:
+            return protocol_points(record)
         if test_n is None or n is None or n >= test_n:
             return f"{n}"
-        selection = (record.get("points") or {}).get("selection")
-        if selection == "balanced_head":
+        if points.get("selection") == "balanced_head":
             return f"{n} of {test_n}, class-balanced"
-        if selection == "official_head":
-            return f"{n} of {test_n}, official order"
         return f"first {n} of {test_n}"
+
+
+PROTOCOL_SELECTIONS = ("official_head", "head")  # a leaderboard protocol's first N points of the test split
+
+
+def protocol_points(record: dict[str, Any]) -> str:
+    """The points of a leaderboard-protocol record: the first n of the whole test split (not of the run's test
+    subset), in the official order only when the record says so (``protocol.official_order``; a record without
+    it: when ``points.selection`` is ``official_head``)."""
+    points, protocol = record.get("points") or {}, record.get("protocol") or {}
+    n, total = record.get("n"), points.get("of") or protocol.get("test_images")
+    official = protocol.get("official_order", points.get("selection") == "official_head") is True
+    of = f"the {total:,} test images" if isinstance(total, int) else "the test split"
+    return f"the first {n} of {of}" + (", official order" if official else " (this copy's order, not the official)")
+
+
+def points_text(labels: list[str]) -> str:
+    """Point-set labels (``Run.points``) joined into words: ``"300 of 10000, class-balanced test points"``, a
+    protocol's label (which names its test images) as it is."""
+    if not any("test images" in label or "test split" in label for label in labels):
+        return " / ".join(labels) + " test points"
+    return " / ".join(label if "test images" in label or "test split" in label else f"{label} test points"
+                      for label in labels)
 
 
 # ----------------------------------------------------------------------------------------- collecting

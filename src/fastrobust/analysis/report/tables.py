@@ -9,7 +9,7 @@ import statistics
 
 from fastrobust.analysis.report.groups import Groups, by_method, group_runs, one_setting_sets
 from fastrobust.analysis.report.intervals import accuracy_cell
-from fastrobust.analysis.report.runs import ACCURACY_METRICS, Run, attack_acc, number
+from fastrobust.analysis.report.runs import ACCURACY_METRICS, Run, attack_acc, number, points_text
 from fastrobust.analysis.report.text import key_text, plural, short_key
 
 METRIC_NAMES = {"clean": "Clean", "pgd20": "PGD-20", "pgd100": "PGD-100", "autoattack": "AutoAttack"}
@@ -36,7 +36,7 @@ def column_names(runs: list[Run]) -> dict[str, str]:
         return dict(METRIC_NAMES)
     names = {}
     for metric, labels in sets.items():
-        counts = sorted({re.sub(r"^first ", "", label).split(" ")[0] for label in labels},
+        counts = sorted({re.sub(r"^(the )?first ", "", label).split(" ")[0] for label in labels},
                         key=lambda n: (-int(n), n) if n.isdigit() else (0, n))
         names[metric] = f"{METRIC_NAMES[metric]} (n={'/'.join(counts)})" if counts else METRIC_NAMES[metric]
     return names
@@ -49,11 +49,12 @@ def points_caption(runs: list[Run]) -> str:
         return ""
     every = {label for labels in used.values() for label in labels}
     if len(every) == 1:
-        return f" Every accuracy on the same {every.pop()} test points."
-    by_set: dict[str, list[str]] = {}
+        return f" Every accuracy on the same {points_text([every.pop()])}."
+    by_set: dict[tuple[str, ...], list[str]] = {}
     for metric, labels in used.items():
-        by_set.setdefault(", ".join(labels), []).append(METRIC_NAMES[metric])
-    parts = [f"{' and '.join(names)} on {where} test points" for where, names in by_set.items()]
+        by_set.setdefault(tuple(labels), []).append(METRIC_NAMES[metric])
+    parts = [f"{' and '.join(names)} on {points_text(list(where)).replace(' / ', ', ')}"
+             for where, names in by_set.items()]
     text = (" Columns on different test points (" + "; ".join(parts) + "): compare accuracies within a point set "
             "only (n = the number of points).")
     if any(label.startswith("first ") for label in every):
