@@ -30,11 +30,11 @@ from fastrobust.core.contract import (
     check_gradients_allowed,
     check_model_images,
     check_split,
+    eps_size_note,
     finite_rows,
     parameter_dtype,
     predicts,
     prepare_model,
-    eps_size_note,
     split_arrays,
     validated,
 )
