@@ -176,7 +176,8 @@ def test_l2_eps_beyond_the_image_box_is_refused_everywhere(cli, model_file):
                  lambda: fastrobust.evaluate.sanity.sanity_checks(model, data, eps=14, norm="l2")):
         with pytest.raises(ConfigError, match=r"larger than the diameter .* sqrt\(192\)"):
             call()
-    evaluate(model, data, ["clean"], eps=13.8, norm="l2", progress=False)  # just inside: accepted
+    with pytest.warns(UserWarning, match="is large for 3x8x8 images"):  # just inside: accepted, with the warning
+        evaluate(model, data, ["clean"], eps=13.8, norm="l2", progress=False)
 
 
 # ----------------------------------------------------------------------------- 3. fixed-batch torch.export programs
@@ -640,6 +641,21 @@ def test_a_checkpoint_whose_weights_changed_since_saving_is_refused(tiny_run, tm
         assert message.startswith(f"{step / 'model.safetensors'} has changed since it was saved")
         assert str(step / "state.json") in message and "evaluate another checkpoint" in message
         assert "\n" not in message
+
+
+def test_best_and_last_weights_changed_since_saving_are_refused_by_their_recorded_sha256(tiny_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("best.safetensors", "last.safetensors"):
+        load_model(run / name)  # intact: loads
+        flip_bytes(run / name)
+        with pytest.raises(FastRobustError, match=rf"^{run / name} has changed since it was saved: its weights do "
+                                                  "not match the sha256 recorded in its header"):
+            load_model(run / name)  # before: loaded and evaluated
+    code, _, err, seen = cli(run, dataset=False)  # the run folder: its best model (after a line on its dataset)
+    assert code == 2 and "Traceback" not in err and not seen, err
+    assert err.strip().splitlines()[-1].startswith(f"fastrobust eval: error: {run / 'best.safetensors'} has changed "
+                                                   "since it was saved"), err
 
 
 def test_an_interrupted_run_names_its_newest_checkpoint(tiny_run, tmp_path):

@@ -27,6 +27,7 @@ from fastrobust.models.custom import describe, is_module_config
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {"state_dict": {...}, "epoch": ...}
 MODEL_KEY = "fastrobust_model"
 META_KEY = "fastrobust_meta"
+WEIGHTS_SHA256_KEY = "fastrobust_weights_sha256"  # save_model's digest of the tensors (weights_digest)
 CHECKPOINT_RECORD = "state.json"  # written last into RUN/checkpoints/step-N (fastrobust.train.state), with sha256s
 
 
@@ -49,10 +50,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and tensor bytes (in name order): what ``save_model`` records
+    in the file's header and ``read_model_file`` checks, so that changed weights are never taken for trained ones."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_model(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> str:
-    """Write the model's weights and config atomically; returns the file's sha256."""
-    header = {MODEL_KEY: json.dumps(model_config(model)), META_KEY: json.dumps(metadata or {})}
-    data = tensors_to_bytes(unwrap(model).state_dict(), header)
+    """Write the model's weights and config atomically, with the sha256 of its weights (``weights_digest``) in the
+    header; returns the file's sha256."""
+    state = unwrap(model).state_dict()
+    header = {MODEL_KEY: json.dumps(model_config(model)), META_KEY: json.dumps(metadata or {}),
+              WEIGHTS_SHA256_KEY: weights_digest(state)}
+    data = tensors_to_bytes(state, header)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -142,8 +157,9 @@ def check_unchanged(file: Path) -> None:
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Read (state_dict, model config, metadata) from a fastrobust .safetensors file, with clear errors; a file
-    whose saved sha256 is recorded beside it (a checkpoint folder's model.safetensors) must still match it."""
+    """Read (state_dict, model config, metadata) from a fastrobust .safetensors file, with clear errors; weights
+    whose sha256 was recorded when they were saved (in the file's header by ``save_model``; beside it, in a
+    checkpoint folder's state.json) must still match it."""
     path = Path(path)
     check_unchanged(path)
     try:
@@ -155,6 +171,12 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                               "it may be truncated or corrupt") from None
     if MODEL_KEY not in header:
         raise FastRobustError(f"{path} has no fastrobust model config in its metadata: it was not written by fastrobust")
+    recorded = header.get(WEIGHTS_SHA256_KEY)  # absent from files written before it was recorded
+    if recorded is not None and weights_digest(state) != recorded:
+        raise FastRobustError(f"{path} has changed since it was saved: its weights do not match the sha256 recorded "
+                              "in its header when fastrobust wrote it (the file was damaged or altered); do not use "
+                              "it: evaluate another model of the run, or copy the file again from where it was "
+                              "trained")
     try:
         config, metadata = json.loads(header[MODEL_KEY]), json.loads(header.get(META_KEY, "{}"))
     except ValueError as error:
