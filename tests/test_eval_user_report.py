@@ -1,28 +1,37 @@
 """A new user's report on the evaluation side (CLI ``fastrobust eval``, ``evaluate``, ``sanity_checks``): files
 that must not be written into, the l2 budget, fixed-batch programs, messages, Python API inputs, record details.
-Each test failed before its fix."""
+Each test failed before its fix (the third trial's
+sanity-check test guards the new large-eps warning from firing on sanity's own large eps)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_cifar10_archive
+from helpers import synthetic_dataset, write_cifar10_archive
 from test_report import md_row, write_run
 from torch import nn
 
 import fastrobust.evaluate
+import fastrobust.evaluate.leaderboard
 import fastrobust.evaluate.sanity
 from fastrobust.analysis.report import build_report, wilson_interval
 from fastrobust.cli import main
+from fastrobust.core.contract import eps_size_note
+from fastrobust.core.output_files import check_writable, folder_problem
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.evaluate import evaluate
 from fastrobust.models import create
-from fastrobust.models.checkpoint import save_model
+from fastrobust.models.checkpoint import load_model, save_model
+from fastrobust.train import TrainConfig, train
+from fastrobust.train import run_folder as train_run_folder
 from fastrobust.train.evaluations import read_evaluations
 
 
@@ -167,7 +176,8 @@ def test_l2_eps_beyond_the_image_box_is_refused_everywhere(cli, model_file):
                  lambda: fastrobust.evaluate.sanity.sanity_checks(model, data, eps=14, norm="l2")):
         with pytest.raises(ConfigError, match=r"larger than the diameter .* sqrt\(192\)"):
             call()
-    evaluate(model, data, ["clean"], eps=13.8, norm="l2", progress=False)  # just inside: accepted
+    with pytest.warns(UserWarning, match="is large for 3x8x8 images"):  # just inside: accepted, with the warning
+        evaluate(model, data, ["clean"], eps=13.8, norm="l2", progress=False)
 
 
 # ----------------------------------------------------------------------------- 3. fixed-batch torch.export programs
@@ -360,7 +370,7 @@ def test_eval_names_the_model_it_loaded_at_the_start(cli, model_file):
     code, _, err, _ = cli(model_file, "--json", quiet=False)
     assert code == 0, err
     params = sum(p.numel() for p in create("tinycnn", num_classes=10).parameters())
-    assert f"model tinycnn, {params:,} parameters, input normalisation from the weights" in err
+    assert f"model tinycnn, {params:,} parameters, input normalisation none (the model takes [0,1] pixels)" in err
 
 
 def test_ctrl_c_during_eval_says_how_to_resume(cli, model_file, tmp_path, monkeypatch):
@@ -536,3 +546,172 @@ def test_ctrl_c_during_an_evaluation_prints_one_line_that_says_how_to_resume(cli
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("fastrobust eval: interrupted; ")
     assert (f"kept in --state {tmp_path / 'state.json'}" if state else "add --state FILE") in err
+
+
+# ----------------------------------------------------------------------------- third trial: files, weights, eps
+VIRTUAL = Path("/proc")  # a filesystem with no disk behind it, where os.access still says yes to root
+needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux") or not (VIRTUAL / "self").is_dir(),
+                                reason="needs Linux's /proc")
+
+
+# ---- 1. files checked before any work
+@needs_proc
+def test_out_state_and_model_info_on_a_virtual_filesystem_are_refused_before_the_evaluation(cli, model_file):
+    targets = (("--out", VIRTUAL / "missing" / "results.jsonl"), ("--out", VIRTUAL / "results.jsonl"),
+               ("--state", VIRTUAL / "eval-state.json"))
+    for flag, target in targets:
+        code, _, err, seen = cli(model_file, flag, target)
+        one_line_error(code, err, f"{flag} {target} cannot be created", "/proc is a virtual filesystem")
+        assert not seen  # before: every attack ran, then "cannot be written (No such file or directory)"
+
+@needs_proc
+def test_model_info_on_a_virtual_filesystem_is_refused_before_the_evaluation(cifar_root, model_file, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(fastrobust.evaluate.leaderboard, "robustbench_evaluation", None)  # never reached
+    code = main(["eval", "--checkpoint", str(model_file), "--dataset", "cifar10", "--data-root", str(cifar_root),
+                 "--device", "cpu", "--protocol", "robustbench", "--model-info", str(VIRTUAL / "info.json")])
+    one_line_error(code, capsys.readouterr().err, f"--model-info {VIRTUAL / 'info.json'} cannot be created")
+
+
+def test_a_missing_folder_is_fine_a_file_in_the_way_is_not_and_nothing_is_left_behind(tmp_path):
+    target = tmp_path / "new" / "deeper" / "results.jsonl"
+    assert check_writable(target, what="--out") == target
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone, no folder was made
+    (tmp_path / "a-file").write_text("x")
+    assert folder_problem(tmp_path / "a-file" / "sub") == f"{tmp_path / 'a-file'} is a file, not a folder"
+
+
+def test_a_folder_where_no_file_can_be_made_is_refused_even_when_os_access_says_yes(tmp_path, monkeypatch):
+    """os.access is True for root everywhere (and on read-only mounts): the probe file is what decides."""
+    def refuse(*args, **kwargs):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    assert os.access(tmp_path, os.W_OK)
+    with pytest.raises(ConfigError, match=r"--out .* cannot be created: the folder .* is not writable "
+                                          r"\(Permission denied\); give a path in a folder you can write"):
+        check_writable(tmp_path / "results.jsonl", what="--out")
+
+
+@needs_proc
+def test_train_out_on_a_virtual_filesystem_names_it_not_free_space(tmp_path):
+    with pytest.raises(FastRobustError) as error:
+        train_run_folder.check_can_write(VIRTUAL / "run")
+    assert "/proc is a virtual filesystem" in str(error.value) and "MiB free" not in str(error.value)
+    assert train_run_folder.os_free_bytes(VIRTUAL) is None  # reports no size: "0 MiB free" was the wrong cause
+
+
+@needs_proc
+def test_report_out_on_a_virtual_filesystem_is_one_line_before_any_run_is_read(tmp_path):
+    with pytest.raises(FastRobustError, match=r"^the report folder /proc/x cannot be written: /proc is a virtual "
+                                              r"filesystem .*; choose another --out$"):
+        build_report(tmp_path / "no-runs-here", VIRTUAL / "x")
+
+
+# ---- 2. and 5. a run's weights
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished one-epoch run with a mid-epoch checkpoint (RUN/checkpoints/step-N with state.json's hashes)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("runs") / "run"
+    config = TrainConfig(method="natural", model="tinycnn", model_params={"width": 4}, dataset="synthetic",
+                         epochs=1, batch_size=64, lr=0.05, val_pgd_steps=1, test_pgd_steps=1, device="cpu",
+                         checkpoint_every=2, out=str(out))
+    train(config, dataset=synthetic_dataset(train=128, val=32, test=32), progress=False, log=lambda _: None)
+    return out
+
+
+def flip_bytes(path: Path, count: int = 8) -> None:
+    """Overwrite ``count`` bytes at the end of the file (tensor data, not the header) with their complement."""
+    data = bytearray(path.read_bytes())
+    data[-count:] = bytes(255 - b for b in data[-count:])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_whose_weights_changed_since_saving_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    step = max((run / "checkpoints").glob("step-*"))
+    load_model(step)  # intact: loads
+    flip_bytes(step / "model.safetensors")
+    for given in (step, step / "model.safetensors"):
+        with pytest.raises(FastRobustError) as error:
+            load_model(given)  # before: loaded the damaged weights and evaluated them
+        message = str(error.value)
+        assert message.startswith(f"{step / 'model.safetensors'} has changed since it was saved")
+        assert str(step / "state.json") in message and "evaluate another checkpoint" in message
+        assert "\n" not in message
+
+
+def test_best_and_last_weights_changed_since_saving_are_refused_by_their_recorded_sha256(tiny_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("best.safetensors", "last.safetensors"):
+        load_model(run / name)  # intact: loads
+        flip_bytes(run / name)
+        with pytest.raises(FastRobustError, match=rf"^{run / name} has changed since it was saved: its weights do "
+                                                  "not match the sha256 recorded in its header"):
+            load_model(run / name)  # before: loaded and evaluated
+    code, _, err, seen = cli(run, dataset=False)  # the run folder: its best model (after a line on its dataset)
+    assert code == 2 and "Traceback" not in err and not seen, err
+    assert err.strip().splitlines()[-1].startswith(f"fastrobust eval: error: {run / 'best.safetensors'} has changed "
+                                                   "since it was saved"), err
+
+
+def test_an_interrupted_run_names_its_newest_checkpoint(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("best.safetensors", "last.safetensors"):
+        (run / name).unlink()
+    newest = max((run / "checkpoints").glob("step-*"))
+    with pytest.raises(FastRobustError) as error:
+        load_model(run)  # before: "... is it a fastrobust run?"
+    message = str(error.value)
+    assert message.startswith(f"run {run} has no finished weights yet")
+    assert f"evaluate its newest checkpoint {newest}" in message and f"fastrobust train --resume {run}" in message
+    assert "is it a fastrobust run" not in message
+
+
+# ---- 3. l2/l1 eps too large
+def test_an_implausibly_large_l2_eps_warns_once_on_the_command_line(cli, model_file):
+    code, _, err, _ = cli(model_file, "--norm", "l2", "--eps", "8")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "is large for" in line]
+    expected = ("fastrobust eval: warning: l2 radius 8 is large for 3x32x32 images (spread evenly over its 3072 values "
+                "it changes each by 36.8/255, more than 16/255, twice the usual l_inf budget 8/255: the attack may "
+                "change what the image shows, so a low robust accuracy says little); the usual CIFAR-10 budgets are "
+                "0.5 for l2 and 12 for l1")
+    assert notes == [expected], err
+    assert "UserWarning" not in err
+    for extra in (("--norm", "l2", "--eps", "0.5"), ("--norm", "l2", "--eps", "3"), ("--norm", "l1", "--eps", "12")):
+        code, _, err, _ = cli(model_file, *extra)
+        assert code == 0 and "is large for" not in err, err
+
+
+def test_the_large_eps_rule_in_numbers():
+    shape = (3, 32, 32)  # 3072 values: l2 above 16/255 * sqrt(3072) = 3.48, l1 above 16/255 * 3072 = 192.8
+    assert eps_size_note(3.4, "l2", shape) is None and "l2 radius 3.6 is large" in eps_size_note(3.6, "l2", shape)
+    assert eps_size_note(190, "l1", shape) is None and "l1 radius 200 is large" in eps_size_note(200, "l1", shape)
+    assert eps_size_note(0.5, "linf", shape) is None
+
+
+def test_sanity_checks_own_large_eps_does_not_warn(one_thread):
+    images = torch.randint(0, 256, (4, 3, 10, 10), dtype=torch.uint8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(300, 10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastrobust.evaluate.sanity.sanity_checks(model, (images, torch.tensor([0, 1, 2, 3])), eps=0.5, norm="l2", progress=False)
+    assert not [w for w in caught if "is large for" in str(w.message)]
+
+
+# ---- 4. the model line
+def test_a_model_without_normalisation_says_so(cli, tmp_path):
+    plain, normalised = tmp_path / "plain.safetensors", tmp_path / "normalised.safetensors"
+    save_model(create("tinycnn", num_classes=10, width=4), plain)
+    save_model(create("tinycnn", num_classes=10, width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)), normalised)
+    code, _, err, _ = cli(plain, quiet=False)
+    assert code == 0 and "input normalisation none (the model takes [0,1] pixels)" in err, err
+    code, _, err, _ = cli(normalised, quiet=False)
+    assert code == 0 and "input normalisation from the weights (fastrobust model) mean [0.5, 0.5, 0.5], " \
+                         "std [0.25, 0.25, 0.25]" in err, err

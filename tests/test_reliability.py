@@ -266,8 +266,9 @@ def test_eval_on_a_corrupt_model_file_is_one_line(workspace, finished_run, tmp_p
 
 
 def test_a_saved_model_file_altered_in_place_does_not_load_silently(finished_run, tmp_path):
-    """last.safetensors has no recorded hash; a change that keeps the format valid loads -- but never as
-    a different architecture: the config travels with the weights and shapes are checked."""
+    """A change that keeps the format valid is refused by the weights' sha256 in the header (save_model records
+    it); a file without one (written before it was recorded) never loads as a different architecture: the config
+    travels with the weights and shapes are checked."""
     from safetensors import safe_open
 
     from fastrobust.models.checkpoint import load_model
@@ -279,6 +280,9 @@ def test_a_saved_model_file_altered_in_place_does_not_load_silently(finished_run
         header = handle.metadata()
     state["fc.weight"] = state["fc.weight"][:2]
     save_file(state, str(path), metadata=header)
+    with pytest.raises(FastRobustError, match=r"has changed since it was saved: its weights do not match the sha256"):
+        load_model(path)
+    save_file(state, str(path), metadata={k: v for k, v in header.items() if k != "fastrobust_weights_sha256"})
     with pytest.raises(FastRobustError, match=r"does not fit its saved config tinycnn: shape mismatch \(weights vs model\): fc.weight \[2, "):
         load_model(path)
 

@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fastrobust.core import distributed as dist_lib  # startup
-    from fastrobust.core.contract import ModelError, small_l2_eps_note  # startup
+    from fastrobust.core.contract import ModelError, eps_size_note  # startup
     from fastrobust.core.values import (  # startup
         check_eps,
         check_eps_fits,
@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     from fastrobust.data import load_dataset  # startup
     from fastrobust.evaluate import evaluate, query_budget  # startup
     from fastrobust.evaluate.leaderboard import check_official_order, robustbench_evaluation, standard_eps  # startup
-    from fastrobust.models.checkpoint import data_mismatch, load_model  # startup
+    from fastrobust.models.checkpoint import data_mismatch, load_model, saved_normalization  # startup
 
     _check_protocol(args)
     eps = check_eps(DEFAULT_EPS[args.norm] if args.eps is None else args.eps, name="--eps", norm=args.norm)
@@ -229,8 +229,8 @@ def _run(args: argparse.Namespace) -> int:
     if own:  # read before the dataset: a bad checkpoint fails fast
         model, metadata = load_model(args.checkpoint, device=device)
         config = metadata.get("model") or {}
-        source = {"format": "fastrobust", "normalization": {"mean": config.get("mean"), "std": config.get("std"),
-                                                           "how": "from the weights (fastrobust model)"}}
+        mean, std, how = saved_normalization(config)
+        source = {"format": "fastrobust", "normalization": {"mean": mean, "std": std, "how": how}}
     # only test is read; the protocol takes the first N points of the test order itself
     dataset = load_dataset(args.dataset, args.data_root, val_size=0, test_subset=None if args.protocol else test_subset)
     if args.protocol:  # refused before the model is loaded or any attack runs
@@ -271,12 +271,12 @@ def _run(args: argparse.Namespace) -> int:
         whose = "RobustBench's" if args.norm == "l2" else "the official AutoAttack's"
         print(f"fastrobust eval: --eps {DEFAULT_EPS[args.norm]} (the usual {args.norm} budget, {whose} for CIFAR-10; "
               "give --eps for another)", file=sys.stderr)
-    small_eps = small_l2_eps_note(eps, args.norm, tuple(dataset.image_shape), linf="--norm linf")
-    if small_eps is not None and ctx.is_main:
-        print(f"fastrobust eval: warning: {small_eps}", file=sys.stderr)
+    eps_note = eps_size_note(eps, args.norm, tuple(dataset.image_shape), linf="--norm linf")
+    if eps_note is not None and ctx.is_main:
+        print(f"fastrobust eval: warning: {eps_note}", file=sys.stderr)
     try:
         with warnings.catch_warnings():  # said above in the command's words (and in the record's warnings)
-            warnings.filterwarnings("ignore", message=r"l2 radius .* is small for", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"l[12] radius .* is (small|large) for", category=UserWarning)
             if args.protocol:
                 record = robustbench_evaluation(
                     model, dataset, n=test_subset, eps=eps, norm=args.norm, cross_check=cross_check,

@@ -293,18 +293,33 @@ def check_class_count(logits: Tensor, *, where: str) -> None:
 
 
 SMALL_L2_EPS = 0.1  # below this an l2 radius on images of >= 100 values is most likely an l_inf budget (8/255)
+LARGE_EVEN_CHANGE = 16 / 255  # an l2/l1 ball whose radius, spread evenly, changes every value more: twice 8/255
 
 
-def small_l2_eps_note(eps: float, norm: str, image_shape: tuple[int, ...], *, linf: str = "norm='linf'") -> str | None:
-    """A one-line note when an l2 ``eps`` looks like an l_inf budget given with the wrong norm (eps < 0.1 on
-    images of at least 100 values, e.g. 8/255 on CIFAR-10, where the usual l2 budget is 0.5, RobustBench's), else
-    None. ``linf`` names the switch to suggest (``--norm linf`` on the command line)."""
+def eps_size_note(eps: float, norm: str, image_shape: tuple[int, ...], *, linf: str = "norm='linf'") -> str | None:
+    """A one-line note when an l2 or l1 ``eps`` is implausible for images of ``image_shape`` (C, H, W), else None
+    (and None for l_inf, and for images of fewer than 100 values).
+
+    Too small: an l2 eps below 0.1 looks like an l_inf budget given with the wrong norm (8/255 on CIFAR-10, where
+    the usual l2 budget is 0.5, RobustBench's); ``linf`` names the switch to suggest (``--norm linf`` on the
+    command line). Too large: the radius spread evenly over the image's d values changes each of them by more
+    than 16/255, twice the usual l_inf budget 8/255 (an l2 radius r changes each by r / sqrt(d), an l1 radius by
+    r / d): on CIFAR-10 (d = 3072) an l2 eps above 3.5 or an l1 eps above 193, where the attack may change what
+    the image shows."""
     values = math.prod(image_shape)
-    if norm != "l2" or eps >= SMALL_L2_EPS or values < 100:
+    if norm not in ("l2", "l1") or values < 100:
         return None
     shape = "x".join(str(int(d)) for d in image_shape)
-    return (f"l2 radius {eps:.3g} is small for {shape} images (an l2 ball of that radius barely changes the image, so "
-            f"few points break); the usual CIFAR-10 l2 budget is 0.5 (did you mean {linf}?)")
+    if norm == "l2" and eps < SMALL_L2_EPS:
+        return (f"l2 radius {eps:.3g} is small for {shape} images (an l2 ball of that radius barely changes the "
+                f"image, so few points break); the usual CIFAR-10 l2 budget is 0.5 (did you mean {linf}?)")
+    even = eps / (math.sqrt(values) if norm == "l2" else values)
+    if even <= LARGE_EVEN_CHANGE:
+        return None
+    return (f"{norm} radius {eps:.3g} is large for {shape} images (spread evenly over its {values} values it "
+            f"changes each by {even * 255:.3g}/255, more than 16/255, twice the usual l_inf budget 8/255: the "
+            "attack may change what the image shows, so a low robust accuracy says little); the usual CIFAR-10 "
+            "budgets are 0.5 for l2 and 12 for l1")
 
 
 def finite_rows(logits: Tensor) -> Tensor:

@@ -30,11 +30,11 @@ from fastrobust.core.contract import (
     check_gradients_allowed,
     check_model_images,
     check_split,
+    eps_size_note,
     finite_rows,
     parameter_dtype,
     predicts,
     prepare_model,
-    small_l2_eps_note,
     split_arrays,
     validated,
 )
@@ -254,9 +254,9 @@ def evaluate(
         raise ConfigError("evaluate: data holds no images: nothing to evaluate (check the split or the subset size)")
     check_eps_fits(eps, norm, images.shape[1:])
     check_model_images(model, tuple(images.shape[1:]), where="evaluate")
-    small_eps = small_l2_eps_note(eps, norm, tuple(images.shape[1:]))
-    if small_eps is not None:  # said before the (long) attack; also kept in record["warnings"]
-        warnings.warn(small_eps, UserWarning, stacklevel=2)
+    eps_note = eps_size_note(eps, norm, tuple(images.shape[1:]))
+    if eps_note is not None:  # said before the (long) attack; also kept in record["warnings"]
+        warnings.warn(eps_note, UserWarning, stacklevel=2)
     names, settings, invariance = plan_attacks(attacks, attack_options, eps, norm)
     needs_gradients = any(name not in GRADIENT_FREE for name in names)
     if needs_gradients:
@@ -341,11 +341,11 @@ def evaluate(
                                                time.process_time() - cpu0)
             record["attacks"].update(entries)
             add_cost(record["cost"], entries[name]["cost"])
-    record["warnings"] = ([small_eps] if small_eps else []) + warned + non_finite_warnings(record) + \
+    record["warnings"] = ([eps_note] if eps_note else []) + warned + non_finite_warnings(record) + \
         chance_warnings(record)
     if ctx.is_main:
         for text in record["warnings"]:
-            if text != small_eps:  # that one was said before the attacks
+            if text != eps_note:  # that one was said before the attacks
                 print(f"fastrobust evaluate: warning: {text}", file=sys.stderr)
     if ctx.active:
         record["world_size"] = ctx.world_size

@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fastrobust.core.filekind import MODEL_SUFFIXES, not_a_checkpoint, plain_pickle_globals
-from fastrobust.core.files import atomic_write_bytes
+from fastrobust.core.files import atomic_write_bytes, sha256_file
 from fastrobust.errors import FastRobustError
 from fastrobust.models import create
 from fastrobust.models.custom import describe, is_module_config
@@ -27,6 +27,8 @@ from fastrobust.models.custom import describe, is_module_config
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {"state_dict": {...}, "epoch": ...}
 MODEL_KEY = "fastrobust_model"
 META_KEY = "fastrobust_meta"
+WEIGHTS_SHA256_KEY = "fastrobust_weights_sha256"  # save_model's digest of the tensors (weights_digest)
+CHECKPOINT_RECORD = "state.json"  # written last into RUN/checkpoints/step-N (fastrobust.train.state), with sha256s
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -48,10 +50,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and tensor bytes (in name order): what ``save_model`` records
+    in the file's header and ``read_model_file`` checks, so that changed weights are never taken for trained ones."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_model(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> str:
-    """Write the model's weights and config atomically; returns the file's sha256."""
-    header = {MODEL_KEY: json.dumps(model_config(model)), META_KEY: json.dumps(metadata or {})}
-    data = tensors_to_bytes(unwrap(model).state_dict(), header)
+    """Write the model's weights and config atomically, with the sha256 of its weights (``weights_digest``) in the
+    header; returns the file's sha256."""
+    state = unwrap(model).state_dict()
+    header = {MODEL_KEY: json.dumps(model_config(model)), META_KEY: json.dumps(metadata or {}),
+              WEIGHTS_SHA256_KEY: weights_digest(state)}
+    data = tensors_to_bytes(state, header)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -64,6 +80,12 @@ def resolve_model_file(path: str | Path) -> Path:
         for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
             if (path / name).is_file():
                 return path / name
+        steps = sorted(p for p in path.glob("checkpoints/step-*") if (p / "model.safetensors").is_file())
+        if steps:  # a run stopped (or still training) before its first epoch ended: checkpoints, no best/last
+            raise FastRobustError(f"run {path} has no finished weights yet (no best.safetensors or last.safetensors: "
+                                  "its training stopped, or is still running, before the first epoch ended); "
+                                  f"evaluate its newest checkpoint {steps[-1]}, or finish the training with "
+                                  f"fastrobust train --resume {path}")
         raise FastRobustError(f"{path} holds no best.safetensors or last.safetensors (a run folder) and no "
                               "model.safetensors (a checkpoint folder RUN/checkpoints/step-N)" + _found_in(path))
     check_model_path(path)
@@ -103,9 +125,43 @@ def _found_in(folder: Path) -> str:
     return ": is it a fastrobust run?"
 
 
+def recorded_sha256(file: Path) -> tuple[str, Path] | None:
+    """The sha256 recorded for ``file`` when it was saved, and where: a checkpoint folder's ``state.json`` records
+    its files' hashes (``fastrobust.train.state.write``); None when nothing beside ``file`` records one."""
+    record = file.parent / CHECKPOINT_RECORD
+    if not record.is_file():
+        return None
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):  # an unreadable record is resume's concern (it skips the folder), not a hash
+        return None
+    hashes = info.get("sha256") if isinstance(info, dict) else None
+    digest = hashes.get(file.name) if isinstance(hashes, dict) else None
+    return (digest, record) if isinstance(digest, str) else None
+
+
+def check_unchanged(file: Path) -> None:
+    """Refuse a model file whose contents differ from the sha256 recorded when it was saved (``recorded_sha256``):
+    flipped bits on a disk or a copy cut short would otherwise be evaluated as if they were the trained model.
+
+    Raises:
+        FastRobustError: the file's sha256 is not the recorded one (one line: the file, the record, what to do).
+    """
+    recorded = recorded_sha256(file)
+    if recorded is None or not file.is_file() or sha256_file(file) == recorded[0]:  # a missing file: read says so
+        return
+    raise FastRobustError(f"{file} has changed since it was saved: its sha256 is not the one recorded in "
+                          f"{recorded[1]} (the file was damaged or altered); do not use it: evaluate another "
+                          "checkpoint folder or the best/last model of the run, or copy the run again from where "
+                          "it was trained")
+
+
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Read (state_dict, model config, metadata) from a fastrobust .safetensors file, with clear errors."""
+    """Read (state_dict, model config, metadata) from a fastrobust .safetensors file, with clear errors; weights
+    whose sha256 was recorded when they were saved (in the file's header by ``save_model``; beside it, in a
+    checkpoint folder's state.json) must still match it."""
     path = Path(path)
+    check_unchanged(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -115,6 +171,12 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                               "it may be truncated or corrupt") from None
     if MODEL_KEY not in header:
         raise FastRobustError(f"{path} has no fastrobust model config in its metadata: it was not written by fastrobust")
+    recorded = header.get(WEIGHTS_SHA256_KEY)  # absent from files written before it was recorded
+    if recorded is not None and weights_digest(state) != recorded:
+        raise FastRobustError(f"{path} has changed since it was saved: its weights do not match the sha256 recorded "
+                              "in its header when fastrobust wrote it (the file was damaged or altered); do not use "
+                              "it: evaluate another model of the run, or copy the file again from where it was "
+                              "trained")
     try:
         config, metadata = json.loads(header[MODEL_KEY]), json.loads(header.get(META_KEY, "{}"))
     except ValueError as error:
@@ -122,6 +184,16 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(config, dict) or not isinstance(metadata, dict):
         raise FastRobustError(f"{path}: its fastrobust metadata is not a mapping; the file was altered")
     return state, config, metadata
+
+
+def saved_normalization(config: dict[str, Any]) -> tuple[list | None, list | None, str]:
+    """The input normalisation a fastrobust model file carries in its ``config``: ``(mean, std, how)``, ``how`` in
+    words for the model line of ``fastrobust eval``: the values from the weights, or none at all (a model built
+    without mean/std takes [0,1] pixels)."""
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None or std is None:
+        return None, None, "none (the model takes [0,1] pixels)"
+    return mean, std, "from the weights (fastrobust model)"
 
 
 def data_mismatch(config: dict[str, Any] | None, image_shape: tuple[int, int, int], num_classes: int,

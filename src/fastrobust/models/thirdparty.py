@@ -41,6 +41,7 @@ from fastrobust.models.checkpoint import (
     read_model_file,
     rebuild,
     resolve_model_file,
+    saved_normalization,
 )
 from fastrobust.models.custom import check_pairing, is_module_config, mismatch
 from fastrobust.models.layouts import convert, identify, strip_prefixes
@@ -499,6 +500,5 @@ def _from_fastrobust_file(path, state, config, build, label, model_name, normali
     if model_name is not None and canonical_name(model_name) != config.get("name"):
         raise FastRobustError(f"{path} holds a {config.get('name')} model, not --model {model_name}: drop --model")
     module = rebuild(path, state, config)
-    mean, std = config.get("mean"), config.get("std")
-    return module, Normalization(None if mean is None else tuple(mean), None if std is None else tuple(std),
-                                 "from the weights (fastrobust model)")
+    mean, std, how = saved_normalization(config)
+    return module, Normalization(None if mean is None else tuple(mean), None if std is None else tuple(std), how)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastrobust.core.output_files import folder_problem
 from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.evaluate import default_step
 from fastrobust.train import state
@@ -159,16 +160,15 @@ def default_out(config: Any) -> str:
 
 
 def check_can_write(folder: Path) -> None:
-    """Fail before any work when ``folder`` could not be created and written, or the disk is nearly full;
-    creates nothing (``check_writable`` later makes the folder and probes it)."""
+    """Fail before any work when ``folder`` could not be created and written (``folder_problem``: a file in the
+    way, a read-only or virtual filesystem such as /proc, no permission), or the disk is nearly full; leaves
+    nothing behind (``check_folder_writable`` later makes the folder and probes it)."""
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise FastRobustError(f"cannot write to output folder {folder}: {problem}; choose another --out")
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir():
-        raise FastRobustError(f"cannot write to output folder {folder}: {existing} is not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FastRobustError(f"cannot write to output folder {folder}: permission denied on {existing}; "
-                              "choose another --out")
     _check_free_space(folder, existing)
 
 
@@ -191,9 +191,13 @@ def check_folder_writable(folder: Path) -> None:
 
 
 def os_free_bytes(folder: Path) -> int | None:
+    """Bytes free for this user under ``folder``; None when the filesystem does not say (no statvfs, or one that
+    reports no size at all, as virtual and some network filesystems do: "0 MiB free" would be the wrong cause)."""
     try:
         stats = os.statvfs(folder)
     except (OSError, AttributeError):
+        return None
+    if stats.f_blocks == 0:
         return None
     return stats.f_bavail * stats.f_frsize
 

@@ -17,6 +17,7 @@ from fastrobust.analysis.report.hessian import hessian_curves, hessian_final, he
 from fastrobust.analysis.report.intervals import INTERVAL_CAPTION
 from fastrobust.analysis.report.runs import Run, collect_runs
 from fastrobust.analysis.report.text import plural, short_key
+from fastrobust.core.output_files import folder_problem
 from fastrobust.errors import FastRobustError
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
@@ -253,13 +254,17 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, tit
         ``{"markdown": path, "html": path (with html_page), "figures": [paths], "runs": count, "missing": [...]}``.
 
     Raises:
-        FastRobustError: ``runs_dir`` is not a folder or holds no run with a result.json.
+        FastRobustError: ``out_dir`` cannot be written (checked first), or ``runs_dir`` is not a folder or holds
+            no run with a result.json.
     """
     runs_dir = Path(runs_dir)
+    out = Path(out_dir) if out_dir is not None else runs_dir / "report"
+    problem = folder_problem(out)  # before any run is read
+    if problem is not None:
+        raise FastRobustError(f"the report folder {out} cannot be written: {problem}; choose another --out")
     runs, missing = collect_runs(runs_dir)
     if not runs:
         raise FastRobustError(f"no run with a result.json under {runs_dir}: nothing to report (is the sweep finished?)")
-    out = Path(out_dir) if out_dir is not None else runs_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     title = title or f"fastrobust report: {runs_dir.name} ({plural(len(runs), 'run')})"
