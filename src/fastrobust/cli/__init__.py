@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from fastrobust import __version__
+from fastrobust.cli.parsing import CommandParser
 from fastrobust.errors import FastRobustError, is_interrupt
 
 _COMMANDS = ("train", "eval", "data", "models", "methods", "sweep", "report", "analyze")
@@ -18,8 +19,8 @@ _PLUGIN_COMMANDS = ("train", "eval", "models", "sweep", "analyze")  # commands t
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-    parser = argparse.ArgumentParser(
+    """The ``fastrobust`` parser with every sub-command (all CommandParser: usage errors are one line)."""
+    parser = CommandParser(
         prog="fastrobust",
         description="Efficient adversarial robust training and robustness evaluation of image classifiers.",
     )
