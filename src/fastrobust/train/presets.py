@@ -104,7 +104,7 @@ def make_config(settings: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(settings) - known
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}: known settings are {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(map(str, unknown)))}: known settings are {', '.join(sorted(known))}")
     return TrainConfig(**{name: _convert(name, value) for name, value in settings.items()})
 
 
