@@ -9,6 +9,7 @@ checkpoints, and ends with the test clean and PGD-20 accuracy of ``best`` in ``r
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import sys
@@ -653,6 +654,28 @@ class _NonFinite(Exception):
 
 
 _VAL_KEYS = ("val_clean_acc", "val_robust_acc", averaging.PREFIX + "val_clean_acc", averaging.PREFIX + "val_robust_acc")
+
+
+def check_new_run_folder(config: TrainConfig) -> None:
+    """Make the refusals ``Trainer(config)`` makes about ``config.out`` (a bad setting, another run in the folder,
+    a folder that cannot be written) without loading data or building anything: for a caller about to do
+    something slow first (the command line's time probe of a GPU preset on a CPU). Reads only; ``config`` is
+    not changed.
+
+    Args:
+        config: the new run's settings; ``out`` None (a new timestamped folder) checks the settings only.
+
+    Raises:
+        ConfigError: a bad setting, or ``config.out`` holds another run (``fastrobust.train.run_folder.check``).
+        FastRobustError: ``config.out`` cannot be created and written, or its disk is nearly full.
+    """
+    recorded = copy.deepcopy(config).validate()  # what Trainer records in config.json, checked against the folder's
+    if recorded.out is None:
+        return
+    if recorded.data_root is None and recorded.dataset != "imagefolder":
+        recorded.data_root = recorded_data_root()
+    run_folder.check(Path(recorded.out), asdict(recorded), asdict(TrainConfig()))
+    check_can_write(Path(recorded.out))
 
 
 def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
