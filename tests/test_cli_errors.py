@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from fastrobust.cli import main
-from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.core.values import check_eps, check_nonnegative_int, check_positive_int, parse_number
-from fastrobust.train.presets import available_presets, load_preset, make_config, parse_assignments
+from fastrobust.errors import ConfigError, FastRobustError
 from fastrobust.train import TrainConfig, resolve_device
+from fastrobust.train.presets import available_presets, load_preset, make_config, parse_assignments
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -360,3 +360,33 @@ def test_known_bad_commands_print_one_line_reason(sandbox, capsys, argv, reason)
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and reason in err, err
+
+
+# ----------------------------------------------------------------------------- argparse errors: one line
+@pytest.mark.parametrize("argv, prog, reason", [
+    (["eval", "--attack", "autoatack"], "fastrobust eval",
+     "argument --attack: invalid choice 'autoatack' (did you mean 'autoattack'?)"),
+    (["trian"], "fastrobust", "argument COMMAND: invalid choice 'trian' (did you mean 'train'?)"),
+    (["train", "--no-such-flag"], "fastrobust train", "unrecognized arguments: --no-such-flag"),
+    (["eval", "--dataset", "cifar10"], "fastrobust eval", "the following arguments are required: --checkpoint"),
+])
+def test_argument_errors_are_one_line_with_a_suggestion(sandbox, capsys, argv, prog, reason):
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.strip() == f"{prog}: error: {reason}; see {prog} --help", err
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_negative_fraction_is_read_as_the_value_of_eps(sandbox, capsys, command):
+    """``--eps -8/255`` reaches the value check (eps must be positive), not argparse's "expected one argument"."""
+    extra = ["--dataset", "cifar10", "--plan"] if command == "train" else ["--checkpoint", "m.safetensors",
+                                                                            "--dataset", "cifar10"]
+    code, _, err = run_cli([command, "--eps", "-8/255", *extra], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "expected one argument" not in err and "out of range (0, 1]" in err, err
+
+
+def test_an_unknown_preset_suggests_the_closest_in_one_short_line(sandbox, capsys):
+    code, _, err = run_cli(["train", "--preset", "speedrn"], capsys)
+    assert code == 2 and err.strip() == (
+        "fastrobust train: error: unknown preset 'speedrn' (did you mean 'speedrun'?): give a YAML file or a "
+        "shipped preset's name (fastrobust train --list-presets lists them)"), err

@@ -5,8 +5,10 @@ preset sized for a GPU started on a CPU warns with that estimate and names the C
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fastrobust.train as train_face
+import fastrobust.train.plan as plan_module
 import fastrobust.train.trainer as trainer_module
 from fastrobust.cli import main
 from fastrobust.errors import ConfigError
@@ -84,3 +86,68 @@ def test_sweep_dry_run_estimates_each_run_with_one_probe_per_setting(tmp_path, m
     assert text.count(", about ") == 2 and "estimated training time of the runs to do on this machine: about" in text
     assert len(probed) == 1  # the two seeds share one probe
     assert not (tmp_path / "sweep").exists()
+
+
+class SlowClock:
+    """A clock on which every reading is ``seconds`` later than the one before: every step looks slow."""
+
+    def __init__(self, seconds: float) -> None:
+        self.now, self.seconds = 0.0, seconds
+
+    def perf_counter(self) -> float:
+        self.now += self.seconds
+        return self.now
+
+
+def counting_optimizer(monkeypatch) -> list[int]:
+    """Counts the optimiser steps the probe takes (one per training step)."""
+    steps: list[int] = []
+
+    class CountingSGD(torch.optim.SGD):
+        def step(self, *args, **kwargs):
+            steps.append(1)
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module.torch.optim, "SGD", CountingSGD)
+    return steps
+
+
+def test_a_slow_step_is_timed_once_and_the_plan_says_so(monkeypatch, one_thread):
+    steps = counting_optimizer(monkeypatch)
+    monkeypatch.setattr(plan_module, "time", SlowClock(2 * plan_module.SLOW_STEP_SECONDS))
+    told: list[str] = []
+    config = make_config({**load_preset("quickstart"), "device": "cpu", "batch_size": 4})
+    plan = probe(config, warmup=1, steps=3, log=told.append)
+    assert len(steps) == 2 and plan.timed_steps == 1 and plan.stopped_early  # the warm-up and one timed step
+    assert told == ["timing 3 training steps (after 1 warm-up) of this config on cpu ..."]
+    assert "(timed on 1 step only: steps over 5 s are not timed again)" in plan.lines()[2]
+
+
+def test_fast_steps_are_all_timed(monkeypatch, one_thread):
+    steps = counting_optimizer(monkeypatch)
+    config = make_config({**load_preset("quickstart"), "device": "cpu", "batch_size": 4})
+    plan = probe(config, warmup=1, steps=3)
+    assert len(steps) == 4 and plan.timed_steps == 3 and not plan.stopped_early
+    assert "timed on" not in plan.lines()[2]
+
+
+def test_plan_says_what_it_times_before_it_starts(tmp_path, monkeypatch, capsys, one_thread):
+    def quiet_probe(config, **kwargs):
+        kwargs["log"]("said before the probe")
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(plan_module, "probe", quiet_probe)
+    assert main(["train", "--preset", "quickstart", "--device", "cpu", "--plan"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "said before the probe"
+
+
+def test_a_gpu_preset_on_a_cpu_refuses_a_used_out_before_the_probe(tmp_path, monkeypatch, capsys):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "config.json").write_text("{}")
+    (used / "result.json").write_text("{}")
+    monkeypatch.setattr(plan_module, "gpu_preset_on_cpu", lambda *_args: True)
+    monkeypatch.setattr(plan_module, "probe", lambda *_args, **_kwargs: pytest.fail("probed before the folder check"))
+    assert main(["train", "--preset", "speedrun", "--out", str(used)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {used} already holds a run" in err and len(err.strip().splitlines()) == 1, err

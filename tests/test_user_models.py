@@ -263,3 +263,33 @@ def test_a_user_module_trains_on_two_ranks_like_one_process(tmp_path, one_thread
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
     record = json.loads((tmp_path / "two" / "result.json").read_text())
     assert record["world_size"] == 2 and record["model_source"]["source"] == "module"
+
+
+# ----------------------------------------------------------------------------- fastrobust models: descriptions
+class UndocumentedNet(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3, mean=None, std=None):
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    def forward(self, x):
+        return self.head(x)
+
+
+class DocumentedNet(UndocumentedNet):
+    """A linear probe for tests.
+
+    More text that is not the summary."""
+
+
+def test_models_lists_only_a_model_class_own_docstring(capsys):
+    register("undocumented_test", UndocumentedNet)
+    register("documented_test", DocumentedNet)
+    try:
+        assert main(["models"]) == 0
+        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    finally:
+        unregister("undocumented_test")
+        unregister("documented_test")
+    assert "Base class for all neural network modules" not in rows["undocumented_test"]
+    assert rows["undocumented_test"].endswith("(no description) (from test_user_models:UndocumentedNet)")
+    assert rows["documented_test"].endswith("A linear probe for tests. (from test_user_models:DocumentedNet)")

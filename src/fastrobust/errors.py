@@ -26,6 +26,11 @@ class TrainingStopped(FastRobustError):
     """Training ended early on purpose (signal, NaN, collapse); the message says how to continue."""
 
 
+class StopRequested(TrainingStopped):
+    """Training stopped because the user (or a scheduler) asked for it (SIGINT, SIGTERM): a checkpoint is saved and
+    the message says how to resume. The CLI prints it as ``stopped:``, not as an error."""
+
+
 def is_interrupt(error: BaseException) -> bool:
     """Whether ``error`` is, or was caused by, an interrupt (Ctrl-C, SIGTERM), however it was wrapped.
 

@@ -11,15 +11,16 @@ import importlib
 import sys
 
 from fastrobust import __version__
-from fastrobust.errors import FastRobustError, is_interrupt
+from fastrobust.cli.parsing import CommandParser
+from fastrobust.errors import FastRobustError, StopRequested, is_interrupt
 
 _COMMANDS = ("train", "eval", "data", "models", "methods", "sweep", "report", "analyze")
 _PLUGIN_COMMANDS = ("train", "eval", "models", "sweep", "analyze")  # commands that take --import MODULE
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-    parser = argparse.ArgumentParser(
+    """The ``fastrobust`` parser with every sub-command (all CommandParser: usage errors are one line)."""
+    parser = CommandParser(
         prog="fastrobust",
         description="Efficient adversarial robust training and robustness evaluation of image classifiers.",
     )
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FastRobustError as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # always one line
-        print(f"fastrobust {args.command}: error: {message}", file=sys.stderr)
+        label = "stopped" if isinstance(error, StopRequested) else "error"  # a stop asked for is no error
+        print(f"fastrobust {args.command}: {label}: {message}", file=sys.stderr)
         return 2
     except OSError as error:  # the machine, not the input: disk full, permissions, a vanished file
         if is_interrupt(error):

@@ -210,6 +210,7 @@ def _train(args: argparse.Namespace) -> int:
     from fastrobust.train import Trainer, describe_best, resume  # startup
     from fastrobust.train.plan import CPU_PRESETS, duration, gpu_preset_on_cpu, probe  # startup
     from fastrobust.train.presets import make_config  # startup
+    from fastrobust.train.trainer import check_new_run_folder  # startup
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     if args.resume:
@@ -226,10 +227,11 @@ def _train(args: argparse.Namespace) -> int:
         if config.eps is not None:
             config.eps = parse_number(config.eps, name="eps")
         if args.plan:
-            print("\n".join(probe(config).lines()))
+            print("\n".join(probe(config, log=_say).lines()))
             return 0
         if gpu_preset_on_cpu(config, args.preset) and dist_lib.context().is_main:
-            plan = probe(config, warmup=1, steps=1)
+            check_new_run_folder(config)  # the refusals that need no probe come before its minutes
+            plan = probe(config, warmup=1, steps=1, log=_say)
             print(f"fastrobust train: warning: preset {args.preset!r} is sized for a GPU ({config.model}, "
                   f"{config.epochs} epochs on the whole training set) and this run is on the CPU: about "
                   f"{duration(plan.total_seconds)} here. For a CPU use --preset {CPU_PRESETS}; --plan prints "
@@ -253,6 +255,10 @@ def _train(args: argparse.Namespace) -> int:
         if args.preset and not args.resume:
             print(_against_expected(args, test))
     return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _against_expected(args: argparse.Namespace, test: dict[str, Any]) -> str:

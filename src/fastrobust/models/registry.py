@@ -89,7 +89,23 @@ def register(name: str, factory: Callable[..., nn.Module], *, description: str =
         raise ConfigError(f"model name {name!r} is already registered by {_REGISTERED[key].origin}: "
                           "choose another name or pass replace=True")
     origin = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', type(factory).__name__)}"
-    _REGISTERED[key] = Registered(key, factory, description or (inspect.getdoc(factory) or "").split("\n")[0], origin)
+    _REGISTERED[key] = Registered(key, factory, description or own_summary(factory), origin)
+
+
+def own_summary(factory: Callable[..., object]) -> str:
+    """The first line of ``factory``'s own docstring, or "" when it has none.
+
+    A class's docstring is read from the class itself, never inherited: ``inspect.getdoc`` of an ``nn.Module``
+    subclass without one is torch's "Base class for all neural network modules.". Another callable object
+    (``functools.partial``, an instance with ``__call__``) has only its type's docstring, so none of its own.
+    """
+    if isinstance(factory, type):
+        doc = factory.__dict__.get("__doc__")
+    elif inspect.isfunction(factory) or inspect.ismethod(factory):
+        doc = factory.__doc__
+    else:
+        doc = None
+    return inspect.cleandoc(doc).split("\n")[0] if isinstance(doc, str) and doc.strip() else ""
 
 
 def _same_code(old: Callable, new: Callable) -> bool:
@@ -386,6 +402,6 @@ def model_info(*, num_classes: int = 10, in_channels: int = 3, image_size: int =
                 raise
             params = None
         description = _MODELS[name].description if registered is None else (
-            f"{registered.description or 'registered model'} (from {registered.origin})")
+            f"{registered.description or '(no description)'} (from {registered.origin})")
         rows.append({"name": name, "params": params, "description": description})
     return rows

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from fastrobust.train.optim import parameter_groups
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "mnist": 60_000, "tiny-imagenet": 100_000}
 GPU_SIZED_MODELS = ("preactresnet18", "resnet18", "resnet34", "resnet50", "wrn28_10", "wrn34_10", "wideresnet")
 CPU_PRESETS = "speedrun-cpu (or quickstart)"
+SLOW_STEP_SECONDS = 5.0  # a step slower than this is timed once: more would add minutes to a rough estimate
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Plan:
     epoch_seconds: float
     validation_seconds: float
     epochs: int
+    timed_steps: int = 1  # fewer than asked when the steps were slow (SLOW_STEP_SECONDS)
+    stopped_early: bool = False
 
     @property
     def total_seconds(self) -> float:
@@ -60,10 +64,17 @@ class Plan:
             f"device {self.device}; precision {self.precision}; channels_last {'on' if self.channels_last else 'off'};"
             f" compile {'on' if self.compile else 'off'}",
             f"method cost: {self.declared_passes:g} forward+backward passes per step (declared)",
-            f"probe: {self.step_seconds:.3g} s per step -> {self.steps_per_epoch} steps, about "
-            f"{duration(self.epoch_seconds)} per epoch + {duration(self.validation_seconds)} validation",
+            (f"probe: {self.step_seconds:.3g} s per step{self._timed_note()} -> {self.steps_per_epoch} steps, "
+             f"about {duration(self.epoch_seconds)} per epoch + {duration(self.validation_seconds)} validation"),
             f"estimate: about {duration(self.total_seconds)} for {self.epochs} epochs on this machine{compiled}",
         ]
+
+
+    def _timed_note(self) -> str:
+        if not self.stopped_early:
+            return ""
+        return (f" (timed on {self.timed_steps} step{'s' if self.timed_steps > 1 else ''} only: steps over "
+                f"{SLOW_STEP_SECONDS:g} s are not timed again)")
 
 
 def duration(seconds: float) -> str:
@@ -83,13 +94,17 @@ def train_images(config: TrainConfig) -> int | None:
     return None if total is None else max(total - config.val_size, 0)
 
 
-def probe(config: TrainConfig, *, warmup: int = 1, steps: int = 3) -> Plan:
+def probe(config: TrainConfig, *, warmup: int = 1, steps: int = 3,
+          log: Callable[[str], None] | None = None) -> Plan:
     """Time ``steps`` training steps (after ``warmup``) of ``config`` on random images; see the module docstring.
+    Once a timed step has taken over ``SLOW_STEP_SECONDS`` on average, no further step is timed: the plan says so.
 
     Args:
         config: the run's settings (validated here).
         warmup: untimed steps first (default 1: allocation, kernel choice).
-        steps: timed steps (default 3).
+        steps: timed steps at most (default 3).
+        log: told one line before the first step (what is timed, on which device), as the probe can take
+            minutes (a GPU-sized model on a CPU); default None: nothing said.
 
     Returns:
         The plan.
@@ -136,14 +151,21 @@ def probe(config: TrainConfig, *, warmup: int = 1, steps: int = 3) -> Plan:
         loss.backward()
         optimizer.step()
 
+    if log is not None:
+        log(f"timing {steps} training step{'s' if steps != 1 else ''} (after {warmup} warm-up) of this config on "
+            f"{device} ...")
     for _ in range(warmup):
         step()
     _synchronize(device)
+    timed = 0
     start = time.perf_counter()
-    for _ in range(steps):
+    while timed < steps:
         step()
-    _synchronize(device)
-    step_seconds = (time.perf_counter() - start) / steps
+        _synchronize(device)
+        timed += 1
+        if (time.perf_counter() - start) / timed > SLOW_STEP_SECONDS:
+            break
+    step_seconds = (time.perf_counter() - start) / timed
     images = train_images(config)
     steps_per_epoch = math.ceil(images / config.batch_size) if images else 0
     passes = method.cost.passes
@@ -153,7 +175,8 @@ def probe(config: TrainConfig, *, warmup: int = 1, steps: int = 3) -> Plan:
     name = str(autocast_dtype).replace("torch.", "") if autocast_dtype is not None else "fp32"
     return Plan(device=str(device), precision=name, channels_last=channels_last, compile=config.compile,
                 declared_passes=passes, step_seconds=step_seconds, steps_per_epoch=steps_per_epoch,
-                epoch_seconds=steps_per_epoch * step_seconds, validation_seconds=validation, epochs=config.epochs)
+                epoch_seconds=steps_per_epoch * step_seconds, validation_seconds=validation, epochs=config.epochs,
+                timed_steps=timed, stopped_early=timed < steps)
 
 
 def gpu_preset_on_cpu(config: TrainConfig, preset: str | None) -> bool:

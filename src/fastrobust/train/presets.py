@@ -7,6 +7,7 @@ with the same strict grammar as the command line.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,10 @@ def _read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PRESET_DIR / f"{ALIASES.get(name_or_path, name_or_path)}.yaml"
     if not path.is_file():
-        raise ConfigError(
-            f"unknown preset {name_or_path!r}: give a YAML file or one of {', '.join(available_presets())}"
-        )
+        close = difflib.get_close_matches(name_or_path, available_presets(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name_or_path!r}{hint}: give a YAML file or a shipped preset's name "
+                          "(fastrobust train --list-presets lists them)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as error:  # bad dates/tags raise ValueError
@@ -102,7 +104,7 @@ def make_config(settings: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(settings) - known
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}: known settings are {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown setting(s) {', '.join(sorted(map(str, unknown)))}: known settings are {', '.join(sorted(known))}")
     return TrainConfig(**{name: _convert(name, value) for name, value in settings.items()})
 
 

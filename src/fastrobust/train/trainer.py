@@ -9,7 +9,9 @@ checkpoints, and ends with the test clean and PGD-20 accuracy of ``best`` in ``r
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
 import signal
 import sys
 import threading
@@ -29,7 +31,7 @@ from fastrobust.core.filekind import looks_like
 from fastrobust.core.files import atomic_write_json
 from fastrobust.core.records import append_jsonl, environment
 from fastrobust.data import DeviceLoader, load_dataset
-from fastrobust.errors import ConfigError, FastRobustError, TrainingStopped
+from fastrobust.errors import ConfigError, FastRobustError, StopRequested, TrainingStopped
 from fastrobust.evaluate import pgd_accuracy
 from fastrobust.models import create as create_model
 from fastrobust.models.checkpoint import load_model, read_model_file, save_model
@@ -50,12 +52,20 @@ from fastrobust.train.optim import parameter_groups
 from fastrobust.train.run_folder import check_can_write, check_folder_writable, check_resume_epochs, default_out
 from fastrobust.train.schedules import lr_schedule
 
+LONG_STEP_SECONDS = 2.0  # after a step this long, a Ctrl-C is acknowledged at once (the stop waits for the step)
+STOPPING = ("SIGINT received: stopping after this step and saving a checkpoint; Ctrl-C again to stop at once "
+            "without one")
+
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (only in the main thread)."""
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (only in the main thread). A first
+    SIGINT while steps are long (the last one took over LONG_STEP_SECONDS) is acknowledged at once with one line
+    to ``announce``, since the stop itself waits for the step to end."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
         self.signal: int | None = None
+        self.step_seconds: float | None = None  # the wall time of the last step; None before the first ends
+        self._announce = announce
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -68,10 +78,21 @@ class _StopFlag:
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
+        long_steps = self.step_seconds is not None and self.step_seconds > LONG_STEP_SECONDS
+        if signum == signal.SIGINT and long_steps and self._announce is not None:
+            self._announce(STOPPING)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _to_stderr(line: str) -> None:
+    """One line on stderr from a signal handler: a write the signal interrupted may hold the stream's lock."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except RuntimeError:  # reentrant call inside the buffered stderr
+        os.write(2, (line + "\n").encode())
 
 
 class Trainer:
@@ -246,8 +267,11 @@ class Trainer:
                    disable=not (self.progress and is_terminal(sys.stderr)), leave=False, unit="batch",
                    dynamic_ncols=True)
         start = time.perf_counter()
+        last = time.perf_counter()
         for x, y in bar:
             stats = self._step(x, y)
+            now = time.perf_counter()
+            stop.step_seconds, last = now - last, now  # the time between steps: all of a step, on any device
             if self.averager is not None:
                 self.averager.update(self.model, self.epoch)
             size = y.shape[0]
@@ -545,7 +569,7 @@ class Trainer:
         if self.last_good is None and self.keeps_last_good:
             self.last_good = self._capture()
         rollbacks = 0
-        with _StopFlag() as stop:
+        with _StopFlag(_to_stderr if self.dist.is_main else None) as stop:
             while self.epoch < config.epochs:
                 method_info = self.method.start_epoch(self.epoch)
                 self._epoch_start = time.perf_counter()
@@ -559,7 +583,7 @@ class Trainer:
                 if stopping is not None and self.batch < len(self.loader):
                     self.save_checkpoint()
                     name = signal.Signals(stopping).name
-                    raise TrainingStopped(
+                    raise StopRequested(
                         f"{name} received: stopped at epoch {self.epoch + 1}, batch {self.batch}; checkpoint saved. "
                         f"Resume with: fastrobust train --resume {self.out}"
                     )
@@ -599,7 +623,7 @@ class Trainer:
                 if self._stop_signal(stop, sync=True) is not None:
                     if not checkpointing:  # the signal came while this epoch's records were written
                         self.save_checkpoint()
-                    raise TrainingStopped(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
+                    raise StopRequested(f"stopped after epoch {self.epoch}; checkpoint saved. Resume with: fastrobust train --resume {self.out}")
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
@@ -653,6 +677,28 @@ class _NonFinite(Exception):
 
 
 _VAL_KEYS = ("val_clean_acc", "val_robust_acc", averaging.PREFIX + "val_clean_acc", averaging.PREFIX + "val_robust_acc")
+
+
+def check_new_run_folder(config: TrainConfig) -> None:
+    """Make the refusals ``Trainer(config)`` makes about ``config.out`` (a bad setting, another run in the folder,
+    a folder that cannot be written) without loading data or building anything: for a caller about to do
+    something slow first (the command line's time probe of a GPU preset on a CPU). Reads only; ``config`` is
+    not changed.
+
+    Args:
+        config: the new run's settings; ``out`` None (a new timestamped folder) checks the settings only.
+
+    Raises:
+        ConfigError: a bad setting, or ``config.out`` holds another run (``fastrobust.train.run_folder.check``).
+        FastRobustError: ``config.out`` cannot be created and written, or its disk is nearly full.
+    """
+    recorded = copy.deepcopy(config).validate()  # what Trainer records in config.json, checked against the folder's
+    if recorded.out is None:
+        return
+    if recorded.data_root is None and recorded.dataset != "imagefolder":
+        recorded.data_root = recorded_data_root()
+    run_folder.check(Path(recorded.out), asdict(recorded), asdict(TrainConfig()))
+    check_can_write(Path(recorded.out))
 
 
 def train(config: TrainConfig, *, dataset: Any = None, progress: bool = True,
