@@ -152,7 +152,39 @@ def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, f
     On the linear piece where the coordinates with ``brk_i > t`` are still free, ``h(s) = base + rate * s``;
     the step goes to where that line meets ``c``. It has settled when the free set (hence ``rate`` and
     ``base``) does not change: ``t`` then lies on its own piece and is the solution. ``early_exit`` stops once
-    every row has settled (a host sync per step; without it all steps run)."""
+    every row has settled and steps only the rows still moving (a host sync per step); without it all steps run
+    on every row (``_hyperplane_t_newton_all``). Either way a row's ``t`` is the same: a settled row's next step
+    would return the same ``t`` (the same ``rate`` and ``base``)."""
+    if not early_exit:
+        return _hyperplane_t_newton_all(brk, slope, const, c, feasible)
+    total = const.sum(1)
+    # at t = 0 every coordinate with brk_i > 0 is free, and every other one has const_i = 0: base is 0
+    rate, base = (torch.sign(brk) * slope).sum(1), total - total  # float masks: boolean ones are slow on CPU
+    t = torch.zeros_like(c)
+    rows = feasible.nonzero().squeeze(1)  # the rows still moving; the infeasible ones need no t
+    if len(rows) < len(c):
+        brk, slope, const, c, total, rate, base = (v.index_select(0, rows) for v in (brk, slope, const, c, total,
+                                                                                      rate, base))
+    t_rows = t.index_select(0, rows)
+    for _ in range(NEWTON_STEPS):
+        t_rows = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t_rows)
+        t.index_copy_(0, rows, t_rows)
+        free = torch.sign(brk - t_rows[:, None]).clamp_(min=0)
+        rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
+        moving = (rate_next != rate) | (base_next != base)
+        keep = moving.nonzero().squeeze(1)
+        if len(keep) == 0:
+            return t
+        rate, base = rate_next, base_next
+        if 2 * len(keep) <= len(moving):  # worth a copy: the settled rows would step on to the same t
+            rows = rows.index_select(0, keep)
+            brk, slope, const, c, total, t_rows, rate, base = (
+                v.index_select(0, keep) for v in (brk, slope, const, c, total, t_rows, rate, base))
+    return t.index_fill_(0, rows[moving], float("nan"))
+
+
+def _hyperplane_t_newton_all(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor) -> Tensor:
+    """``_hyperplane_t_newton`` without a host sync: NEWTON_STEPS steps on every row."""
     total = const.sum(1)
     t = torch.zeros_like(c)
     free = torch.sign(brk)  # 1 where brk_i > 0 (breakpoints are >= 0), as floats: masks are slow on CPU
@@ -164,8 +196,6 @@ def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, f
         rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
         settled = ((rate_next == rate) & (base_next == base)) | ~feasible
         rate, base = rate_next, base_next
-        if early_exit and bool(settled.all()):
-            return t
     return torch.where(settled, t, torch.full_like(t, float("nan")))
 
 
