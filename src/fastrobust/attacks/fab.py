@@ -66,7 +66,9 @@ def _flat_norm(v: Tensor, norm: str) -> Tensor:
     v = v.flatten(1)
     if norm == "l1":
         return v.abs().sum(dim=1)
-    return v.abs().amax(dim=1) if norm == "linf" else v.norm(dim=1)
+    if norm == "linf":  # max |v_i| from the two extremes: two reads of v instead of writing |v| and reading it
+        return torch.maximum(v.amax(dim=1), v.amin(dim=1).neg_())
+    return v.norm(dim=1)
 
 
 DUAL_NORM = {"linf": "l1", "l2": "l2", "l1": "linf"}  # a boundary's distance divides by its gradient's dual norm
@@ -94,8 +96,9 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
     c = c.abs()
     a = w.abs()
     direction = torch.sign(w)
-    # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU)
-    cap = (p + direction.clamp(min=0) * (1 - 2 * p)).clamp_(min=0)
+    # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU;
+    # in place: fewer fresh buffers of the batch's size)
+    cap = direction.clamp(min=0).mul_(p.mul(-2).add_(1)).add_(p).clamp_(min=0)
     if norm == "l1":
         return direction * _l1_hyperplane_box(a, cap, c)
     if norm == "linf":
@@ -104,9 +107,10 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
         brk = cap / a.clamp_min(1e-30)  # a_i = 0: a huge breakpoint with no slope, so no effect
         slope = a * a
     const = a * cap  # contribution once coordinate i is saturated (= slope_i * brk_i)
-    feasible = const.sum(1) >= c
+    total = const.sum(1)
+    feasible = total >= c
     sync_free = p.device.type == "cuda" if sync_free is None else sync_free
-    t = _hyperplane_t_newton(brk, slope, const, c, feasible, early_exit=not sync_free)
+    t = _hyperplane_t_newton(brk, slope, const, c, feasible, early_exit=not sync_free, total=total)
     stuck = feasible & torch.isnan(t)
     if sync_free:
         t = torch.where(stuck, _hyperplane_t_sorted(brk, slope, const, c), t)
@@ -114,10 +118,10 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
         t[stuck] = _hyperplane_t_sorted(brk[stuck], slope[stuck], const[stuck], c[stuck])
     t = torch.where(feasible, t, torch.full_like(t, float("inf")))
     if norm == "linf":
-        mag = torch.minimum(t[:, None].expand_as(cap), cap)
+        mag = torch.minimum(cap, t[:, None], out=cap)  # cap (= brk) is not needed any more
     else:
         mag = torch.minimum(t[:, None] * a, cap)
-    return direction * mag  # w already carries the sign of c
+    return direction.mul_(mag)  # w already carries the sign of c
 
 
 def _l1_hyperplane_box(a: Tensor, cap: Tensor, c: Tensor) -> Tensor:
@@ -145,7 +149,7 @@ _FINITE_SLOPE = 1e15  # its square, summed over an image, stays finite in float3
 
 
 def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor,
-                         early_exit: bool = True) -> Tensor:
+                         early_exit: bool = True, total: Tensor | None = None) -> Tensor:
     """Smallest ``t`` with ``sum_i min(t slope_i, const_i) = c`` (breakpoints ``brk_i = const_i / slope_i``);
     NaN where Newton has not settled within NEWTON_STEPS. Infeasible rows are left alone (any value).
 
@@ -154,10 +158,11 @@ def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, f
     ``base``) does not change: ``t`` then lies on its own piece and is the solution. ``early_exit`` stops once
     every row has settled and steps only the rows still moving (a host sync per step); without it all steps run
     on every row (``_hyperplane_t_newton_all``). Either way a row's ``t`` is the same: a settled row's next step
-    would return the same ``t`` (the same ``rate`` and ``base``)."""
+    would return the same ``t`` (the same ``rate`` and ``base``). ``total``: ``const.sum(1)`` when the caller
+    has it."""
     if not early_exit:
         return _hyperplane_t_newton_all(brk, slope, const, c, feasible)
-    total = const.sum(1)
+    total = const.sum(1) if total is None else total
     # at t = 0 every coordinate with brk_i > 0 is free, and every other one has const_i = 0: base is 0
     rate, base = (torch.sign(brk) * slope).sum(1), total - total  # float masks: boolean ones are slow on CPU
     t = torch.zeros_like(c)
@@ -498,20 +503,24 @@ def _fab_rows(x: Tensor, y: Tensor, t: Tensor | None, *, start: Tensor, eps: flo
         nd = _flat_norm(d, norm).clamp_min(1e-8)
         nd0 = _flat_norm(d0, norm).clamp_min(1e-8)
         a = torch.clamp(nd / (nd + nd0), max=alpha_max)[:, None]
-        nxt = ((flat_i + eta * d) * (1 - a) + (flat_x + eta * d0) * a).clamp(0, 1)
-        nxt = torch.nan_to_num(nxt, nan=0.0).view_as(x0)
+        # (x_i + eta d)(1 - a) + (x + eta d0) a, in place in d and d0 (not needed any more): fewer fresh buffers
+        nxt = d.mul_(eta).add_(flat_i).mul_(1 - a).add_(d0.mul_(eta).add_(flat_x).mul_(a)).clamp_(0, 1)
+        nxt = nxt.nan_to_num_(nan=0.0).view_as(x0)
         pred = predicted(execution, nxt)
         adv_now = pred != s["y"]
-        within = _flat_norm(nxt - x0, norm) <= eps
+        moved = nxt - x0
+        within = _flat_norm(moved, norm) <= eps
         win = adv_now & within & ~s["found"]
-        s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
-        s["found"] = s["found"] | win
+        if execution.sync_free or bool(win.any()):  # on the CPU a look costs less than rewriting every row
+            s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
+            s["found"] = s["found"] | win
         if until_target:
             on_target = (pred == s["t"]) & within & ~s["reached"]
-            s["x_reached"] = torch.where(on_target.view(shape), nxt, s["x_reached"])
-            s["reached"] = s["reached"] | on_target
+            if execution.sync_free or bool(on_target.any()):
+                s["x_reached"] = torch.where(on_target.view(shape), nxt, s["x_reached"])
+                s["reached"] = s["reached"] | on_target
         success = pred == s["t"] if until_target else adv_now  # a success steps back towards x0
-        s["x_i"] = torch.where(success.view(shape), x0 + (nxt - x0) * beta, nxt)
+        s["x_i"] = torch.where(success.view(shape), x0 + moved.mul_(beta), nxt)
         if rows.check_now(k) or k + 1 == n_iter:
             s = settle(s)
             if rows.empty:
