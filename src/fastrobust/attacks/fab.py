@@ -185,6 +185,7 @@ def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, f
             rows = rows.index_select(0, keep)
             brk, slope, const, c, total, t_rows, rate, base = (
                 v.index_select(0, keep) for v in (brk, slope, const, c, total, t_rows, rate, base))
+            moving = moving.index_select(0, keep)  # all of them: which rows moved at the last step
     return t.index_fill_(0, rows[moving], float("nan"))
 
 
