@@ -37,7 +37,7 @@ l_1 radius ``eps / 2``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
