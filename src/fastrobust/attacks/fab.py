@@ -27,7 +27,9 @@ authors' code).
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
 points share one batch (``max_rows``), and the projection onto the linearised boundary solves for its
-radius by Newton's method (exact after a few steps) instead of sorting all coordinates every iteration.
+radius by Newton's method (exact after a few steps) instead of sorting all coordinates every iteration; on the
+CPU each Newton step runs only on the rows still moving, and the step's element-wise work reuses its buffers
+(the same numbers, bit for bit: tests/test_fab_projection_fast.py).
 
 l_1 (as the authors' code, the official standard l_1 AutoAttack's FAB-T): the minimal-l_1 point of the box on the
 hyperplane moves the coordinates of largest ``|w_i|`` first, each as far as the box lets it, until the hyperplane is
