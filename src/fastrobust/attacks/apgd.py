@@ -262,19 +262,6 @@ def _gradient_fn(execution: Execution, fn: LossFn, eot_iter: int) -> Callable[[T
 L1_SCHEDULE = ((3.0, 0.3), (2.0, 0.3), (1.0, 0.4))  # large-eps start: (eps factor, share of the iterations)
 
 
-def _take_where(mask: Tensor, new: tuple[Tensor, ...], old: tuple[Tensor, ...], sync_free: bool) -> tuple[Tensor, ...]:
-    """Per row (``mask`` ``[B]``) the ``new`` tensor's row where set, else the ``old`` one's: ``torch.where``, or
-    without ``sync_free`` the tensors themselves when the mask is all set or all clear (a host look, cheaper on
-    the CPU than rewriting every row). The state is never written in place, so sharing a tensor is safe."""
-    if not sync_free:
-        if bool(mask.all()):
-            return new
-        if not bool(mask.any()):
-            return old
-    shape = (-1,) + (1,) * (new[0].dim() - 1)
-    return tuple(torch.where(mask.view(shape), a, b) for a, b in zip(new, old))
-
-
 def _l0(delta: Tensor) -> Tensor:
     return (delta != 0).flatten(1).sum(1)
 
@@ -428,7 +415,6 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
     # a randomised model (EOT): every row runs every iteration and keeps its last misclassifying iterate, the
     # authors' rule (on a deterministic model any misclassifying iterate decides the same, so rows leave early)
     to_the_end = eot_iter > 1
-    look = execution.sync_free  # per-iteration choices without asking the host (CUDA)
     if not to_the_end:
         s = settle(s)
     marks = set(checkpoints(n_iter))
@@ -449,14 +435,14 @@ def _apgd_rows(x: Tensor, y: Tensor, target: Tensor | None, fn: LossFn, *, eps: 
         now = pred != s["y"]
         if not to_the_end:
             now = now & ~s["reached"]  # frozen once done (until the batch is next checked)
-        if look or bool(now.any()):  # on the CPU a look costs less than rewriting every row
-            s["x_fool"] = torch.where(now.view(shape), x_new, s["x_fool"])
-            s["fooled"] = s["fooled"] | now
+        s["x_fool"] = torch.where(now.view(shape), x_new, s["x_fool"])
+        s["fooled"] = s["fooled"] | now
         s["reached"] = s["reached"] | ((pred == s["t"]) if until_target else now)
         s["successes"] = s["successes"] + (loss > s["loss_prev"]).float()
         s["loss_prev"] = loss
         improved = loss > s["loss_best"]
-        s["x_best"], s["grad_best"] = _take_where(improved, (x_new, grad), (s["x_best"], s["grad_best"]), look)
+        s["x_best"] = torch.where(improved.view(shape), x_new, s["x_best"])
+        s["grad_best"] = torch.where(improved.view(shape), grad, s["grad_best"])
         s["loss_best"] = torch.where(improved, loss, s["loss_best"])
         if k + 1 in marks and k + 1 < n_iter:
             window = k + 1 - last_mark
