@@ -26,7 +26,7 @@ pass per target; a point leaves as soon as any of its targets fools it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -27,7 +27,9 @@ authors' code).
 Speed (the outcome per point is unchanged): each (point, target) run depends on itself only, so a run
 leaves the working batch as soon as its point is fooled within ``eps``, several targets of the still-robust
 points share one batch (``max_rows``), and the projection onto the linearised boundary solves for its
-radius by Newton's method (exact after a few steps) instead of sorting all coordinates every iteration.
+radius by Newton's method (exact after a few steps) instead of sorting all coordinates every iteration; on the
+CPU each Newton step runs only on the rows still moving, and the step's element-wise work reuses its buffers
+(the same numbers, bit for bit: tests/test_fab_projection_fast.py).
 
 l_1 (as the authors' code, the official standard l_1 AutoAttack's FAB-T): the minimal-l_1 point of the box on the
 hyperplane moves the coordinates of largest ``|w_i|`` first, each as far as the box lets it, until the hyperplane is
@@ -37,7 +39,7 @@ l_1 radius ``eps / 2``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +68,9 @@ def _flat_norm(v: Tensor, norm: str) -> Tensor:
     v = v.flatten(1)
     if norm == "l1":
         return v.abs().sum(dim=1)
-    return v.abs().amax(dim=1) if norm == "linf" else v.norm(dim=1)
+    if norm == "linf":  # max |v_i| from the two extremes: two reads of v instead of writing |v| and reading it
+        return torch.maximum(v.amax(dim=1), v.amin(dim=1).neg_())
+    return v.norm(dim=1)
 
 
 DUAL_NORM = {"linf": "l1", "l2": "l2", "l1": "linf"}  # a boundary's distance divides by its gradient's dual norm
@@ -94,8 +98,9 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
     c = c.abs()
     a = w.abs()
     direction = torch.sign(w)
-    # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU)
-    cap = (p + direction.clamp(min=0) * (1 - 2 * p)).clamp_(min=0)
+    # room along sign(w_i): 1 - p_i upwards, p_i downwards (float arithmetic: boolean masks are slow on CPU;
+    # in place: fewer fresh buffers of the batch's size)
+    cap = direction.clamp(min=0).mul_(p.mul(-2).add_(1)).add_(p).clamp_(min=0)
     if norm == "l1":
         return direction * _l1_hyperplane_box(a, cap, c)
     if norm == "linf":
@@ -104,9 +109,10 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
         brk = cap / a.clamp_min(1e-30)  # a_i = 0: a huge breakpoint with no slope, so no effect
         slope = a * a
     const = a * cap  # contribution once coordinate i is saturated (= slope_i * brk_i)
-    feasible = const.sum(1) >= c
+    total = const.sum(1)
+    feasible = total >= c
     sync_free = p.device.type == "cuda" if sync_free is None else sync_free
-    t = _hyperplane_t_newton(brk, slope, const, c, feasible, early_exit=not sync_free)
+    t = _hyperplane_t_newton(brk, slope, const, c, feasible, early_exit=not sync_free, total=total)
     stuck = feasible & torch.isnan(t)
     if sync_free:
         t = torch.where(stuck, _hyperplane_t_sorted(brk, slope, const, c), t)
@@ -114,10 +120,10 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
         t[stuck] = _hyperplane_t_sorted(brk[stuck], slope[stuck], const[stuck], c[stuck])
     t = torch.where(feasible, t, torch.full_like(t, float("inf")))
     if norm == "linf":
-        mag = torch.minimum(t[:, None].expand_as(cap), cap)
+        mag = torch.minimum(cap, t[:, None], out=cap)  # cap (= brk) is not needed any more
     else:
         mag = torch.minimum(t[:, None] * a, cap)
-    return direction * mag  # w already carries the sign of c
+    return direction.mul_(mag)  # w already carries the sign of c
 
 
 def _l1_hyperplane_box(a: Tensor, cap: Tensor, c: Tensor) -> Tensor:
@@ -145,14 +151,48 @@ _FINITE_SLOPE = 1e15  # its square, summed over an image, stays finite in float3
 
 
 def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor,
-                         early_exit: bool = True) -> Tensor:
+                         early_exit: bool = True, total: Tensor | None = None) -> Tensor:
     """Smallest ``t`` with ``sum_i min(t slope_i, const_i) = c`` (breakpoints ``brk_i = const_i / slope_i``);
     NaN where Newton has not settled within NEWTON_STEPS. Infeasible rows are left alone (any value).
 
     On the linear piece where the coordinates with ``brk_i > t`` are still free, ``h(s) = base + rate * s``;
     the step goes to where that line meets ``c``. It has settled when the free set (hence ``rate`` and
     ``base``) does not change: ``t`` then lies on its own piece and is the solution. ``early_exit`` stops once
-    every row has settled (a host sync per step; without it all steps run)."""
+    every row has settled and steps only the rows still moving (a host sync per step); without it all steps run
+    on every row (``_hyperplane_t_newton_all``). Either way a row's ``t`` is the same: a settled row's next step
+    would return the same ``t`` (the same ``rate`` and ``base``). ``total``: ``const.sum(1)`` when the caller
+    has it."""
+    if not early_exit:
+        return _hyperplane_t_newton_all(brk, slope, const, c, feasible)
+    total = const.sum(1) if total is None else total
+    # at t = 0 every coordinate with brk_i > 0 is free, and every other one has const_i = 0: base is 0
+    rate, base = (torch.sign(brk) * slope).sum(1), total - total  # float masks: boolean ones are slow on CPU
+    t = torch.zeros_like(c)
+    rows = feasible.nonzero().squeeze(1)  # the rows still moving; the infeasible ones need no t
+    if len(rows) < len(c):
+        brk, slope, const, c, total, rate, base = (v.index_select(0, rows) for v in (brk, slope, const, c, total,
+                                                                                      rate, base))
+    t_rows = t.index_select(0, rows)
+    for _ in range(NEWTON_STEPS):
+        t_rows = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t_rows)
+        t.index_copy_(0, rows, t_rows)
+        free = torch.sign(brk - t_rows[:, None]).clamp_(min=0)
+        rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
+        moving = (rate_next != rate) | (base_next != base)
+        keep = moving.nonzero().squeeze(1)
+        if len(keep) == 0:
+            return t
+        rate, base = rate_next, base_next
+        if 2 * len(keep) <= len(moving):  # worth a copy: the settled rows would step on to the same t
+            rows = rows.index_select(0, keep)
+            brk, slope, const, c, total, t_rows, rate, base = (
+                v.index_select(0, keep) for v in (brk, slope, const, c, total, t_rows, rate, base))
+            moving = moving.index_select(0, keep)  # all of them: which rows moved at the last step
+    return t.index_fill_(0, rows[moving], float("nan"))
+
+
+def _hyperplane_t_newton_all(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, feasible: Tensor) -> Tensor:
+    """``_hyperplane_t_newton`` without a host sync: NEWTON_STEPS steps on every row."""
     total = const.sum(1)
     t = torch.zeros_like(c)
     free = torch.sign(brk)  # 1 where brk_i > 0 (breakpoints are >= 0), as floats: masks are slow on CPU
@@ -164,8 +204,6 @@ def _hyperplane_t_newton(brk: Tensor, slope: Tensor, const: Tensor, c: Tensor, f
         rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
         settled = ((rate_next == rate) & (base_next == base)) | ~feasible
         rate, base = rate_next, base_next
-        if early_exit and bool(settled.all()):
-            return t
     return torch.where(settled, t, torch.full_like(t, float("nan")))
 
 
@@ -468,20 +506,24 @@ def _fab_rows(x: Tensor, y: Tensor, t: Tensor | None, *, start: Tensor, eps: flo
         nd = _flat_norm(d, norm).clamp_min(1e-8)
         nd0 = _flat_norm(d0, norm).clamp_min(1e-8)
         a = torch.clamp(nd / (nd + nd0), max=alpha_max)[:, None]
-        nxt = ((flat_i + eta * d) * (1 - a) + (flat_x + eta * d0) * a).clamp(0, 1)
-        nxt = torch.nan_to_num(nxt, nan=0.0).view_as(x0)
+        # (x_i + eta d)(1 - a) + (x + eta d0) a, in place in d and d0 (not needed any more): fewer fresh buffers
+        nxt = d.mul_(eta).add_(flat_i).mul_(1 - a).add_(d0.mul_(eta).add_(flat_x).mul_(a)).clamp_(0, 1)
+        nxt = nxt.nan_to_num_(nan=0.0).view_as(x0)
         pred = predicted(execution, nxt)
         adv_now = pred != s["y"]
-        within = _flat_norm(nxt - x0, norm) <= eps
+        moved = nxt - x0
+        within = _flat_norm(moved, norm) <= eps
         win = adv_now & within & ~s["found"]
-        s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
-        s["found"] = s["found"] | win
+        if execution.sync_free or bool(win.any()):  # on the CPU a look costs less than rewriting every row
+            s["x_found"] = torch.where(win.view(shape), nxt, s["x_found"])
+            s["found"] = s["found"] | win
         if until_target:
             on_target = (pred == s["t"]) & within & ~s["reached"]
-            s["x_reached"] = torch.where(on_target.view(shape), nxt, s["x_reached"])
-            s["reached"] = s["reached"] | on_target
+            if execution.sync_free or bool(on_target.any()):
+                s["x_reached"] = torch.where(on_target.view(shape), nxt, s["x_reached"])
+                s["reached"] = s["reached"] | on_target
         success = pred == s["t"] if until_target else adv_now  # a success steps back towards x0
-        s["x_i"] = torch.where(success.view(shape), x0 + (nxt - x0) * beta, nxt)
+        s["x_i"] = torch.where(success.view(shape), x0 + moved.mul_(beta), nxt)
         if rows.check_now(k) or k + 1 == n_iter:
             s = settle(s)
             if rows.empty:
