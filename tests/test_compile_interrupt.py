@@ -28,10 +28,14 @@ from fastrobust.cli import main
 from fastrobust.core.compiling import compile_model, damaged_cache_files, inductor_cache_dir, repair_cache
 from fastrobust.errors import is_interrupt
 from fastrobust.train import Trainer
+from fastrobust.train.trainer import _StopFlag
 
 from helpers import synthetic_dataset, write_image_folder
 
 EXE = shutil.which("fastrobust") or str(Path(sys.executable).with_name("fastrobust"))
+# importing inductor's compile path touches torch.jit.script_method, deprecated from torch 2.9 on
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 INTERRUPTED = "fastrobust train: interrupted"
 COMPILERS = {"g++", "gcc", "c++", "cc", "clang", "clang++", "cc1plus"}
 
@@ -288,3 +292,16 @@ def test_ctrl_c_during_a_real_compile_prints_one_line(image_folder, tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-3000:]
     assert (out + err).strip() == INTERRUPTED
+
+
+def test_a_step_that_fails_after_a_ctrl_c_is_the_interrupt():
+    # a Ctrl-C at a terminal also kills torch.compile's compiler probe, which then fails as "no working C++
+    # compiler": with a SIGINT received, a failure that escapes the training loop is the user's stop
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with _StopFlag() as stop:
+            stop.signal = signal.SIGINT
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    assert isinstance(stopped.value.__cause__, RuntimeError) and is_interrupt(stopped.value)
+    with pytest.raises(RuntimeError):  # without a signal a failure stays what it is
+        with _StopFlag():
+            raise RuntimeError("a real bug")

@@ -9,6 +9,8 @@ the units of its norm; bf16 models are evaluated in their own dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import OrderedDict
 
 import pytest
@@ -250,7 +252,9 @@ L2_ENTRIES = sorted(set(ATTACKS) - {"rays"} | {"evaluate"} | {"sanity_checks"})
 @pytest.mark.parametrize("entry", L2_ENTRIES)
 def test_an_l2_budget_above_1_is_accepted(model, batch, entry):
     x, y = batch
-    out = EVERY[entry](model, x, y, 2.0, "l2")
+    large = entry in ("evaluate", "sanity_checks")  # the evaluations say that 2 is a large l2 radius for 3x8x8 images
+    with pytest.warns(UserWarning, match="l2 radius 2 is large") if large else contextlib.nullcontext():
+        out = EVERY[entry](model, x, y, 2.0, "l2")
     if isinstance(out, torch.Tensor):
         assert ((out - x).flatten(1).norm(dim=1) <= 2.0 + 1e-4).all()
 

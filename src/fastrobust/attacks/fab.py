@@ -93,6 +93,8 @@ def project_hyperplane_box(p: Tensor, w: Tensor, c: Tensor, norm: str, *, sync_f
     moving without asking the host which they are (the sort of every row costs the GPU less than the stall).
     l_1 has no radius to solve for: see ``_l1_hyperplane_box``.
     """
+    dtype = torch.promote_types(torch.promote_types(p.dtype, w.dtype), c.dtype)  # float64 images, float32 model
+    p, w, c = p.to(dtype), w.to(dtype), c.to(dtype)
     sign_c = torch.where(c < 0, -1.0, 1.0).to(w.dtype)
     w = w * sign_c[:, None]
     c = c.abs()

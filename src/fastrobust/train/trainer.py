@@ -82,9 +82,14 @@ class _StopFlag:
         if signum == signal.SIGINT and long_steps and self._announce is not None:
             self._announce(STOPPING)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if (self.signal == signal.SIGINT and isinstance(exc, Exception) and not isinstance(exc, FastRobustError)):
+            # a Ctrl-C at a terminal reaches the whole process group: a child the step was waiting on (the C++
+            # compiler of torch.compile, or torch's probe for one) died of it, and the step failed of that death
+            # in whatever words it uses ("no working C++ compiler"): the user stopped the run
+            raise KeyboardInterrupt from exc
 
 
 def _to_stderr(line: str) -> None:
