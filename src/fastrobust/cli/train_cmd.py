@@ -222,8 +222,10 @@ def _train(args: argparse.Namespace) -> int:
         if args.data_root is not None:
             overrides["data_root"] = args.data_root
         result = resume(args.resume, progress=not args.quiet, log=log, overrides=overrides)
+        settings = None
     else:
-        config = make_config(collect_settings(args))
+        settings = collect_settings(args)
+        config = make_config(settings)
         if config.eps is not None:
             config.eps = parse_number(config.eps, name="eps")
         if args.plan:
@@ -252,8 +254,8 @@ def _train(args: argparse.Namespace) -> int:
             f"{test[robust_key]:.4f} (n={test['n']}, eps={pixel_text(test['eps'])}); {describe_best(result)}; "
             f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
         )
-        if args.preset and not args.resume:
-            print(_against_expected(args, test))
+        if args.preset and settings is not None:  # a new run of a preset (a resumed one keeps its own config)
+            print(_against_expected(args.preset, settings, test))
     return 0
 
 
@@ -261,17 +263,17 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _against_expected(args: argparse.Namespace, test: dict[str, Any]) -> str:
+def _against_expected(preset: str, settings: dict[str, Any], test: dict[str, Any]) -> str:
     """How a finished run of a preset compares with the result the preset declares (docs/results.md)."""
     from fastrobust.train.expected import changed_settings, compare  # startup
     from fastrobust.train.presets import load_preset, preset_expected  # startup
 
-    expected = preset_expected(args.preset)
+    expected = preset_expected(preset)
     if expected is None:
-        return (f"preset {args.preset} has no fastrobust measurement yet: docs/results.md says what its paper "
+        return (f"preset {preset} has no fastrobust measurement yet: docs/results.md says what its paper "
                 "reports")
-    changed = changed_settings(collect_settings(args), load_preset(args.preset))
+    changed = changed_settings(settings, load_preset(preset))
     if changed:
-        return (f"preset {args.preset}'s expected result is for its own settings, and this run changed "
+        return (f"preset {preset}'s expected result is for its own settings, and this run changed "
                 f"{', '.join(changed)}: no comparison")
-    return compare(test, expected, args.preset)
+    return compare(test, expected, preset)
