@@ -324,6 +324,52 @@ def test_frozen_copies_choose_their_layouts_and_hand_back_contiguous_gradients(n
         assert "contiguous gradients" in copies.note and copies.grad_model is not None
 
 
+def test_the_gradient_copy_slices_large_batches_by_its_largest_activation():
+    """A conv of 8 channels at 32 x 32 in float32 writes 32 KiB per row: SLICE_BYTES (12 MiB) holds 384 rows. A call
+    of 1,000 rows runs in slices of 384 and returns the unsliced logits and input gradients; the pass counter sees
+    one call of 1,000 rows (a slice is not a pass of its own)."""
+    from fastrobust.attacks._frozen import SLICE_BYTES, frozen_copies
+    from fastrobust.core.passes import CountedModel
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10)).eval()
+    x, y = torch.rand(1000, 3, 32, 32), torch.randint(0, 10, (1000,))
+    counted = CountedModel(body).eval()
+    copies = frozen_copies(counted, x[:20], y[:20])
+    assert copies.grad_model is not None
+    inner = copies.grad_model
+    while not hasattr(inner, "rows"):  # the counting wrapper around the sliced copy
+        inner = next(inner.children())
+    assert inner.rows == SLICE_BYTES // (8 * 32 * 32 * 4) == 384
+    calls = []
+    inner.inner = RowsSeen(inner.inner, calls)
+    before = counted.count.forward
+    grads, logits = [], []
+    for net_ in (body, copies.grad_model):
+        xr = x.clone().requires_grad_(True)
+        out = net_(xr)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y, reduction="sum"), xr)
+        logits.append(out.detach())
+        grads.append(grad)
+    assert calls == [384, 384, 232]
+    assert counted.count.forward - before == 1000
+    assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+class RowsSeen(nn.Module):
+    """``inner``, noting the rows of every call in ``calls``."""
+
+    def __init__(self, inner: nn.Module, calls: list[int]):
+        super().__init__()
+        self.inner, self.calls = inner, calls
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        return self.inner(x)
+
+
 class ViewsItsWeight(nn.Module):
     """Reads its convolution weight with .view, which a channels-last weight refuses."""
 

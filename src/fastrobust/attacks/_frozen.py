@@ -23,6 +23,15 @@ gradients differ from the model's beyond rounding, or a copy fails on one of tho
 input gradient (its logits do not depend differentiably on the input) gets copies only when theirs is zero too.
 TorchScript is deprecated from torch 2.9 on; when it goes, the copies are refused and the attacks simply run on
 the model (same results, slower).
+
+The gradient copy evaluates a large batch in slices (one autograd graph; the copies are row-wise, as the check
+above shows). A forward+backward over many rows holds every layer's activation at once, in allocations that glibc's
+malloc serves with fresh ``mmap`` pages the kernel faults in and zeroes at every call: on tinycnn (one thread, the
+same frozen copy, interleaved) 250 us per row at 1,000 rows against 196-200 at 256-384 rows, and flat at
+196-212 from 64 to 1,000 rows once ``MALLOC_MMAP_THRESHOLD_`` keeps them in the heap. Forwards alone show no such
+step (their activations live one layer at a time). Where it starts goes with the largest activation of a call:
+widths 16, 32 and 64 (32, 64, 128 KiB per row) turn up above 12-16 MiB (at 512, 384 and 192 rows; 6-26% slower
+per row beyond), so a slice holds ``SLICE_BYTES`` of its largest activation (measured once on one row).
 """
 
 from __future__ import annotations
@@ -35,11 +44,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrobust.core.gradients import grad_or_zeros
 from fastrobust.core.passes import count_like
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
+SLICE_BYTES = 12 << 20     # the gradient copy's largest activation per slice (measured knee: 8-16 MiB)
+MIN_SLICE_ROWS = 16        # below this a slice's per-call overhead would cost more than the page faults it avoids
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy
 
 
@@ -98,7 +111,7 @@ def _build(model: nn.Module, x: Tensor, y: Tensor) -> FrozenCopies:
                 optimized = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
     except Exception as error:  # tracing is best effort: the model itself always works
         return FrozenCopies(None, None, f"not frozen: tracing failed ({type(error).__name__}: {str(error)[:120]})")
-    grad_model = ContiguousGradients(frozen)
+    grad_model = ContiguousGradients(frozen, rows=_slice_rows(model, x))
     query_model, query_kind = ((optimized, "fused oneDNN") if _stays_in_onednn(optimized) else (frozen, layout))
     problem = _disagreement(model, grad_model, query_model, x, y)
     if problem:
@@ -139,14 +152,43 @@ class _ContiguousGradient(torch.autograd.Function):
 
 
 class ContiguousGradients(nn.Module):
-    """``inner(x)`` with input gradients returned in the contiguous layout."""
+    """``inner(x)`` with input gradients returned in the contiguous layout, evaluated ``rows`` rows at a time
+    (default: all at once; see the module docstring for why a large batch is sliced)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, rows: int | None = None):
         super().__init__()
         self.inner = inner
+        self.rows = rows
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(_ContiguousGradient.apply(x))
+        x = _ContiguousGradient.apply(x)
+        if self.rows is None or len(x) <= self.rows:
+            return self.inner(x)
+        return torch.cat([self.inner(part) for part in x.split(self.rows)])
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor an operator returns (bytes) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def _slice_rows(model: nn.Module, x: Tensor) -> int:
+    """Rows per slice of the gradient copy: ``SLICE_BYTES`` over the largest activation of one row (measured on the
+    model's forward of ``x[:1]``), at least ``MIN_SLICE_ROWS``."""
+    recorder = _LargestOutput()
+    with torch.no_grad(), recorder:
+        model(x[:1])
+    return max(MIN_SLICE_ROWS, SLICE_BYTES // max(recorder.largest, 1))
 
 
 def _row_counts(x: Tensor) -> tuple[Tensor, ...]:
