@@ -11,8 +11,10 @@ probe evaluates about ``--probe-rows`` rows, best of two, process CPU seconds.
 The limit is fastrobust's own passes (the official makes more: it iterates broken points to the end); both
 implementations are divided by it. AutoAttack standard (l_inf, 8/255) runs on the first ``--n-points``
 class-balanced test images, one batch, official / fastrobust / fastrobust with ``compile=True`` interleaved
-(rotated every repeat) in one process; time is process CPU seconds plus the CPU seconds of finished child
-processes (inductor's C++ compiler), per attack and in total. Printed: a Markdown table (attack, passes, limit,
+(rotated every repeat), each run and the probe in a fresh process of their own (``--same-process``: all in this
+one, as before: a run after the official's in the same process measured 10-12% slower, the probe 5%, at 1,000
+points); time is process CPU seconds plus the CPU seconds of finished child processes (inductor's C++ compiler),
+per attack and in total. Printed: a Markdown table (attack, passes, limit,
 each version's seconds and its ratio to the limit, official / fastrobust); a JSON record is appended to
 ``--json-out``, the table written to ``--markdown-out``.
 
@@ -30,8 +32,11 @@ import argparse
 import copy
 import importlib
 import math
+import json
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "batch: minutes on a CPU)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--markdown-out", default=None)
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every version and the probe in this process (default: each in a fresh one)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a version or "probe": one job, then exit
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-largest", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -366,9 +376,9 @@ def break_even(runs: dict[str, dict[str, Any]], attacked: int) -> dict[str, Any]
             "shapes": len(compiled["compile_first_calls"])}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    set_threads(args.threads)
+def load_inputs(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model (eval mode), the first ``--n-points`` class-balanced test images and labels, and which of them the
+    model classifies correctly."""
     from fastrobust.data import load_dataset
     from fastrobust.models.checkpoint import load_model
 
@@ -379,6 +389,79 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     y = dataset.test.labels.long()
     with torch.no_grad():
         clean = model(x).argmax(1) == y
+    return model, x, y, clean
+
+
+def run_measured(version: str, model: nn.Module, x, y, clean, args: argparse.Namespace) -> dict[str, Any]:
+    """``run_once`` and the points it leaves robust (correct on the clean image and on its adversarial)."""
+    run = run_once(version, model, x, y, args.eps, args.seed)
+    with torch.no_grad():
+        run["robust"] = int(((model(run.pop("x_adv")).argmax(1) == y) & clean).sum())
+    return run
+
+
+def run_probe(model: nn.Module, x, y, clean, largest: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The cost probe on 64 clean-correct points (any 64 when none is), and its own CPU seconds."""
+    start = cpu_seconds()
+    costs = probe(model, x[clean][:64] if clean.any() else x[:64], y[clean][:64] if clean.any() else y[:64],
+                  largest, args.probe_rows, args.probe_compile)
+    return {"costs": costs, "probe_s": cpu_seconds() - start}
+
+
+# ---- fresh processes ------------------------------------------------------------------------------
+def to_json(value: Any) -> Any:
+    """Tuple and integer dict keys as text (("forward", 8) -> "forward:8"), for the trip through JSON."""
+    if isinstance(value, dict):
+        return {(":".join(map(str, k)) if isinstance(k, tuple) else str(k)): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+def calls_from_json(log: dict[str, int]) -> Calls:
+    return {(key.split(":")[0], int(key.split(":")[1])): n for key, n in log.items()}
+
+
+def costs_from_json(costs: dict[str, Any]) -> dict[str, Any]:
+    sized = {kind: {int(size): t for size, t in d.items()} for kind, d in costs["best"].items()}
+    fastest = {kind: {int(size): name for size, name in d.items()} for kind, d in costs["fastest"].items()}
+    per_copy = {name: {kind: {int(s): t for s, t in d.items()} for kind, d in v.items()}
+                for name, v in costs["per_copy"].items()}
+    return {**costs, "best": sized, "fastest": fastest, "per_copy": per_copy}
+
+
+def in_fresh_process(argv: list[str], job: str, largest: int = 0) -> dict[str, Any]:
+    """Run ``job`` (a version, or "probe") in a new Python process with this script's arguments; its result."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "result.json"
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", job, "--worker-out", str(out),
+                   "--worker-largest", str(largest)]
+        subprocess.run(command, check=True)
+        result = json.loads(out.read_text())
+    if job == "probe":
+        return {"costs": costs_from_json(result["costs"]), "probe_s": result["probe_s"]}
+    result["calls"] = {name: calls_from_json(log) for name, log in result["calls"].items()}
+    return result
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One job of ``in_fresh_process``: its result as JSON in ``--worker-out``."""
+    model, x, y, clean = load_inputs(args)
+    if args.worker == "probe":
+        result = run_probe(model, x, y, clean, args.worker_largest, args)
+    else:
+        result = run_measured(args.worker, model, x, y, clean, args)
+    Path(args.worker_out).write_text(json.dumps(to_json(result)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    set_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return {}
+    model, x, y, clean = load_inputs(args)
     versions = [v for v in args.versions if v != "official" or official_available()]
     load_before = load_average()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
@@ -386,24 +469,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in range(args.repeats):
         order = versions[r % len(versions):] + versions[:r % len(versions)]
         for version in order:
-            run = run_once(version, model, x, y, args.eps, args.seed)
-            with torch.no_grad():
-                robust[version] = int(((model(run.pop("x_adv")).argmax(1) == y) & clean).sum())
+            if args.same_process:
+                run = run_measured(version, model, x, y, clean, args)
+            else:
+                run = in_fresh_process(argv, version)
+            robust[version] = run.pop("robust")
             runs[version].append(run)
             print(f"repeat {r + 1}/{args.repeats} {version}: {run['seconds']:.1f} CPU s, robust {robust[version]}",
                   file=sys.stderr, flush=True)
     chosen = {v: median_run(items) for v, items in runs.items()}
     reference = chosen.get("fastrobust") or chosen["fastrobust-compile"]
     largest = max(rows for log in reference["calls"].values() for (_, rows) in log)
-    start = cpu_seconds()
-    costs = probe(model, x[clean][:64] if clean.any() else x[:64], y[clean][:64] if clean.any() else y[:64],
-                  largest, args.probe_rows, args.probe_compile)
-    probe_s = cpu_seconds() - start
+    probed = (run_probe(model, x, y, clean, largest, args) if args.same_process
+              else in_fresh_process(argv, "probe", largest))
+    costs, probe_s = probed["costs"], probed["probe_s"]
     print(f"cost probe: {probe_s:.1f} CPU s", file=sys.stderr)
     record = base_record("eval_limit", torch.device("cpu"), {
         "label": args.label or Path(args.checkpoint).name, "checkpoint": str(args.checkpoint),
         "n_points": len(y), "eps": args.eps, "seed": args.seed, "repeats": args.repeats, "threads": args.threads,
         "probe_rows": args.probe_rows, "probe_compile": args.probe_compile,
+        "processes": "one" if args.same_process else "fresh per run and probe",
         "inductor_env": {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR")}})
     record.update(versions=versions, clean_correct=int(clean.sum()), robust=robust,
                   load_average_before_after=[load_before, load_average()], probe_s=probe_s,

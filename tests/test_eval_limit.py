@@ -58,3 +58,18 @@ def test_pass_count_logs_calls_per_batch_size():
     assert count.calls == {("forward", 5): 1, ("backward", 5): 1, ("forward", 7): 1}
     assert count.snapshot() == (12, 5)
     assert PassCount().calls is None  # no log unless asked
+
+
+def test_a_runs_call_log_and_the_probes_costs_survive_the_trip_from_a_fresh_process(bench):
+    """Each run and the probe run in a process of their own and come back as JSON: call logs keyed by (kind, rows)
+    and costs keyed by batch size read back as they were."""
+    import json
+
+    run = {"seconds": 1.5, "calls": {"apgd-ce": {("forward", 8): 3, ("backward", 8): 2}}, "robust": 4}
+    back = json.loads(json.dumps(bench.to_json(run)))
+    assert {name: bench.calls_from_json(log) for name, log in back["calls"].items()} == run["calls"]
+    costs = {"sizes": [1, 2], "best": {"forward": {1: 0.5, 2: 0.25}, "gradient": {1: 1.0, 2: 0.75}},
+             "fastest": {"forward": {1: "eager", 2: "frozen"}, "gradient": {1: "frozen", 2: "frozen"}},
+             "per_copy": {"eager": {"forward": {1: 0.5, 2: 0.3}, "gradient": {1: 1.1, 2: 0.8}}},
+             "first_call_s": {"eager": 0.1}}
+    assert bench.costs_from_json(json.loads(json.dumps(bench.to_json(costs)))) == costs
