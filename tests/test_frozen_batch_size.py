@@ -81,3 +81,23 @@ def test_a_copy_or_model_that_fails_during_the_check_refuses_the_copies():
         "the gradient copy fails on a batch of 17 rows (RuntimeError: built for [1, 16] rows)")
     assert _disagreement(net, net, failing, x, y).startswith("the query copy fails on a batch of 17 rows")
     assert _disagreement(failing, net, net, x, y).startswith("the model fails on a batch of 17 rows")
+
+
+class Pairs(nn.Module):
+    """Reads its rows two at a time: traces on an even batch, fails on one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2 * 3 * 8 * 8, 20)
+
+    def forward(self, x):
+        return self.lin(x.reshape(x.shape[0] // 2, -1)).reshape(-1, 10)
+
+
+def test_a_model_that_fails_on_one_row_gets_a_note_not_an_error():
+    """The gradient copy's slice size is measured on one row; a model that traces but cannot run one row is refused
+    its copies with the check's note (the model is then used as it is); frozen_copies never raises."""
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    copies = frozen_copies(Pairs().eval(), x, y)
+    assert copies.grad_model is None
+    assert copies.note.startswith("not frozen: the model fails on a batch of 1 rows"), copies.note

@@ -182,12 +182,16 @@ class _LargestOutput(TorchDispatchMode):
         return out
 
 
-def _slice_rows(model: nn.Module, x: Tensor) -> int:
+def _slice_rows(model: nn.Module, x: Tensor) -> int | None:
     """Rows per slice of the gradient copy: ``SLICE_BYTES`` over the largest activation of one row (measured on the
-    model's forward of ``x[:1]``), at least ``MIN_SLICE_ROWS``."""
+    model's forward of ``x[:1]``), at least ``MIN_SLICE_ROWS``; None (no slices) when that forward fails, which the
+    copies' check then reports."""
     recorder = _LargestOutput()
-    with torch.no_grad(), recorder:
-        model(x[:1])
+    try:
+        with torch.no_grad(), recorder:
+            model(x[:1])
+    except Exception:  # noqa: BLE001 - the check in _disagreement runs the same batch and refuses the copies
+        return None
     return max(MIN_SLICE_ROWS, SLICE_BYTES // max(recorder.largest, 1))
 
 
