@@ -52,7 +52,7 @@ from fastrobust.core.passes import count_like
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
 SLICE_BYTES = 12 << 20     # the gradient copy's largest activation per slice (measured knee: 8-16 MiB)
-MIN_SLICE_ROWS = 16        # below this a slice's per-call overhead would cost more than the page faults it avoids
+MIN_SLICE_ROWS = 16        # a floor for models with very large activations (not measured: smaller slices, more calls)
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy
 
 
