@@ -31,8 +31,8 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile in this p
 import argparse
 import copy
 import importlib
-import math
 import json
+import math
 import resource
 import subprocess
 import sys
