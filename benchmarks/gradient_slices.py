@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import base_record, load_average, set_threads, write_record
 
-from fastrobust.attacks._frozen import frozen_copies
+from fastrobust.attacks import _frozen
 from fastrobust.models import create as create_model
 
 
@@ -61,10 +62,14 @@ def measure(width: int, args: argparse.Namespace) -> dict:
     model = create_model(args.model, width=width).eval()
     largest = max(args.sizes)
     x, y = torch.rand(largest, 3, 32, 32), torch.randint(0, 10, (largest,))
-    copy = frozen_copies(model, x[:64], y[:64]).grad_model
-    if copy is None:
-        raise SystemExit(f"{args.model} width {width}: no frozen copy")
-    inner = next(m for m in copy.modules() if hasattr(m, "rows"))  # the slicing module inside the pass counter
+    # the gradient copy as frozen_copies builds it, without its agreement check (which only decides whether the
+    # attacks may use it, and can refuse a model at random initialisation, whose gradients are near zero)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+ marks TorchScript deprecated (_frozen.py)
+        frozen = _frozen._frozen_channels_last(model, x[:64])
+    if frozen is None:
+        raise SystemExit(f"{args.model} width {width}: its channels-last copy cannot be traced")
+    copy = inner = _frozen.ContiguousGradients(frozen, rows=_frozen._slice_rows(model, x))
     chosen = inner.rows
     best = {size: {"whole": float("inf"), "sliced": float("inf")} for size in args.sizes}
     for round_ in range(args.rounds + 1):  # round 0 warms up (oneDNN primitives per shape), untimed

@@ -26,12 +26,13 @@ the model (same results, slower).
 
 The gradient copy evaluates a large batch in slices (one autograd graph; the copies are row-wise, as the check
 above shows). A forward+backward over many rows holds every layer's activation at once, in allocations that glibc's
-malloc serves with fresh ``mmap`` pages the kernel faults in and zeroes at every call: on tinycnn (one thread, the
-same frozen copy, interleaved) 250 us per row at 1,000 rows against 196-200 at 256-384 rows, and flat at
-196-212 from 64 to 1,000 rows once ``MALLOC_MMAP_THRESHOLD_`` keeps them in the heap. Forwards alone show no such
-step (their activations live one layer at a time). Where it starts goes with the largest activation of a call:
-widths 16, 32 and 64 (32, 64, 128 KiB per row) turn up above 12-16 MiB (at 512, 384 and 192 rows; 6-26% slower
-per row beyond), so a slice holds ``SLICE_BYTES`` of its largest activation (measured once on one row).
+malloc serves with fresh ``mmap`` pages the kernel faults in and zeroes at every call. ``benchmarks/gradient_slices.py``
+(tinycnn, one thread, whole and sliced interleaved): whole batches of 1,000 rows cost 245, 668 and 2,263 us per row
+at widths 16, 32 and 64 against 183, 542 and 1,893 us in slices (0.75-0.84x); below the step the two are equal
+(0.98-1.02x). The step comes past 16-48 MiB of the largest activation of a call (32, 64, 128 KiB per row at those
+widths; where exactly moves with the process's allocator history between runs), and with glibc told to keep freed
+memory it vanishes up to its 32 MiB mmap ceiling. Forwards alone show no such step (their activations live one layer
+at a time). So a slice holds at most ``SLICE_BYTES`` of its largest activation (measured once on one row).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from fastrobust.core.gradients import grad_or_zeros
 from fastrobust.core.passes import count_like
 
 LOGIT_TOLERANCE = 1e-4     # relative to max(1, max |logit|)
-SLICE_BYTES = 12 << 20     # the gradient copy's largest activation per slice (measured knee: 8-16 MiB)
+SLICE_BYTES = 12 << 20     # the gradient copy's largest activation per slice (the step: past 16-48 MiB)
 MIN_SLICE_ROWS = 16        # a floor for models with very large activations (not measured: smaller slices, more calls)
 GRADIENT_TOLERANCE = 1e-3  # relative l2 difference of the input gradient of the cross-entropy
 
