@@ -348,14 +348,28 @@ def markdown(record: dict[str, Any]) -> str:
         if version != "fastrobust" and f"{version}_passes" in record["table"][-1]:
             p = record["table"][-1][f"{version}_passes"]
             lines.append(f"- {version} made {p['forward']:,} forward / {p['backward']:,} backward rows")
+    for version, points in record.get("differ_from_official", {}).items():
+        lines.append(f"- points robust for one of official and {version} only: "
+                     + (f"{len(points)} ({', '.join(map(str, points[:20]))})" if points else "none"))
     if record.get("compile"):
         c = record["compile"]
         lines.append(f"- compile: {c['compile_s']:.1f} s in the compiled run ({c['shapes']} first calls); "
                      f"break-even {c['break_even']}")
     fastest = record["costs"]["fastest"]
+    sizes = record["costs"]["sizes"]
     lines.append("- fastest copy per batch size (forward | forward+backward): "
-                 + ", ".join(f"{s}: {fastest['forward'][s]} | {fastest['gradient'][s]}" for s in record["costs"]["sizes"]))
+                 + ", ".join(f"{s}: {fastest['forward'][s]} | {fastest['gradient'][s]}" for s in sizes))
     return "\n".join(lines)
+
+
+def differing_points(robust_points: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per version other than the official: the points robust in exactly one of the two (empty without the
+    official)."""
+    if "official" not in robust_points:
+        return {}
+    official = set(robust_points["official"])
+    return {version: sorted(official ^ set(points))
+            for version, points in robust_points.items() if version != "official"}
 
 
 def median_run(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -393,10 +407,12 @@ def load_inputs(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torc
 
 
 def run_measured(version: str, model: nn.Module, x, y, clean, args: argparse.Namespace) -> dict[str, Any]:
-    """``run_once`` and the points it leaves robust (correct on the clean image and on its adversarial)."""
+    """``run_once`` and the points it leaves robust (correct on the clean image and on its adversarial): how many,
+    and which."""
     run = run_once(version, model, x, y, args.eps, args.seed)
     with torch.no_grad():
-        run["robust"] = int(((model(run.pop("x_adv")).argmax(1) == y) & clean).sum())
+        robust = (model(run.pop("x_adv")).argmax(1) == y) & clean
+    run["robust"], run["robust_points"] = int(robust.sum()), robust.nonzero().squeeze(1).tolist()
     return run
 
 
@@ -466,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = load_average()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
     robust: dict[str, int] = {}
+    robust_points: dict[str, list[int]] = {}
     for r in range(args.repeats):
         order = versions[r % len(versions):] + versions[:r % len(versions)]
         for version in order:
@@ -474,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 run = in_fresh_process(argv, version)
             robust[version] = run.pop("robust")
+            robust_points[version] = run.pop("robust_points")
             runs[version].append(run)
             print(f"repeat {r + 1}/{args.repeats} {version}: {run['seconds']:.1f} CPU s, robust {robust[version]}",
                   file=sys.stderr, flush=True)
@@ -500,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                for name, v in costs["per_copy"].items()}},
                   table=table_rows(chosen, costs))
     record["compile"] = break_even(chosen, int(clean.sum()))
+    record["differ_from_official"] = differing_points(robust_points)
     write_record(args.json_out, record)
     text = markdown(record)
     print(text)

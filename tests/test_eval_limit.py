@@ -73,3 +73,9 @@ def test_a_runs_call_log_and_the_probes_costs_survive_the_trip_from_a_fresh_proc
              "per_copy": {"eager": {"forward": {1: 0.5, 2: 0.3}, "gradient": {1: 1.1, 2: 0.8}}},
              "first_call_s": {"eager": 0.1}}
     assert bench.costs_from_json(json.loads(json.dumps(bench.to_json(costs)))) == costs
+
+
+def test_points_that_differ_from_the_official(bench):
+    points = {"official": [1, 4, 7], "fastrobust": [1, 4, 7], "fastrobust-compile": [1, 7, 9]}
+    assert bench.differing_points(points) == {"fastrobust": [], "fastrobust-compile": [4, 9]}
+    assert bench.differing_points({"fastrobust": [1]}) == {}
