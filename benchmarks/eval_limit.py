@@ -10,12 +10,12 @@ probe evaluates about ``--probe-rows`` rows, best of two, process CPU seconds.
 
 The limit is fastrobust's own passes (the official makes more: it iterates broken points to the end); both
 implementations are divided by it. AutoAttack standard (l_inf, 8/255) runs on the first ``--n-points``
-class-balanced test images, one batch, official / fastrobust / fastrobust with ``compile=True`` interleaved
-(rotated every repeat), each run and the probe in a fresh process of their own (``--same-process``: all in this
-one, as before: a run after the official's in the same process measured 10-12% slower, the probe 5%, at 1,000
-points); time is process CPU seconds plus the CPU seconds of finished child processes (inductor's C++ compiler),
-per attack and in total. Printed: a Markdown table (attack, passes, limit,
-each version's seconds and its ratio to the limit, official / fastrobust); a JSON record is appended to
+class-balanced test images, one batch, official / fastrobust / fastrobust with ``compile=True`` interleaved (rotated
+every repeat), each run and the probe in a fresh process of their own (``--same-process``: all in this one, as
+before: a run after the official's in the same process measured 10-12% slower, the probe 5%, at 1,000 points); time
+is process CPU seconds plus the CPU seconds of finished child processes (inductor's C++ compiler), per attack and in
+total. Printed: a Markdown table (attack, passes, limit, each version's seconds and its ratio to the limit, official
+/ fastrobust; the points robust for only one of the official and each other version); a JSON record is appended to
 ``--json-out``, the table written to ``--markdown-out``.
 
     OMP_NUM_THREADS=1 python benchmarks/eval_limit.py --checkpoint runs/quickstart --n-points 200 \\
