@@ -69,17 +69,16 @@ def measure(width: int, args: argparse.Namespace) -> dict:
         frozen = _frozen._frozen_channels_last(model, x[:64])
     if frozen is None:
         raise SystemExit(f"{args.model} width {width}: its channels-last copy cannot be traced")
-    copy = inner = _frozen.ContiguousGradients(frozen, rows=_frozen._slice_rows(model, x))
-    chosen = inner.rows
+    copy = _frozen.ContiguousGradients(frozen, rows=_frozen._slice_rows(model, x))
+    chosen = copy.rows
     best = {size: {"whole": float("inf"), "sliced": float("inf")} for size in args.sizes}
     for round_ in range(args.rounds + 1):  # round 0 warms up (oneDNN primitives per shape), untimed
         for size in args.sizes:
             for kind in ("whole", "sliced"):
-                inner.rows = None if kind == "whole" else chosen
-                seconds = per_row_us(copy, x[:size], y[:size], args.rows if round_ else 1)
+                copy.rows = None if kind == "whole" else chosen
+                us = per_row_us(copy, x[:size], y[:size], args.rows if round_ else 1)
                 if round_:
-                    best[size][kind] = min(best[size][kind], seconds)
-    inner.rows = chosen
+                    best[size][kind] = min(best[size][kind], us)
     return {"width": width, "slice_rows": chosen, "us_per_row": {str(s): v for s, v in best.items()}}
 
 
