@@ -510,12 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "inductor_env": {k: v for k, v in os.environ.items() if k.startswith("TORCHINDUCTOR")}})
     record.update(versions=versions, clean_correct=int(clean.sum()), robust=robust,
                   load_average_before_after=[load_before, load_average()], probe_s=probe_s,
-                  runs={v: [{k: val for k, val in run.items() if k != "calls"} | {
-                      "calls": {name: {f"{kind}:{rows}": n for (kind, rows), n in log.items()}
-                                for name, log in run["calls"].items()}} for run in items]
-                        for v, items in runs.items()},
-                  costs={**costs, "per_copy": {name: {kind: {str(s): t for s, t in d.items()} for kind, d in v.items()}
-                                               for name, v in costs["per_copy"].items()}},
+                  runs=to_json(runs), costs={**costs, "per_copy": to_json(costs["per_copy"])},
                   table=table_rows(chosen, costs))
     record["compile"] = break_even(chosen, int(clean.sum()))
     record["differ_from_official"] = differing_points(robust_points)
