@@ -76,3 +76,16 @@ def test_a_finished_preset_run_prints_the_comparison(tmp_path, capsys, one_threa
     assert main([*base, "--out", str(tmp_path / "run2"), "--epochs", "2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"preset {preset}'s expected result is for its own settings, and this run changed epochs: no comparison")
+    # a flag that repeats the preset's own value ("1" from the command line, 1 in the file) changes nothing
+    assert main([*base, "--out", str(tmp_path / "run3"), "--epochs", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"expected of preset {preset} (1 seed")
+
+
+def test_a_malformed_expected_result_is_refused_before_training(tmp_path, capsys):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("dataset: imagefolder\nmodel: tinycnn\nmethod: natural\nepochs: 1\n"
+                      "expected:\n  source: my notes\n  clean_acc: 50\n")
+    assert main(["train", "--preset", str(preset), "--data-root", str(tmp_path / "nowhere"), "--device", "cpu",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "bad.yaml: expected.clean_acc must read" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

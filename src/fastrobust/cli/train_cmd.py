@@ -136,7 +136,6 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     flags that repeat the stored value are accepted."""
 
     from fastrobust.train import RESUME_OVERRIDES, TrainConfig, read_run_config  # startup
-    from fastrobust.train.presets import make_config  # startup
 
     given = collect_settings(args)
     for key in RESUME_OVERRIDES:
@@ -147,10 +146,8 @@ def check_resume_flags(args: argparse.Namespace) -> None:
         differ.append(f"out (stored {args.resume}, given {out})")
     if given:
         stored = {**asdict(TrainConfig()), **read_run_config(args.resume)}
-        wanted = make_config({**{key: stored[key] for key in ("method", "model", "dataset")}, **given})
-        if wanted.eps is not None:
-            wanted.eps = parse_number(wanted.eps, name="eps")
-        wanted = asdict(wanted.validate())
+        wanted = asdict(_typed_config({**{key: stored[key] for key in ("method", "model", "dataset")}, **given})
+                        .validate())
         differ += [f"{key} (stored {_shown(stored.get(key))}, given {_shown(wanted[key])})" for key in sorted(given)
                    if wanted[key] != stored.get(key)]
     if differ:
@@ -209,7 +206,6 @@ def _train(args: argparse.Namespace) -> int:
     from fastrobust.core import distributed as dist_lib  # startup
     from fastrobust.train import Trainer, describe_best, resume  # startup
     from fastrobust.train.plan import CPU_PRESETS, duration, gpu_preset_on_cpu, probe  # startup
-    from fastrobust.train.presets import make_config  # startup
     from fastrobust.train.trainer import check_new_run_folder  # startup
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
@@ -222,12 +218,13 @@ def _train(args: argparse.Namespace) -> int:
         if args.data_root is not None:
             overrides["data_root"] = args.data_root
         result = resume(args.resume, progress=not args.quiet, log=log, overrides=overrides)
-        settings = None
+        expectation = None  # a resumed run keeps its own config
     else:
         settings = collect_settings(args)
-        config = make_config(settings)
-        if config.eps is not None:
-            config.eps = parse_number(config.eps, name="eps")
+        config = _typed_config(settings)
+        # read now, not after the run: a bad expected: block is refused before any work, and a preset file
+        # edited during the run does not change what the run is compared with
+        expectation = _expectation(args.preset, config) if args.preset else None
         if args.plan:
             print("\n".join(probe(config, log=_say).lines()))
             return 0
@@ -254,8 +251,8 @@ def _train(args: argparse.Namespace) -> int:
             f"{test[robust_key]:.4f} (n={test['n']}, eps={pixel_text(test['eps'])}); {describe_best(result)}; "
             f"trained {result['train_seconds']:.1f}s; run in {result['config']['out']}"
         )
-        if args.preset and settings is not None:  # a new run of a preset (a resumed one keeps its own config)
-            print(_against_expected(args.preset, settings, test))
+        if expectation is not None:  # a new run of a preset
+            print(_against_expected(args.preset, *expectation, test))
     return 0
 
 
@@ -263,16 +260,35 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _against_expected(preset: str, settings: dict[str, Any], test: dict[str, Any]) -> str:
-    """How a finished run of a preset compares with the result the preset declares (docs/results.md)."""
-    from fastrobust.train.expected import changed_settings, compare  # startup
+def _typed_config(settings: dict[str, Any]) -> Any:
+    """``make_config`` with ``eps`` parsed (text such as ``8/255``)."""
+    from fastrobust.train.presets import make_config  # startup
+
+    config = make_config(settings)
+    if config.eps is not None:
+        config.eps = parse_number(config.eps, name="eps")
+    return config
+
+
+def _expectation(preset: str, config: Any) -> tuple[Any, list[str]]:
+    """The result ``preset`` declares (None when it declares none) and the settings this run's ``config`` changes
+    from the preset's, both as typed TrainConfig values (``--epochs 5`` repeats a preset's ``epochs: 5``)."""
+    from fastrobust.train.expected import changed_settings  # startup
     from fastrobust.train.presets import load_preset, preset_expected  # startup
 
     expected = preset_expected(preset)
     if expected is None:
+        return None, []
+    return expected, changed_settings(asdict(config), asdict(_typed_config(load_preset(preset))))
+
+
+def _against_expected(preset: str, expected: Any, changed: list[str], test: dict[str, Any]) -> str:
+    """How a finished run of a preset compares with the result the preset declares (docs/results.md)."""
+    from fastrobust.train.expected import compare  # startup
+
+    if expected is None:
         return (f"preset {preset} has no fastrobust measurement yet: docs/results.md says what its paper "
                 "reports")
-    changed = changed_settings(settings, load_preset(preset))
     if changed:
         return (f"preset {preset}'s expected result is for its own settings, and this run changed "
                 f"{', '.join(changed)}: no comparison")
