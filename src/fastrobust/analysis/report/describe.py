@@ -64,7 +64,8 @@ def describe_runs(runs: list[Run]) -> tuple[list[str], bool]:
 
     datasets = _distinct(f"{data(r).get('name', r.config.get('dataset'))} (train {data(r).get('train', '?')}, "
                          f"val {data(r).get('val', '?')}, test {data(r).get('test', '?')} images)" for r in runs)
-    sources = _distinct(portable_path(str(data(r).get("source")), data_roots(runs)) for r in runs if data(r).get("source"))
+    roots = data_roots(runs)
+    sources = _distinct(portable_path(str(data(r).get("source")), roots) for r in runs if data(r).get("source"))
     env = [r.result.get("environment", {}) for r in runs]
     total_minutes = sum(float(r.result.get("train_seconds") or 0) for r in runs) / 60
     seeds = sorted({r.config.get("seed") for r in runs}, key=str)

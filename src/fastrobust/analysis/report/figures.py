@@ -221,6 +221,17 @@ def figure_curves(groups: Groups, out: Path) -> Path | None:
     return _save(fig, out / "training_curves.png")
 
 
+def _panel_grid(plt, count: int):
+    """A figure of ``count`` panels, at most 3 per row, 3.4 x 3.0 in each and at most FIGURE_WIDTH wide; the unused
+    panels of the last row hidden. Returns ``(fig, axes)`` (a 2-d array)."""
+    cols = min(3, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(min(FIGURE_WIDTH, 3.4 * cols), 3.0 * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def figure_averaging(runs: list[Run], out: Path) -> Path | None:
     """Per run with weight averaging whose metrics.jsonl has both: the validation robust accuracy of the trained
     and of the averaged weights per epoch, the epoch and weights of ``best`` marked."""
@@ -228,11 +239,7 @@ def figure_averaging(runs: list[Run], out: Path) -> Path | None:
     if not shown:
         return None
     plt = _pyplot()
-    cols = min(3, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(min(FIGURE_WIDTH, 3.4 * cols), 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(shown):]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(plt, len(shown))
     for ax, run in zip(axes.flat, shown):
         for key, label, style in (("val_robust_acc", "trained weights", "-o"),
                                   ("ema_val_robust_acc", "averaged weights", "--s")):
@@ -341,11 +348,7 @@ def figure_hessian(curves: Curves, out: Path, short: dict[str, str] | None = Non
     if not curves:
         return None
     plt = _pyplot()
-    cols = min(3, len(curves))
-    rows = -(-len(curves) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(min(FIGURE_WIDTH, 3.4 * cols), 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(curves):]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(plt, len(curves))
     for ax, (label, per_init) in zip(axes.flat, curves):
         for init, style in (("random", "-o"), ("backward_smoothing", "--s"), ("clean", ":^")):
             if init not in per_init:

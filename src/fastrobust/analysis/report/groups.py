@@ -45,7 +45,8 @@ def varied_keys(runs: list[Run]) -> list[str]:
                   if k not in IGNORED_KEYS and (len(v) > 1 or any(k not in flat for flat in flats)))
 
 
-def _sort_key(run: Run, keys: list[str]) -> tuple:
+def sort_key(run: Run, keys: list[str]) -> tuple:
+    """Orders runs by the settings ``keys``: numbers by value first, then text."""
     flat = run.flat()
     return tuple((0, flat[k], "") if isinstance(flat.get(k), (int, float)) else (1, 0, str(flat.get(k))) for k in keys)
 
@@ -61,7 +62,7 @@ def group_runs(runs: list[Run]) -> Groups:
             flat = run.flat()
             settings = ", ".join(f"{short_key(k)}={key_text(flat.get(k))}" for k in keys)
             buckets.setdefault(method + (f" ({settings})" if keys else ""), []).append(run)
-        for label in sorted(buckets, key=lambda lab: _sort_key(buckets[lab][0], keys)):
+        for label in sorted(buckets, key=lambda lab: sort_key(buckets[lab][0], keys)):
             groups.append((label, sorted(buckets[label], key=lambda r: r.config.get("seed", 0))))
     return groups
 

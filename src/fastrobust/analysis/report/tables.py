@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import statistics
 
-from fastrobust.analysis.report.groups import Groups, by_method, group_runs, one_setting_sets
+from fastrobust.analysis.report.groups import Groups, by_method, group_runs, one_setting_sets, sort_key
 from fastrobust.analysis.report.intervals import accuracy_cell
 from fastrobust.analysis.report.runs import ACCURACY_METRICS, Run, attack_acc, number, points_text
 from fastrobust.analysis.report.text import key_text, plural, short_key
@@ -158,9 +158,7 @@ def sensitivity(runs: list[Run]) -> list[tuple[str, str, list[str], list[list[st
                 names = column_names(subset)
                 header = [short_key(key), "Seeds", *(names[m] for m in ACCURACY_METRICS)]
                 buckets: dict[str, list[Run]] = {}
-                for run in sorted(subset, key=lambda r: (not isinstance(r.flat()[key], (int, float)),
-                                                         r.flat()[key] if isinstance(r.flat()[key], (int, float)) else 0,
-                                                         str(r.flat()[key]))):
+                for run in sorted(subset, key=lambda r: sort_key(r, [key])):
                     buckets.setdefault(key_text(run.flat()[key]), []).append(run)
                 rows = [[value, str(len(group)), *(cell(group, m) for m in ACCURACY_METRICS)]
                         for value, group in buckets.items()]
@@ -206,9 +204,10 @@ def every_evaluation(runs: list[Run]) -> tuple[Table, int, bool]:
                 key = (record.get("weights"), attack, round(float(record.get("eps", 0)), 9), run.eval_points(record))
                 superseded += key in latest
                 latest[key] = (record, attack)
+        shown = _in_tables(run)
         for (weights, attack, eps, points), (record, _) in latest.items():
             n = record.get("n")
-            more = more or (id(record), attack) not in _in_tables(run)
+            more = more or (id(record), attack) not in shown
             rows.append([run.name, str(weights), attack, key_text(eps) if record.get("norm", "linf") == "linf"
                          else f"{eps:g} ({record.get('norm')})", points,
                          accuracy_cell([attack_acc(record, attack)], [n if isinstance(n, int) else None]),
