@@ -102,3 +102,14 @@ def test_cuda_graph_mode_copies_outputs_and_gradients_out_of_the_padded_batch(se
     assert out._base is None  # not a view of the padded batch's logits
     (grad,) = torch.autograd.grad(out.sum(), [xs])
     assert grad._base is None and grad.shape == xs.shape
+
+
+def test_the_compiled_copy_goes_through_the_compile_door(monkeypatch, eager_compile):
+    """autoattack(compile=True) compiles through core.compiling.compile_model, so a damaged inductor cache is
+    repaired before a compiled evaluation as before a compiled training run."""
+    from fastrobust.core import compiling
+
+    repaired = []
+    monkeypatch.setattr(compiling, "repair_cache", lambda folder, log: repaired.append(folder))
+    compiled_copy(torch.nn.Linear(4, 2).eval(), "cpu")
+    assert repaired == [compiling.inductor_cache_dir()]

@@ -23,11 +23,13 @@ limit"): the compiled copy's evaluations are no faster than the frozen copies', 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from fastrobust.core.compiling import compile_model
 from fastrobust.core.passes import count_like
 
 MIN_BUCKET = 8
@@ -112,8 +114,12 @@ def compiled_copy(model: nn.Module, device_type: str) -> nn.Module:
     ``BucketedModel``, counted as the model (``core.passes.count_like``). Compilation happens at the first call
     of each bucket and grad mode."""
     cuda_graphs = device_type == "cuda"
-    compiled = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+    compiled = compile_model(model, log=_to_stderr, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
     return count_like(model, BucketedModel(compiled, cuda_graphs=cuda_graphs))
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def padding_waste(row_counts: list[int], minimum: int = MIN_BUCKET) -> float:

@@ -17,6 +17,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,18 +86,19 @@ def repair_cache(folder: Path, log: Callable[[str], None]) -> list[Path]:
     return removed
 
 
-def compile_model(model: nn.Module, log: Callable[[str], None] = print) -> nn.Module:
-    """``torch.compile(model)`` after removing damaged files from the compile cache (``repair_cache``).
+def compile_model(model: nn.Module, log: Callable[[str], None] = print, **options: Any) -> nn.Module:
+    """``torch.compile(model, **options)`` after removing damaged files from the compile cache (``repair_cache``).
 
     Args:
         model: the module to compile.
         log: where the one-line note on a repaired cache goes (default print).
+        **options: passed to ``torch.compile`` (e.g. ``dynamic=False``, ``mode="reduce-overhead"``).
 
     Returns:
         torch's compiled wrapper of ``model`` (it compiles at its first call).
     """
     repair_cache(inductor_cache_dir(), log)
-    return torch.compile(model)
+    return torch.compile(model, **options)
 
 
 def _complete_module(path: Path) -> bool:
