@@ -7,25 +7,14 @@ import torch
 from fastrobust.attacks import fab as fab_module
 from fastrobust.attacks.fab import _flat_norm, _hyperplane_t_newton, _hyperplane_t_sorted, project_hyperplane_box
 
-
-def plain_t(brk, slope, const, c, feasible):
-    """Newton on every row for NEWTON_STEPS steps, NaN where the last step still moved."""
-    total = const.sum(1)
-    t = torch.zeros_like(c)
-    free = torch.sign(brk)
-    rate, base = (free * slope).sum(1), total - (free * const).sum(1)
-    settled = ~feasible
-    for _ in range(fab_module.NEWTON_STEPS):
-        t = torch.where(rate > 0, (c - base) / rate.clamp_min(1e-30), t)
-        free = torch.sign(brk - t[:, None]).clamp(min=0)
-        rate_next, base_next = (free * slope).sum(1), total - (free * const).sum(1)
-        settled = ((rate_next == rate) & (base_next == base)) | ~feasible
-        rate, base = rate_next, base_next
-    return torch.where(settled, t, torch.full_like(t, float("nan")))
+# the plain Newton: every row stepped NEWTON_STEPS times, NaN where the last step still moved (the library's own
+# sync-free path, used on CUDA, not a copy of it: a copy would only check itself)
+plain_t = fab_module._hyperplane_t_newton_all
 
 
 def plain_projection(p, w, c, norm):
-    """The l_inf / l_2 projection written plainly, with ``plain_t`` and the sorted solution where it is NaN."""
+    """The l_inf / l_2 projection written plainly (fresh buffers, no in-place steps), with ``plain_t`` and the sorted
+    solution where it is NaN."""
     sign_c = torch.where(c < 0, -1.0, 1.0)
     w = w * sign_c[:, None]
     c = c.abs()

@@ -45,7 +45,7 @@ from fastrobust.attacks.toolkit import model_mode
 from fastrobust.core.attack_options import check_options
 from fastrobust.core.contract import entry_point, predicts
 from fastrobust.core.precision import no_tf32
-from fastrobust.core.values import GRADIENT_NORMS, NORMS, check_norm
+from fastrobust.core.values import NORMS
 from fastrobust.errors import ConfigError
 
 VERSIONS = {
@@ -175,7 +175,7 @@ def autoattack(
             [0, 1], labels not in [0, C), a bad ``norm``, ``eps`` or setting (checked once by
             ``core/attack_options.check_options``), or a call inside ``torch.inference_mode()``;
             also an unknown ``version`` or component, ``options`` values that are not dicts, ``version="plus"``
-            with ``norm="l1"``, a component without this ``norm`` or a bad ``precision``, all before any work;
+            with ``norm="l1"`` or a bad ``precision``, all before any work (every component takes every norm);
             each message names the value and the fix.
     Example:
         >>> x_adv = autoattack(model, x, y, eps=8 / 255, version="standard")
@@ -193,8 +193,6 @@ def autoattack(
     for name, value in options.items():
         if not isinstance(value, dict):
             raise ConfigError(f"autoattack: options[{name!r}] must be a dict of settings, got {value!r}")
-    for name in names:  # before any work: a component without this threat model
-        check_norm(norm, allowed=getattr(_FUNCTIONS[name], "norms", GRADIENT_NORMS), where=f"autoattack ({name})")
     settings = {name: check_options(f"autoattack ({name})", {**version_settings(version, name, norm),
                                                              **options.get(name, {})}, norm=norm)
                 for name in names}
